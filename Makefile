@@ -1,0 +1,54 @@
+# One place for every developer and CI command. `make test` and `make demo` install what they need.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+APT_PKGS := openssl curl iproute2 iptables nftables tcpdump stunnel4 haproxy prometheus sslscan procps
+BENCH_APT := wrk iperf3
+
+.PHONY: all venv apt test lint unit demo bench soak image clean certs
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[dev,bench]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages the tests use as real peers (openssl, curl, stunnel, haproxy, prometheus...).
+apt:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; for p in $(APT_PKGS) $(EXTRA_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi; \
+	else echo "not root or no apt-get: using the tools already installed"; fi
+
+lint: venv
+	$(VENV)/bin/ruff check proxy tests bench
+	$(VENV)/bin/ruff format --check proxy tests bench
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest -q -m "not netns" tests
+
+test: venv apt lint
+	$(VENV)/bin/pytest -q tests
+
+demo: venv
+	$(VPY) -m proxy demo
+
+bench: EXTRA_APT=$(BENCH_APT)
+bench: venv apt
+	$(VPY) -m bench.run
+
+soak: venv apt
+	$(VPY) -m tests.soak --minutes $${SOAK_MINUTES:-10}
+
+image:
+	docker build -t mtls-sidecar:dev .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache demo-out bench/out

@@ -1,0 +1,162 @@
+"""Identity material (certificate chain, key, trust bundle) loaded and checked as one unit."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from .errors import CertError
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _load_pem_certs(data: bytes, what: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise CertError(f"{what}: not a PEM certificate list ({exc})") from None
+    if not certs:
+        raise CertError(f"{what}: holds no certificate")
+    return certs
+
+
+def _public_bytes(key: object) -> bytes:
+    if isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
+        return key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    raise CertError(f"unsupported key type {type(key).__name__}")
+
+
+def leaf_spiffe_id(cert: x509.Certificate) -> str | None:
+    """The one spiffe:// URI SAN of a certificate, or None if it has none (or several)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    spiffe = [u for u in uris if u.lower().startswith("spiffe://")]
+    return spiffe[0] if len(spiffe) == 1 else None
+
+
+@dataclass(frozen=True)
+class Material:
+    """A certificate chain (leaf first), its private key and the trust bundle, all PEM.
+
+    Built only through `load_material`, which checks that the parts fit together.
+    """
+
+    chain_pem: bytes
+    key_pem: bytes = field(repr=False)
+    bundle_pem: bytes
+    origin: str
+    leaf: x509.Certificate = field(repr=False)
+    roots: tuple[x509.Certificate, ...] = field(repr=False)
+    identity: str
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.leaf.not_valid_after_utc
+
+    @property
+    def not_before(self) -> dt.datetime:
+        return self.leaf.not_valid_before_utc
+
+    @property
+    def serial_hex(self) -> str:
+        return format(self.leaf.serial_number, "x")
+
+    def lifetime_fraction_left(self, now: dt.datetime | None = None) -> float:
+        now = now or _now()
+        total = (self.not_after - self.not_before).total_seconds()
+        return max(0.0, (self.not_after - now).total_seconds() / total) if total > 0 else 0.0
+
+    def describe(self) -> dict[str, object]:
+        """What /status and `check` show: never the key."""
+        return {
+            "identity": self.identity,
+            "serial": self.serial_hex,
+            "not_before": self.not_before.isoformat(),
+            "not_after": self.not_after.isoformat(),
+            "issuer": self.leaf.issuer.rfc4514_string(),
+            "trust_bundle_roots": len(self.roots),
+            "origin": self.origin,
+        }
+
+
+def load_material(
+    chain_pem: bytes, key_pem: bytes, bundle_pem: bytes, origin: str, *, allow_expired: bool = False
+) -> Material:
+    """Parse and cross-check the three parts; raise CertError saying which part is wrong."""
+    chain = _load_pem_certs(chain_pem, f"{origin} certificate")
+    leaf = chain[0]
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise CertError(f"{origin} key: not an unencrypted PEM private key ({exc})") from None
+    if _public_bytes(key.public_key()) != _public_bytes(leaf.public_key()):
+        raise CertError(
+            f"{origin} key does not match the certificate "
+            f"(certificate subject {leaf.subject.rfc4514_string()!r})"
+        )
+    roots = tuple(_load_pem_certs(bundle_pem, f"{origin} trust bundle"))
+    ca_roots = []
+    for root in roots:
+        try:
+            bc = root.extensions.get_extension_for_class(x509.BasicConstraints).value
+            if bc.ca:
+                ca_roots.append(root)
+        except x509.ExtensionNotFound:
+            continue
+    if not ca_roots:
+        raise CertError(f"{origin} trust bundle holds no CA certificate")
+    identity = leaf_spiffe_id(leaf)
+    if identity is None:
+        raise CertError(
+            f"{origin} certificate {leaf.subject.rfc4514_string()!r} "
+            "has no single spiffe:// URI SAN"
+        )
+    now = _now()
+    if not allow_expired and leaf.not_valid_after_utc <= now:
+        raise CertError(
+            f"{origin} certificate for {identity} expired at {leaf.not_valid_after_utc.isoformat()}"
+        )
+    return Material(
+        chain_pem=chain_pem,
+        key_pem=key_pem,
+        bundle_pem=bundle_pem,
+        origin=origin,
+        leaf=leaf,
+        roots=tuple(ca_roots),
+        identity=identity,
+    )
+
+
+def read_file(path: Path, what: str) -> bytes:
+    """Read one input file, turning OS errors into a CertError that names the file."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CertError(f"{what} file {path} does not exist") from None
+    except PermissionError:
+        raise CertError(f"{what} file {path} is not readable by uid {os.getuid()}") from None
+    except OSError as exc:
+        raise CertError(f"{what} file {path}: {exc.strerror}") from None
+
+
+def load_material_files(cert_file: Path, key_file: Path, bundle_file: Path) -> Material:
+    """Load material from the three files named by MTLS_CERT_FILE, _KEY_FILE, _TRUST_BUNDLE_FILE."""
+    return load_material(
+        read_file(cert_file, "certificate"),
+        read_file(key_file, "key"),
+        read_file(bundle_file, "trust bundle"),
+        origin="files",
+    )

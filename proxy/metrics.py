@@ -1,0 +1,119 @@
+"""Every Prometheus collector of the sidecar, defined once; names and labels are API."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _mp
+
+# Every rejection reason we classify; also the documented label values.
+REJECT_REASONS = (
+    "not_tls",
+    "no_client_cert",
+    "unknown_ca",
+    "expired_cert",
+    "bad_cert",
+    "peer_not_allowed",
+    "identity_mismatch",
+    "tls_version",
+    "handshake_timeout",
+    "too_many_connections",
+    "loop_detected",
+    "other",
+)
+
+CONNECTIONS = Counter(
+    "mtls_connections",
+    "Connections proxied, by direction, route and whether the network leg was mTLS or plaintext.",
+    ["direction", "route", "security"],
+)
+ACTIVE = Gauge(
+    "mtls_connections_active",
+    "Connections open right now (after the handshake), by direction and route.",
+    ["direction", "route"],
+    multiprocess_mode="livesum",
+)
+REJECTED = Counter(
+    "mtls_connections_rejected",
+    "Connections refused before any application byte was relayed, by reason.",
+    ["direction", "route", "reason"],
+)
+BYTES = Counter(
+    "mtls_bytes",
+    "Application bytes relayed; flow=in is from the network peer, flow=out is to it. "
+    "security=mtls bytes crossed the network inside TLS, security=plaintext without it.",
+    ["direction", "route", "security", "flow"],
+)
+HANDSHAKE = Histogram(
+    "mtls_handshake_seconds",
+    "Duration of successful TLS handshakes (including client certificate verification).",
+    ["direction"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+PEERS = Counter(
+    "mtls_peer_connections",
+    "Accepted mTLS connections by peer SPIFFE ID (capped; the rest are counted as 'other').",
+    ["direction", "peer_identity"],
+)
+UPSTREAM_FAILURES = Counter(
+    "mtls_upstream_connect_failures",
+    "Failures to reach the next hop (the local app inbound, the remote peer outbound).",
+    ["direction", "route", "reason"],
+)
+CERT_EXPIRY = Gauge(
+    "mtls_cert_expiry_timestamp_seconds",
+    "Unix time at which the sidecar's current certificate expires.",
+    ["identity"],
+    multiprocess_mode="livemax",
+)
+CERT_RENEWALS = Counter(
+    "mtls_cert_renewals",
+    "Certificate renewals with the CA (ca identity source), by result.",
+    ["result"],
+)
+CERT_RELOADS = Counter(
+    "mtls_cert_reloads",
+    "Reloads of certificate, key and trust bundle (SIGHUP, file change, renewal), by result.",
+    ["result"],
+)
+TRUST_BUNDLE_ROOTS = Gauge(
+    "mtls_trust_bundle_roots",
+    "Number of CA certificates in the trust bundle in use.",
+    multiprocess_mode="livemax",
+)
+
+
+class PeerLabels:
+    """Caps the peer_identity label: the first `cap` identities seen keep their name."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._known: set[str] = set()
+
+    def label(self, identity: str | None) -> str:
+        if identity is None:
+            return "none"
+        if identity in self._known:
+            return identity
+        if len(self._known) < self._cap:
+            self._known.add(identity)
+            return identity
+        return "other"
+
+
+def render() -> tuple[bytes, str]:
+    """The /metrics body: the sum over all worker processes when running multi-process."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        _mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
