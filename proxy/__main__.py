@@ -1,0 +1,153 @@
+"""Command line: parse argv, load the settings once, pick the event loop, run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+
+from . import __version__
+from .errors import CertError, ConfigError, ProxyError
+
+USAGE = """\
+usage: mtls-sidecar [COMMAND]
+
+commands:
+  run                 run the sidecar from MTLS_* environment variables (the default)
+  check               validate the configuration and print it (secrets redacted)
+  ca init|issue|token|serve|rotate-root ...
+                      the small internal CA (see `mtls-sidecar ca --help`)
+  iptables [--print|--apply|--clean]
+                      the transparent-mode interception rules
+  demo                a self-contained local demo: CA, app, two sidecars, traffic, metrics
+  version             print the version
+"""
+
+
+def _print_config_error(exc: ConfigError) -> None:
+    print(f"mtls-sidecar: invalid configuration ({len(exc.problems)} problem(s)):", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  - {problem}", file=sys.stderr)
+
+
+def check(env: Mapping[str, str]) -> int:
+    """`mtls-sidecar check`: every problem at once (exit 2), or the effective config (exit 0)."""
+    from .material import load_material_files
+    from .settings import Settings, load_settings, redacted
+    from .tls import build_tls_state
+
+    try:
+        settings: Settings = load_settings(env)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return 2
+    out: dict[str, object] = {"config": redacted(settings)}
+    if settings.identity_source == "files":
+        assert settings.cert_file and settings.key_file and settings.trust_bundle_file
+        try:
+            material = load_material_files(
+                settings.cert_file, settings.key_file, settings.trust_bundle_file
+            )
+            build_tls_state(material, settings.min_tls_version)
+        except CertError as exc:
+            print(f"mtls-sidecar: invalid identity files: {exc}", file=sys.stderr)
+            return 2
+        out["certificate"] = material.describe()
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def run(env: Mapping[str, str]) -> int:
+    """`mtls-sidecar run`: the master process."""
+    from .settings import Settings, load_settings
+
+    try:
+        settings: Settings = load_settings(env)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return 2
+    from .logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+    # Metrics are written by every worker into files that /metrics sums (multi-process
+    # mode); prometheus-client picks that mode from this variable.
+    metrics_dir = tempfile.mkdtemp(prefix="mtls-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    if settings.drop_privileges and os.getuid() == 0:
+        os.chown(metrics_dir, settings.proxy_uid, settings.proxy_uid)
+    import uvloop
+
+    from .server import Master
+
+    try:
+        return uvloop.run(Master(settings).run())
+    except CertError as exc:
+        print(f"mtls-sidecar: cannot start: {exc}", file=sys.stderr)
+        return 2
+    except ProxyError as exc:
+        print(f"mtls-sidecar: cannot start: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def worker(argv: list[str], env: Mapping[str, str]) -> int:
+    """Internal: a worker process started by the master (`_worker FDS COUNT`)."""
+    import uvloop
+
+    from .logs import setup_logging
+    from .routes import routes_for
+    from .settings import load_settings
+    from .worker import worker_main
+
+    settings = load_settings(env)
+    setup_logging(settings.log_level, settings.log_format)
+    fds = [int(fd) for fd in argv[0].split(",") if fd]
+    routes = routes_for(settings)
+    return uvloop.run(worker_main(settings, list(zip(routes, fds, strict=True)), int(argv[1])))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    cmd = args[0] if args else "run"
+    rest = args[1:]
+    env = os.environ
+    try:
+        if cmd in ("-h", "--help", "help"):
+            print(USAGE, end="")
+            return 0
+        if cmd in ("version", "--version"):
+            print(f"mtls-sidecar {__version__}")
+            return 0
+        if cmd == "run":
+            return run(env)
+        if cmd == "check":
+            return check(env)
+        if cmd == "_worker":
+            return worker(rest, env)
+        if cmd == "ca":
+            from .ca.cli import main as ca_main
+
+            return ca_main(rest)
+        if cmd == "iptables":
+            from .iptables import main as iptables_main
+
+            return iptables_main(rest, env)
+        if cmd == "demo":
+            from .demo import main as demo_main  # type: ignore[import-not-found,unused-ignore]
+
+            return int(demo_main(rest))
+    except KeyboardInterrupt:
+        return 130
+    print(f"mtls-sidecar: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr, end="")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The admin port: /live, /ready, /status, /metrics and POST /drain (aiohttp, in the master)."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from . import __version__, metrics
+
+if TYPE_CHECKING:
+    from .server import Master
+
+MASTER_KEY = web.AppKey("master", object)
+
+
+def _master(request: web.Request) -> Master:
+    return request.app[MASTER_KEY]  # type: ignore[return-value]
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def ready(request: web.Request) -> web.Response:
+    ok, why = _master(request).readiness()
+    return web.Response(status=200 if ok else 503, text=why + "\n")
+
+
+async def status(request: web.Request) -> web.Response:
+    m = _master(request)
+    ok, why = m.readiness()
+    t = metrics.totals()
+    body = {
+        "version": __version__,
+        "ready": ok,
+        "ready_reason": why,
+        "draining": m.draining,
+        "uptime_seconds": round(time.time() - m.started, 1),
+        "identity_source": m.settings.identity_source,
+        "certificate": m.material.describe() if m.material is not None else None,
+        "routes": [
+            {
+                "direction": r.direction,
+                "name": r.name,
+                "listen": str(r.listen),
+                "target": f"{r.target[0]}:{r.target[1]}" if r.target else "original-dst",
+                "mode": r.mode,
+                "expected_peer": r.expected_peer,
+            }
+            for r in m.routes
+        ],
+        "workers": [
+            {
+                "slot": w.slot,
+                "pid": w.proc.pid if w.proc else None,
+                "ready": w.ready,
+                "restarts": w.restarts,
+            }
+            for w in m.workers
+        ],
+        "counts": {
+            "connections": t.get("mtls_connections_total", 0),
+            "active": t.get("mtls_connections_active", 0),
+            "rejected": t.get("mtls_connections_rejected_total", 0),
+            "upstream_failures": t.get("mtls_upstream_connect_failures_total", 0),
+            "bytes": t.get("mtls_bytes_total", 0),
+        },
+    }
+    return web.json_response(body)
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    body, content_type = metrics.render()
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = content_type
+    return resp
+
+
+def _is_loopback(remote: str | None) -> bool:
+    if not remote:
+        return False
+    try:
+        return ipaddress.ip_address(remote.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+async def drain(request: web.Request) -> web.Response:
+    m = _master(request)
+    if not m.settings.admin_allow_remote_drain and not _is_loopback(request.remote):
+        return web.Response(
+            status=403,
+            text="POST /drain is only accepted from loopback "
+            "(set MTLS_ADMIN_ALLOW_REMOTE_DRAIN=true to allow it from elsewhere)\n",
+        )
+    m.request_drain(f"POST /drain from {request.remote}")
+    return web.Response(status=202, text="draining\n")
+
+
+async def start_admin(master: Master) -> web.AppRunner:
+    app = web.Application()
+    app[MASTER_KEY] = master
+    app.router.add_get("/live", live)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_post("/drain", drain)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    addr = master.settings.admin_listen
+    host = addr.host or None
+    site = web.TCPSite(runner, host, addr.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        from .server import StartupError
+
+        await runner.cleanup()
+        raise StartupError(f"cannot listen on MTLS_ADMIN_LISTEN={addr}: {exc.strerror}") from None
+    return runner

@@ -1,0 +1,116 @@
+"""Routes: what each listener does, built once from the settings, with their metric children."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter as _Counter
+
+from . import metrics
+from .settings import Address, Settings
+
+
+class RouteMetrics:
+    """The labelled children of one route, resolved once so the hot path does no lookups."""
+
+    def __init__(self, direction: str, route: str) -> None:
+        self.direction = direction
+        self.route = route
+        self.connections = {
+            sec: metrics.CONNECTIONS.labels(direction, route, sec) for sec in ("mtls", "plaintext")
+        }
+        self.active = metrics.ACTIVE.labels(direction, route)
+        self.bytes = {
+            (sec, flow): metrics.BYTES.labels(direction, route, sec, flow)
+            for sec in ("mtls", "plaintext")
+            for flow in ("in", "out")
+        }
+        self.handshake = metrics.HANDSHAKE.labels(direction)
+        self._rejected: dict[str, _Counter] = {}
+        self._upstream: dict[str, _Counter] = {}
+        # Touch the series users alert on, so they exist (at 0) from the first scrape.
+        for sec in ("mtls", "plaintext"):
+            self.connections[sec].inc(0)
+        for key in self.bytes:
+            self.bytes[key].inc(0)
+
+    def rejected(self, reason: str) -> _Counter:
+        child = self._rejected.get(reason)
+        if child is None:
+            child = self._rejected[reason] = metrics.REJECTED.labels(
+                self.direction, self.route, reason
+            )
+        return child
+
+    def upstream_failure(self, reason: str) -> _Counter:
+        child = self._upstream.get(reason)
+        if child is None:
+            child = self._upstream[reason] = metrics.UPSTREAM_FAILURES.labels(
+                self.direction, self.route, reason
+            )
+        return child
+
+
+@dataclass
+class Route:
+    """A listener's job: which direction, where to send, what to demand of the peer."""
+
+    direction: str  # "inbound" | "outbound"
+    name: str
+    listen: Address
+    target: tuple[str, int] | None  # None: the original destination (transparent mode)
+    mode: str  # inbound: strict|permissive|audit; outbound: strict|permissive
+    expected_peer: str | None = None
+    transparent: bool = False
+    metrics: RouteMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = RouteMetrics(self.direction, self.name)
+
+
+def routes_for(settings: Settings) -> list[Route]:
+    """Every listener of this sidecar, in a fixed order (the master and workers agree on it)."""
+    routes: list[Route] = []
+    for r in settings.inbound:
+        routes.append(
+            Route(
+                "inbound",
+                r.name,
+                r.listen,
+                (r.target.host, r.target.port),
+                settings.inbound_mode,
+            )
+        )
+    for o in settings.outbound:
+        routes.append(
+            Route(
+                "outbound",
+                o.name,
+                o.listen,
+                (o.remote.host, o.remote.port),
+                settings.outbound_mode,
+                expected_peer=str(o.expected_peer) if o.expected_peer is not None else None,
+            )
+        )
+    if settings.transparent:
+        routes.append(
+            Route(
+                "inbound",
+                str(settings.inbound_capture_port),
+                Address("", settings.inbound_capture_port),
+                None,
+                settings.inbound_mode,
+                transparent=True,
+            )
+        )
+        routes.append(
+            Route(
+                "outbound",
+                str(settings.outbound_capture_port),
+                Address("", settings.outbound_capture_port),
+                None,
+                settings.outbound_mode,
+                transparent=True,
+            )
+        )
+    return routes

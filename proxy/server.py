@@ -1,0 +1,459 @@
+"""The master process: binds listeners, holds the identity, runs workers, reloads and drains.
+
+Start-up, step by step:
+  1. obtain identity material (files, or enrolment with the CA) and check it builds contexts;
+  2. bind every listener (one SO_REUSEPORT socket per worker), raise the open-file limit;
+  3. start the admin server; drop privileges if asked;
+  4. start the workers, hand them the material, wait until each one serves.
+Shutdown (SIGTERM/SIGINT or POST /drain): /ready turns false, workers stop accepting and
+finish open connections up to MTLS_DRAIN_TIMEOUT, then the master exits 0.
+SIGHUP and changed files: reload; a bad new set is logged and counted, the old one stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import metrics
+from .errors import CertError, ProxyError
+from .material import Material, load_material_files, read_file
+from .routes import Route, routes_for
+from .settings import Address, Settings
+from .tls import build_tls_state
+
+log = logging.getLogger("mtls.server")
+
+WATCH_INTERVAL = 1.0
+
+
+class StartupError(ProxyError):
+    """The sidecar cannot start; the message says why."""
+
+
+def bind_listener(addr: Address, count: int) -> list[socket.socket]:
+    """`count` listening sockets sharing `addr` through SO_REUSEPORT, one per worker."""
+    host = addr.host
+    if host == "":
+        family, bind_host = (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "")
+    else:
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+            bind_host = host
+        except ValueError:
+            try:
+                info = socket.getaddrinfo(host, addr.port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise StartupError(f"cannot listen on {addr}: {exc.strerror}") from None
+            family, bind_host = info[0][0], str(info[0][4][0])
+
+    def make(reuseport: bool) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6 and host == "":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((bind_host, addr.port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    try:
+        # Without SO_REUSEPORT, this bind fails if anyone listens there already (even a
+        # second sidecar with SO_REUSEPORT, which would otherwise silently share the port).
+        make(reuseport=False).close()
+        socks = [make(reuseport=True) for _ in range(count)]
+    except OSError as exc:
+        hint = ""
+        if exc.errno == errno.EACCES:
+            hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        elif exc.errno == errno.EADDRINUSE:
+            hint = " (another process is listening there)"
+        raise StartupError(f"cannot listen on {addr}: {exc.strerror}{hint}") from None
+    for sock in socks:
+        sock.listen(4096)
+        sock.set_inheritable(True)
+    return socks
+
+
+def raise_nofile_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("raised the open-file limit from %d to %d", soft, hard)
+            soft = hard
+    if soft < needed:
+        log.warning(
+            "open-file limit %d is below the %d that MTLS_MAX_CONNECTIONS needs "
+            "(2 per proxied connection): raise it (ulimit -n) or lower MTLS_MAX_CONNECTIONS",
+            soft,
+            needed,
+        )
+
+
+def drop_privileges(uid: int) -> None:
+    if os.getuid() == uid:
+        return
+    if os.getuid() != 0:
+        raise StartupError(f"MTLS_DROP_PRIVILEGES: cannot switch to uid {uid} when not root")
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    log.info("dropped privileges to uid %d", uid)
+
+
+@dataclass
+class WorkerProc:
+    slot: int
+    socks: list[socket.socket]
+    proc: asyncio.subprocess.Process | None = None
+    ready: bool = False
+    restarts: int = 0
+    replies: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+
+
+class Master:
+    """Owns the listeners, the identity and the worker processes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.routes: list[Route] = routes_for(settings)
+        self.material: Material | None = None
+        self.workers: list[WorkerProc] = []
+        self.draining = False
+        self.stop = asyncio.Event()
+        self.started = time.time()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.admin: Any = None
+        self._file_sig: tuple[Any, ...] | None = None
+        self._last_identity: str | None = None
+
+    # --- tasks ---------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # --- identity ------------------------------------------------------------------------
+
+    def _files(self) -> tuple[Path, Path, Path]:
+        s = self.settings
+        assert s.cert_file and s.key_file and s.trust_bundle_file
+        return s.cert_file, s.key_file, s.trust_bundle_file
+
+    def _file_signature(self) -> tuple[Any, ...]:
+        sig: list[tuple[int, int, int, int] | None] = []
+        for path in self._files():
+            try:
+                st = os.stat(path)
+                sig.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                sig.append(None)
+        return tuple(sig)
+
+    def load_files(self) -> Material:
+        material = load_material_files(*self._files())
+        build_tls_state(material, self.settings.min_tls_version)  # all-or-nothing check
+        return material
+
+    def apply(self, material: Material) -> None:
+        """Make `material` current here and in every worker."""
+        self.material = material
+        ts = material.not_after.timestamp()
+        metrics.CERT_EXPIRY.labels(material.identity).set(ts)
+        metrics.TRUST_BUNDLE_ROOTS.set(len(material.roots))
+        self._last_identity = material.identity
+        log.info(
+            "identity loaded",
+            extra={"fields": {"event": "identity_loaded", **material.describe()}},
+        )
+        for w in self.workers:
+            self._send(w, self._material_msg())
+
+    def _material_msg(self) -> dict[str, Any]:
+        m = self.material
+        assert m is not None
+        return {
+            "op": "material",
+            "chain": m.chain_pem.decode(),
+            "key": m.key_pem.decode(),
+            "bundle": m.bundle_pem.decode(),
+            "origin": m.origin,
+        }
+
+    def reload(self, why: str) -> bool:
+        """Reload files; keep the old identity if the new one is bad."""
+        if self.settings.identity_source != "files":
+            log.info("reload (%s) ignored: identity comes from the CA and renews itself", why)
+            return True
+        try:
+            material = self.load_files()
+        except CertError as exc:
+            metrics.CERT_RELOADS.labels("error").inc()
+            log.error(
+                "reload (%s) failed, keeping the current certificate: %s",
+                why,
+                exc,
+                extra={"fields": {"event": "reload_failed"}},
+            )
+            return False
+        old = self.material
+        if (
+            old is not None
+            and old.chain_pem == material.chain_pem
+            and old.key_pem == material.key_pem
+            and old.bundle_pem == material.bundle_pem
+        ):
+            return True
+        metrics.CERT_RELOADS.labels("ok").inc()
+        log.info("reloaded certificate and trust bundle (%s)", why)
+        self.apply(material)
+        return True
+
+    async def watch_files(self) -> None:
+        """Poll the three files: secrets mounted by Kubernetes change by a symlink swap,
+        which a stat of the path sees and inotify on the file does not."""
+        self._file_sig = self._file_signature()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            sig = self._file_signature()
+            if sig != self._file_sig:
+                self._file_sig = sig
+                self.reload("files changed")
+
+    async def obtain_from_ca(self) -> None:
+        from .certsource.ca import CaSource
+
+        s = self.settings
+        token = s.ca_token.get_secret_value() if s.ca_token is not None else ""
+        if not token and s.ca_token_file is not None:
+            token = read_file(s.ca_token_file, "join token").decode().strip()
+        assert s.ca_url and s.ca_fingerprint and s.identity
+        source = CaSource(
+            s.ca_url, token, s.ca_fingerprint, str(s.identity), on_update=self._on_ca_update
+        )
+        delay = 1.0
+        while True:
+            try:
+                material = await source.enroll()
+                break
+            except (ProxyError, OSError) as exc:
+                log.error("enrolment with %s failed: %s (retrying in %.0fs)", s.ca_url, exc, delay)
+            except Exception as exc:
+                log.error("enrolment with %s failed: %r (retrying in %.0fs)", s.ca_url, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+        build_tls_state(material, s.min_tls_version)
+        self.apply(material)
+        self.spawn(source.run(), "ca-renewal")
+
+    def _on_ca_update(self, material: Material) -> None:
+        try:
+            build_tls_state(material, self.settings.min_tls_version)
+        except CertError as exc:
+            metrics.CERT_RELOADS.labels("error").inc()
+            log.error("renewed certificate unusable, keeping the current one: %s", exc)
+            return
+        metrics.CERT_RELOADS.labels("ok").inc()
+        self.apply(material)
+
+    # --- readiness -----------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        m = self.material
+        if m is None:
+            return False, "no certificate yet"
+        if m.not_after.timestamp() <= time.time():
+            return False, f"certificate expired at {m.not_after.isoformat()}"
+        not_ready = [w.slot for w in self.workers if not w.ready]
+        if not self.workers or not_ready:
+            return False, f"workers not serving yet: {not_ready}"
+        return True, "ready"
+
+    # --- workers -------------------------------------------------------------------------
+
+    def _send(self, w: WorkerProc, msg: dict[str, Any]) -> None:
+        proc = w.proc
+        if proc is None or proc.stdin is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            proc.stdin.write((json.dumps(msg) + "\n").encode())
+
+    async def _start_worker(self, w: WorkerProc) -> None:
+        fds = [s.fileno() for s in w.socks]
+        w.ready = False
+        w.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "_worker",
+            ",".join(str(fd) for fd in fds),
+            str(len(self.workers)),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            pass_fds=fds,
+        )
+        self.spawn(self._read_worker(w, w.proc), f"worker-{w.slot}-replies")
+        if self.material is not None:
+            self._send(w, self._material_msg())
+
+    async def _read_worker(self, w: WorkerProc, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                return
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            op = msg.get("op")
+            if op == "ready":
+                w.ready = True
+                log.info("worker %d (pid %d) serving", w.slot, proc.pid)
+            elif op == "material_error":
+                log.error("worker %d refused the new material: %s", w.slot, msg.get("error"))
+            await w.replies.put(msg)
+
+    async def _supervise(self, w: WorkerProc) -> None:
+        delay = 1.0
+        while True:
+            proc = w.proc
+            assert proc is not None
+            code = await proc.wait()
+            w.ready = False
+            self._mark_dead(proc.pid)
+            if self.draining:
+                return
+            w.restarts += 1
+            log.error(
+                "worker %d (pid %d) exited with %s; restarting in %.0fs",
+                w.slot,
+                proc.pid,
+                code,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            if self.draining:
+                return
+            await self._start_worker(w)
+
+    def _mark_dead(self, pid: int) -> None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+    async def start_workers(self, socks_per_route: list[list[socket.socket]]) -> None:
+        n = self.settings.workers
+        self.workers = [
+            WorkerProc(slot=i, socks=[socks[i] for socks in socks_per_route]) for i in range(n)
+        ]
+        for w in self.workers:
+            await self._start_worker(w)
+        for w in self.workers:
+            self.spawn(self._supervise(w), f"worker-{w.slot}-supervisor")
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(w.ready for w in self.workers):
+            if time.monotonic() > deadline:
+                raise StartupError("workers did not start serving in time")
+            if any(w.proc is not None and w.proc.returncode is not None for w in self.workers):
+                raise StartupError("a worker exited during start-up (see its log above)")
+            await asyncio.sleep(0.05)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def request_drain(self, why: str) -> None:
+        if not self.draining:
+            log.info("%s: draining", why)
+            self.draining = True
+            self.stop.set()
+
+    async def _drain_workers(self) -> None:
+        for w in self.workers:
+            self._send(w, {"op": "drain"})
+        procs = [w.proc for w in self.workers if w.proc is not None]
+        grace = self.settings.drain_timeout + 5.0
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), grace)
+        except TimeoutError:
+            for p in procs:
+                if p.returncode is None:
+                    log.error("worker pid %d did not drain in time: killing it", p.pid)
+                    p.kill()
+            await asyncio.gather(*(p.wait() for p in procs))
+
+    async def run(self) -> int:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        if s.identity_source == "files":
+            self.apply(self.load_files())
+        n = s.workers
+        socks_per_route = [bind_listener(r.listen, n) for r in self.routes]
+        for r in self.routes:
+            log.info(
+                "listening",
+                extra={
+                    "fields": {
+                        "event": "listening",
+                        "direction": r.direction,
+                        "route": r.name,
+                        "listen": str(r.listen),
+                        "target": f"{r.target[0]}:{r.target[1]}" if r.target else "original-dst",
+                        "mode": r.mode,
+                    }
+                },
+            )
+        raise_nofile_limit(2 * s.max_connections + 64)
+        from .admin import start_admin
+
+        self.admin = await start_admin(self)
+        if s.drop_privileges:
+            drop_privileges(s.proxy_uid)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_drain, signal.Signals(sig).name)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.reload("SIGHUP"))
+        if s.identity_source == "ca":
+            await self.obtain_from_ca()
+        else:
+            self.spawn(self.watch_files(), "file-watcher")
+        await self.start_workers(socks_per_route)
+        await self.wait_ready()
+        log.info("ready", extra={"fields": {"event": "ready", "workers": n}})
+        await self.stop.wait()
+        await self._drain_workers()
+        for task in list(self.tasks):
+            task.cancel()
+        await self.admin.cleanup()
+        log.info("stopped")
+        return 0

@@ -1,0 +1,289 @@
+"""A worker process: serves the listeners handed to it by the master with one event loop.
+
+The master binds every listener (one SO_REUSEPORT socket per worker and listener) and sends
+identity material over the worker's stdin as JSON lines; the worker answers on stdout.
+Logs go to stderr, shared with the master.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from prometheus_client import Counter as _Counter
+
+from . import metrics
+from .conn import Conn, InboundConn, OutboundConn
+from .errors import CertError
+from .identity import SpiffeId, parse_spiffe_id
+from .material import load_material
+from .policy import InboundPolicy, check_outbound
+from .relay import AppLeg, NetLeg
+from .routes import Route
+from .settings import Settings
+from .tls import TlsState, build_tls_state
+
+log = logging.getLogger("mtls.worker")
+
+SWEEP_INTERVAL = 1.0
+
+
+class Worker:
+    """Everything one process needs to serve: routes, TLS state, policy, live connections."""
+
+    def __init__(
+        self, settings: Settings, listeners: list[tuple[Route, socket.socket]], workers: int
+    ) -> None:
+        self.settings = settings
+        self.loop = asyncio.get_running_loop()
+        self.listeners = listeners
+        self.handshake_timeout = settings.handshake_timeout
+        self.connect_timeout = settings.connect_timeout
+        self.idle_ticks = (
+            max(1, round(settings.idle_timeout / SWEEP_INTERVAL)) if settings.idle_timeout else 0
+        )
+        # MTLS_MAX_CONNECTIONS is for the whole sidecar: each worker takes its share.
+        self.max_conns = max(1, -(-settings.max_connections // workers))
+        self.conns: set[Conn] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.tls: TlsState = None  # type: ignore[assignment]  # set before serving
+        self.policy: InboundPolicy = None  # type: ignore[assignment]
+        self.trust_domain = settings.effective_trust_domain
+        self.peer_labels = metrics.PeerLabels(settings.peer_identity_cap)
+        self._peer_children: dict[tuple[str, str], _Counter] = {}
+        self._expected: dict[str, SpiffeId] = {}
+        self._plaintext_until: dict[tuple[str, int], float] = {}
+        self.draining = False
+        self.drained = asyncio.Event()
+        self.own_ports = {s.getsockname()[1] for _, s in listeners}
+
+    # --- material ------------------------------------------------------------------------
+
+    def set_tls(self, state: TlsState) -> None:
+        """New connections use `state` from now on; open ones keep the context they began with."""
+        self.tls = state
+        domain = self.settings.effective_trust_domain
+        if domain is None:
+            domain = parse_spiffe_id(state.material.identity).trust_domain
+        self.trust_domain = domain
+        self.policy = InboundPolicy(self.settings.allow_peers, domain)
+
+    # --- services for connections --------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = self.loop.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def admit(self, conn: Conn) -> bool:
+        if len(self.conns) >= self.max_conns:
+            conn.reject(
+                "too_many_connections",
+                f"{conn.peer_addr}: connection limit reached "
+                f"({self.max_conns} in this worker, MTLS_MAX_CONNECTIONS="
+                f"{self.settings.max_connections})",
+            )
+            return False
+        self.conns.add(conn)
+        return True
+
+    def forget(self, conn: Conn) -> None:
+        self.conns.discard(conn)
+        if self.draining and not self.conns:
+            self.drained.set()
+
+    def count_peer(self, direction: str, identity: str | None) -> None:
+        label = self.peer_labels.label(identity)
+        key = (direction, label)
+        child = self._peer_children.get(key)
+        if child is None:
+            child = self._peer_children[key] = metrics.PEERS.labels(direction, label)
+        child.inc()
+
+    def check_remote(self, sid: SpiffeId | None, expected: str | None) -> None:
+        exp: SpiffeId | None = None
+        if expected is not None:
+            exp = self._expected.get(expected)
+            if exp is None:
+                exp = self._expected[expected] = parse_spiffe_id(expected)
+        check_outbound(sid, exp, self.trust_domain or "")
+
+    # --- transparent mode ----------------------------------------------------------------
+
+    def _original_dst(self, transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+        from .transparent import original_dst
+
+        sock = transport.get_extra_info("socket")
+        try:
+            host, port = original_dst(sock)
+        except (ValueError, OSError):
+            return None
+        return host, port
+
+    def _is_self(self, host: str, port: int) -> bool:
+        return port in self.own_ports
+
+    def inbound_target(self, transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+        dst = self._original_dst(transport)
+        if dst is None or self._is_self(*dst):
+            return None
+        return ("127.0.0.1", dst[1])
+
+    def outbound_target(self, transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+        dst = self._original_dst(transport)
+        if dst is None or self._is_self(*dst):
+            return None
+        return dst
+
+    def knows_plaintext(self, target: tuple[str, int]) -> bool:
+        until = self._plaintext_until.get(target)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._plaintext_until[target]
+            return False
+        return True
+
+    def remember_plaintext(self, target: tuple[str, int]) -> None:
+        self._plaintext_until[target] = time.monotonic() + self.settings.plaintext_fallback_ttl
+
+    # --- serving -------------------------------------------------------------------------
+
+    def _factory(self, route: Route) -> Any:
+        if route.direction == "inbound":
+
+            def inbound() -> NetLeg:
+                return NetLeg(InboundConn(self, route), self.tls.server, server_side=True)
+
+            return inbound
+
+        def outbound() -> AppLeg:
+            return AppLeg(OutboundConn(self, route))
+
+        return outbound
+
+    async def serve(self) -> None:
+        for route, sock in self.listeners:
+            server = await self.loop.create_server(
+                self._factory(route), sock=sock, backlog=4096, start_serving=True
+            )
+            self.servers.append(server)
+        self.spawn(self._sweep(), "sweeper")
+
+    async def _sweep(self) -> None:
+        """Once a second: idle timeouts; byte counters of long connections brought up to date."""
+        idle_ticks = self.idle_ticks
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            for conn in list(self.conns):
+                conn.flush_bytes()
+                if conn.active:
+                    conn.active = False
+                    conn.idle_ticks = 0
+                elif idle_ticks and conn.established:
+                    conn.idle_ticks += 1
+                    if conn.idle_ticks >= idle_ticks:
+                        log.info(
+                            "closing idle connection from %s after %ss",
+                            conn.peer_addr,
+                            self.settings.idle_timeout,
+                            extra={"fields": {"route": conn.route.name}},
+                        )
+                        conn.finish("idle_timeout", abort=False)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let open connections finish, cut what is left after `timeout`."""
+        self.draining = True
+        for server in self.servers:
+            server.close()
+        if self.conns:
+            log.info("draining %d open connection(s), up to %ss", len(self.conns), timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.drained.wait(), timeout)
+        left = list(self.conns)
+        for conn in left:
+            conn.finish("drain_timeout", abort=True)
+        if left:
+            log.warning("drain timeout: cut %d connection(s)", len(left))
+
+
+# --- the worker process ----------------------------------------------------------------------
+
+
+def _send(msg: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+
+async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> None:
+    """Read the master's commands from stdin until it closes."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 24)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    serving = False
+    while True:
+        line = await reader.readline()
+        if not line:
+            log.info("master went away: draining")
+            stop.set()
+            return
+        msg = json.loads(line)
+        op = msg.get("op")
+        if op == "material":
+            try:
+                material = load_material(
+                    msg["chain"].encode(),
+                    msg["key"].encode(),
+                    msg["bundle"].encode(),
+                    msg.get("origin", "master"),
+                )
+                state = build_tls_state(material, settings.min_tls_version)
+            except CertError as exc:
+                _send({"op": "material_error", "error": str(exc)})
+                continue
+            worker.set_tls(state)
+            if not serving:
+                await worker.serve()
+                serving = True
+                _send({"op": "ready", "pid": os.getpid()})
+            else:
+                _send({"op": "material_ok", "serial": material.serial_hex})
+        elif op == "drain":
+            stop.set()
+            return
+
+
+async def worker_main(settings: Settings, fds: list[tuple[Route, int]], workers: int) -> int:
+    listeners = []
+    for route, fd in fds:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        listeners.append((route, sock))
+    worker = Worker(settings, listeners, workers)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # Ctrl-C reaches the whole process group: the master decides, workers follow its word.
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    control = worker.spawn(_control(worker, settings, stop), "control")
+    await stop.wait()
+    control.cancel()
+    await worker.drain(settings.drain_timeout)
+    return 0

@@ -1,0 +1,222 @@
+"""Test helpers: real sidecar processes, small TCP apps, ports, metrics scrapes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from .pki import Identity
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def identity_env(ident: Identity) -> dict[str, str]:
+    return {
+        "MTLS_IDENTITY_SOURCE": "files",
+        "MTLS_CERT_FILE": str(ident.cert),
+        "MTLS_KEY_FILE": str(ident.key),
+        "MTLS_TRUST_BUNDLE_FILE": str(ident.bundle),
+    }
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MTLS_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+class Sidecar:
+    """A real `python -m proxy run` process with its admin port and its log captured."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.admin_port = free_port()
+        self.env = base_env()
+        self.env.update(
+            {
+                "MTLS_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
+                "MTLS_WORKERS": "1",
+                "MTLS_LOG_FORMAT": "json",
+                "MTLS_LOG_LEVEL": "info",
+            }
+        )
+        self.env.update(env)
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run"],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.admin_port}{path}"
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=timeout) as resp:
+                return int(resp.status), resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read().decode()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.logs()}")
+            with contextlib.suppress(OSError):
+                if self.get("/ready", timeout=1.0)[0] == 200:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"sidecar not ready after {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.logs().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample as {(name, sorted labels): value}."""
+        status, body = self.get("/metrics")
+        assert status == 200, body
+        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in text_string_to_metric_families(body):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        total = 0.0
+        for (n, lbls), value in self.metrics().items():
+            d = dict(lbls)
+            if n == name and all(d.get(k) == v for k, v in labels.items()):
+                total += value
+        return total
+
+    def wait_metric(self, name: str, value: float, timeout: float = 5.0, **labels: str) -> float:
+        deadline = time.monotonic() + timeout
+        got = self.metric(name, **labels)
+        while got != value and time.monotonic() < deadline:
+            time.sleep(0.05)
+            got = self.metric(name, **labels)
+        return got
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return int(self.proc.returncode)
+
+
+class TcpApp:
+    """A small threaded TCP server on loopback.
+
+    mode "echo": echoes everything back. mode "eof-reply": reads until EOF, then replies
+    with b"got:" + length and closes (proves half-close is carried across).
+    """
+
+    def __init__(self, mode: str = "echo", host: str = "127.0.0.1") -> None:
+        self.mode = mode
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(512)
+        self.port = int(self.sock.getsockname()[1])
+        self.connections = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                if self.mode == "echo":
+                    while data := conn.recv(65536):
+                        conn.sendall(data)
+                elif self.mode == "eof-reply":
+                    n = 0
+                    while data := conn.recv(65536):
+                        n += len(data)
+                    conn.sendall(b"got:%d" % n)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+def recv_all(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def exchange(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = 10.0) -> bytes:
+    """Connect, send `payload`, half-close, read until EOF."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        return recv_all(s, timeout)
+
+
+@contextlib.contextmanager
+def running(*procs: Sidecar) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.stop()
