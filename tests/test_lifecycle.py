@@ -1,0 +1,293 @@
+"""Reload (SIGHUP, watched files), drain on SIGTERM, and `check`: real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from .conftest import TD, Pki
+from .harness import ROOT, Sidecar, TcpApp, base_env, free_port, identity_env, recv_all
+from .pki import Identity
+
+
+def _ctx(pki: Pki, ident: Identity) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(pki.server.bundle)
+    ctx.load_cert_chain(ident.cert, ident.key)
+    return ctx
+
+
+def served_serial(pki: Pki, port: int) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with _ctx(pki, pki.client).wrap_socket(raw) as s:
+            der = s.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der).serial_number
+
+
+def serial_of(ident: Identity) -> int:
+    return x509.load_pem_x509_certificates(ident.cert.read_bytes())[0].serial_number
+
+
+def copy_identity(src: Identity, d: Path) -> Identity:
+    d.mkdir(parents=True, exist_ok=True)
+    dst = Identity(d / "tls.crt", d / "tls.key", d / "ca.pem", src.spiffe_id)
+    replace_identity(src, dst)
+    return dst
+
+
+def replace_identity(src: Identity, dst: Identity) -> None:
+    """Atomic per file, as cert-manager and kubelet write them."""
+    for a, b in ((src.cert, dst.cert), (src.key, dst.key), (src.bundle, dst.bundle)):
+        tmp = b.with_suffix(".tmp")
+        shutil.copyfile(a, tmp)
+        os.replace(tmp, b)
+
+
+class SlowSender(threading.Thread):
+    """Streams `total` bytes through an echo route over a few seconds and checks every byte."""
+
+    def __init__(self, port: int, total: int, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.port, self.total, self.seconds = port, total, seconds
+        self.ok = False
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            pattern = bytes(range(256)) * 256  # 64 KiB
+            chunks = self.total // len(pattern)
+            with socket.create_connection(("127.0.0.1", self.port), timeout=20) as s:
+                received = bytearray()
+
+                def reader() -> None:
+                    received.extend(recv_all(s, timeout=30))
+
+                t = threading.Thread(target=reader, daemon=True)
+                t.start()
+                for _ in range(chunks):
+                    s.sendall(pattern)
+                    time.sleep(self.seconds / chunks)
+                s.shutdown(socket.SHUT_WR)
+                t.join(40)
+                self.ok = bytes(received) == pattern * chunks
+                if not self.ok:
+                    self.error = AssertionError(f"got {len(received)} of {len(pattern) * chunks}")
+        except BaseException as exc:
+            self.error = exc
+
+
+@pytest.fixture
+def echo() -> TcpApp:
+    return TcpApp("echo")
+
+
+def start_pair(
+    pki: Pki, tmp_path: Path, echo: TcpApp, extra: dict[str, str] | None = None
+) -> tuple[Sidecar, Sidecar, Identity, int, int]:
+    ident = copy_identity(pki.server, tmp_path / "server-files")
+    in_port, out_port = free_port(), free_port()
+    inbound = Sidecar(
+        {
+            **identity_env(ident),
+            "MTLS_INBOUND": f"127.0.0.1:{in_port}=127.0.0.1:{echo.port}",
+            **(extra or {}),
+        },
+        tmp_path / "inbound.log",
+    )
+    outbound = Sidecar(
+        {
+            **identity_env(pki.client),
+            "MTLS_OUTBOUND": f"127.0.0.1:{out_port}=127.0.0.1:{in_port}@{TD}/server",
+        },
+        tmp_path / "outbound.log",
+    )
+    inbound.wait_ready()
+    outbound.wait_ready()
+    return inbound, outbound, ident, in_port, out_port
+
+
+def test_sighup_rotation_during_long_transfer(pki: Pki, tmp_path: Path, echo: TcpApp) -> None:
+    inbound, outbound, ident, in_port, out_port = start_pair(pki, tmp_path, echo)
+    try:
+        assert served_serial(pki, in_port) == serial_of(pki.server)
+        sender = SlowSender(out_port, 16 * 1024 * 1024, 3.0)
+        sender.start()
+        time.sleep(0.8)
+        replace_identity(pki.server2, ident)
+        inbound.signal(signal.SIGHUP)
+        assert inbound.wait_metric("mtls_cert_reloads_total", 1, result="ok") == 1
+        assert served_serial(pki, in_port) == serial_of(pki.server2)
+        sender.join(60)
+        assert sender.error is None, sender.error
+        assert sender.ok
+    finally:
+        assert inbound.stop() == 0
+        assert outbound.stop() == 0
+
+
+def test_bad_files_keep_the_old_certificate(pki: Pki, tmp_path: Path, echo: TcpApp) -> None:
+    inbound, outbound, ident, in_port, _ = start_pair(pki, tmp_path, echo)
+    try:
+        # Half-written: the key no longer matches the certificate.
+        shutil.copyfile(pki.server2.key, ident.key)
+        inbound.signal(signal.SIGHUP)
+        assert inbound.wait_metric("mtls_cert_reloads_total", 1, result="error") >= 1
+        assert served_serial(pki, in_port) == serial_of(pki.server)
+        ident.cert.write_text("garbage")
+        assert inbound.wait_metric("mtls_cert_reloads_total", 2, result="error") >= 2
+        assert served_serial(pki, in_port) == serial_of(pki.server)
+        assert inbound.get("/ready")[0] == 200
+        assert any(e.get("event") == "reload_failed" for e in inbound.log_events())
+        # The writer finishes: the watcher picks the new set up by itself, no SIGHUP.
+        replace_identity(pki.server2, ident)
+        deadline = time.monotonic() + 10
+        while served_serial(pki, in_port) != serial_of(pki.server2):
+            assert time.monotonic() < deadline, "watched files were not reloaded"
+            time.sleep(0.2)
+    finally:
+        assert inbound.stop() == 0
+        outbound.stop()
+
+
+def test_sigterm_drains_open_connections(pki: Pki, tmp_path: Path, echo: TcpApp) -> None:
+    inbound, outbound, _, in_port, out_port = start_pair(
+        pki, tmp_path, echo, {"MTLS_DRAIN_TIMEOUT": "20s"}
+    )
+    try:
+        sender = SlowSender(out_port, 8 * 1024 * 1024, 2.5)
+        sender.start()
+        time.sleep(0.5)
+        inbound.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert inbound.get("/ready")[0] == 503
+        # New connections are no longer accepted...
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", in_port), timeout=2).close()
+            raise ConnectionRefusedError  # connected means the listener is still open
+        # ...while the open one finishes intact, and then the sidecar exits 0.
+        sender.join(60)
+        assert sender.error is None, sender.error
+        assert sender.ok
+        assert inbound.proc.wait(20) == 0
+    finally:
+        inbound.stop()
+        outbound.stop()
+
+
+def test_drain_timeout_cuts_idle_connections(pki: Pki, tmp_path: Path, echo: TcpApp) -> None:
+    inbound, outbound, _, _, out_port = start_pair(
+        pki, tmp_path, echo, {"MTLS_DRAIN_TIMEOUT": "1s"}
+    )
+    try:
+        s = socket.create_connection(("127.0.0.1", out_port))
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+        t0 = time.monotonic()
+        inbound.signal(signal.SIGTERM)
+        assert inbound.proc.wait(15) == 0
+        assert time.monotonic() - t0 < 8
+        assert any("drain timeout" in str(e.get("msg")) for e in inbound.log_events())
+        s.close()
+    finally:
+        inbound.stop()
+        outbound.stop()
+
+
+def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full = base_env()
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        env=full,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_prints_effective_config(pki: Pki) -> None:
+    r = _run_cli(
+        ["check"],
+        {**identity_env(pki.server), "MTLS_INBOUND": "0.0.0.0:8443=127.0.0.1:8080"},
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["certificate"]["identity"] == f"{TD}/server"
+    assert "BEGIN" not in r.stdout  # no key, no PEM
+
+
+def test_check_lists_every_error(tmp_path: Path) -> None:
+    r = _run_cli(
+        ["check"],
+        {
+            "MTLS_INBOUND": "0.0.0.0:99999=127.0.0.1:8080",
+            "MTLS_WORKERS": "many",
+            "MTLS_HANDSHAKE_TIMEOUT": "soon",
+            "MTLS_INBUOND": "x",
+            "MTLS_CERT_FILE": str(tmp_path / "missing.crt"),
+        },
+    )
+    assert r.returncode == 2
+    for var in (
+        "MTLS_INBOUND",
+        "MTLS_WORKERS",
+        "MTLS_HANDSHAKE_TIMEOUT",
+        "MTLS_INBUOND",
+        "MTLS_CERT_FILE",
+        "MTLS_KEY_FILE",
+    ):
+        assert var in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_check_rejects_mismatched_key(pki: Pki, tmp_path: Path) -> None:
+    env = identity_env(pki.server)
+    env["MTLS_KEY_FILE"] = str(pki.client.key)
+    env["MTLS_INBOUND"] = ":8443=127.0.0.1:8080"
+    r = _run_cli(["check"], env)
+    assert r.returncode == 2
+    assert "does not match" in r.stderr
+
+
+def test_run_refuses_bad_config_before_listening(pki: Pki) -> None:
+    port = free_port()
+    r = _run_cli(
+        ["run"],
+        {**identity_env(pki.server), "MTLS_INBOUND": f"127.0.0.1:{port}=x:0"},
+    )
+    assert r.returncode == 2
+    assert "MTLS_INBOUND" in r.stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_run_reports_port_in_use(pki: Pki) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _run_cli(
+            ["run"],
+            {
+                **identity_env(pki.server),
+                "MTLS_INBOUND": f"127.0.0.1:{port}=127.0.0.1:8080",
+                "MTLS_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+            },
+        )
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
