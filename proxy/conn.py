@@ -153,7 +153,9 @@ class Conn:
 
     def net_failed(self, exc: BaseException) -> None:
         reason, message = classify_tls_error(exc, self._who())
-        if not self.established:
+        if not self.established or self.bytes_in == 0:
+            # With TLS 1.3 a server checks our certificate after our side of the handshake
+            # is done: its refusal arrives as an alert before any data. Count it as such.
             self.reject(reason, message)
             return
         log.warning(
