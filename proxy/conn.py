@@ -167,9 +167,10 @@ class Conn:
 
     def app_eof(self) -> None:
         self.app_eof_seen = True
-        if self.net is not None:
+        if self.established and self.net is not None:
             self.net.send_eof()
-        self._check_done()
+            self._check_done()
+        # else: carried across once the network leg is up (OutboundConn.handshake_done)
 
     def net_eof(self) -> None:
         self.net_eof_seen = True
@@ -481,7 +482,11 @@ class OutboundConn(Conn):
         if held:
             self.held_app = None
             leg.send(held)
-        app.resume_reading()
+        if self.app_eof_seen:
+            leg.send_eof()  # the app half-closed while the remote was being dialled
+            self._check_done()
+        else:
+            app.resume_reading()
 
     def plaintext_hello(self, first: bytes) -> None:  # never called on a client leg
         raise AssertionError("client legs do not sniff")

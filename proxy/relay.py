@@ -19,6 +19,8 @@ import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+from .transparent import sniff
+
 if TYPE_CHECKING:
     from .conn import Conn
 
@@ -40,17 +42,6 @@ OPEN = 3
 CLOSED = 4
 
 _EOF_REASONS = {"UNEXPECTED_EOF_WHILE_READING", "EOF_OCCURRED_IN_VIOLATION_OF_PROTOCOL"}
-
-
-def looks_like_tls(first: bytes) -> bool | None:
-    """True for a TLS handshake record, False for anything else, None if undecided yet."""
-    if not first:
-        return None
-    if first[0] != 0x16:
-        return False
-    if len(first) < 2:
-        return None
-    return first[1] == 0x03
 
 
 def _read_into(sslobj: ssl.SSLObject) -> int:
@@ -275,12 +266,12 @@ class NetLeg(_Leg):
             self.first = bytearray(data)
         else:
             self.first += data
-        verdict = looks_like_tls(bytes(self.first[:2]))
-        if verdict is None:
+        verdict = sniff(bytes(self.first[:8]))
+        if verdict == "need_more":
             return
         first = bytes(self.first)
         self.first = None
-        if verdict:
+        if verdict == "tls":
             self._start_tls(first)
         else:
             self.conn.plaintext_hello(first)

@@ -31,6 +31,7 @@ from .relay import AppLeg, NetLeg
 from .routes import Route
 from .settings import Settings
 from .tls import TlsState, build_tls_state
+from .transparent import is_local_destination, local_addresses, original_dst
 
 log = logging.getLogger("mtls.worker")
 
@@ -65,7 +66,10 @@ class Worker:
         self._plaintext_until: dict[tuple[str, int], float] = {}
         self.draining = False
         self.drained = asyncio.Event()
-        self.own_ports = {s.getsockname()[1] for _, s in listeners}
+        self.own_ports = {s.getsockname()[1] for _, s in listeners} | {
+            settings.admin_listen.port
+        }
+        self._local_addrs: set[str] | None = None
 
     # --- material ------------------------------------------------------------------------
 
@@ -127,8 +131,6 @@ class Worker:
     # --- transparent mode ----------------------------------------------------------------
 
     def _original_dst(self, transport: asyncio.BaseTransport) -> tuple[str, int] | None:
-        from .transparent import original_dst
-
         sock = transport.get_extra_info("socket")
         try:
             host, port = original_dst(sock)
@@ -137,7 +139,9 @@ class Worker:
         return host, port
 
     def _is_self(self, host: str, port: int) -> bool:
-        return port in self.own_ports
+        if self._local_addrs is None:
+            self._local_addrs = local_addresses()
+        return is_local_destination(host, port, self.own_ports, self._local_addrs)
 
     def inbound_target(self, transport: asyncio.BaseTransport) -> tuple[str, int] | None:
         dst = self._original_dst(transport)
