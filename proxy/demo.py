@@ -68,10 +68,9 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = 
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+            if resp.status == 200:
+                return
         time.sleep(0.1)
     raise RuntimeError(f"{url} not ready after {timeout}s")
 

@@ -197,7 +197,7 @@ class TcpApp:
 
 def recv_all(sock: socket.socket, timeout: float = 10.0) -> bytes:
     sock.settimeout(timeout)
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         data = sock.recv(65536)
         if not data:

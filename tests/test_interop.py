@@ -67,7 +67,7 @@ def inbound(
 
 
 def test_curl_with_client_cert(pki: Pki, inbound: tuple[Sidecar, int, int]) -> None:
-    sc, http_port, _ = inbound
+    _sc, http_port, _ = inbound
     r = subprocess.run(
         [
             "curl",
@@ -137,7 +137,7 @@ def _s_client(
 
 
 def test_openssl_s_client_echo(pki: Pki, inbound: tuple[Sidecar, int, int]) -> None:
-    sc, _, echo_port = inbound
+    _sc, _, echo_port = inbound
     # s_client -cert sends only the leaf; -cert_chain adds the intermediate.
     proc = subprocess.Popen(
         [

@@ -31,11 +31,11 @@ def _ctx(pki: Pki, ident: Identity) -> ssl.SSLContext:
 
 
 def served_serial(pki: Pki, port: int) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with _ctx(pki, pki.client).wrap_socket(raw) as s:
-            der = s.getpeercert(binary_form=True)
-            assert der is not None
-            return x509.load_der_x509_certificate(der).serial_number
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with _ctx(pki, pki.client).wrap_socket(raw) as s:
+        der = s.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
 
 
 def serial_of(ident: Identity) -> int:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from .conftest import TD, Pki
 from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, recv_all
@@ -18,7 +19,7 @@ from .pki import Identity
 def client_ctx(pki: Pki, ident: Identity | None, **kw: object) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
-    ctx.load_verify_locations(cadata=pki.root.cert.public_bytes(_PEM).decode())
+    ctx.load_verify_locations(cadata=pki.root.cert.public_bytes(Encoding.PEM).decode())
     if ident is not None:
         ctx.load_cert_chain(ident.cert, ident.key)
     for k, v in kw.items():
@@ -26,17 +27,12 @@ def client_ctx(pki: Pki, ident: Identity | None, **kw: object) -> ssl.SSLContext
     return ctx
 
 
-from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
-
-_PEM = Encoding.PEM
-
-
 def tls_roundtrip(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping") -> bytes:
     """Handshake, send, half-close is not possible on SSLSocket: read one reply."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with ctx.wrap_socket(raw) as s:
-            s.sendall(payload)
-            return s.recv(65536)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with ctx.wrap_socket(raw) as s:
+        s.sendall(payload)
+        return s.recv(65536)
 
 
 def rejected_events(sc: Sidecar, reason: str) -> list[dict[str, object]]:
