@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 Buf = bytes | bytearray | memoryview
 
 BUF_SIZE = 256 * 1024
+# Stop decrypting into the buffer when less than a full TLS record would fit.
+_BATCH_LIMIT = BUF_SIZE - 16 * 1024 - 256
 _BUF = bytearray(BUF_SIZE)
 _VIEW = memoryview(_BUF)
 
@@ -44,9 +46,10 @@ CLOSED = 4
 _EOF_REASONS = {"UNEXPECTED_EOF_WHILE_READING", "EOF_OCCURRED_IN_VIOLATION_OF_PROTOCOL"}
 
 
-def _read_into(sslobj: ssl.SSLObject) -> int:
-    # With a buffer argument SSLObject.read returns a byte count (typeshed says bytes).
-    return cast(int, sslobj.read(BUF_SIZE, _VIEW))
+def _read_into(sslobj: ssl.SSLObject, offset: int = 0) -> int:
+    """Decrypt into the shared buffer at `offset`; returns the byte count (0 at close_notify)."""
+    # With a buffer argument SSLObject.read returns a count (typeshed says bytes).
+    return cast(int, sslobj.read(BUF_SIZE - offset, _VIEW[offset:]))
 
 
 class _Leg(asyncio.BufferedProtocol):
@@ -370,31 +373,42 @@ class NetLeg(_Leg):
             self.held = None
             conn.bytes_in += len(held)
             peer.send(held)
+        # Decrypt record after record into the shared buffer and hand it over in one write:
+        # a 16 KiB record per write would cost a send() each.
         while not self.read_blocked and not self.eof_in:
-            try:
-                n = _read_into(sslobj)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:
-                n = 0
-            except ssl.SSLError as exc:
-                if isinstance(exc, ssl.SSLEOFError) or exc.reason in _EOF_REASONS:
+            filled = 0
+            eof = False
+            while filled <= _BATCH_LIMIT:
+                try:
+                    n = _read_into(sslobj, filled)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    n = 0
+                except ssl.SSLError as exc:
+                    if not (isinstance(exc, ssl.SSLEOFError) or exc.reason in _EOF_REASONS):
+                        self._flush()
+                        conn.net_failed(exc)
+                        return
                     n = 0  # TCP FIN without close_notify: treat as end of stream
-                else:
-                    self._flush()
-                    conn.net_failed(exc)
-                    return
-            if n == 0:
+                if not n:
+                    eof = True
+                    break
+                filled += n
+            if filled:
+                conn.bytes_in += filled
+                peer.send(_VIEW[:filled])
+                if self.on_session is not None:
+                    # The ticket arrives after the handshake, before the first application data.
+                    self.on_session(sslobj.session)
+                    self.on_session = None
+            if eof:
                 self.eof_in = True
                 self._flush()
                 conn.net_eof()
                 return
-            conn.bytes_in += n
-            peer.send(_VIEW[:n])
-            if self.on_session is not None:
-                # The ticket arrives after the handshake, before the first application data.
-                self.on_session(sslobj.session)
-                self.on_session = None
+            if filled <= _BATCH_LIMIT:
+                break  # the BIO holds no complete record
         self._flush()
 
     def send(self, data: Buf) -> None:
