@@ -48,7 +48,7 @@ soak: venv apt
 	$(VPY) -m tests.soak --minutes $${SOAK_MINUTES:-10}
 
 image:
-	docker build -t mtls-sidecar:dev .
+	docker build --build-arg REVISION=$$(git rev-parse HEAD) -t mtls-sidecar:dev .
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache demo-out bench/out
