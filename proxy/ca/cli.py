@@ -1,0 +1,293 @@
+"""`mtls-sidecar ca ...`: init, issue, token, serve, rotate-root, rotate-intermediate, info.
+
+Exit codes: 0 success; 2 usage or bad input (bad flag, duration, SPIFFE ID, trust domain);
+1 any other failure (CA directory missing, unsafe permissions, already exists, rotation
+out of order). Expected failures print one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import re
+import signal
+import sys
+from pathlib import Path
+
+from ..errors import ProxyError
+from ..settings import parse_duration
+from .issuer import (
+    LEAF_TTL,
+    cert_pem,
+    fingerprint,
+    issue_leaf,
+    key_pem,
+    new_key,
+    trust_domain_of,
+    validate_spiffe_id,
+    validate_trust_domain,
+)
+from .store import CaDir, write_private, write_public
+from .tokens import make_token
+
+MIN_LEAF_TTL = dt.timedelta(seconds=2)
+MAX_TOKEN_TTL = dt.timedelta(days=30)
+
+
+class UsageError(ProxyError):
+    """Bad command-line input: exit code 2."""
+
+
+def _duration(text: str) -> dt.timedelta:
+    try:
+        return dt.timedelta(seconds=parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _spiffe_id(text: str) -> str:
+    try:
+        return validate_spiffe_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _trust_domain(text: str) -> str:
+    try:
+        return validate_trust_domain(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_listen(text: str) -> tuple[str | None, int]:
+    """ADDR as host:port, :port (all interfaces) or [v6]:port -> (host or None, port)."""
+    m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]*)):(\d{1,5})", text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not host:port, :port or [v6]:port")
+    port = int(m.group(3))
+    if not 0 < port < 65536:
+        raise ValueError(f"{text!r}: port must be 1-65535")
+    host = m.group(1) or m.group(2) or None
+    return host, port
+
+
+def _listen(text: str) -> tuple[str | None, int]:
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mtls-sidecar ca", description="The small internal CA.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("init", help="create a root CA and an online intermediate in DIR")
+    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--trust-domain", type=_trust_domain, default="cluster.local")
+    s.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
+    s.add_argument(
+        "--no-name-constraints",
+        dest="name_constraints",
+        action="store_false",
+        help="leave out the intermediate's URI name constraint (for verifiers such as "
+        "rustls-webpki that reject it)",
+    )
+
+    s = sub.add_parser("issue", help="offline: issue a leaf certificate and key to files")
+    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--id", type=_spiffe_id, required=True, dest="spiffe_id")
+    s.add_argument("--dns", action="append", default=[], help="extra DNS SAN (repeatable)")
+    s.add_argument("--ttl", type=_duration, default=LEAF_TTL)
+    s.add_argument("--out", required=True, help="writes PREFIX.crt, PREFIX.key, PREFIX.bundle.pem")
+
+    s = sub.add_parser("token", help="print a join token for one identity")
+    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--id", type=_spiffe_id, required=True, dest="spiffe_id")
+    s.add_argument("--ttl", type=_duration, default=dt.timedelta(hours=1))
+
+    s = sub.add_parser("serve", help="run the enrolment service (HTTPS)")
+    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--listen", type=_listen, default=(None, 8443), help="ADDR (default :8443)")
+    s.add_argument("--dns", action="append", default=[], help="extra name for the service cert")
+    s.add_argument("--leaf-ttl", type=_duration, default=LEAF_TTL, help="default 24h")
+    s.add_argument("--log-level", default="INFO")
+
+    s = sub.add_parser("rotate-root", help="one step of root rotation: add, switch, remove")
+    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--stage", choices=("add", "switch", "remove"), required=True)
+    s.add_argument(
+        "--wait",
+        type=_duration,
+        default=None,
+        help="how long the previous stage must have been in effect (default: 10m before "
+        "switch, 24h10m before remove); 0s skips the check",
+    )
+
+    s = sub.add_parser(
+        "rotate-intermediate", help="replace the issuing intermediate (needs the root key)"
+    )
+    s.add_argument("--dir", type=Path, required=True)
+
+    s = sub.add_parser("info", help="show trust domain, roots and fingerprints, rotation stage")
+    s.add_argument("--dir", type=Path, required=True)
+    return p
+
+
+def _check_identity(ca: CaDir, spiffe_id: str) -> None:
+    td = trust_domain_of(spiffe_id)
+    if td != ca.state.trust_domain:
+        raise UsageError(f"{spiffe_id} is not in this CA's trust domain {ca.state.trust_domain}")
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    ca = CaDir.init(
+        args.dir, args.trust_domain, force=args.force, name_constraints=args.name_constraints
+    )
+    root = ca.root(1)
+    print(f"created CA for trust domain {args.trust_domain} in {args.dir}")
+    print(f"root fingerprint (MTLS_CA_FINGERPRINT): {fingerprint(root)}")
+    print(
+        f"the root key {args.dir / 'root-1.key'} is needed only to rotate; "
+        "for real use move it offline"
+    )
+    return 0
+
+
+def _cmd_issue(args: argparse.Namespace) -> int:
+    ca = CaDir.open(args.dir)
+    _check_identity(ca, args.spiffe_id)
+    if args.ttl < MIN_LEAF_TTL:
+        raise UsageError(f"--ttl must be at least {MIN_LEAF_TTL.total_seconds():.0f}s")
+    issuer = ca.issuer()
+    key = new_key()
+    try:
+        leaf = issue_leaf(
+            issuer,
+            key.public_key(),
+            spiffe_id=args.spiffe_id,
+            dns_names=tuple(args.dns),
+            ttl=args.ttl,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    prefix = args.out
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    write_private(Path(f"{prefix}.key"), key_pem(key))
+    write_public(Path(f"{prefix}.crt"), cert_pem(leaf, issuer.cert))
+    write_public(Path(f"{prefix}.bundle.pem"), ca.bundle_pem())
+    print(
+        f"issued {args.spiffe_id} serial={leaf.serial_number:x} "
+        f"not_after={leaf.not_valid_after_utc.isoformat()} -> {prefix}.crt, {prefix}.key, "
+        f"{prefix}.bundle.pem"
+    )
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    ca = CaDir.open(args.dir)
+    _check_identity(ca, args.spiffe_id)
+    ttl: dt.timedelta = args.ttl
+    if ttl <= dt.timedelta(0) or ttl > MAX_TOKEN_TTL:
+        raise UsageError(f"--ttl must be between 1s and {MAX_TOKEN_TTL.days}d")
+    print(make_token(ca.token_secret(), args.spiffe_id, ttl.total_seconds()))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .service import DEFAULT_SERVER_NAMES, serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.leaf_ttl < MIN_LEAF_TTL:
+        raise UsageError(f"--leaf-ttl must be at least {MIN_LEAF_TTL.total_seconds():.0f}s")
+    CaDir.open(args.dir)  # fail before binding if the directory is unusable
+    host, port = args.listen
+    names = [*DEFAULT_SERVER_NAMES, *args.dns]
+    if host and host not in ("0.0.0.0", "::"):
+        names.append(host)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(
+            args.dir,
+            host=host,
+            port=port,
+            leaf_ttl=args.leaf_ttl,
+            server_names=tuple(names),
+            stop=stop,
+        )
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        raise ProxyError(f"cannot listen on {host or '*'}:{port}: {exc.strerror or exc}") from None
+    return 0
+
+
+def _cmd_rotate(args: argparse.Namespace) -> int:
+    ca = CaDir.open(args.dir)
+    print(ca.rotate(args.stage, wait=args.wait))
+    return 0
+
+
+def _cmd_rotate_intermediate(args: argparse.Namespace) -> int:
+    inter = CaDir.open(args.dir).renew_intermediate()
+    print(f"new issuing intermediate, expires {inter.cert.not_valid_after_utc.isoformat()}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    print(CaDir.open(args.dir).describe())
+    return 0
+
+
+_COMMANDS = {
+    "init": _cmd_init,
+    "issue": _cmd_issue,
+    "token": _cmd_token,
+    "serve": _cmd_serve,
+    "rotate-root": _cmd_rotate,
+    "rotate-intermediate": _cmd_rotate_intermediate,
+    "info": _cmd_info,
+}
+
+
+def main(argv: list[str]) -> int:
+    """Run `mtls-sidecar ca ARGV...`; return the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        return _COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ProxyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error:{where} {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main(sys.argv[1:]))
