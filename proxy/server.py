@@ -268,6 +268,10 @@ class Master:
                 log.error("enrolment with %s failed: %r (retrying in %.0fs)", s.ca_url, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
+            if s.ca_token_file is not None:
+                # A used or expired token is fixed by writing a new one (e.g. a Secret update).
+                with contextlib.suppress(CertError):
+                    source.set_token(read_file(s.ca_token_file, "join token").decode())
         build_tls_state(material, s.min_tls_version)
         self.apply(material)
         self.spawn(source.run(), "ca-renewal")

@@ -104,6 +104,10 @@ class CaSource:
         self._ca_roots: bytes | None = None  # PEM roots we verify the CA service against
         self._material: Material | None = None
 
+    def set_token(self, token: str) -> None:
+        """Use another join token for the next enrolment (a refreshed token file)."""
+        self._token = token.strip()
+
     @property
     def material(self) -> Material | None:
         """The current certificate, key and bundle, or None before enrolment."""
