@@ -23,8 +23,12 @@ log = logging.getLogger("mtls.conn")
 
 def _addr(peername: object) -> str:
     if isinstance(peername, tuple) and len(peername) >= 2:
-        host, port = peername[0], peername[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        host, port = str(peername[0]), peername[1]
+        # Dual-stack listeners (transparent mode) see IPv4 peers as ::ffff:a.b.c.d; log them
+        # as the IPv4 address people know them by.
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(peername)
 
 
@@ -335,9 +339,17 @@ class InboundConn(Conn):
         self.security = "plaintext"
         if mode == "audit":
             log.warning(
-                "plaintext connection from %s accepted (audit mode): strict mode would reject it",
+                "plaintext connection from %s accepted (audit mode): it would be rejected "
+                "in strict mode",
                 self.peer_addr,
-                extra={"fields": {"event": "audit_plaintext", "route": self.route.name}},
+                extra={
+                    "fields": {
+                        "event": "audit_plaintext",
+                        "direction": self.route.direction,
+                        "route": self.route.name,
+                        "peer": self.peer_addr,
+                    }
+                },
             )
         assert self.net is not None
         self.net.accept_plaintext(first)
@@ -362,10 +374,8 @@ class InboundConn(Conn):
         host, port = self.target
         loop = self.worker.loop
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: AppLeg(self), host, port),
-                self.worker.connect_timeout,
-            )
+            async with asyncio.timeout(self.worker.connect_timeout):
+                await loop.create_connection(lambda: AppLeg(self), host, port)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -426,9 +436,8 @@ class OutboundConn(Conn):
             )
 
         try:
-            await asyncio.wait_for(
-                worker.loop.create_connection(factory, host, port), worker.connect_timeout
-            )
+            async with asyncio.timeout(worker.connect_timeout):
+                await worker.loop.create_connection(factory, host, port)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -453,7 +462,15 @@ class OutboundConn(Conn):
                 "remote %s:%s does not speak mTLS: falling back to plaintext (permissive mode)",
                 target[0],
                 target[1],
-                extra={"fields": {"event": "plaintext_fallback", "route": self.route.name}},
+                extra={
+                    "fields": {
+                        "event": "plaintext_fallback",
+                        "direction": self.route.direction,
+                        "route": self.route.name,
+                        "peer": self.peer_addr,
+                        "target": f"{target[0]}:{target[1]}",
+                    }
+                },
             )
             self.worker.remember_plaintext(target)
             old, self.net = self.net, None

@@ -66,9 +66,7 @@ class Worker:
         self._plaintext_until: dict[tuple[str, int], float] = {}
         self.draining = False
         self.drained = asyncio.Event()
-        self.own_ports = {s.getsockname()[1] for _, s in listeners} | {
-            settings.admin_listen.port
-        }
+        self.own_ports = {s.getsockname()[1] for _, s in listeners} | {settings.admin_listen.port}
         self._local_addrs: set[str] | None = None
 
     # --- material ------------------------------------------------------------------------
