@@ -444,6 +444,14 @@ class Master:
         self.admin = await start_admin(self)
         if s.drop_privileges:
             drop_privileges(s.proxy_uid)
+        if s.transparent and os.geteuid() != s.proxy_uid:
+            # The OUTPUT rule exempts only MTLS_PROXY_UID: as anyone else our own dials would
+            # be captured again and loop through us until the connection limit.
+            raise StartupError(
+                f"transparent mode: running as uid {os.geteuid()}, but the interception rules "
+                f"exempt MTLS_PROXY_UID={s.proxy_uid}; run as uid {s.proxy_uid} or start as "
+                "root with MTLS_DROP_PRIVILEGES=true"
+            )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_drain, signal.Signals(sig).name)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.reload("SIGHUP"))

@@ -326,7 +326,10 @@ def test_wrong_server_identity(pair: Pair) -> None:
     before = sc.metric("mtls_connections_rejected_total", reason="identity_mismatch")
     with socket.create_connection(("127.0.0.1", pair.ports["out_wrong"])) as s:
         s.sendall(b"secret")
-        assert recv_all(s) == b""
+        try:
+            assert recv_all(s) == b""  # closed, nothing relayed...
+        except ConnectionResetError:
+            pass  # ...or reset, when the unread b"secret" was still in the kernel's buffer
     assert (
         sc.wait_metric("mtls_connections_rejected_total", before + 1, reason="identity_mismatch")
         == before + 1
