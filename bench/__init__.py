@@ -1,0 +1,1 @@
+"""Benchmark: mtls-sidecar side by side with stunnel, haproxy and no proxy."""

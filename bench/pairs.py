@@ -1,0 +1,319 @@
+"""The proxy pairs under test: client -> outbound proxy -> mTLS -> inbound proxy -> app.
+
+Every pair uses the same certificates, TLS 1.3 only, mutual authentication with chain
+verification on both sides, and otherwise the peer's default settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.certs import SERVER_ID, BenchCerts
+from bench.procs import BenchError, Managed, PortAllocator, ProcessSet, wait_listening
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 30.0
+
+
+@dataclass
+class Context:
+    """What starting a pair needs: the process owner, ports, certificates, a scratch dir."""
+
+    procs: ProcessSet
+    ports: PortAllocator
+    certs: BenchCerts
+    workdir: Path
+
+
+@dataclass
+class Pair:
+    """A running pair: clients connect to `entry_port`; `procs` are both proxies."""
+
+    name: str
+    entry_port: int
+    procs: list[Managed] = field(default_factory=list)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def check_alive(self) -> None:
+        """Raise BenchError if either proxy has exited."""
+        for proc in self.procs:
+            if not proc.alive():
+                raise BenchError(
+                    f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}"
+                )
+
+
+class ProxyKind:
+    """One kind of proxy pair; subclasses start the two processes."""
+
+    name = ""
+    label = ""
+
+    def unavailable(self) -> str | None:
+        """Why this kind cannot run here (missing binary...), or None."""
+        return None
+
+    def start(self, ctx: Context, target_port: int) -> Pair:
+        """Start a pair in front of `target_port` and wait until it is ready."""
+        pair = Pair(self.name, ctx.ports.get())
+        try:
+            self._launch(ctx, target_port, pair)
+        except BaseException:
+            stop_pair(ctx, pair)
+            raise
+        return pair
+
+    def _launch(self, ctx: Context, target_port: int, pair: Pair) -> None:
+        """Start both processes (appending them to `pair.procs`) and wait for them."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def running(self, ctx: Context, target_port: int) -> Iterator[Pair]:
+        """A fresh pair in front of `target_port`; both processes stopped on exit."""
+        pair = self.start(ctx, target_port)
+        try:
+            yield pair
+        finally:
+            stop_pair(ctx, pair)
+
+
+def stop_pair(ctx: Context, pair: Pair) -> None:
+    """Stop both processes of a pair."""
+    for proc in pair.procs:
+        ctx.procs.stop(proc)
+
+
+class PairCache:
+    """Long-lived pairs, one per (proxy, target), reused across repetitions.
+
+    Starting a pair costs up to seconds (Python start-up for the sidecar); a pair that failed
+    a measurement is dropped, so the next one is fresh.
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._pairs: dict[tuple[str, int], Pair] = {}
+
+    def get(self, kind: ProxyKind, target_port: int) -> Pair:
+        key = (kind.name, target_port)
+        pair = self._pairs.get(key)
+        if pair is not None and not all(p.alive() for p in pair.procs):
+            self.drop(kind)
+            pair = None
+        if pair is None:
+            pair = self._pairs[key] = kind.start(self.ctx, target_port)
+        return pair
+
+    def drop(self, kind: ProxyKind) -> None:
+        """Stop every cached pair of this kind."""
+        for key in [k for k in self._pairs if k[0] == kind.name]:
+            stop_pair(self.ctx, self._pairs.pop(key))
+
+    def close(self) -> None:
+        for key in list(self._pairs):
+            stop_pair(self.ctx, self._pairs.pop(key))
+
+
+class NoProxy(ProxyKind):
+    """The client talks to the app directly: the ceiling, and a check on the app's speed."""
+
+    name = "noproxy"
+    label = "no proxy"
+
+    def start(self, ctx: Context, target_port: int) -> Pair:
+        return Pair(self.name, target_port, [])
+
+    def _launch(self, ctx: Context, target_port: int, pair: Pair) -> None:
+        pass
+
+
+class Stunnel(ProxyKind):
+    """stunnel (Debian stunnel4): one process per side."""
+
+    name = "stunnel"
+    label = "stunnel"
+
+    def unavailable(self) -> str | None:
+        if shutil.which("stunnel4") or shutil.which("stunnel"):
+            return None
+        return "stunnel not installed (apt-get install stunnel4)"
+
+    def _config(self, ctx: Context, side: str, accept: int, connect: int) -> Path:
+        leaf = ctx.certs.client if side == "client" else ctx.certs.server
+        lines = [
+            "foreground = yes",
+            "pid =",
+            # Logging set to the level the other proxies run at (sidecar: warning, haproxy: no
+            # log), so that stunnel's default per-connection notices are not what we measure.
+            "debug = warning",
+            "syslog = no",
+            f"[{side}]",
+            f"accept = 127.0.0.1:{accept}",
+            f"connect = 127.0.0.1:{connect}",
+            f"cert = {leaf.chain}",
+            f"key = {leaf.key}",
+            f"CAfile = {ctx.certs.root}",
+            "verifyChain = yes",
+            "requireCert = yes",
+            "sslVersionMin = TLSv1.3",
+        ]
+        if side == "client":
+            lines += ["client = yes", "checkHost = localhost"]
+        path = ctx.workdir / f"stunnel-{side}-{accept}.conf"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def _launch(self, ctx: Context, target_port: int, pair: Pair) -> None:
+        binary = shutil.which("stunnel4") or shutil.which("stunnel") or "stunnel"
+        entry, middle = pair.entry_port, ctx.ports.get()
+        config = self._config(ctx, "server", middle, target_port)
+        pair.procs.append(ctx.procs.start("stunnel-server", [binary, str(config)]))
+        config = self._config(ctx, "client", entry, middle)
+        pair.procs.append(ctx.procs.start("stunnel-client", [binary, str(config)]))
+        wait_listening([entry, middle], pair.procs, START_TIMEOUT)
+
+
+class Haproxy(ProxyKind):
+    """haproxy in TCP mode: one process per side, nbthread left at its default."""
+
+    name = "haproxy"
+    label = "haproxy"
+
+    def unavailable(self) -> str | None:
+        return (
+            None if shutil.which("haproxy") else "haproxy not installed (apt-get install haproxy)"
+        )
+
+    def _config(self, ctx: Context, side: str, accept: int, connect: int) -> Path:
+        root = ctx.certs.root
+        if side == "client":
+            bind = f"bind 127.0.0.1:{accept}"
+            server = (
+                f"server s1 127.0.0.1:{connect} ssl crt {ctx.certs.client.combined} "
+                f"ca-file {root} verify required verifyhost localhost ssl-min-ver TLSv1.3"
+            )
+        else:
+            bind = (
+                f"bind 127.0.0.1:{accept} ssl crt {ctx.certs.server.combined} "
+                f"ca-file {root} verify required ssl-min-ver TLSv1.3"
+            )
+            server = f"server app 127.0.0.1:{connect}"
+        text = f"""defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+
+frontend fe
+    {bind}
+    default_backend be
+
+backend be
+    {server}
+"""
+        path = ctx.workdir / f"haproxy-{side}-{accept}.cfg"
+        path.write_text(text)
+        return path
+
+    def _launch(self, ctx: Context, target_port: int, pair: Pair) -> None:
+        entry, middle = pair.entry_port, ctx.ports.get()
+        for side, accept, connect in (("server", middle, target_port), ("client", entry, middle)):
+            config = self._config(ctx, side, accept, connect)
+            pair.procs.append(
+                ctx.procs.start(f"haproxy-{side}", ["haproxy", "-db", "-f", str(config)])
+            )
+        wait_listening([entry, middle], pair.procs, START_TIMEOUT)
+
+
+class Sidecar(ProxyKind):
+    """mtls-sidecar: `python -m proxy run`, one process (plus its workers) per side."""
+
+    name = "mtls-sidecar"
+    label = "mtls-sidecar"
+
+    def __init__(self) -> None:
+        # Extra MTLS_* settings for experiments (`--sidecar-env`); empty means defaults.
+        self.extra_env: dict[str, str] = {}
+
+    def unavailable(self) -> str | None:
+        try:
+            spec = importlib.util.find_spec("proxy.__main__")
+        except (ImportError, ValueError) as exc:
+            return f"the proxy package cannot be imported: {exc}"
+        if spec is None:
+            return "proxy/__main__.py does not exist yet (the sidecar is not written)"
+        return None
+
+    def _env(self, ctx: Context, side: str, admin: int, route: str) -> dict[str, str]:
+        leaf = ctx.certs.client if side == "client" else ctx.certs.server
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MTLS_")}
+        env.update(
+            {
+                "MTLS_IDENTITY_SOURCE": "files",
+                "MTLS_CERT_FILE": str(leaf.chain),
+                "MTLS_KEY_FILE": str(leaf.key),
+                "MTLS_TRUST_BUNDLE_FILE": str(ctx.certs.root),
+                "MTLS_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+                "MTLS_LOG_LEVEL": "warning",
+                "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+                ),
+            }
+        )
+        env["MTLS_OUTBOUND" if side == "client" else "MTLS_INBOUND"] = route
+        env.update(self.extra_env)
+        return env
+
+    def _launch(self, ctx: Context, target_port: int, pair: Pair) -> None:
+        entry, middle = pair.entry_port, ctx.ports.get()
+        admin_client, admin_server = ctx.ports.get(), ctx.ports.get()
+        argv = [sys.executable, "-m", "proxy", "run"]
+        server_route = f"127.0.0.1:{middle}=127.0.0.1:{target_port}"
+        client_route = f"127.0.0.1:{entry}=127.0.0.1:{middle}@{SERVER_ID}"
+        for side, admin, route in (
+            ("server", admin_server, server_route),
+            ("client", admin_client, client_route),
+        ):
+            env = self._env(ctx, side, admin, route)
+            pair.procs.append(ctx.procs.start(f"mtls-sidecar-{side}", argv, env=env, cwd=REPO_ROOT))
+        wait_listening([entry, middle, admin_client, admin_server], pair.procs, START_TIMEOUT)
+        for admin in (admin_client, admin_server):
+            wait_ready(admin, pair, START_TIMEOUT)
+
+
+def wait_ready(admin_port: int, pair: Pair, timeout: float) -> None:
+    """Poll the sidecar's GET /ready until it answers 200."""
+    url = f"http://127.0.0.1:{admin_port}/ready"
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        pair.check_alive()
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    tails = "\n".join(f"--- {p.name}:\n{p.log_tail()}" for p in pair.procs)
+    raise BenchError(f"{url} not ready after {timeout:.0f} s (last: {last})\n{tails}")
+
+
+SIDECAR = Sidecar()
+ALL_KINDS: list[ProxyKind] = [NoProxy(), Stunnel(), Haproxy(), SIDECAR]
+KINDS_BY_NAME = {kind.name: kind for kind in ALL_KINDS}

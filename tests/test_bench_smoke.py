@@ -1,0 +1,116 @@
+"""Regression guard for the benchmark: it runs end to end on a tiny workload (never its speed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKLOADS = {"bulk": "gbit_s", "newconn": "conn_s", "keepalive": "rps", "idle": "kb_per_conn"}
+
+
+def _proxies() -> list[str]:
+    proxies = ["noproxy", "stunnel"]
+    if (REPO / "proxy" / "__main__.py").exists():
+        proxies.append("mtls-sidecar")
+    return proxies
+
+
+@pytest.mark.timeout(90)
+def test_bench_quick_runs_end_to_end(tmp_path: Path) -> None:
+    missing = [t for t in ("wrk", "iperf3", "stunnel") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(
+            f"benchmark tools not installed: {', '.join(missing)} (make bench installs them)"
+        )
+    proxies = _proxies()
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--quick",
+            "--only",
+            ",".join(proxies),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+    )
+    log = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, log
+    results: dict[str, Any] = json.loads((out / "results.json").read_text())
+    assert (out / "bench.png").stat().st_size > 0
+    assert results["skipped"] == {}, log
+    assert results["errors"] == [], log
+    for proxy in proxies:
+        runs = results["runs"][proxy]
+        for workload, field in WORKLOADS.items():
+            if proxy == "noproxy" and workload == "idle":
+                continue  # no proxy, no proxy memory
+            assert runs[workload], f"{proxy} has no {workload} result\n{log}"
+            assert all(r[field] > 0 for r in runs[workload]), f"{proxy} {workload}\n{log}"
+        assert results["summary"][proxy]["keepalive_p99"]["median"] > 0
+
+
+def test_bench_certs_chain_and_identities(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.x509 import DNSName
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    from bench.certs import CLIENT_ID, SERVER_ID, make_certs
+
+    certs = make_certs(tmp_path)
+    store = Store(x509.load_pem_x509_certificates(certs.root.read_bytes()))
+    for leaf_files, spiffe_id in ((certs.client, CLIENT_ID), (certs.server, SERVER_ID)):
+        leaf, intermediate = x509.load_pem_x509_certificates(leaf_files.chain.read_bytes())
+        verifier = PolicyBuilder().store(store).build_server_verifier(DNSName("localhost"))
+        verifier.verify(leaf, [intermediate])
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe_id]
+        assert leaf_files.key.stat().st_mode & 0o077 == 0
+
+
+def test_bench_report_ratios_and_targets() -> None:
+    from bench import report
+
+    def run(**fields: float) -> dict[str, float]:
+        return dict(fields)
+
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        "haproxy": {
+            "bulk": [run(gbit_s=4.0), run(gbit_s=5.0), run(gbit_s=100.0)],
+            "newconn": [run(conn_s=800.0, errors=0)],
+            "keepalive": [run(rps=30000.0, p50_ms=1.0, p99_ms=4.0, errors=2)],
+            "idle": [run(kb_per_conn=60.0)],
+        },
+        "mtls-sidecar": {
+            "bulk": [run(gbit_s=6.0)],
+            "newconn": [run(conn_s=1600.0, errors=0)],
+            "keepalive": [run(rps=31000.0, p50_ms=1.0, p99_ms=8.0, errors=0)],
+            "idle": [run(kb_per_conn=30.0)],
+        },
+    }
+    summary = report.summarise(runs)
+    assert summary["haproxy"]["bulk"]["median"] == 5.0  # median, not mean
+    assert summary["haproxy"]["wrk_errors"] == {"newconn": 0, "keepalive": 2}
+    assert report.ratios(summary)["bulk"]["haproxy"] == pytest.approx(1.2)
+    met = {t["target"]: t["met"] for t in report.targets(summary)}
+    assert met["bulk >= 1.2x haproxy"] is True
+    assert met["newconn >= 1.5x haproxy"] is True
+    assert met["keepalive_p99 <= 1.5x haproxy"] is False  # 8 ms vs 4 ms
+    assert met["idle <= 40"] is True
+    assert met["bulk >= 1.2x stunnel"] is None  # stunnel not measured
+    text = report.table(summary, ["haproxy", "mtls-sidecar"])
+    assert "1.20x" in text and "ours/haproxy" in text
