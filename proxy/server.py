@@ -34,7 +34,7 @@ from .errors import CertError, ProxyError
 from .material import Material, load_material_files, read_file
 from .routes import Route, routes_for
 from .settings import Address, Settings
-from .tls import build_tls_state
+from .tls import TICKET_KEYS_LEN, build_tls_state
 
 log = logging.getLogger("mtls.server")
 
@@ -145,6 +145,7 @@ class Master:
         self.admin: Any = None
         self._file_sig: tuple[Any, ...] | None = None
         self._last_identity: str | None = None
+        self._ticket_keys = os.urandom(TICKET_KEYS_LEN)
 
     # --- tasks ---------------------------------------------------------------------------
 
@@ -184,6 +185,8 @@ class Master:
     def apply(self, material: Material) -> None:
         """Make `material` current here and in every worker."""
         self.material = material
+        # Fresh session-ticket keys with every identity, shared by all workers.
+        self._ticket_keys = os.urandom(TICKET_KEYS_LEN)
         ts = material.not_after.timestamp()
         metrics.CERT_EXPIRY.labels(material.identity).set(ts)
         metrics.TRUST_BUNDLE_ROOTS.set(len(material.roots))
@@ -204,6 +207,7 @@ class Master:
             "key": m.key_pem.decode(),
             "bundle": m.bundle_pem.decode(),
             "origin": m.origin,
+            "ticket_keys": self._ticket_keys.hex(),
         }
 
     def reload(self, why: str) -> bool:

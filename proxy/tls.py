@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import ssl
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import CertError
 from .material import Material
@@ -18,6 +22,48 @@ TLS12_CIPHERS = (
 )
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+log = logging.getLogger("mtls.tls")
+
+TICKET_KEYS_LEN = 80  # OpenSSL: 16 bytes key name, 32 HMAC secret, 32 AES key
+_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+
+
+def _ssl_ctx_ctrl() -> tuple[Any, Any] | None:
+    try:
+        fn = ctypes.CDLL(ssl._ssl.__file__).SSL_CTX_ctrl  # type: ignore[attr-defined]
+        get_options = ctypes.CDLL(ssl._ssl.__file__).SSL_CTX_get_options  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_long
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    get_options.restype = ctypes.c_uint64
+    get_options.argtypes = [ctypes.c_void_p]
+    return fn, get_options
+
+
+_CTRL = _ssl_ctx_ctrl() if sys.implementation.name == "cpython" else None
+
+
+def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
+    """Give a server context these session-ticket keys (the `ssl` module has no API for it).
+
+    Every worker process builds its own contexts; with the same ticket keys a ticket issued by
+    one worker resumes on another, so SO_REUSEPORT's spreading of connections does not turn
+    resumed handshakes into full ones. Returns False (and changes nothing) where this cannot be
+    done safely.
+    """
+    if _CTRL is None or len(keys) != TICKET_KEYS_LEN:
+        return False
+    ctrl, get_options = _CTRL
+    # CPython's SSLContext object starts with its SSL_CTX pointer right after the object
+    # header; check it is one (its options must read back as ctx.options) before using it.
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ptr or get_options(ptr) != int(ctx.options):
+        log.info("cannot share TLS ticket keys between workers on this Python")
+        return False
+    buf = ctypes.create_string_buffer(keys, TICKET_KEYS_LEN)
+    return bool(ctrl(ptr, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, TICKET_KEYS_LEN, buf) == 1)
 
 
 def _load_chain_in_memory(ctx: ssl.SSLContext, material: Material) -> None:
@@ -93,11 +139,19 @@ class TlsState:
     sessions: SessionCache = field(default_factory=SessionCache)
 
 
-def build_tls_state(material: Material, min_version: str = "1.3") -> TlsState:
-    """Build server and client contexts; raises CertError, leaving nothing half-built."""
+def build_tls_state(
+    material: Material, min_version: str = "1.3", ticket_keys: bytes | None = None
+) -> TlsState:
+    """Build server and client contexts; raises CertError, leaving nothing half-built.
+
+    `ticket_keys` (80 bytes, the same in every worker) lets any worker resume a session
+    another one issued; new keys come with each new identity, so a reload ends old sessions.
+    """
     server = _base_context(ssl.PROTOCOL_TLS_SERVER, material, min_version)
     # One ticket is enough: a client keeps only the newest one per upstream.
     server.num_tickets = 1
+    if ticket_keys is not None:
+        set_ticket_keys(server, ticket_keys)
     client = _base_context(ssl.PROTOCOL_TLS_CLIENT, material, min_version)
     # Peers are authenticated by SPIFFE ID (URI SAN), checked after the handshake, not by DNS.
     client.check_hostname = False
@@ -180,6 +234,8 @@ def classify_tls_error(exc: BaseException, who: str) -> tuple[str, str]:
         if reason in _REMOTE_ALERTS:
             label = _REMOTE_ALERTS[reason]
             return label, f"{who} refused our certificate ({reason.lower().replace('_', ' ')})"
+        if reason == "UNEXPECTED_EOF_WHILE_READING" or isinstance(exc, ssl.SSLEOFError):
+            return "other", f"{who} closed the connection in the middle of the TLS handshake"
         if reason == "NO_SHARED_CIPHER":
             return "tls_version", f"{who} offered no cipher suite we accept"
         return "other", f"TLS handshake with {who} failed ({exc.reason or exc})"

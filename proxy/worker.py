@@ -255,7 +255,8 @@ async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> N
                     msg["bundle"].encode(),
                     msg.get("origin", "master"),
                 )
-                state = build_tls_state(material, settings.min_tls_version)
+                keys = bytes.fromhex(msg["ticket_keys"]) if msg.get("ticket_keys") else None
+                state = build_tls_state(material, settings.min_tls_version, keys)
             except CertError as exc:
                 _send({"op": "material_error", "error": str(exc)})
                 continue
