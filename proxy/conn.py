@@ -162,9 +162,13 @@ class Conn:
             # is done: its refusal arrives as an alert before any data. Count it as such.
             self.reject(reason, message)
             return
+        # The handshake sentence ("refused our certificate"...) would mislead here: say what
+        # OpenSSL saw on the open connection.
+        detail = getattr(exc, "reason", None) or exc
         log.warning(
-            "TLS error on an open connection: %s",
-            message,
+            "TLS error on an open connection with %s: %s",
+            self._who(),
+            str(detail).lower().replace("_", " "),
             extra={"fields": {"route": self.route.name, "reason": reason}},
         )
         self.finish(f"tls_error:{reason}", abort=True)
@@ -278,6 +282,10 @@ class Conn:
                 b[(sec, "out")].inc(dout)
                 self.flushed_out = self.bytes_out
 
+    def _resumed(self) -> bool | None:
+        sslobj = self.net.sslobj if self.net is not None else None
+        return sslobj.session_reused if sslobj is not None and self.established else None
+
     def finish(self, outcome: str, *, abort: bool, logged: bool = False) -> None:
         if self.closed:
             return
@@ -306,6 +314,7 @@ class Conn:
                         "bytes_in": self.bytes_in,
                         "bytes_out": self.bytes_out,
                         "duration_ms": round((self.worker.loop.time() - self.started) * 1000, 1),
+                        "tls_resumed": self._resumed(),
                         "outcome": outcome,
                     }
                 },
@@ -419,8 +428,9 @@ class OutboundConn(Conn):
         host, port = self.target
         worker = self.worker
         plaintext = self.route.mode == "permissive" and worker.knows_plaintext(self.target)
-        ctx: ssl.SSLContext | None = None if plaintext else worker.tls.client
-        cache = worker.tls.sessions
+        tls = worker.tls
+        ctx: ssl.SSLContext | None = None if plaintext else tls.client
+        cache = tls.sessions
         key = f"{host}:{port}"
         if plaintext:
             self.security = "plaintext"
@@ -432,7 +442,10 @@ class OutboundConn(Conn):
                 ctx,
                 server_side=False,
                 session=cache.get(key) if ctx is not None else None,
-                on_session=(lambda s: cache.put(key, s)) if ctx is not None else None,
+                ctx_ptr=tls.client_ptr,
+                on_session=(
+                    (lambda s: cache.put(key, s)) if ctx is not None and cache.wants(key) else None
+                ),
             )
 
         try:
@@ -482,6 +495,10 @@ class OutboundConn(Conn):
 
     def handshake_done(self, leg: NetLeg) -> None:
         if leg.sslobj is not None:
+            if not leg.sslobj.session_reused and self.target is not None:
+                # The cached ticket did not resume (or there was none): the next connection
+                # takes this one's session (SessionCache.wants).
+                self.worker.tls.sessions.drop(f"{self.target[0]}:{self.target[1]}")
             der = leg.peer_der()
             sid = spiffe_id_from_der(der) if der else None
             self.peer_identity = str(sid) if sid is not None else None

@@ -1,8 +1,8 @@
 """The two-way byte pump: a network leg (TLS over memory BIOs, or plaintext) and an app leg.
 
 Both legs are `asyncio.BufferedProtocol`s reading into one process-wide buffer: whatever is
-read is handed to the other leg's transport (which sends it or copies what the kernel did not
-take) before the callback returns, so no connection owns a read buffer of its own. That keeps
+read is handed to the other leg's transport (as bytes: see `_owned`) before the callback
+returns, so no connection owns a read buffer of its own. That keeps
 idle connections small. Backpressure: when one leg's transport buffers too much, the other leg
 stops reading, and resumes when it drains.
 
@@ -15,10 +15,14 @@ is carried across TLS (close_notify one way while data still flows the other way
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+from .openssl import set_session
 from .transparent import sniff
 
 if TYPE_CHECKING:
@@ -43,6 +47,8 @@ WAIT = 2  # handshake done (or plaintext accepted); the other leg is not ready y
 OPEN = 3
 CLOSED = 4
 
+_LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
 _EOF_REASONS = {"UNEXPECTED_EOF_WHILE_READING", "EOF_OCCURRED_IN_VIOLATION_OF_PROTOCOL"}
 
 
@@ -52,26 +58,39 @@ def _read_into(sslobj: ssl.SSLObject, offset: int = 0) -> int:
     return cast(int, sslobj.read(BUF_SIZE - offset, _VIEW[offset:]))
 
 
+def _owned(data: Buf) -> bytes:
+    """`data` as bytes the transport may keep.
+
+    uvloop keeps a reference to the part of a write the kernel did not take, without copying
+    it: a view of the shared read buffer would be overwritten by the next read (of any
+    connection) before it is sent. One copy per read batch is the price of sharing the buffer.
+    """
+    return data if type(data) is bytes else bytes(data)
+
+
 class _Leg(asyncio.BufferedProtocol):
     """What both legs share: the connection, the transport, and backpressure towards the peer."""
 
-    __slots__ = ("conn", "peer", "read_blocked", "transport")
+    __slots__ = ("conn", "peer", "read_blocked", "transport", "write_paused")
 
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
         self.peer: _Leg | None = None
         self.transport: asyncio.Transport | None = None
         self.read_blocked = False
+        self.write_paused = False
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _VIEW
 
     # Our transport is full: the peer must stop feeding us.
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.peer is not None:
             self.peer.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self.peer is not None:
             self.peer.resume_reading()
 
@@ -81,6 +100,11 @@ class _Leg(asyncio.BufferedProtocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.write_paused:
+            # The transport only says pause_writing once: reading now would buffer without
+            # bound. The peer's resume_writing resumes us.
+            return
         self.read_blocked = False
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
@@ -96,6 +120,12 @@ class _Leg(asyncio.BufferedProtocol):
         if t is None or t.is_closing():
             return
         if abort:
+            # A cut connection must look cut at the other end too: RST, not a FIN that an app
+            # could take for the normal end of the stream.
+            sock = t.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
             t.abort()
         else:
             t.close()
@@ -121,9 +151,11 @@ class AppLeg(_Leg):
         conn.active = True
         peer = self.peer
         if peer is None:
-            # Not relaying yet (outbound: the remote is still being dialled). Reading was
-            # paused at accept, so this is data that raced the pause: keep it.
+            # Not relaying yet (outbound: the remote is still being dialled). uvloop starts
+            # reading after connection_made whatever it did, so the pause at accept does not
+            # hold: pause here, keep this one read, and resume once the remote is up.
             conn.hold_from_app(bytes(_VIEW[:nbytes]))
+            self.pause_reading()
             return
         peer.send(_VIEW[:nbytes])
 
@@ -137,7 +169,7 @@ class AppLeg(_Leg):
     def send(self, data: Buf) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
-            t.write(data)
+            t.write(_owned(data))
 
     def send_eof(self) -> None:
         t = self.transport
@@ -150,6 +182,7 @@ class NetLeg(_Leg):
 
     __slots__ = (
         "_ctx",
+        "_ctx_ptr",
         "_session",
         "eof_in",
         "eof_out",
@@ -171,12 +204,14 @@ class NetLeg(_Leg):
         *,
         server_side: bool,
         session: ssl.SSLSession | None = None,
+        ctx_ptr: int | None = None,
         on_session: Callable[[ssl.SSLSession | None], None] | None = None,
     ) -> None:
         super().__init__(conn)
         self.server_side = server_side
         self._ctx = ctx
         self._session = session
+        self._ctx_ptr = ctx_ptr
         self.on_session = on_session
         self.sslobj: ssl.SSLObject | None = None
         self.incoming: ssl.MemoryBIO | None = None
@@ -296,13 +331,14 @@ class NetLeg(_Leg):
         self.state = HANDSHAKE
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.sslobj = self._ctx.wrap_bio(
-            self.incoming,
-            self.outgoing,
-            server_side=self.server_side,
-            session=self._session,
-        )
+        session = self._session
         self._session = None
+        sslobj = self._ctx.wrap_bio(self.incoming, self.outgoing, server_side=self.server_side)
+        if session is not None and not (
+            self._ctx_ptr is not None and set_session(sslobj, self._ctx_ptr, session)
+        ):
+            sslobj.session = session  # the ssl module's way: correct, but copies the session
+        self.sslobj = sslobj
         if first:
             self.incoming.write(first)
         self._handshake_step()
@@ -353,6 +389,9 @@ class NetLeg(_Leg):
             self.conn.net_eof()
 
     def resume_reading(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.write_paused:
+            return  # see _Leg.resume_reading
         self.read_blocked = False
         if self.state != OPEN:
             return
@@ -418,7 +457,7 @@ class NetLeg(_Leg):
         self.conn.bytes_out += len(data)
         sslobj = self.sslobj
         if sslobj is None:
-            t.write(data)
+            t.write(_owned(data))
             return
         try:
             sslobj.write(data)

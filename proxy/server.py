@@ -32,9 +32,10 @@ from typing import Any
 from . import metrics
 from .errors import CertError, ProxyError
 from .material import Material, load_material_files, read_file
+from .openssl import TICKET_KEYS_LEN
 from .routes import Route, routes_for
 from .settings import Address, Settings
-from .tls import TICKET_KEYS_LEN, build_tls_state
+from .tls import build_tls_state
 
 log = logging.getLogger("mtls.server")
 

@@ -392,3 +392,23 @@ def test_too_many_connections(pki: Pki, echo: TcpApp, tmp_path: Path) -> None:
             s.close()
     finally:
         assert sc.stop() == 0
+
+
+def test_tls_sessions_are_resumed(pair: Pair) -> None:
+    """After the first connection to an upstream, handshakes resume (both workers' tickets)."""
+    for i in range(6):
+        assert exchange(pair.ports["out_eof"], b"r%d" % i) == b"got:2"
+    assert wait_for(
+        lambda: sum(
+            1
+            for e in pair.outbound.log_events()
+            if e.get("event") == "conn_closed" and e.get("route") == "eof" and e.get("tls_resumed")
+        )
+        >= 5
+    )
+    resumed_in = [
+        e
+        for e in pair.inbound.log_events()
+        if e.get("event") == "conn_closed" and e.get("route") == "eof" and e.get("tls_resumed")
+    ]
+    assert len(resumed_in) >= 5
