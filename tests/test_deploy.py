@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import venv
 from collections.abc import Iterator
 from pathlib import Path
@@ -900,3 +901,47 @@ def test_image_install_steps(world_readable_dir: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "import proxy" not in result.stderr
+    # ...and a proxied connection through `mtls-sidecar run` from that install, same user.
+    import socket
+    import ssl
+    import urllib.request
+
+    from tests.harness import TcpApp, free_port
+
+    echo = TcpApp("echo")
+    port, admin = free_port(), free_port()
+    env.update(
+        {
+            "MTLS_INBOUND": f"127.0.0.1:{port}=127.0.0.1:{echo.port}",
+            "MTLS_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+            "MTLS_WORKERS": "1",
+        }
+    )
+    proc = subprocess.Popen(
+        [str(script), "run"], cwd=world_readable_dir, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        user=PROXY_UID if root else None, group=PROXY_UID if root else None,
+        extra_groups=[] if root else None,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the installed sidecar never became ready"
+                time.sleep(0.1)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.load_verify_locations(files["bundle"])
+        ctx.load_cert_chain(files["cert"], files["key"])
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as s:
+            s.sendall(b"through the installed wheel")
+            assert s.recv(100) == b"through the installed wheel"
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+        echo.close()
+    assert proc.returncode == 0, out
