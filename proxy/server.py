@@ -35,6 +35,7 @@ from .material import Material, load_material_files, read_file
 from .openssl import TICKET_KEYS_LEN
 from .routes import Route, routes_for
 from .settings import Address, Settings
+from .tasks import Tasks
 from .tls import build_tls_state
 
 log = logging.getLogger("mtls.server")
@@ -142,7 +143,7 @@ class Master:
         self.draining = False
         self.stop = asyncio.Event()
         self.started = time.time()
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = Tasks(log)
         self.admin: Any = None
         self._file_sig: tuple[Any, ...] | None = None
         self._last_identity: str | None = None
@@ -151,15 +152,7 @@ class Master:
     # --- tasks ---------------------------------------------------------------------------
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+        return self.tasks.spawn(coro, name)
 
     # --- identity ------------------------------------------------------------------------
 
@@ -469,8 +462,7 @@ class Master:
         log.info("ready", extra={"fields": {"event": "ready", "workers": n}})
         await self.stop.wait()
         await self._drain_workers()
-        for task in list(self.tasks):
-            task.cancel()
+        self.tasks.cancel_all()
         await self.admin.cleanup()
         log.info("stopped")
         return 0

@@ -30,6 +30,7 @@ from .policy import InboundPolicy, check_outbound
 from .relay import AppLeg, NetLeg
 from .routes import Route
 from .settings import Settings
+from .tasks import Tasks
 from .tls import TlsState, build_tls_state
 from .transparent import is_local_destination, local_addresses, original_dst
 
@@ -55,7 +56,7 @@ class Worker:
         # MTLS_MAX_CONNECTIONS is for the whole sidecar: each worker takes its share.
         self.max_conns = max(1, -(-settings.max_connections // workers))
         self.conns: set[Conn] = set()
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = Tasks(log)
         self.servers: list[asyncio.AbstractServer] = []
         self.tls: TlsState = None  # type: ignore[assignment]  # set before serving
         self.policy: InboundPolicy = None  # type: ignore[assignment]
@@ -83,15 +84,7 @@ class Worker:
     # --- services for connections --------------------------------------------------------
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = self.loop.create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+        return self.tasks.spawn(coro, name)
 
     def admit(self, conn: Conn) -> bool:
         if len(self.conns) >= self.max_conns:
