@@ -74,7 +74,16 @@ def run(env: Mapping[str, str]) -> int:
     setup_logging(settings.log_level, settings.log_format)
     # Metrics are written by every worker into files that /metrics sums (multi-process
     # mode); prometheus-client picks that mode from this variable.
-    metrics_dir = tempfile.mkdtemp(prefix="mtls-metrics-")
+    try:
+        metrics_dir = tempfile.mkdtemp(prefix="mtls-metrics-")
+    except OSError as exc:
+        # The only thing the sidecar writes to disk (read-only root filesystems need a /tmp).
+        print(
+            f"mtls-sidecar: cannot start: no writable temporary directory for the metrics "
+            f"files ({exc}); set TMPDIR to a writable directory, e.g. a memory-backed /tmp",
+            file=sys.stderr,
+        )
+        return 1
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from prometheus_client import values
 

@@ -154,9 +154,15 @@ def read_file(path: Path, what: str) -> bytes:
 
 def load_material_files(cert_file: Path, key_file: Path, bundle_file: Path) -> Material:
     """Load material from the three files named by MTLS_CERT_FILE, _KEY_FILE, _TRUST_BUNDLE_FILE."""
-    return load_material(
-        read_file(cert_file, "certificate"),
-        read_file(key_file, "key"),
-        read_file(bundle_file, "trust bundle"),
-        origin="files",
-    )
+    parts = []
+    for path, what in (
+        (cert_file, "certificate"),
+        (key_file, "key"),
+        (bundle_file, "trust bundle"),
+    ):
+        data = read_file(path, what)
+        if not data.strip():
+            # Half-written or not mounted yet: say so rather than "not PEM (MalformedFraming)".
+            raise CertError(f"{what} file {path} is empty")
+        parts.append(data)
+    return load_material(parts[0], parts[1], parts[2], origin="files")

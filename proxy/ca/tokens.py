@@ -89,6 +89,10 @@ def verify_token(secret: bytes, token: str, *, now: float | None = None) -> Toke
         raise TokenRejected("token payload is malformed") from None
     if not isinstance(identity, str) or not isinstance(nonce, str):
         raise TokenRejected("token payload is malformed")
+    # float() takes "nan", "inf" and huge numbers: a NaN expiry would never expire, and
+    # gmtime() of an out-of-range one raises. Only a real Unix time is an expiry.
+    if not isinstance(payload["exp"], int | float) or not 0 <= expires_at < 1e11:
+        raise TokenRejected("token payload is malformed")
     try:
         validate_spiffe_id(identity)
     except ValueError as exc:

@@ -1,0 +1,256 @@
+"""Property tests for the CA's untrusted inputs: join tokens and CSRs.
+
+Whatever arrives, `verify_token` either returns claims that make sense (a valid identity and a
+finite expiry in the future) or raises `TokenRejected`; `check_csr` either returns a CSR for
+exactly the expected identity or raises `CsrRejected`. Nothing else ever escapes: an escaping
+exception would be a 500 (and a traceback) in the enrolment service.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.ca.issuer import CsrRejected, check_csr, make_csr, validate_spiffe_id
+from proxy.ca.tokens import MAX_TOKEN_LENGTH, TokenRejected, _b64, _mac, make_token, verify_token
+
+relaxed = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+SECRET = b"k" * 32
+NOW = 1_700_000_000.0
+WEB = "spiffe://test.example/ns/shop/sa/web"
+
+# --- join tokens ---------------------------------------------------------------------------
+
+
+def _check_token(token: Any, secret: bytes = SECRET) -> None:
+    try:
+        claims = verify_token(secret, token, now=NOW)
+    except TokenRejected as exc:
+        assert str(exc)  # a sentence for the log and the 401 body
+        return
+    assert validate_spiffe_id(claims.identity) == claims.identity
+    assert math.isfinite(claims.expires_at) and claims.expires_at > NOW
+    assert isinstance(claims.nonce, str)
+
+
+def _signed(payload_b64: str, secret: bytes = SECRET) -> str:
+    """A token whose MAC is right: only the payload can be wrong."""
+    return f"mtlsjt1.{payload_b64}.{_b64(_mac(secret, payload_b64))}"
+
+
+token_alphabet = st.sampled_from(list("mtlsjt1.=-_ABCxyz0189+/\x00 é\n"))
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+    st.sampled_from(["nan", "inf", "-inf", "1e400", "-1e400", WEB, "spiffe://x/y", ""]),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=6,
+)
+
+
+@relaxed
+@given(st.one_of(st.text(), st.text(token_alphabet, max_size=80), st.binary().map(repr)))
+def test_arbitrary_text_is_rejected(token: str) -> None:
+    _check_token(token)
+
+
+@relaxed
+@given(st.one_of(st.none(), st.integers(), st.binary(), st.lists(st.text(), max_size=2)))
+def test_non_string_tokens_are_rejected(token: object) -> None:
+    with pytest.raises(TokenRejected):
+        verify_token(SECRET, token, now=NOW)  # type: ignore[arg-type]
+
+
+@relaxed
+@given(st.integers(0, 200), st.integers(0, 255), st.integers(0, 3))
+def test_mutated_valid_token(pos: int, value: int, how: int) -> None:
+    token = make_token(SECRET, WEB, 600, now=NOW)
+    pos %= len(token)
+    if how == 0:  # replace one character
+        mutated = token[:pos] + chr(value) + token[pos + 1 :]
+    elif how == 1:  # truncate
+        mutated = token[:pos]
+    elif how == 2:  # insert
+        mutated = token[:pos] + chr(value) + token[pos:]
+    else:  # duplicate a section (extra dots, longer payload)
+        mutated = token[:pos] + token[pos:] + token[pos:]
+    if mutated == token:
+        return
+    try:
+        claims = verify_token(SECRET, mutated, now=NOW)
+    except TokenRejected:
+        return
+    # The only edits that can still verify are no-ops for base64/strip (e.g. trailing space).
+    assert claims.identity == WEB
+
+
+@relaxed
+@given(
+    st.dictionaries(st.sampled_from(["id", "exp", "n", "x"]), json_values, max_size=4).flatmap(
+        lambda d: st.fixed_dictionaries(
+            {
+                "id": st.one_of(json_values, st.just(WEB)),
+                "exp": st.one_of(json_values, st.floats(allow_nan=True), st.just(NOW + 60)),
+                "n": st.one_of(json_values, st.just("abcd")),
+            }
+        ).map(lambda base: {**base, **d})
+    )
+)
+def test_validly_signed_weird_payloads(payload: dict[str, Any]) -> None:
+    """Even a payload with a right MAC (a bug or a stolen secret) cannot crash the verifier."""
+    raw = json.dumps(payload, allow_nan=True).encode()
+    _check_token(_signed(base64.urlsafe_b64encode(raw).rstrip(b"=").decode()))
+
+
+@relaxed
+@given(st.binary(max_size=300))
+def test_validly_signed_arbitrary_bytes(raw: bytes) -> None:
+    _check_token(_signed(base64.urlsafe_b64encode(raw).rstrip(b"=").decode()))
+
+
+@pytest.mark.parametrize(
+    "exp", ["NaN", "Infinity", "-Infinity", "1e400", "-1e30", "1e30", '"nan"', "true"]
+)
+def test_signed_tokens_with_absurd_expiry(exp: str) -> None:
+    raw = f'{{"exp":{exp},"id":"{WEB}","n":"abc"}}'.encode()
+    _check_token(_signed(base64.urlsafe_b64encode(raw).rstrip(b"=").decode()))
+
+
+def test_overlong_token_is_rejected_cheaply() -> None:
+    with pytest.raises(TokenRejected, match="too long"):
+        verify_token(SECRET, "mtlsjt1." + "A" * MAX_TOKEN_LENGTH + ".x", now=NOW)
+
+
+# --- CSRs ----------------------------------------------------------------------------------
+
+_KEY = ec.generate_private_key(ec.SECP256R1())
+_GOOD_PEM = make_csr(_KEY, WEB)
+_GOOD_DER = x509.load_pem_x509_csr(_GOOD_PEM).public_bytes(serialization.Encoding.DER)
+
+
+def _pem(der: bytes) -> bytes:
+    body = base64.encodebytes(der).decode().replace("\n", "")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return (
+        "-----BEGIN CERTIFICATE REQUEST-----\n"
+        + "\n".join(lines)
+        + "\n-----END CERTIFICATE REQUEST-----\n"
+    ).encode()
+
+
+def _check_csr(data: str | bytes, expected: str = WEB) -> None:
+    try:
+        csr = check_csr(data, expected)
+    except CsrRejected as exc:
+        assert str(exc)
+        assert exc.status in (400, 403)
+        return
+    san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [n.value for n in san] == [expected]
+    assert csr.is_signature_valid
+
+
+@relaxed
+@given(st.one_of(st.binary(max_size=600), st.text(max_size=300)))
+def test_arbitrary_bytes_are_rejected(data: bytes | str) -> None:
+    _check_csr(data)
+
+
+@relaxed
+@given(st.binary(max_size=600))
+def test_arbitrary_der_in_pem_is_rejected(der: bytes) -> None:
+    _check_csr(_pem(der))
+
+
+@relaxed
+@given(
+    st.lists(
+        st.tuples(st.integers(0, len(_GOOD_DER) - 1), st.integers(0, 255)),
+        min_size=1,
+        max_size=4,
+    ),
+    st.integers(0, len(_GOOD_DER)),
+)
+def test_mutated_der_csr(edits: list[tuple[int, int]], cut: int) -> None:
+    der = bytearray(_GOOD_DER)
+    for pos, value in edits:
+        der[pos] = value
+    _check_csr(_pem(bytes(der)))
+    _check_csr(_pem(bytes(der[:cut])))
+
+
+@relaxed
+@given(st.integers(0, len(_GOOD_PEM) - 1), st.sampled_from([b"", b"\x00", b"-", b"\n", b"A"]))
+def test_mutated_pem_text(pos: int, insert: bytes) -> None:
+    _check_csr(_GOOD_PEM[:pos] + insert + _GOOD_PEM[pos + 1 :])
+
+
+def _build_csr(key: Any, names: list[x509.GeneralName] | None, extra: bool = False) -> bytes:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fuzz")])
+    )
+    if names is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    if extra:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)
+
+
+_KEYS: dict[str, Any] = {
+    "p256": _KEY,
+    "p384": ec.generate_private_key(ec.SECP384R1()),
+    "p521": ec.generate_private_key(ec.SECP521R1()),
+    "k256": ec.generate_private_key(ec.SECP256K1()),
+    "rsa1024": rsa.generate_private_key(65537, 1024),
+    "ed25519": ed25519.Ed25519PrivateKey.generate(),
+}
+
+general_names = st.one_of(
+    st.sampled_from([WEB, "spiffe://other.example/web", "https://x", "spiffe://test.example"]).map(
+        x509.UniformResourceIdentifier
+    ),
+    st.sampled_from(["web.local", "localhost"]).map(x509.DNSName),
+    st.sampled_from(["a@b.c"]).map(x509.RFC822Name),
+)
+
+
+@relaxed
+@given(
+    st.sampled_from(sorted(_KEYS)),
+    st.none() | st.lists(general_names, max_size=3),
+    st.booleans(),
+    st.sampled_from([WEB, "spiffe://test.example/other"]),
+)
+def test_well_formed_csrs_of_every_shape(
+    key_name: str, names: list[x509.GeneralName] | None, extra: bool, expected: str
+) -> None:
+    """Real, validly signed CSRs with every key type and SAN mix: only the exact one passes."""
+    pem = _build_csr(_KEYS[key_name], names, extra)
+    try:
+        check_csr(pem, expected)
+    except CsrRejected as exc:
+        ok_shape = key_name in ("p256", "p384") and names is not None
+        if ok_shape and [getattr(n, "value", None) for n in names or []] == [WEB]:
+            # Right key and SAN, wrong identity asked for: a 403, not a 400.
+            assert expected != WEB and exc.status == 403
+        return
+    assert key_name in ("p256", "p384")
+    assert names is not None and [n.value for n in names] == [expected]
