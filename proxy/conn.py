@@ -319,6 +319,13 @@ class Conn:
                     }
                 },
             )
+        # Break the conn <-> legs <-> peer cycles, so the memory goes back now rather than
+        # at the cyclic garbage collector's next full pass.
+        for leg in (self.net, self.app):
+            if leg is not None:
+                leg.peer = None
+        self.net = self.app = None
+        self.task = None
 
 
 class InboundConn(Conn):
