@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 Buf = bytes | bytearray | memoryview
 
-BUF_SIZE = 256 * 1024
+BUF_SIZE = 1024 * 1024
 # Stop decrypting into the buffer when less than a full TLS record would fit.
 _BATCH_LIMIT = BUF_SIZE - 16 * 1024 - 256
 _BUF = bytearray(BUF_SIZE)
