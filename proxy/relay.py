@@ -404,9 +404,10 @@ class NetLeg(_Leg):
     def _pump_in(self) -> None:
         """Decrypt what the incoming BIO holds and hand it to the app leg, until blocked."""
         sslobj = self.sslobj
+        incoming = self.incoming
         peer = self.peer
         conn = self.conn
-        assert sslobj is not None and peer is not None
+        assert sslobj is not None and incoming is not None and peer is not None
         held = self.held
         if held:
             self.held = None
@@ -434,6 +435,8 @@ class NetLeg(_Leg):
                     eof = True
                     break
                 filled += n
+                if not incoming.pending and not incoming.eof and not sslobj.pending():
+                    break  # all consumed: skip the SSLWantReadError a further read would raise
             if filled:
                 conn.bytes_in += filled
                 peer.send(_VIEW[:filled])
