@@ -511,9 +511,14 @@ def test_no_writable_tmpdir_fails_clearly(pki: Pki) -> None:
         port, admin = free_port(), free_port()
         env = _ro_env(pki, keep, port, admin)
         env["TMPDIR"] = "/tmp"
+        # Read-only tmpfs over every temp dir. The checkout itself may live under one of them
+        # (CI clones anywhere): keep it visible by binding it back on top, through /mnt.
         script = (
-            "set -e; for d in /tmp /var/tmp /usr/tmp; do "
-            '[ -d "$d" ] && mount -t tmpfs -o ro tmpfs "$d"; done; '
+            f'set -e; root="{ROOT}"; mount --bind "$root" /mnt; '
+            "for d in /tmp /var/tmp /usr/tmp; do "
+            '[ -d "$d" ] || continue; mount -t tmpfs tmpfs "$d"; '
+            'case "$root/" in "$d"/*) mkdir -p "$root"; mount --bind /mnt "$root";; esac; '
+            'mount -o remount,ro "$d"; done; '
             f'cd /proc && exec "{sys.executable}" -m proxy run'
         )
         r = subprocess.run(
