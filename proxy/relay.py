@@ -254,9 +254,11 @@ class NetLeg(_Leg):
                 self._handshake_step()
             return
         if state == OPEN:
+            peer = self.peer
+            if peer is None:
+                return  # the connection was finished; the transport is closing
             self.conn.bytes_in += nbytes
-            assert self.peer is not None
-            self.peer.send(_VIEW[:nbytes])
+            peer.send(_VIEW[:nbytes])
         elif state == SNIFF:
             self._sniff(_VIEW[:nbytes])
         elif state == WAIT:
@@ -407,7 +409,9 @@ class NetLeg(_Leg):
         incoming = self.incoming
         peer = self.peer
         conn = self.conn
-        assert sslobj is not None and incoming is not None and peer is not None
+        assert sslobj is not None and incoming is not None
+        if peer is None:
+            return  # the connection was finished; the transport is closing
         held = self.held
         if held:
             self.held = None

@@ -41,6 +41,7 @@ from .tls import build_tls_state
 log = logging.getLogger("mtls.server")
 
 WATCH_INTERVAL = 1.0
+WATCH_RETRIES = 3  # extra attempts after a failed reload of changed files
 
 
 class StartupError(ProxyError):
@@ -237,12 +238,18 @@ class Master:
         """Poll the three files: secrets mounted by Kubernetes change by a symlink swap,
         which a stat of the path sees and inotify on the file does not."""
         self._file_sig = self._file_signature()
+        retries = 0
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             sig = self._file_signature()
             if sig != self._file_sig:
                 self._file_sig = sig
-                self.reload("files changed")
+                retries = 0 if self.reload("files changed") else WATCH_RETRIES
+            elif retries:
+                # The three files are read one after another: a read can fall between the
+                # writer's updates (a new certificate with the old key). Try again a few times
+                # even if nothing changes any more.
+                retries = 0 if self.reload("retry after a failed reload") else retries - 1
 
     async def obtain_from_ca(self) -> None:
         from .certsource.ca import CaSource

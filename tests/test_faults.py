@@ -594,10 +594,18 @@ def test_read_only_tmpdir_falls_back_to_tmp(pki: Pki) -> None:
 
 
 def _swap(src: Identity, dst: Identity) -> None:
+    """Replace the three files at once, as kubelet and cert-manager's CSI driver do: write a new
+    directory, then atomically repoint the `..data` symlink the file paths go through."""
+    d = dst.cert.parent
+    gen = d / f"..gen-{time.monotonic_ns()}"
+    gen.mkdir()
     for a, b in ((src.cert, dst.cert), (src.key, dst.key), (src.bundle, dst.bundle)):
-        tmp = b.with_suffix(".tmp")
-        shutil.copyfile(a, tmp)
-        os.replace(tmp, b)
+        shutil.copyfile(a, gen / b.name)
+        if not b.is_symlink():
+            b.symlink_to(Path("..data") / b.name)
+    tmp = d / "..data_tmp"
+    tmp.symlink_to(gen.name)
+    os.replace(tmp, d / "..data")
 
 
 def test_sighup_storm_under_load(pki: Pki, tmp_path: Path) -> None:
