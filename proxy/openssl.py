@@ -34,6 +34,7 @@ class _Lib:
         self.session_get_version = self._fn(
             lib.SSL_SESSION_get_protocol_version, ctypes.c_int, ctypes.c_void_p
         )
+        self.set_shutdown = self._fn(lib.SSL_set_shutdown, None, ctypes.c_void_p, ctypes.c_int)
 
     @staticmethod
     def _fn(fn: Any, restype: Any, *argtypes: Any) -> Any:
@@ -79,6 +80,33 @@ def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
     return bool(_LIB.ctx_ctrl(ptr, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, TICKET_KEYS_LEN, buf) == 1)
 
 
+_SSL_SENT_SHUTDOWN = 1
+
+
+def _ssl_ptr(sslobj: ssl.SSLObject, ctx_ptr: int) -> int | None:
+    """The SSL* of `sslobj`, confirmed by its SSL_CTX* being `ctx_ptr`."""
+    if _LIB is None:
+        return None
+    inner = getattr(sslobj, "_sslobj", None)  # the _ssl._SSLSocket: header, Socket, SSL*
+    if inner is None:
+        return None
+    ssl_ptr = _pointer_at(inner, _HEADER + ctypes.sizeof(ctypes.c_void_p))
+    if ssl_ptr is None or _LIB.get_ssl_ctx(ssl_ptr) != ctx_ptr:
+        return None
+    return ssl_ptr
+
+
+def keep_session_resumable(sslobj: ssl.SSLObject, ctx_ptr: int) -> bool:
+    """Before a client connection is dropped without close_notify (a reset, an abort): mark
+    it shut down, or OpenSSL frees it by flagging its session, which `set_session` shares
+    with other connections, as not resumable. Nothing is sent on the wire."""
+    ssl_ptr = _ssl_ptr(sslobj, ctx_ptr)
+    if _LIB is None or ssl_ptr is None:
+        return False
+    _LIB.set_shutdown(ssl_ptr, _SSL_SENT_SHUTDOWN)
+    return True
+
+
 def set_session(sslobj: ssl.SSLObject, ctx_ptr: int, session: ssl.SSLSession) -> bool:
     """SSL_set_session on a client SSLObject before its handshake, sharing `session`.
 
@@ -86,13 +114,8 @@ def set_session(sslobj: ssl.SSLObject, ctx_ptr: int, session: ssl.SSLSession) ->
     decoding it (certificate included), which with OpenSSL 3.0 costs more CPU than the rest
     of a resumed handshake. OpenSSL itself takes a reference; no copy is needed.
     """
-    if _LIB is None:
-        return False
-    inner = getattr(sslobj, "_sslobj", None)  # the _ssl._SSLSocket: header, Socket, SSL*
-    if inner is None:
-        return False
-    ssl_ptr = _pointer_at(inner, _HEADER + ctypes.sizeof(ctypes.c_void_p))
-    if ssl_ptr is None or _LIB.get_ssl_ctx(ssl_ptr) != ctx_ptr:
+    ssl_ptr = _ssl_ptr(sslobj, ctx_ptr)
+    if _LIB is None or ssl_ptr is None:
         return False
     sess_ptr = _pointer_at(session, _HEADER)
     if sess_ptr is None or _LIB.session_get_time(sess_ptr) != session.time:

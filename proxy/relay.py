@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from .openssl import set_session
+from .openssl import keep_session_resumable, set_session
 from .transparent import sniff
 
 if TYPE_CHECKING:
@@ -521,6 +521,14 @@ class NetLeg(_Leg):
                 t.write(out.read())
             else:
                 out.read()
+
+    def close(self, abort: bool = False) -> None:
+        sslobj = self.sslobj
+        if sslobj is not None and self._ctx_ptr is not None and not self.eof_out:
+            # A client leg whose session may be shared (openssl.set_session): closing it
+            # without close_notify must not spoil that session for the others.
+            keep_session_resumable(sslobj, self._ctx_ptr)
+        super().close(abort)
 
     def peer_der(self) -> bytes | None:
         sslobj = self.sslobj

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import ssl
 
 from proxy.material import load_material_files
-from proxy.tls import build_tls_state, classify_tls_error
+from proxy.openssl import keep_session_resumable, set_session
+from proxy.tls import TlsState, build_tls_state, classify_tls_error
 
 from .conftest import Pki
 
@@ -56,3 +58,56 @@ def test_classify_verification_errors() -> None:
     reason, text = classify_tls_error(exc, "peer x")
     assert reason == "unknown_ca" and "trust bundle" in text
     assert classify_tls_error(ConnectionResetError(), "peer x")[0] == "other"
+
+
+def _handshake_shared(
+    server: ssl.SSLContext, state: TlsState, session: ssl.SSLSession | None
+) -> ssl.SSLObject:
+    si, so, ci, co = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    srv = server.wrap_bio(si, so, server_side=True)
+    cli = state.client.wrap_bio(ci, co)
+    if session is not None:
+        assert state.client_ptr is not None
+        assert set_session(cli, state.client_ptr, session)
+    for _ in range(8):
+        for obj in (cli, srv):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.do_handshake()
+        si.write(co.read())
+        ci.write(so.read())
+    srv.write(b"x")
+    ci.write(so.read())
+    assert cli.read(10) == b"x"
+    return cli
+
+
+def test_shared_session_survives_an_aborted_connection(pki: Pki) -> None:
+    """Sessions shared with SSL_set_session resume, and stay resumable when the connection
+    they came from is dropped without close_notify, thanks to keep_session_resumable."""
+    server = build_tls_state(
+        load_material_files(pki.server.cert, pki.server.key, pki.server.bundle),
+        ticket_keys=os.urandom(80),
+    ).server
+    client = build_tls_state(
+        load_material_files(pki.client.cert, pki.client.key, pki.client.bundle)
+    )
+    assert client.client_ptr is not None
+    first = _handshake_shared(server, client, None)
+    session = first.session
+    assert session is not None
+    assert keep_session_resumable(first, client.client_ptr)
+    del first  # freed without close_notify, like an aborted connection
+    gc.collect()
+    for _ in range(3):
+        again = _handshake_shared(server, client, session)
+        assert again.session_reused
+        assert keep_session_resumable(again, client.client_ptr)
+        del again
+        gc.collect()
+    # without the mark, freeing the connection a session came from spoils that session
+    origin = _handshake_shared(server, client, None)
+    spoilt = origin.session
+    assert spoilt is not None
+    del origin
+    gc.collect()
+    assert not _handshake_shared(server, client, spoilt).session_reused
