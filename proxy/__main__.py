@@ -8,9 +8,13 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import CertError, ConfigError, ProxyError
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 USAGE = """\
 usage: mtls-sidecar [COMMAND]
@@ -27,22 +31,28 @@ commands:
 """
 
 
-def _print_config_error(exc: ConfigError) -> None:
-    print(f"mtls-sidecar: invalid configuration ({len(exc.problems)} problem(s)):", file=sys.stderr)
-    for problem in exc.problems:
-        print(f"  - {problem}", file=sys.stderr)
+def _settings(env: Mapping[str, str]) -> Settings | None:
+    """The settings, or None after listing every problem on stderr."""
+    from .settings import load_settings
+
+    try:
+        return load_settings(env)
+    except ConfigError as exc:
+        n = len(exc.problems)
+        print(f"mtls-sidecar: invalid configuration ({n} problem(s)):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return None
 
 
 def check(env: Mapping[str, str]) -> int:
     """`mtls-sidecar check`: every problem at once (exit 2), or the effective config (exit 0)."""
     from .material import load_material_files
-    from .settings import Settings, load_settings, redacted
+    from .settings import redacted
     from .tls import build_tls_state
 
-    try:
-        settings: Settings = load_settings(env)
-    except ConfigError as exc:
-        _print_config_error(exc)
+    settings = _settings(env)
+    if settings is None:
         return 2
     out: dict[str, object] = {"config": redacted(settings)}
     if settings.identity_source == "files":
@@ -62,12 +72,8 @@ def check(env: Mapping[str, str]) -> int:
 
 def run(env: Mapping[str, str]) -> int:
     """`mtls-sidecar run`: the master process."""
-    from .settings import Settings, load_settings
-
-    try:
-        settings: Settings = load_settings(env)
-    except ConfigError as exc:
-        _print_config_error(exc)
+    settings = _settings(env)
+    if settings is None:
         return 2
     from .logs import setup_logging
 
