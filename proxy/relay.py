@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from .openssl import keep_session_resumable, set_session
-from .transparent import sniff
+from .transparent import client_hello_offers_psk, sniff
 
 if TYPE_CHECKING:
     from .conn import Conn
@@ -183,6 +183,7 @@ class NetLeg(_Leg):
     __slots__ = (
         "_ctx",
         "_ctx_ptr",
+        "_resume_ctx",
         "_session",
         "eof_in",
         "eof_out",
@@ -206,8 +207,10 @@ class NetLeg(_Leg):
         session: ssl.SSLSession | None = None,
         ctx_ptr: int | None = None,
         on_session: Callable[[ssl.SSLSession | None], None] | None = None,
+        resume_ctx: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(conn)
+        self._resume_ctx = resume_ctx
         self.server_side = server_side
         self._ctx = ctx
         self._session = session
@@ -335,7 +338,10 @@ class NetLeg(_Leg):
         self.outgoing = ssl.MemoryBIO()
         session = self._session
         self._session = None
-        sslobj = self._ctx.wrap_bio(self.incoming, self.outgoing, server_side=self.server_side)
+        ctx = self._ctx
+        if self._resume_ctx is not None and client_hello_offers_psk(first):
+            ctx = self._resume_ctx  # same identity and ticket keys, issues no new ticket
+        sslobj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=self.server_side)
         if session is not None and not (
             self._ctx_ptr is not None and set_session(sslobj, self._ctx_ptr, session)
         ):

@@ -158,12 +158,11 @@ def _is_grease(v: int) -> bool:
     return (v & 0x0F0F) == 0x0A0A and (v >> 8) == (v & 0xFF)
 
 
-def client_hello_max_version(first: bytes) -> str | None:
-    """The highest TLS version a ClientHello offers ("TLSv1.3", "TLSv1.2", ...), or None.
+def _client_hello(first: bytes) -> tuple[int, bytes, list[tuple[int, int, int]] | None] | None:
+    """Parse a ClientHello in the first record: (legacy version, hello body, extensions).
 
-    Reads the supported_versions extension when present (TLS 1.3 clients), else the legacy
-    client_version. None when `first` is not a complete ClientHello in its first record or
-    the version is unknown. Used to label `tls_version` rejections; never raises.
+    Extensions are (type, offset in body, length); None when they do not all fit in `first`,
+    [] when there are none. None overall when `first` is not a ClientHello record.
     """
     if sniff(first) != "tls":
         return None
@@ -182,29 +181,60 @@ def client_hello_max_version(first: bytes) -> str | None:
         pos += 2 + ((hello[pos] << 8) | hello[pos + 1])  # cipher suites
         pos += 1 + hello[pos]  # compression methods
         if pos + 2 > len(hello):
-            return _VERSION_NAMES.get(legacy)  # no extensions at all
+            return legacy, hello, []  # no extensions at all
         end = pos + 2 + ((hello[pos] << 8) | hello[pos + 1])
         pos += 2
         if end > len(hello):
-            return None
+            return legacy, hello, None
+        exts: list[tuple[int, int, int]] = []
         while pos + 4 <= end:
             ext_type = (hello[pos] << 8) | hello[pos + 1]
             ext_len = (hello[pos + 2] << 8) | hello[pos + 3]
             pos += 4
             if pos + ext_len > end:
-                return None
-            if ext_type == _EXT_SUPPORTED_VERSIONS and ext_len >= 1:
-                list_len = hello[pos]
-                offered = [
-                    (hello[i] << 8) | hello[i + 1]
-                    for i in range(pos + 1, min(pos + 1 + list_len, pos + ext_len) - 1, 2)
-                ]
-                known = [v for v in offered if not _is_grease(v) and v in _VERSION_NAMES]
-                return _VERSION_NAMES[max(known)] if known else None
+                return legacy, hello, None
+            exts.append((ext_type, pos, ext_len))
             pos += ext_len
     except IndexError:
         return None
+    return legacy, hello, exts
+
+
+def client_hello_max_version(first: bytes) -> str | None:
+    """The highest TLS version a ClientHello offers ("TLSv1.3", "TLSv1.2", ...), or None.
+
+    Reads the supported_versions extension when present (TLS 1.3 clients), else the legacy
+    client_version. None when `first` is not a complete ClientHello in its first record or
+    the version is unknown. Used to label `tls_version` rejections; never raises.
+    """
+    parsed = _client_hello(first)
+    if parsed is None:
+        return None
+    legacy, hello, exts = parsed
+    if exts is None:
+        return None
+    for ext_type, pos, ext_len in exts:
+        if ext_type == _EXT_SUPPORTED_VERSIONS and ext_len >= 1:
+            list_len = hello[pos]
+            offered = [
+                (hello[i] << 8) | hello[i + 1]
+                for i in range(pos + 1, min(pos + 1 + list_len, pos + ext_len) - 1, 2)
+            ]
+            known = [v for v in offered if not _is_grease(v) and v in _VERSION_NAMES]
+            return _VERSION_NAMES[max(known)] if known else None
     return _VERSION_NAMES.get(legacy)
+
+
+_EXT_PRE_SHARED_KEY = 41
+
+
+def client_hello_offers_psk(first: bytes) -> bool:
+    """Does this ClientHello try to resume a TLS 1.3 session (a pre_shared_key extension)?
+
+    False when it does not, or when `first` does not hold the whole ClientHello. Never raises.
+    """
+    parsed = _client_hello(first)
+    return bool(parsed and parsed[2] and any(t == _EXT_PRE_SHARED_KEY for t, _, _ in parsed[2]))
 
 
 def _normalize(host: str) -> str:

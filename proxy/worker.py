@@ -164,7 +164,13 @@ class Worker:
         if route.direction == "inbound":
 
             def inbound() -> NetLeg:
-                return NetLeg(InboundConn(self, route), self.tls.server, server_side=True)
+                tls = self.tls
+                return NetLeg(
+                    InboundConn(self, route),
+                    tls.server,
+                    server_side=True,
+                    resume_ctx=tls.server_resumed,
+                )
 
             return inbound
 

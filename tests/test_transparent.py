@@ -475,3 +475,47 @@ def test_original_dst_real_redirect_in_netns(netns: str, backend: list[str]) -> 
     assert result["dual_v4"]["sockname"] == ["::ffff:127.0.0.1", 15001]
     assert result["dual_v4"]["original_dst"] == ["10.99.0.2", 8080]
     assert result["dual_v6"]["original_dst"] == ["fd00:99::2", 8443]
+
+
+def test_client_hello_offers_psk() -> None:
+    """A resuming TLS 1.3 ClientHello carries pre_shared_key; a fresh one does not."""
+    import tempfile
+
+    from proxy.transparent import client_hello_offers_psk
+
+    from .pki import make_intermediate, make_root, write_identity
+
+    root = make_root()
+    inter = make_intermediate(root)
+    d = Path(tempfile.mkdtemp())
+    srv = write_identity(d, "s", inter, [root.cert], "spiffe://t/s")
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(srv.cert, srv.key)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.load_verify_locations(srv.bundle)
+
+    def hello(session: ssl.SSLSession | None) -> tuple[bytes, ssl.SSLObject]:
+        si, so, ci, co = (ssl.MemoryBIO() for _ in range(4))
+        s = server.wrap_bio(si, so, server_side=True)
+        c = client.wrap_bio(ci, co, session=session)
+        first = b""
+        for _ in range(6):
+            for obj in (c, s):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    obj.do_handshake()
+            out = co.read()
+            first = first or out
+            si.write(out)
+            ci.write(so.read())
+        s.write(b"x")
+        ci.write(so.read())
+        c.read(1)
+        return first, c
+
+    fresh, conn = hello(None)
+    assert not client_hello_offers_psk(fresh)
+    resuming, _ = hello(conn.session)
+    assert client_hello_offers_psk(resuming)
+    assert not client_hello_offers_psk(resuming[: len(resuming) // 2])  # truncated
+    assert not client_hello_offers_psk(os.urandom(600))
