@@ -74,11 +74,6 @@ class Material:
     def serial_hex(self) -> str:
         return format(self.leaf.serial_number, "x")
 
-    def lifetime_fraction_left(self, now: dt.datetime | None = None) -> float:
-        now = now or _now()
-        total = (self.not_after - self.not_before).total_seconds()
-        return max(0.0, (self.not_after - now).total_seconds() / total) if total > 0 else 0.0
-
     def describe(self) -> dict[str, object]:
         """What /status and `check` show: never the key."""
         return {

@@ -130,10 +130,6 @@ class _Leg(asyncio.BufferedProtocol):
         else:
             t.close()
 
-    def buffered(self) -> int:
-        t = self.transport
-        return t.get_write_buffer_size() if t is not None else 0
-
 
 class AppLeg(_Leg):
     """The plaintext leg to or from the local application."""

@@ -147,7 +147,6 @@ class Master:
         self.tasks = Tasks(log)
         self.admin: Any = None
         self._file_sig: tuple[Any, ...] | None = None
-        self._last_identity: str | None = None
         self._ticket_keys = os.urandom(TICKET_KEYS_LEN)
 
     # --- tasks ---------------------------------------------------------------------------
@@ -185,7 +184,6 @@ class Master:
         ts = material.not_after.timestamp()
         metrics.CERT_EXPIRY.labels(material.identity).set(ts)
         metrics.TRUST_BUNDLE_ROOTS.set(len(material.roots))
-        self._last_identity = material.identity
         log.info(
             "identity loaded",
             extra={"fields": {"event": "identity_loaded", **material.describe()}},
