@@ -31,6 +31,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_metrics(body: str) -> Samples:
+    """A Prometheus text exposition as {(name, sorted labels): value}."""
+    out: Samples = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sum_samples(samples: Samples, name: str, labels: dict[str, str]) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for (n, lbls), value in samples.items():
+        d = dict(lbls)
+        if n == name and all(d.get(k) == v for k, v in labels.items()):
+            total += value
+    return total
+
+
 def identity_env(ident: Identity) -> dict[str, str]:
     return {
         "MTLS_IDENTITY_SOURCE": "files",
@@ -105,24 +127,15 @@ class Sidecar:
                 out.append(json.loads(line))
         return out
 
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    def metrics(self) -> Samples:
         """Every sample as {(name, sorted labels): value}."""
         status, body = self.get("/metrics")
         assert status == 200, body
-        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        for family in text_string_to_metric_families(body):
-            for s in family.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
+        return parse_metrics(body)
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of `name` whose labels include `labels`."""
-        total = 0.0
-        for (n, lbls), value in self.metrics().items():
-            d = dict(lbls)
-            if n == name and all(d.get(k) == v for k, v in labels.items()):
-                total += value
-        return total
+        return sum_samples(self.metrics(), name, labels)
 
     def wait_metric(self, name: str, value: float, timeout: float = 5.0, **labels: str) -> float:
         deadline = time.monotonic() + timeout

@@ -32,7 +32,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .harness import Samples
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_PREFIX = "NETNS TEST SKIPPED"
@@ -262,25 +265,18 @@ class NsSidecar:
             f"sidecar on {self.host.name} not ready after {timeout}s:\n{self.logs()}"
         )
 
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        from prometheus_client.parser import text_string_to_metric_families
+    def metrics(self) -> Samples:
+        from .harness import parse_metrics  # lazily: the in-namespace apps import this module
 
         code, body = self.curl("/metrics")
         assert code == 200, f"/metrics on {self.host.name}: {code} {body[:200]}"
-        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        for family in text_string_to_metric_families(body):
-            for s in family.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
+        return parse_metrics(body)
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of `name` whose labels include `labels`."""
-        total = 0.0
-        for (n, lbls), value in self.metrics().items():
-            d = dict(lbls)
-            if n == name and all(d.get(k) == v for k, v in labels.items()):
-                total += value
-        return total
+        from .harness import sum_samples
+
+        return sum_samples(self.metrics(), name, labels)
 
     def wait_metric(self, name: str, value: float, **labels: str) -> float:
         """Poll up to 5 s until the metric equals `value` (bytes are counted at close)."""
