@@ -110,24 +110,24 @@ class PeerLabels:
         return "other"
 
 
-def render() -> tuple[bytes, str]:
-    """The /metrics body: the sum over all worker processes when running multi-process."""
+def _registry() -> CollectorRegistry:
+    """What a scrape reads: the sum over all worker processes when running multi-process."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         _mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        return registry
+    return REGISTRY
+
+
+def render() -> tuple[bytes, str]:
+    """The /metrics body."""
+    return generate_latest(_registry()), CONTENT_TYPE_LATEST
 
 
 def totals() -> dict[str, float]:
     """Sum of every sample per sample name (all label values, all processes), for /status."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        _mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    else:
-        registry = REGISTRY
     out: dict[str, float] = {}
-    for family in registry.collect():
+    for family in _registry().collect():
         for sample in family.samples:
             out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
