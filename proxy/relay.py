@@ -286,9 +286,7 @@ class NetLeg(_Leg):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._cancel_timer()
         state = self.state
         self.state = CLOSED
         if state == HANDSHAKE and not self.conn.closed:
@@ -320,9 +318,9 @@ class NetLeg(_Leg):
         self.state = WAIT
         self.pause_reading()
         self.first = bytearray(first) if first else None
-        self._handshake_finished_plain()
+        self._cancel_timer()
 
-    def _handshake_finished_plain(self) -> None:
+    def _cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -364,9 +362,7 @@ class NetLeg(_Leg):
         self._handshake_finished()
 
     def _handshake_finished(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._cancel_timer()
         self.state = WAIT
         self.pause_reading()
         self.conn.handshake_done(self)
