@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import shutil
 import socket
@@ -15,6 +16,7 @@ import pytest
 
 from .conftest import TD, Pki
 from .harness import Sidecar, TcpApp, exchange, free_port, identity_env
+from .pki import pem
 
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
 
@@ -251,8 +253,12 @@ sslVersionMin = TLSv1.3
         st.wait(10)
 
 
-@needs_stunnel
-def test_our_outbound_to_stunnel_server(pki: Pki, echo: TcpApp, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _outbound_to_stunnel(
+    pki: Pki, echo: TcpApp, tmp_path: Path, ca_file: Path
+) -> Iterator[tuple[Sidecar, int]]:
+    """A stunnel server (trusting `ca_file`, requiring client certificates) in front of the
+    echo app, and our outbound sidecar dialling it; yields the sidecar and its listen port."""
     st_port, out_port = free_port(), free_port()
     st = _stunnel(
         f"""
@@ -261,7 +267,7 @@ accept = 127.0.0.1:{st_port}
 connect = 127.0.0.1:{echo.port}
 cert = {pki.server.cert}
 key = {pki.server.key}
-CAfile = {pki.server.bundle}
+CAfile = {ca_file}
 verifyChain = yes
 requireCert = yes
 sslVersionMin = TLSv1.3
@@ -279,9 +285,7 @@ sslVersionMin = TLSv1.3
     try:
         _wait_port(st_port)
         sc.wait_ready()
-        payload = b"sidecar->stunnel " * 10_000
-        assert exchange(out_port, payload) == payload
-        assert sc.metric("mtls_connections_total", security="mtls") >= 1
+        yield sc, out_port
     finally:
         assert sc.stop() == 0
         st.terminate()
@@ -289,38 +293,19 @@ sslVersionMin = TLSv1.3
 
 
 @needs_stunnel
+def test_our_outbound_to_stunnel_server(pki: Pki, echo: TcpApp, tmp_path: Path) -> None:
+    with _outbound_to_stunnel(pki, echo, tmp_path, pki.server.bundle) as (sc, out_port):
+        payload = b"sidecar->stunnel " * 10_000
+        assert exchange(out_port, payload) == payload
+        assert sc.metric("mtls_connections_total", security="mtls") >= 1
+
+
+@needs_stunnel
 def test_stunnel_server_refuses_our_foreign_cert(pki: Pki, echo: TcpApp, tmp_path: Path) -> None:
     """A stunnel that does not trust our CA: the connection fails and is counted, no crash."""
-    st_port, out_port = free_port(), free_port()
     other_bundle = tmp_path / "other-root.pem"
-    from .pki import pem
-
     other_bundle.write_bytes(pem(pki.other_root.cert))
-    st = _stunnel(
-        f"""
-[strict]
-accept = 127.0.0.1:{st_port}
-connect = 127.0.0.1:{echo.port}
-cert = {pki.server.cert}
-key = {pki.server.key}
-CAfile = {other_bundle}
-verifyChain = yes
-requireCert = yes
-sslVersionMin = TLSv1.3
-""",
-        tmp_path,
-        "strict",
-    )
-    sc = Sidecar(
-        {
-            **identity_env(pki.client),
-            "MTLS_OUTBOUND": f"127.0.0.1:{out_port}=127.0.0.1:{st_port}@{TD}/server",
-        },
-        tmp_path / "outbound.log",
-    )
-    try:
-        _wait_port(st_port)
-        sc.wait_ready()
+    with _outbound_to_stunnel(pki, echo, tmp_path, other_bundle) as (sc, out_port):
         assert exchange(out_port, b"hello") == b""
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
@@ -329,7 +314,3 @@ sslVersionMin = TLSv1.3
             time.sleep(0.05)
         assert sc.metric("mtls_connections_rejected_total", direction="outbound") >= 1
         assert "Traceback" not in sc.logs()
-    finally:
-        assert sc.stop() == 0
-        st.terminate()
-        st.wait(10)
