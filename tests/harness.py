@@ -13,7 +13,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +234,31 @@ def running(*procs: Sidecar) -> Iterator[None]:
     finally:
         for p in procs:
             p.stop()
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> Any:
+    """Poll `cond` until it returns something true (returned) or `timeout` passes (its last
+    value is returned: falsy). For waiting on observable state, never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+@dataclass
+class Pair:
+    """An inbound sidecar (mTLS in, to the app) and an outbound one (app -> mTLS) in front of it."""
+
+    inbound: Sidecar
+    outbound: Sidecar
+    in_port: int
+    out_port: int
+
+    def stop(self) -> tuple[int, int]:
+        return self.inbound.stop(), self.outbound.stop()
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as (inbound, outbound, in_port, out_port)."""
+        return iter((self.inbound, self.outbound, self.in_port, self.out_port))
