@@ -155,7 +155,6 @@ class Master:
         self.admin_address: Address = settings.admin_listen
         self.files: FileSource | None = None
         self._ticket_keys = os.urandom(TICKET_KEYS_LEN)
-        self._expiry_identity: str | None = None
 
     # --- tasks ---------------------------------------------------------------------------
 
@@ -174,14 +173,7 @@ class Master:
         self.material = material
         # Fresh session-ticket keys with every identity, shared by all workers.
         self._ticket_keys = os.urandom(TICKET_KEYS_LEN)
-        ts = material.not_after.timestamp()
-        if self._expiry_identity is not None and self._expiry_identity != material.identity:
-            # An identity no longer held must not keep its expiry series (a false alert later).
-            with contextlib.suppress(KeyError):
-                metrics.CERT_EXPIRY.remove(self._expiry_identity)
-        metrics.CERT_EXPIRY.labels(material.identity).set(ts)
-        self._expiry_identity = material.identity
-        metrics.TRUST_BUNDLE_ROOTS.set(len(material.roots))
+        metrics.IDENTITY.set(material.identity, material.not_after.timestamp(), len(material.roots))
         log.info(
             "identity loaded",
             extra={"fields": {"event": "identity_loaded", **material.describe()}},

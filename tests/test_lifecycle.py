@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -19,7 +18,7 @@ from cryptography import x509
 
 from .conftest import TD, Pki, start_pair
 from .harness import ROOT, TcpApp, base_env, free_port, identity_env, recv_all
-from .pki import Identity
+from .pki import Identity, copy_identity, replace_identity
 
 
 def _ctx(pki: Pki, ident: Identity) -> ssl.SSLContext:
@@ -40,21 +39,6 @@ def served_serial(pki: Pki, port: int) -> int:
 
 def serial_of(ident: Identity) -> int:
     return x509.load_pem_x509_certificates(ident.cert.read_bytes())[0].serial_number
-
-
-def copy_identity(src: Identity, d: Path) -> Identity:
-    d.mkdir(parents=True, exist_ok=True)
-    dst = Identity(d / "tls.crt", d / "tls.key", d / "ca.pem", src.spiffe_id)
-    replace_identity(src, dst)
-    return dst
-
-
-def replace_identity(src: Identity, dst: Identity) -> None:
-    """Atomic per file, as cert-manager and kubelet write them."""
-    for a, b in ((src.cert, dst.cert), (src.key, dst.key), (src.bundle, dst.bundle)):
-        tmp = b.with_suffix(".tmp")
-        shutil.copyfile(a, tmp)
-        os.replace(tmp, b)
 
 
 class SlowSender(threading.Thread):

@@ -20,6 +20,7 @@ from proxy.settings import Address, load_settings
 
 from .conftest import Pki
 from .harness import Sidecar, TcpApp, exchange, free_port, identity_env
+from .pki import copy_identity, replace_identity
 
 
 def _children(pid: int) -> list[int]:
@@ -240,6 +241,34 @@ def test_stop_signal_before_workers_serve(pki: Pki, tmp_path: Path, sig: signal.
         while [w for w in workers if _alive(w)] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not [w for w in workers if _alive(w)]
+    finally:
+        sc.stop()
+        app.close()
+
+
+def test_expiry_series_follows_the_identity_held(pki: Pki, tmp_path: Path) -> None:
+    """After a reload to another identity the old identity's expiry series is gone, so an
+    expiry alert cannot fire for a certificate no longer in use."""
+    ident = copy_identity(pki.server, tmp_path / "files")
+    app = TcpApp()
+    sc = Sidecar(
+        {
+            **identity_env(ident),
+            "MTLS_INBOUND": f"127.0.0.1:{free_port()}=127.0.0.1:{app.port}",
+            "MTLS_WORKERS": "2",
+        },
+        tmp_path / "sc.log",
+    )
+    try:
+        sc.wait_ready()
+        name = "mtls_cert_expiry_timestamp_seconds"
+        assert sc.metric(name, identity=str(pki.server.spiffe_id)) > time.time()
+        replace_identity(pki.stranger, ident)
+        sc.signal(signal.SIGHUP)
+        assert sc.wait_metric("mtls_cert_reloads_total", 1, result="ok") == 1
+        series = [labels for (n, labels) in sc.metrics() if n == name]
+        assert series == [(("identity", pki.stranger.spiffe_id),)]
+        assert sc.metric("mtls_trust_bundle_roots") == 1
     finally:
         sc.stop()
         app.close()
