@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from proxy import metrics
+from proxy.listen import bind_listener
 from proxy.routes import routes_for
-from proxy.server import Master, WorkerProc, bind_listener
+from proxy.server import Master, WorkerProc
 from proxy.settings import Address, load_settings
 
 from .conftest import Pki
@@ -272,3 +273,40 @@ def test_expiry_series_follows_the_identity_held(pki: Pki, tmp_path: Path) -> No
     finally:
         sc.stop()
         app.close()
+
+
+def test_bad_requests_to_the_admin_port_are_one_warning_line(pki: Pki, tmp_path: Path) -> None:
+    sc = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"127.0.0.1:{free_port()}=127.0.0.1:{free_port()}",
+            "MTLS_ADMIN_LISTEN": "[::]:0",
+        },
+        tmp_path / "sc.log",
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not [e for e in sc.log_events() if e.get("event") == "admin_listening"]:
+            assert time.monotonic() < deadline and sc.proc.poll() is None, sc.logs()
+            time.sleep(0.05)
+        (event,) = [e for e in sc.log_events() if e.get("event") == "admin_listening"]
+        port = int(event["listen"].rsplit(":", 1)[1])
+        sc.admin_port = port
+        sc.wait_ready()
+        # '[::]' is dual-stack like the routes: IPv4 and IPv6 clients both reach it.
+        for host in ("127.0.0.1", "::1"):
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.sendall(b"GET /live HTTP/1.0\r\n\r\n")
+                assert s.recv(100).startswith(b"HTTP/1.0 200")
+        for _ in range(50):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /live HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n")
+                assert s.recv(100).startswith(b"HTTP/1.0 400")
+        assert sc.get("/live")[0] == 200
+        logs = sc.logs()
+        assert "Traceback" not in logs
+        bad = [e for e in sc.log_events() if "bad HTTP request" in e.get("msg", "")]
+        assert 1 <= len(bad) <= 3, bad  # rate-limited: ~one per second
+        assert bad[0]["level"] == "warning"
+    finally:
+        sc.stop()
