@@ -113,19 +113,22 @@ def run(env: Mapping[str, str]) -> int:
 
 
 def worker(argv: list[str], env: Mapping[str, str]) -> int:
-    """Internal: a worker process started by the master (`_worker FDS COUNT`)."""
+    """Internal: a worker process started by the master (`_worker FDS WORKERS SLOT COUNTS_FD`)."""
     import uvloop
 
     from .logs import setup_logging
     from .routes import routes_for
     from .settings import load_settings
+    from .shared import ConnectionCounts
     from .worker import worker_main
 
     settings = load_settings(env)
     setup_logging(settings.log_level, settings.log_format)
     fds = [int(fd) for fd in argv[0].split(",") if fd]
     routes = routes_for(settings)
-    return uvloop.run(worker_main(settings, list(zip(routes, fds, strict=True)), int(argv[1])))
+    counts = ConnectionCounts(int(argv[3]), int(argv[1]))
+    listeners = list(zip(routes, fds, strict=True))
+    return uvloop.run(worker_main(settings, listeners, counts, int(argv[2])))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,8 @@ async def status(request: web.Request) -> web.Response:
             for w in m.workers
         ],
         "counts": {
+            "open": m.counts.total(),
+            "max": m.settings.max_connections,
             "connections": t.get("mtls_connections_total", 0),
             "active": t.get("mtls_connections_active", 0),
             "rejected": t.get("mtls_connections_rejected_total", 0),

@@ -33,6 +33,7 @@ from .material import Material, read_file
 from .openssl import TICKET_KEYS_LEN
 from .routes import Route, routes_for
 from .settings import Address, Settings
+from .shared import ConnectionCounts
 from .tasks import Tasks
 from .tls import build_tls_state
 
@@ -69,6 +70,7 @@ class Master:
         self.admin_address: Address = settings.admin_listen
         self.files: FileSource | None = None
         self._ticket_keys = os.urandom(TICKET_KEYS_LEN)
+        self.counts = ConnectionCounts.create(settings.workers)
 
     # --- tasks ---------------------------------------------------------------------------
 
@@ -187,16 +189,20 @@ class Master:
         fds = [s.fileno() for s in w.socks]
         w.ready = False
         w.refused = None
+        counts = self.counts
+        counts.set(w.slot, 0)  # a restarted worker starts with nothing open
         w.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "proxy",
             "_worker",
             ",".join(str(fd) for fd in fds),
-            str(len(self.workers)),
+            str(counts.workers),
+            str(w.slot),
+            str(counts.fd),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            pass_fds=fds,
+            pass_fds=[*fds, counts.fd],
         )
         self.spawn(self._read_worker(w, w.proc), f"worker-{w.slot}-replies")
         if self.material is not None:
@@ -231,6 +237,7 @@ class Master:
             assert proc is not None
             code = await proc.wait()
             w.ready = False
+            self.counts.set(w.slot, 0)  # what it held died with it
             self._mark_dead(proc.pid)
             if self.draining:
                 return

@@ -73,7 +73,9 @@ def base_env() -> dict[str, str]:
 class Sidecar:
     """A real `python -m proxy run` process with its admin port and its log captured."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, prefix: list[str] | None = None
+    ) -> None:
         self.admin_port = free_port()
         self.env = base_env()
         self.env.update(
@@ -88,7 +90,7 @@ class Sidecar:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run"],
+            [*(prefix or []), sys.executable, "-m", "proxy", "run"],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -20,7 +20,7 @@ from proxy.server import Master, WorkerProc
 from proxy.settings import Address, load_settings
 
 from .conftest import Pki
-from .harness import Sidecar, TcpApp, exchange, free_port, identity_env
+from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, wait_for
 from .pki import copy_identity, replace_identity
 
 
@@ -309,4 +309,98 @@ def test_bad_requests_to_the_admin_port_are_one_warning_line(pki: Pki, tmp_path:
         assert 1 <= len(bad) <= 3, bad  # rate-limited: ~one per second
         assert bad[0]["level"] == "warning"
     finally:
+        sc.stop()
+
+
+def test_max_connections_is_a_total_across_workers(pki: Pki, tmp_path: Path, echo: TcpApp) -> None:
+    listen = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"127.0.0.1:{listen}=127.0.0.1:{echo.port}",
+            "MTLS_INBOUND_MODE": "permissive",
+            "MTLS_WORKERS": "2",
+            "MTLS_MAX_CONNECTIONS": "2",
+        },
+        tmp_path / "sc.log",
+    )
+    held: list[socket.socket] = []
+    try:
+        sc.wait_ready()
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", listen), timeout=5)
+            s.sendall(b"ping")
+            assert s.recv(4) == b"ping"
+            held.append(s)
+        assert wait_for(lambda: json.loads(sc.get("/status")[1])["counts"]["open"] == 2)
+        refused = 0
+        for _ in range(12):  # whichever worker the kernel hands them to
+            with socket.create_connection(("127.0.0.1", listen), timeout=5) as s:
+                s.sendall(b"ping")
+                s.settimeout(5)
+                try:
+                    refused += s.recv(4) == b""
+                except ConnectionResetError:  # closed with our ping unread
+                    refused += 1
+        assert refused == 12
+        name = "mtls_connections_rejected_total"
+        assert sc.wait_metric(name, 12, reason="too_many_connections") == 12
+        pids = {e["pid"] for e in sc.log_events() if e.get("reason") == "too_many_connections"}
+        assert len(pids) == 2, "expected both workers to refuse (SO_REUSEPORT spreads them)"
+        held.pop().close()
+        assert wait_for(lambda: json.loads(sc.get("/status")[1])["counts"]["open"] == 1)
+        assert exchange(listen, b"again") == b"again"
+    finally:
+        for s in held:
+            s.close()
+        sc.stop()
+
+
+def test_at_the_open_file_limit_connections_are_refused_counted_and_logged(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """With `ulimit -n 256`, 300 connections: the ones beyond what the descriptors allow are
+    refused with a counter and a rate-limited log line, never dropped silently."""
+    listen = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"127.0.0.1:{listen}=127.0.0.1:{echo.port}",
+            "MTLS_INBOUND_MODE": "permissive",
+        },
+        tmp_path / "sc.log",
+        prefix=["prlimit", "--nofile=256:256", "--"],
+    )
+    held: list[socket.socket] = []
+    try:
+        sc.wait_ready()
+        served = refused = 0
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", listen), timeout=10)
+            held.append(s)
+            s.sendall(b"ping")
+            try:
+                got = s.recv(4)
+            except ConnectionResetError:
+                got = b""
+            if got == b"ping":
+                served += 1
+            else:
+                refused += 1
+        assert served + refused == 300
+        assert 50 < served < 128, served  # two descriptors per connection, under 256
+        name = "mtls_connections_rejected_total"
+        assert sc.wait_metric(name, refused, reason="too_many_connections") == refused
+        lines = [e for e in sc.log_events() if e.get("reason") == "too_many_connections"]
+        assert 1 <= len(lines) <= 5, len(lines)  # one a second, not one per connection
+        assert "open-file limit" in lines[0]["msg"]
+        assert "Traceback" not in sc.logs()
+        for s in held:
+            s.close()
+        held.clear()
+        assert wait_for(lambda: json.loads(sc.get("/status")[1])["counts"]["open"] == 0)
+        assert exchange(listen, b"after") == b"after"
+    finally:
+        for s in held:
+            s.close()
         sc.stop()
