@@ -70,6 +70,34 @@ def check(env: Mapping[str, str]) -> int:
     return 0
 
 
+METRICS_DIR_PREFIX = "mtls-metrics-"
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Remove the metrics directories of sidecars that died without cleaning up (kill -9):
+    each is named after its master's pid; a directory whose pid is gone is stale."""
+    tmp = tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(METRICS_DIR_PREFIX):
+            continue
+        pid_text = name[len(METRICS_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def run(env: Mapping[str, str]) -> int:
     """`mtls-sidecar run`: the master process."""
     settings = _settings(env)
@@ -80,8 +108,9 @@ def run(env: Mapping[str, str]) -> int:
     setup_logging(settings.log_level, settings.log_format)
     # Metrics are written by every worker into files that /metrics sums (multi-process
     # mode); prometheus-client picks that mode from this variable.
+    _remove_stale_metrics_dirs()
     try:
-        metrics_dir = tempfile.mkdtemp(prefix="mtls-metrics-")
+        metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     except OSError as exc:
         # The only thing the sidecar writes to disk (read-only root filesystems need a /tmp).
         print(

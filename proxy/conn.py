@@ -370,6 +370,8 @@ class Conn:
         assert net is not None and app is not None
         net.peer = app
         app.peer = net
+        net.arm_reset()
+        app.arm_reset()
         self.established = True
         m = self.route.metrics
         m.connections[action.security].inc()

@@ -63,6 +63,7 @@ class Master:
         self.material: Material | None = None
         self.workers: list[WorkerProc] = []
         self.draining = False
+        self.serving = False  # start-up is over: from now on a worker that dies is restarted
         self.stop = asyncio.Event()
         self.started = time.time()
         self.tasks = Tasks(log)
@@ -174,6 +175,8 @@ class Master:
         not_ready = [w.slot for w in self.workers if not w.ready]
         if not self.workers or not_ready:
             return False, f"workers not serving yet: {not_ready}"
+        if not self.serving:
+            return False, "starting"
         return True, "ready"
 
     # --- workers -------------------------------------------------------------------------
@@ -372,6 +375,7 @@ class Master:
             self.spawn(self.files.run(), "file-watcher")
         await self.start_workers(socks_per_route)
         await self.wait_ready()
+        self.serving = True
         log.info("ready", extra={"fields": {"event": "ready", "workers": s.workers}})
 
     async def run(self) -> int:

@@ -180,6 +180,7 @@ def test_a_worker_refusing_material_makes_ready_fail_and_is_counted(pki: Pki) ->
     async def scenario() -> None:
         master = Master(settings)
         master.files = None
+        master.serving = True
         from proxy.material import load_material_files
 
         master.material = load_material_files(pki.server.cert, pki.server.key, pki.server.bundle)
@@ -404,3 +405,68 @@ def test_at_the_open_file_limit_connections_are_refused_counted_and_logged(
         for s in held:
             s.close()
         sc.stop()
+
+
+def test_a_killed_worker_cuts_its_streams_with_reset(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """kill -9 of a worker mid-stream: the client sees a reset, not a clean end."""
+    listen = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"127.0.0.1:{listen}=127.0.0.1:{echo.port}",
+            "MTLS_INBOUND_MODE": "permissive",
+        },
+        tmp_path / "sc.log",
+    )
+    try:
+        sc.wait_ready()
+        conns = []
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", listen), timeout=10)
+            s.sendall(b"ping")
+            assert s.recv(4) == b"ping"
+            conns.append(s)
+        (worker,) = _children(sc.proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        for s in conns:
+            with s, pytest.raises(ConnectionResetError):
+                s.settimeout(10)
+                s.recv(4)
+        sc.wait_ready()  # the master restarts the worker
+        assert exchange(listen, b"after") == b"after"
+    finally:
+        sc.stop()
+
+
+def test_metrics_dir_of_a_killed_master_is_removed_by_the_next_start(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {
+        **identity_env(pki.server),
+        "MTLS_INBOUND": f"127.0.0.1:{free_port()}=127.0.0.1:{echo.port}",
+    }
+    first = Sidecar(env, tmp_path / "first.log", prefix=["env", f"TMPDIR={tmpdir}"])
+    try:
+        first.wait_ready()
+        (left,) = list(tmpdir.iterdir())
+        assert left.name.startswith(f"mtls-metrics-{first.proc.pid}-")
+        workers = _children(first.proc.pid)
+        first.proc.kill()
+        first.proc.wait()
+        assert wait_for(lambda: not [w for w in workers if _alive(w)])
+        assert left.exists()  # kill -9: nobody cleaned up
+    finally:
+        first.stop()
+    env["MTLS_INBOUND"] = f"127.0.0.1:{free_port()}=127.0.0.1:{echo.port}"
+    second = Sidecar(env, tmp_path / "second.log", prefix=["env", f"TMPDIR={tmpdir}"])
+    try:
+        second.wait_ready()
+        assert not left.exists()
+        assert [p.name.split("-")[2] for p in tmpdir.iterdir()] == [str(second.proc.pid)]
+    finally:
+        second.stop()
+    assert list(tmpdir.iterdir()) == []
