@@ -76,8 +76,8 @@ METRICS_DIR_PREFIX = "mtls-metrics-"
 def _remove_stale_metrics_dirs() -> None:
     """Remove the metrics directories of sidecars that died without cleaning up (kill -9):
     each is named after its master's pid; a directory whose pid is gone is stale."""
-    tmp = tempfile.gettempdir()
     try:
+        tmp = tempfile.gettempdir()  # FileNotFoundError when no temp dir is writable
         names = os.listdir(tmp)
     except OSError:
         return
