@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import venv
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -298,88 +298,103 @@ def test_every_sidecar_pod_follows_the_contract() -> None:
     deployments = _sidecar_deployments()
     assert len(deployments) == 4, [d["metadata"]["name"] for _, d in deployments]
     for path, dep in deployments:
-        where = f"{path.relative_to(REPO)}:{dep['metadata']['name']}"
         ns = dep["metadata"]["namespace"]
-        template = dep["spec"]["template"]
-        pod = template["spec"]
-        inits = pod["initContainers"]
-        names = [c["name"] for c in inits]
-        sidecar = inits[names.index("mtls-sidecar")]
-        env = container_env(sidecar, ns)
+        assert_sidecar_pod_contract(
+            f"{path.relative_to(REPO)}:{dep['metadata']['name']}",
+            dep["spec"]["template"],
+            functools.partial(container_env, namespace=ns),
+        )
 
-        # A native sidecar: starts before the app, lives as long as the pod.
-        assert sidecar["restartPolicy"] == "Always", where
-        assert _is_sidecar_image(sidecar["image"]), where
 
-        # Runs as the proxy UID (exempt from capture), read-only, nothing extra.
-        sc = sidecar["securityContext"]
-        assert sc["runAsUser"] == PROXY_UID and sc["runAsNonRoot"] is True, where
-        assert sc["readOnlyRootFilesystem"] is True, where
-        assert sc["allowPrivilegeEscalation"] is False, where
-        assert sc["capabilities"] == {"drop": ["ALL"]}, where
-        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+EnvOf = Callable[[dict[str, Any]], dict[str, str]]
 
-        # Resources: requests for scheduling, a memory limit.
-        res = sidecar["resources"]
-        assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"], where
 
-        # Admin port: reachable by the kubelet (probes) and Prometheus; drain stays local.
-        host, _, port = env["MTLS_ADMIN_LISTEN"].rpartition(":")
-        assert int(port) == ADMIN_PORT, where
-        assert host in ("0.0.0.0", "", "[::]"), f"{where}: kubelet probes need a non-loopback admin"
-        assert env.get("MTLS_ADMIN_ALLOW_REMOTE_DRAIN") == "false", where
-        for probe, path_ in (("readinessProbe", "/ready"), ("livenessProbe", "/live"),
-                             ("startupProbe", "/ready")):  # fmt: skip
-            get = sidecar[probe]["httpGet"]
-            assert get["path"] == path_, f"{where}: {probe}"
-            assert _port_number(sidecar, get["port"]) == ADMIN_PORT, f"{where}: {probe}"
-        annotations = template["metadata"]["annotations"]
+def assert_sidecar_pod_contract(
+    where: str, template: dict[str, Any], env_of: EnvOf, *, user_workload: bool = False
+) -> None:
+    """The sidecar pod contract on one pod template; `env_of` gives a container's env.
+
+    `user_workload`: a user's pod after `inject`: its own containers, volumes (a
+    StatefulSet's claim templates) and scrape annotations are the user's business; only what
+    the sidecar brings is checked.
+    """
+    pod = template["spec"]
+    inits = pod["initContainers"]
+    names = [c["name"] for c in inits]
+    sidecar = inits[names.index("mtls-sidecar")]
+    env = env_of(sidecar)
+    own = [c for c in inits if c["name"].startswith("mtls-")]
+
+    # A native sidecar: starts before the app, lives as long as the pod.
+    assert sidecar["restartPolicy"] == "Always", where
+    assert _is_sidecar_image(sidecar["image"]), where
+
+    # Runs as the proxy UID (exempt from capture), read-only, nothing extra.
+    sc = sidecar["securityContext"]
+    assert sc["runAsUser"] == PROXY_UID and sc["runAsNonRoot"] is True, where
+    assert sc["readOnlyRootFilesystem"] is True, where
+    assert sc["allowPrivilegeEscalation"] is False, where
+    assert sc["capabilities"] == {"drop": ["ALL"]}, where
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+
+    # Resources: requests for scheduling, a memory limit.
+    res = sidecar["resources"]
+    assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"], where
+
+    # Admin port: reachable by the kubelet (probes) and Prometheus; drain stays local.
+    host, _, port = env["MTLS_ADMIN_LISTEN"].rpartition(":")
+    assert int(port) == ADMIN_PORT, where
+    assert host in ("0.0.0.0", "", "[::]"), f"{where}: kubelet probes need a non-loopback admin"
+    assert env.get("MTLS_ADMIN_ALLOW_REMOTE_DRAIN") == "false", where
+    for probe, path_ in (("readinessProbe", "/ready"), ("livenessProbe", "/live"),
+                         ("startupProbe", "/ready")):  # fmt: skip
+        get = sidecar[probe]["httpGet"]
+        assert get["path"] == path_, f"{where}: {probe}"
+        assert _port_number(sidecar, get["port"]) == ADMIN_PORT, f"{where}: {probe}"
+    annotations = template["metadata"]["annotations"]
+    if not (user_workload and annotations.get("prometheus.io/port", "") != str(ADMIN_PORT)):
         assert annotations["prometheus.io/scrape"] == "true", where
         assert int(annotations["prometheus.io/port"]) == ADMIN_PORT, where
         assert annotations["prometheus.io/path"] == "/metrics", where
-        assert template["metadata"]["labels"]["mtls-sidecar/enabled"] == "true", where
+    assert template["metadata"]["labels"]["mtls-sidecar/enabled"] == "true", where
 
-        # Draining finishes before the kubelet's SIGKILL.
-        grace = pod.get("terminationGracePeriodSeconds", 30)
-        assert _duration_seconds(env["MTLS_DRAIN_TIMEOUT"]) < grace, where
-        assert int(env["MTLS_WORKERS"]) >= 1, f"{where}: set MTLS_WORKERS (default = node CPUs)"
+    # Draining finishes before the kubelet's SIGKILL.
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    assert _duration_seconds(env["MTLS_DRAIN_TIMEOUT"]) < grace, where
+    assert int(env["MTLS_WORKERS"]) >= 1, f"{where}: set MTLS_WORKERS (default = node CPUs)"
 
-        # Every mount has its volume; /tmp is writable scratch; *_FILE paths are mounted.
-        volumes = {v["name"]: v for v in pod["volumes"]}
-        mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
-        for c in inits + pod["containers"]:
-            for m in c.get("volumeMounts", []):
-                assert m["name"] in volumes, f"{where}: {c['name']} mounts unknown {m['name']}"
-        assert "emptyDir" in volumes[mounts["/tmp"]], where
-        for key, value in env.items():
-            if key.endswith("_FILE"):
-                assert any(value.startswith(mp + "/") for mp in mounts), (
-                    f"{where}: {key} not mounted"
-                )
+    # Every mount has its volume; /tmp is writable scratch; *_FILE paths are mounted.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    for c in own if user_workload else inits + pod["containers"]:
+        for m in c.get("volumeMounts", []):
+            assert m["name"] in volumes, f"{where}: {c['name']} mounts unknown {m['name']}"
+    assert "emptyDir" in volumes[mounts["/tmp"]], where
+    for key, value in env.items():
+        if key.endswith("_FILE"):
+            assert any(value.startswith(mp + "/") for mp in mounts), f"{where}: {key} not mounted"
 
-        if env.get("MTLS_TRANSPARENT") == "true":
-            # The iptables init container runs first, with NET_ADMIN/NET_RAW and nothing else.
-            assert names.index("mtls-iptables") < names.index("mtls-sidecar"), where
-            ipt = inits[names.index("mtls-iptables")]
-            assert ipt["args"] == ["iptables", "--apply"], where
-            assert "restartPolicy" not in ipt, where
-            caps = ipt["securityContext"]["capabilities"]
-            assert caps["drop"] == ["ALL"] and sorted(caps["add"]) == ["NET_ADMIN", "NET_RAW"], (
-                where
-            )
-            assert ipt["securityContext"]["allowPrivilegeEscalation"] is False, where
-            assert ipt["securityContext"]["readOnlyRootFilesystem"] is True, where
-            # Same settings as the sidecar, so the rules match what it listens on.
-            assert container_env(ipt, ns) == env, where
-            # Probes and scrapes must not be captured into the mTLS listener.
-            excluded = env.get("MTLS_EXCLUDE_INBOUND_PORTS", "").split(",")
-            assert str(ADMIN_PORT) in excluded, where
-            assert int(env["MTLS_PROXY_UID"]) == PROXY_UID, where
-        else:
-            # Explicit mode needs no privileges anywhere in the pod.
-            for c in inits + pod["containers"]:
-                assert not c["securityContext"]["capabilities"].get("add"), f"{where}: {c['name']}"
-                assert c["securityContext"]["runAsNonRoot"] is True, f"{where}: {c['name']}"
+    if env.get("MTLS_TRANSPARENT") == "true":
+        # The iptables init container runs first, with NET_ADMIN/NET_RAW and nothing else.
+        assert names.index("mtls-iptables") < names.index("mtls-sidecar"), where
+        ipt = inits[names.index("mtls-iptables")]
+        assert ipt["args"] == ["iptables", "--apply"], where
+        assert "restartPolicy" not in ipt, where
+        caps = ipt["securityContext"]["capabilities"]
+        assert caps["drop"] == ["ALL"] and sorted(caps["add"]) == ["NET_ADMIN", "NET_RAW"], where
+        assert ipt["securityContext"]["allowPrivilegeEscalation"] is False, where
+        assert ipt["securityContext"]["readOnlyRootFilesystem"] is True, where
+        # Same settings as the sidecar, so the rules match what it listens on.
+        assert env_of(ipt) == env, where
+        # Probes and scrapes must not be captured into the mTLS listener.
+        excluded = env.get("MTLS_EXCLUDE_INBOUND_PORTS", "").split(",")
+        assert str(ADMIN_PORT) in excluded, where
+        assert int(env["MTLS_PROXY_UID"]) == PROXY_UID, where
+    else:
+        # Explicit mode needs no privileges anywhere in the pod.
+        for c in own if user_workload else inits + pod["containers"]:
+            assert not c["securityContext"]["capabilities"].get("add"), f"{where}: {c['name']}"
+            assert c["securityContext"]["runAsNonRoot"] is True, f"{where}: {c['name']}"
 
 
 def test_ca_deployment() -> None:

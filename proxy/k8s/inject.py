@@ -137,7 +137,7 @@ def inject_report(
     """
     opts = options or Options()
     notes: list[str] = []
-    out = _walk(obj, lambda t, w: _inject_template(t, w, opts, namespace, notes), notes)
+    out = _walk(obj, lambda t, w: _inject_template(t, w, opts, namespace, notes), notes, namespace)
     return Result(out, notes)
 
 
@@ -176,25 +176,26 @@ def describe(obj: Mapping[str, Any], namespace: str | None = None) -> str:
 TemplateFn = Callable[[Obj, str], Obj]
 
 
-def _walk(obj: Any, fn: TemplateFn, notes: list[str]) -> Any:
+def _walk(obj: Any, fn: TemplateFn, notes: list[str], namespace: str | None = None) -> Any:
     if not isinstance(obj, dict):
         notes.append(f"skipped a {type(obj).__name__} document: not a Kubernetes object")
         return obj
     kind = obj.get("kind")
     if isinstance(kind, str) and kind.endswith("List") and isinstance(obj.get("items"), list):
         out = dict(obj)
-        out["items"] = [_walk(item, fn, notes) for item in obj["items"]]
+        out["items"] = [_walk(item, fn, notes, namespace) for item in obj["items"]]
         return out
     path = TEMPLATE_PATHS.get(kind) if isinstance(kind, str) else None
     if path is None:
-        notes.append(f"{describe(obj)}: left unchanged (not a kind with pods)")
+        notes.append(f"{describe(obj, namespace)}: left unchanged (not a kind with pods)")
         return obj
     parent: Any = obj
     for key in path:
         parent = parent.get(key) if isinstance(parent, dict) else None
     if not isinstance(parent, dict) or not isinstance(parent.get("spec"), dict):
-        raise InjectError(f"{describe(obj)}: no pod template at {'.'.join((*path, 'spec'))}")
-    new_template = fn(parent, describe(obj))
+        where = describe(obj, namespace)
+        raise InjectError(f"{where}: no pod template at {'.'.join((*path, 'spec'))}")
+    new_template = fn(parent, describe(obj, namespace))
     if new_template is parent:
         return obj
     out = copy.deepcopy(obj)
