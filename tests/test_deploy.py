@@ -272,7 +272,7 @@ def test_strict_validation_catches_a_typo() -> None:
 
 
 def test_kustomizations_list_every_manifest() -> None:
-    assert len(_kustomizations()) == 2
+    assert len(_kustomizations()) == 3
     for kfile in _kustomizations():
         data = _docs(kfile)[0]
         assert data["kind"] == "Kustomization"
@@ -474,6 +474,76 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=30,
         check=False,
     )
+
+
+def test_injector_manifests() -> None:
+    """The webhook reaches the injector's Service and port over a certificate cert-manager
+    issues for that Service's name, selects labelled namespaces only, and the injector's
+    flags are the injector's own."""
+    from proxy.k8s.cli import options_from
+    from proxy.k8s.inject import inject
+    from proxy.k8s.webhook import build_parser
+
+    base = K8S / "injector"
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in
+            (d for f in sorted(base.glob("*.yaml")) if f.name != "kustomization.yaml"
+             for d in _docs(f))}  # fmt: skip
+    (hook,) = docs[("MutatingWebhookConfiguration", "mtls-sidecar-injector")]["webhooks"]
+    assert hook["admissionReviewVersions"] == ["v1"] and hook["sideEffects"] == "None"
+    assert hook["failurePolicy"] == "Fail" and 1 <= hook["timeoutSeconds"] <= 10
+    assert hook["reinvocationPolicy"] in ("Never", "IfNeeded")
+    assert hook["namespaceSelector"] == {"matchLabels": {"mtls-sidecar.io/inject": "enabled"}}
+    assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                              "resources": ["pods"], "scope": "Namespaced"}]  # fmt: skip
+    assert any("'disabled'" in c["expression"] for c in hook["matchConditions"])
+    ref = hook["clientConfig"]["service"]
+    assert ref["path"] == "/inject"
+    svc = docs[("Service", ref["name"])]
+    assert svc["metadata"]["namespace"] == ref["namespace"]
+    (port,) = [p for p in svc["spec"]["ports"] if p["port"] == ref["port"]]
+    dep = docs[("Deployment", "mtls-injector")]
+    pod = dep["spec"]["template"]["spec"]
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    (container,) = pod["containers"]
+    assert container["args"][0] == "injector"
+    flags = [a.replace("$(MTLS_CA_FINGERPRINT)", SAMPLE_VALUES["MTLS_CA_FINGERPRINT"])
+             for a in container["args"][1:]]  # fmt: skip
+    args = build_parser().parse_args(flags)
+    assert int(args.listen.rpartition(":")[2]) == _port_number(container, port["targetPort"])
+    assert args.image == container["image"], "the injected sidecar is the injector's version"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+    # The serving certificate: cert-manager's, for the Service's DNS name, mounted at --cert.
+    annotation = docs[("MutatingWebhookConfiguration", "mtls-sidecar-injector")]["metadata"][
+        "annotations"
+    ]["cert-manager.io/inject-ca-from"]
+    cert_ns, cert_name = annotation.split("/")
+    cert = docs[("Certificate", cert_name)]
+    assert cert["metadata"]["namespace"] == cert_ns
+    assert f"{ref['name']}.{ref['namespace']}.svc" in cert["spec"]["dnsNames"]
+    assert docs[("Issuer", cert["spec"]["issuerRef"]["name"])]["metadata"]["namespace"] == cert_ns
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (mount,) = container["volumeMounts"]
+    assert volumes[mount["name"]]["secret"]["secretName"] == cert["spec"]["secretName"]
+    assert args.cert == f"{mount['mountPath']}/tls.crt"
+    assert args.key == f"{mount['mountPath']}/tls.key"
+    # Restricted: no privileges, no API token; the namespace itself is never injected.
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    ns = docs[("Namespace", "mtls-system")]["metadata"]["labels"]
+    assert "mtls-sidecar.io/inject" not in ns
+    assert ns["pod-security.kubernetes.io/enforce"] == "restricted"
+    # These flags are accepted by the injector and end up in the injected sidecar.
+    _, demo = next((p, d) for p, d in _deployments() if d["metadata"]["name"] == "demo-app")
+    plain = copy.deepcopy(demo)
+    plain["spec"]["template"]["spec"]["initContainers"] = []
+    plain["spec"]["template"]["spec"]["volumes"] = [{"name": "srv", "emptyDir": {}}]
+    injected = inject(plain, options_from(args))
+    template = injected["spec"]["template"]
+    sidecar = _container(template["spec"], "mtls-sidecar")
+    assert sidecar is not None
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["MTLS_CA_URL"] == args.ca_url and env["MTLS_CA_FINGERPRINT"] == "9f" * 32
 
 
 def test_service_monitor_selects_the_sidecars() -> None:

@@ -187,8 +187,8 @@ async def _serve(host: str, port: int, ctx: ssl.SSLContext, reloader: _CertReloa
     return 0
 
 
-def main(argv: Sequence[str]) -> int:
-    """`mtls-sidecar injector --listen ADDR --cert FILE --key FILE [inject flags]`."""
+def build_parser() -> argparse.ArgumentParser:
+    """The injector's flags: where it listens, its certificate, and what it injects."""
     parser = argparse.ArgumentParser(
         prog="mtls-sidecar injector", description="The sidecar injector as an admission webhook"
     )
@@ -197,7 +197,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--key", required=True, help="PEM private key of the certificate")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     add_option_flags(parser)
-    args = parser.parse_args(list(argv))
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    """`mtls-sidecar injector --listen ADDR --cert FILE --key FILE [inject flags]`."""
+    args = build_parser().parse_args(list(argv))
     from ..logs import setup_logging
 
     setup_logging(args.log_level, "json")
