@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 import jsonpatch
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from proxy.k8s import inject as inj
@@ -481,6 +482,58 @@ def before_inits(obj: dict[str, Any]) -> list[Any]:
     return list(template["spec"].get("initContainers", []))
 
 
+_junk = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 70000) | st.text("ab1:/-", max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.text("abn", max_size=3), inner, max_size=2)
+    ),
+    max_leaves=6,
+)
+
+
+def _maybe_junk(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(strategy, _junk)
+
+
+_junk_container = st.fixed_dictionaries(
+    {"name": _maybe_junk(_names)},
+    optional={
+        "ports": _maybe_junk(st.lists(st.fixed_dictionaries(
+            {"name": _maybe_junk(st.just("p")), "containerPort": _maybe_junk(_port)}), max_size=2)),
+        "livenessProbe": _maybe_junk(st.fixed_dictionaries({"httpGet": _maybe_junk(
+            st.fixed_dictionaries({"port": _maybe_junk(_port | st.just("p"))}))})),
+    },
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {"kind": st.just("Pod"), "spec": _maybe_junk(st.fixed_dictionaries(
+            {"containers": _maybe_junk(st.lists(_maybe_junk(_junk_container), max_size=2))},
+            optional={k: _junk for k in ("initContainers", "volumes", "securityContext",
+                                         "hostNetwork", "terminationGracePeriodSeconds",
+                                         "serviceAccountName")}))},
+        optional={"metadata": _maybe_junk(st.fixed_dictionaries(
+            {}, optional={"annotations": _junk, "labels": _junk, "name": _junk}))},
+    )
+)  # fmt: skip
+def test_malformed_objects_are_an_inject_error_never_a_crash(obj: dict[str, Any]) -> None:
+    before = copy.deepcopy(obj)
+    try:
+        out = inj.inject(obj)
+    except inj.InjectError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("Pod ")
+        event("refused")
+        return
+    event("injected" if out != before else "unchanged")
+    assert obj == before
+    try:
+        assert inj.uninject(out) == before
+    except inj.InjectError as exc:
+        pytest.fail(f"inject accepted it but uninject failed: {exc}")
+
+
 # --- the CLI as a process ---------------------------------------------------------------------
 
 
@@ -624,36 +677,52 @@ def test_review_answers() -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def injector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ssl.SSLContext]]:
-    """`python -m proxy injector` on a free port with a serving cert made here."""
-    tmp = tmp_path_factory.mktemp("injector")
-    root = pki.make_root("injector test root")
-    ident = pki.write_identity(tmp, "injector", root, [root.cert], None, dns=("localhost",))
+def _start_injector(cert: Path, key: str | Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """`python -m proxy injector` on a free port; returns it and its https://localhost URL
+    once it says where it listens."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "injector", "--listen", "127.0.0.1:0",
-         "--cert", str(ident.cert), "--key", str(ident.key), "--ca-fingerprint", "9f" * 32],
+         "--cert", str(cert), "--key", str(key), *extra],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stderr is not None
-    url = None
-    deadline = time.monotonic() + 30
     lines = []
-    while url is None and time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
+    for line in proc.stderr:
         lines.append(line)
-        m = re.search(r"listening on (https://127\.0\.0\.1:\d+)", line)
-        url = m.group(1).replace("127.0.0.1", "localhost") if m else None
-    assert url, "".join(lines)
-    ctx = ssl.create_default_context(cafile=str(ident.bundle))
+        m = re.search(r"listening on https://127\.0\.0\.1:(\d+)", line)
+        if m:
+            return proc, f"https://localhost:{m.group(1)}"
+    proc.wait(timeout=30)
+    raise AssertionError("the injector did not start:\n" + "".join(lines))
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+
+
+@pytest.fixture(scope="module")
+def injector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ssl.SSLContext]]:
+    """The injector serving a certificate from our own CA (`ca init`, `ca issue --dns`), the
+    alternative to cert-manager that README describes."""
+    tmp = tmp_path_factory.mktemp("injector")
+    for args in (
+        ["ca", "init", "--dir", str(tmp / "ca"), "--trust-domain", "cluster.local"],
+        ["ca", "issue", "--dir", str(tmp / "ca"), "--id",
+         "spiffe://cluster.local/ns/mtls-system/sa/mtls-injector", "--dns", "localhost",
+         "--ttl", "1d", "--out", str(tmp / "injector")],
+    ):  # fmt: skip
+        made = _run(*args)
+        assert made.returncode == 0, made.stderr
+    proc, url = _start_injector(
+        tmp / "injector.crt", tmp / "injector.key", "--ca-fingerprint", "9f" * 32
+    )
+    ctx = ssl.create_default_context(cafile=str(tmp / "injector.bundle.pem"))
     try:
         yield url, ctx
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        assert proc.returncode == 0, proc.stderr.read()
+        _stop(proc)
 
 
 def _post(url: str, ctx: ssl.SSLContext, body: bytes, path: str = "/inject") -> tuple[int, Any]:
@@ -712,6 +781,57 @@ def test_injector_rejects_bad_reviews(injector: tuple[str, ssl.SSLContext]) -> N
     for path in ("/live", "/ready"):
         with urllib.request.urlopen(url + path, context=ctx, timeout=10) as resp:
             assert resp.status == 200
+
+
+def _ready(url: str, ctx: ssl.SSLContext) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/ready", context=ctx, timeout=5) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, ssl.SSLError, OSError):
+        return False
+
+
+def test_injector_reloads_a_renewed_certificate(tmp_path: Path) -> None:
+    """Files replaced the way a Secret volume does it (rename): the injector serves the new
+    certificate; a broken renewal keeps the old one."""
+    old_root, new_root = pki.make_root("old root"), pki.make_root("new root")
+    old = pki.write_identity(tmp_path / "old", "s", old_root, [old_root.cert], None)
+    new = pki.write_identity(tmp_path / "new", "s", new_root, [new_root.cert], None)
+    live = tmp_path / "live"
+    live.mkdir()
+    for name, src in (("tls.crt", old.cert), ("tls.key", old.key)):
+        (live / name).write_bytes(src.read_bytes())
+    proc, url = _start_injector(live / "tls.crt", live / "tls.key", "--reload-interval", "0.1")
+    try:
+        old_ctx = ssl.create_default_context(cafile=str(old.bundle))
+        new_ctx = ssl.create_default_context(cafile=str(new.bundle))
+        assert _ready(url, old_ctx) and not _ready(url, new_ctx)
+        # A certificate whose key does not match: not loaded, the old one stays.
+        (tmp_path / "bad.crt").write_bytes(new.cert.read_bytes())
+        os.replace(tmp_path / "bad.crt", live / "tls.crt")
+        deadline = time.monotonic() + 20
+        while "not reloaded" not in _stderr_line(proc):
+            assert time.monotonic() < deadline, "no log line about the failed reload"
+        assert _ready(url, old_ctx)
+        (tmp_path / "new.key").write_bytes(new.key.read_bytes())
+        os.replace(tmp_path / "new.key", live / "tls.key")
+        deadline = time.monotonic() + 20
+        while not _ready(url, new_ctx):
+            assert time.monotonic() < deadline, "the renewed certificate was never served"
+        assert not _ready(url, old_ctx)
+        # A client that sends no SNI gets the renewed certificate too.
+        no_sni = ssl.create_default_context(cafile=str(new.bundle))
+        no_sni.check_hostname = False
+        port = int(url.rpartition(":")[2])
+        with no_sni.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as tls:
+            assert tls.getpeercert() is not None
+    finally:
+        _stop(proc)
+
+
+def _stderr_line(proc: subprocess.Popen[str]) -> str:
+    assert proc.stderr is not None
+    return proc.stderr.readline()
 
 
 def test_injector_refuses_bad_flags(tmp_path: Path) -> None:

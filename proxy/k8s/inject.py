@@ -163,12 +163,11 @@ def is_injected(template: Mapping[str, Any]) -> bool:
 
 def describe(obj: Mapping[str, Any], namespace: str | None = None) -> str:
     """'Deployment shop/web': how messages name a workload."""
-    meta = obj.get("metadata") or {}
-    name = meta.get("name") or (
-        meta.get("generateName", "") + "*" if meta.get("generateName") else ""
-    )
+    meta = obj.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    name = meta.get("name") or (f"{meta['generateName']}*" if meta.get("generateName") else "")
     ns = meta.get("namespace") or namespace
-    return f"{obj.get('kind', 'object')} {ns + '/' if ns else ''}{name or '(unnamed)'}"
+    return f"{obj.get('kind', 'object')} {f'{ns}/' if ns else ''}{name or '(unnamed)'}"
 
 
 # --- walking manifests ------------------------------------------------------------------------
@@ -195,7 +194,14 @@ def _walk(obj: Any, fn: TemplateFn, notes: list[str], namespace: str | None = No
     if not isinstance(parent, dict) or not isinstance(parent.get("spec"), dict):
         where = describe(obj, namespace)
         raise InjectError(f"{where}: no pod template at {'.'.join((*path, 'spec'))}")
-    new_template = fn(parent, describe(obj, namespace))
+    where = describe(obj, namespace)
+    try:
+        new_template = fn(parent, where)
+    except (TypeError, KeyError, AttributeError, ValueError) as exc:
+        # A field of the wrong shape (the API server would refuse the object anyway).
+        raise InjectError(
+            f"{where}: not a valid pod template ({type(exc).__name__}: {exc})"
+        ) from None
     if new_template is parent:
         return obj
     out = copy.deepcopy(obj)
@@ -555,9 +561,11 @@ def _apply(template: Obj, env: list[Obj], options: Options, mode: str) -> Obj:
     added: list[str] = []
 
     def child(parent: Obj, key: str, path: str) -> Obj:
-        if not isinstance(parent.get(key), dict):
+        if key not in parent:
             parent[key] = {}
             added.append(f"{path}/{_escape(key)}")
+        elif not isinstance(parent[key], dict):
+            raise ValueError(f"{path}/{key} is not a mapping")
         value: Obj = parent[key]
         return value
 

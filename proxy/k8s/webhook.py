@@ -26,7 +26,6 @@ log = logging.getLogger("mtls.injector")
 # etcd stores objects of at most 1.5 MiB; a review wraps one (twice for UPDATE).
 MAX_BODY = 4 * 1024 * 1024
 REVIEW_API = "admission.k8s.io/v1"
-CERT_CHECK_SECONDS = 10.0
 
 
 class BadReview(ValueError):
@@ -136,35 +135,55 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _server_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
 class _CertReloader:
-    """Loads the serving certificate again when its files change (cert-manager renews it);
-    a failed load keeps the old one."""
+    """Serves the certificate files' current content: when they change (cert-manager renews
+    them) a new context is built, and only if it loads does it replace the old one, so a
+    half-written or mismatched renewal keeps the old certificate in service."""
 
-    def __init__(self, ctx: ssl.SSLContext, cert: str, key: str) -> None:
-        self.ctx, self.cert, self.key = ctx, cert, key
+    def __init__(self, cert: str, key: str, interval: float) -> None:
+        self.cert, self.key, self.interval = cert, key, interval
         self.stamp = self._stamp()
+        self.current = _server_context(cert, key)
+        # The context the listener holds: each handshake switches to the current one.
+        # (OpenSSL calls this for every ClientHello, with or without SNI.)
+        self.listener = _server_context(cert, key)
+        self.listener.sni_callback = self._pick
 
-    def _stamp(self) -> tuple[float, float]:
-        return (os.stat(self.cert).st_mtime, os.stat(self.key).st_mtime)
+    def _pick(self, sslobj: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+        sslobj.context = self.current
+
+    def _stamp(self) -> tuple[tuple[int, int, int], ...]:
+        # Secret volumes swap a symlink: a new inode, even within one mtime tick.
+        return tuple(
+            (s.st_mtime_ns, s.st_ino, s.st_size) for s in map(os.stat, (self.cert, self.key))
+        )
 
     async def watch(self) -> None:
+        """Check the files every `interval` seconds, forever."""
         while True:
-            await asyncio.sleep(CERT_CHECK_SECONDS)
+            await asyncio.sleep(self.interval)
             try:
                 stamp = self._stamp()
-                if stamp != self.stamp:
-                    self.ctx.load_cert_chain(self.cert, self.key)
-                    self.stamp = stamp
-                    log.info("serving certificate reloaded from %s", self.cert)
+                if stamp == self.stamp:
+                    continue
+                self.current = _server_context(self.cert, self.key)
+                self.stamp = stamp
+                log.info("serving certificate reloaded from %s", self.cert)
             except (OSError, ssl.SSLError) as exc:
                 log.warning("serving certificate not reloaded, keeping the old one: %s", exc)
 
 
-async def _serve(host: str, port: int, ctx: ssl.SSLContext, reloader: _CertReloader,
-                 options: Options) -> int:  # fmt: skip
+async def _serve(host: str, port: int, reloader: _CertReloader, options: Options) -> int:
     runner = web.AppRunner(make_app(options), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ctx)
+    site = web.TCPSite(runner, host, port, ssl_context=reloader.listener)
     try:
         await site.start()
     except OSError as exc:
@@ -195,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", default="0.0.0.0:9443", help="HOST:PORT (%(default)s)")
     parser.add_argument("--cert", required=True, help="PEM serving certificate chain")
     parser.add_argument("--key", required=True, help="PEM private key of the certificate")
+    parser.add_argument(
+        "--reload-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how often to look for a renewed certificate (%(default)s)",
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     add_option_flags(parser)
     return parser
@@ -218,11 +244,8 @@ def main(argv: Sequence[str]) -> int:
     except (ValueError, InjectError) as exc:
         print(f"mtls-sidecar injector: error: {exc}", file=sys.stderr)
         return 2
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(args.cert, args.key)
-        reloader = _CertReloader(ctx, args.cert, args.key)
+        reloader = _CertReloader(args.cert, args.key, max(0.05, args.reload_interval))
     except (OSError, ssl.SSLError) as exc:
         print(
             f"mtls-sidecar injector: error: cannot load --cert {args.cert} / --key {args.key}: "
@@ -230,4 +253,4 @@ def main(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    return asyncio.run(_serve(host, port, ctx, reloader, options))
+    return asyncio.run(_serve(host, port, reloader, options))
