@@ -352,6 +352,32 @@ def test_skipped_workloads() -> None:
         inj.inject(taken)
 
 
+@pytest.mark.parametrize(
+    "spec,mode,expected",
+    [
+        ({"containers": [{"name": "web", "image": "w", "ports": [{"containerPort": 15000}]}]},
+         "explicit", "container web: port 15000 is the sidecar's admin port"),
+        ({"containers": [{"name": "web", "image": "w", "ports": [{"containerPort": 15006}]}]},
+         "transparent", "port 15006 is the sidecar's inbound capture port"),
+        ({"containers": [{"name": "web", "image": "w", "securityContext": {"runAsUser": 1337}}]},
+         "transparent", "container web runs as UID 1337"),
+        ({"securityContext": {"runAsUser": 1337},
+          "containers": [{"name": "web", "image": "w"}]},
+         "transparent", "container web runs as UID 1337"),
+    ],
+)  # fmt: skip
+def test_pods_that_clash_with_the_sidecar(spec: dict[str, Any], mode: str, expected: str) -> None:
+    dep = _deployment({P + "mode": mode, P + "inbound": ":8443=127.0.0.1:8080"})
+    dep["spec"]["template"]["spec"] = spec
+    with pytest.raises(inj.InjectError, match=re.escape(expected)):
+        inj.inject(dep)
+    # The same pod with another UID, or port 15006 in explicit mode, is fine.
+    if mode == "transparent" and "15006" not in expected:
+        spec = json.loads(json.dumps(spec).replace("1337", "1000"))
+        dep["spec"]["template"]["spec"] = spec
+        assert inj.is_injected(inj.inject(dep)["spec"]["template"])
+
+
 def test_damaged_state_annotation() -> None:
     out = inj.inject(_deployment())
     out["spec"]["template"]["metadata"]["annotations"][inj.STATE_ANNOTATION] = "{not json"
@@ -368,7 +394,8 @@ def test_grace_period_bounds_the_drain_timeout() -> None:
 # --- properties -------------------------------------------------------------------------------
 
 _names = st.sampled_from(["app", "web", "db", "worker", "cache", "job"])
-_port = st.integers(min_value=1, max_value=65535)
+# Not the sidecar's own ports, which `inject` refuses (test_pods_that_clash_with_the_sidecar).
+_port = st.integers(min_value=1, max_value=65535).filter(lambda p: p not in inj.SIDECAR_PORTS)
 
 
 @st.composite
@@ -740,6 +767,9 @@ def test_injector_patch_gives_what_inject_gives(injector: tuple[str, ssl.SSLCont
     url, ctx = injector
     options = inj.Options(ca_fingerprint="9f" * 32)
     pods = [_pod(), _pod({P + "allow-peers": "spiffe://cluster.local/ns/shop/sa/client"})]
+    (sts,) = _load_all(GOLDEN / "in" / "statefulset.yaml")  # init containers, fsGroup
+    (ds,) = _load_all(GOLDEN / "in" / "daemonset.yaml")  # volumes
+    pods += [{"apiVersion": "v1", "kind": "Pod", **t["spec"]["template"]} for t in (sts, ds)]
     (probes,) = _load_all(GOLDEN / "in" / "pod-probes.yaml")
     pods.append(probes)
     for i, pod in enumerate(pods):

@@ -264,6 +264,7 @@ def _inject_template(
             options = replace(options, **overrides)
             sources[_option_var(attr)] = f"annotation {PREFIX}{key}={ours[key]!r}"
     _check_names(spec, where, mode)
+    _check_pod(spec, where, mode)
     probe_ports = _probe_ports(spec, where) if mode == "transparent" else []
     env = _sidecar_env(template, spec, ours, options, mode, probe_ports, sources)
     _validate(env, where, sources, _namespace(template, namespace), _service_account(spec))
@@ -292,6 +293,30 @@ def _check_names(spec: Mapping[str, Any], where: str, mode: str) -> None:
     for name in wanted:
         if name in volumes:
             raise InjectError(f"{where}: a volume is already named {name}")
+
+
+# The ports the sidecar binds in the pod's network namespace (admin; transparent captures).
+SIDECAR_PORTS = {ADMIN_PORT: "admin", 15001: "outbound capture", 15006: "inbound capture"}
+
+
+def _check_pod(spec: Mapping[str, Any], where: str, mode: str) -> None:
+    """Refuse pods the sidecar would clash with, or that would bypass it unseen."""
+    pod_uid = (spec.get("securityContext") or {}).get("runAsUser")
+    for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+        for p in c.get("ports") or []:
+            port = p.get("containerPort")
+            if port == ADMIN_PORT or (mode == "transparent" and port in SIDECAR_PORTS):
+                raise InjectError(
+                    f"{where}: container {c.get('name')}: port {port} is the sidecar's "
+                    f"{SIDECAR_PORTS[port]} port"
+                )
+        uid = (c.get("securityContext") or {}).get("runAsUser", pod_uid)
+        if mode == "transparent" and uid == PROXY_UID:
+            # Traffic of the proxy's UID is never captured: it would leave in plaintext.
+            raise InjectError(
+                f"{where}: container {c.get('name')} runs as UID {PROXY_UID}, the sidecar's, "
+                f"whose connections are not captured; run it as another user"
+            )
 
 
 def _probe_ports(spec: Mapping[str, Any], where: str) -> list[tuple[str, str, int]]:
