@@ -640,6 +640,10 @@ def _apply(template: Obj, env: list[Obj], options: Options, mode: str) -> Obj:
 # --- uninject ---------------------------------------------------------------------------------
 
 
+def _named(item: Any, names: set[str]) -> bool:
+    return isinstance(item, dict) and item.get("name") in names
+
+
 def _uninject_template(template: Obj, where: str, notes: list[str]) -> Obj:
     annotations = _annotations(template)
     if STATE_ANNOTATION not in annotations:
@@ -656,8 +660,8 @@ def _uninject_template(template: Obj, where: str, notes: list[str]) -> Obj:
     out = copy.deepcopy(template)
     del out["metadata"]["annotations"][STATE_ANNOTATION]
     spec = out["spec"]
-    spec["initContainers"] = [c for c in spec.get("initContainers") or [] if c["name"] not in names]
-    spec["volumes"] = [v for v in spec.get("volumes") or [] if v["name"] not in volume_names]
+    spec["initContainers"] = [c for c in spec.get("initContainers") or [] if not _named(c, names)]
+    spec["volumes"] = [v for v in spec.get("volumes") or [] if not _named(v, volume_names)]
     for path in reversed(added):
         *parents, last = [_unescape(p) for p in path.split("/")[1:]]
         node: Any = out
