@@ -77,10 +77,11 @@ ANNOTATION_VARS: dict[str, str] = {
 }
 # Annotations that steer the injection itself (or override an injector option).
 CONTROL_ANNOTATIONS = ("inject", "mode", "ca-url", "ca-fingerprint", "trust-domain", "injected")
+# annotation -> (Options field, CLI flag, the variable it ends up in)
 OPTION_ANNOTATIONS = {
-    "ca-url": ("ca_url", "--ca-url"),
-    "ca-fingerprint": ("ca_fingerprint", "--ca-fingerprint"),
-    "trust-domain": ("trust_domain", "--trust-domain"),
+    "ca-url": ("ca_url", "--ca-url", "MTLS_CA_URL"),
+    "ca-fingerprint": ("ca_fingerprint", "--ca-fingerprint", "MTLS_CA_FINGERPRINT"),
+    "trust-domain": ("trust_domain", "--trust-domain", "MTLS_TRUST_DOMAIN"),
 }
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 # Stand-ins for values that exist only in the running pod, used to validate the env here.
@@ -157,7 +158,8 @@ def is_injected(template: Mapping[str, Any]) -> bool:
     """Whether a pod (or pod template) already carries the sidecar, injected or by hand."""
     annotations = (template.get("metadata") or {}).get("annotations") or {}
     spec = template.get("spec") or {}
-    names = {c.get("name") for c in (spec.get("initContainers") or []) + spec.get("containers", [])}
+    containers = (spec.get("initContainers") or []) + (spec.get("containers") or [])
+    names = {c.get("name") for c in containers if isinstance(c, dict)}
     return STATE_ANNOTATION in annotations or SIDECAR in names
 
 
@@ -191,10 +193,9 @@ def _walk(obj: Any, fn: TemplateFn, notes: list[str], namespace: str | None = No
     parent: Any = obj
     for key in path:
         parent = parent.get(key) if isinstance(parent, dict) else None
-    if not isinstance(parent, dict) or not isinstance(parent.get("spec"), dict):
-        where = describe(obj, namespace)
-        raise InjectError(f"{where}: no pod template at {'.'.join((*path, 'spec'))}")
     where = describe(obj, namespace)
+    if not isinstance(parent, dict) or not isinstance(parent.get("spec"), dict):
+        raise InjectError(f"{where}: no pod template at {'.'.join((*path, 'spec'))}")
     try:
         new_template = fn(parent, where)
     except (TypeError, KeyError, AttributeError, ValueError) as exc:
@@ -257,12 +258,12 @@ def _inject_template(
             f"{where}: annotation {PREFIX}mode={mode!r}: must be transparent or explicit"
         )
     sources: dict[str, str] = {}  # MTLS_* var -> what set it, for error messages
-    for key, (attr, flag) in OPTION_ANNOTATIONS.items():
-        sources[_option_var(attr)] = flag
+    for key, (attr, flag, var) in OPTION_ANNOTATIONS.items():
+        sources[var] = flag
         if key in ours:
             overrides: dict[str, Any] = {attr: ours[key]}
             options = replace(options, **overrides)
-            sources[_option_var(attr)] = f"annotation {PREFIX}{key}={ours[key]!r}"
+            sources[var] = f"annotation {PREFIX}{key}={ours[key]!r}"
     _check_names(spec, where, mode)
     _check_pod(spec, where, mode)
     probe_ports = _probe_ports(spec, where) if mode == "transparent" else []
@@ -274,12 +275,6 @@ def _inject_template(
             f"(kubelet probes are plaintext), so it accepts plaintext connections"
         )
     return _apply(template, env, options, mode)
-
-
-def _option_var(attr: str) -> str:
-    return {"ca_url": "MTLS_CA_URL", "ca_fingerprint": "MTLS_CA_FINGERPRINT"}.get(
-        attr, "MTLS_TRUST_DOMAIN"
-    )
 
 
 def _check_names(spec: Mapping[str, Any], where: str, mode: str) -> None:
@@ -467,12 +462,9 @@ def _validate(
         for problem in exc.problems:
             var = "MTLS_CA_TOKEN_FILE" if problem.var == "MTLS_CA_TOKEN" else problem.var
             source = sources.get(var)
-            message = str(problem)
-            if var == "MTLS_IDENTITY" and problem.var == var:
-                source = (
-                    f"identity for namespace {namespace!r}, service account {service_account!r}"
-                )
-            parts.append(f"{source}: {message}" if source else message)
+            if var == "MTLS_IDENTITY":
+                source = f"identity of namespace {namespace!r}, service account {service_account!r}"
+            parts.append(f"{source}: {problem}" if source else str(problem))
         raise InjectError(f"{where}: {'; '.join(parts)}") from None
 
 
