@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import copy
 import functools
+import http.client
 import io
 import json
 import os
@@ -807,6 +808,16 @@ def test_injector_rejects_bad_reviews(injector: tuple[str, ssl.SSLContext]) -> N
         status, answer = _post(url, ctx, body)
         assert status == 400, (status, answer)
         assert reason in answer["error"] and "Traceback" not in answer["error"]
+    # Chunked, with no Content-Length: cut off once it passes the limit.
+    host, port = url.removeprefix("https://").split(":")
+    conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
+    try:
+        chunks = (b"a" * 65536 for _ in range(65))  # just over 4 MiB
+        conn.request("POST", "/inject", body=chunks, encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 400 and "is over" in json.loads(resp.read())["error"]
+    finally:
+        conn.close()
     # Still serving after all that.
     for path in ("/live", "/ready"):
         with urllib.request.urlopen(url + path, context=ctx, timeout=10) as resp:
