@@ -770,7 +770,8 @@ def test_injector_patch_gives_what_inject_gives(injector: tuple[str, ssl.SSLCont
     pods = [_pod(), _pod({P + "allow-peers": "spiffe://cluster.local/ns/shop/sa/client"})]
     (sts,) = _load_all(GOLDEN / "in" / "statefulset.yaml")  # init containers, fsGroup
     (ds,) = _load_all(GOLDEN / "in" / "daemonset.yaml")  # volumes
-    pods += [{"apiVersion": "v1", "kind": "Pod", **t["spec"]["template"]} for t in (sts, ds)]
+    (nginx,) = _load_all(GOLDEN / "in" / "nginx-deployment.yaml")  # the Kubernetes docs' one
+    pods += [{"apiVersion": "v1", "kind": "Pod", **t["spec"]["template"]} for t in (sts, ds, nginx)]
     (probes,) = _load_all(GOLDEN / "in" / "pod-probes.yaml")
     pods.append(probes)
     for i, pod in enumerate(pods):
