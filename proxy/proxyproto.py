@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from .errors import ProxyError
+from .identity import spiffe_id_from_der
 
 SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 """The 12 bytes every v2 header starts with."""
@@ -124,10 +126,16 @@ def crc32c(data: bytes | bytearray | memoryview) -> int:
 # Encoding
 
 
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def _packed(host: str) -> bytes:
+    """4 bytes for an IPv4 literal, 16 for IPv6 (a %zone is dropped); inet_pton is strict
+    (no short IPv4 forms) and several times faster than ipaddress here."""
     try:
-        return ipaddress.ip_address(host)
-    except ValueError:
+        return socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        pass
+    try:
+        return socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+    except (OSError, ValueError):
         raise ValueError(f"{host!r} is not an IP address") from None
 
 
@@ -137,20 +145,19 @@ def _port(port: int) -> int:
     return port
 
 
-def _v6(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
-    if isinstance(ip, ipaddress.IPv4Address):
-        return ipaddress.IPv6Address(b"\x00" * 10 + b"\xff\xff" + ip.packed).packed
-    return ip.packed
+_V4_MAPPED: Final = b"\x00" * 10 + b"\xff\xff"
 
 
 def _address_block(src: Endpoint, dst: Endpoint) -> tuple[int, bytes]:
-    src_ip, dst_ip = _ip(src[0]), _ip(dst[0])
+    s, d = _packed(src[0]), _packed(dst[0])
     sport, dport = _port(src[1]), _port(dst[1])
-    if isinstance(src_ip, ipaddress.IPv4Address) and isinstance(dst_ip, ipaddress.IPv4Address):
-        return _FAM_INET, _INET.pack(src_ip.packed, dst_ip.packed, sport, dport)
+    if len(s) == 4 and len(d) == 4:
+        return _FAM_INET, _INET.pack(s, d, sport, dport)
     # One side IPv6: both go as IPv6, an IPv4 side as its v4-mapped form (::ffff:a.b.c.d),
     # as haproxy does, so the receiver still sees the real IPv4 address.
-    return _FAM_INET6, _INET6.pack(_v6(src_ip), _v6(dst_ip), sport, dport)
+    s = _V4_MAPPED + s if len(s) == 4 else s
+    d = _V4_MAPPED + d if len(d) == 4 else d
+    return _FAM_INET6, _INET6.pack(s, d, sport, dport)
 
 
 def _tlv_bytes(tlvs: Sequence[Tlv]) -> tuple[bytes, int | None]:
@@ -316,6 +323,12 @@ def caller_tlvs(peer: CallerInfo, id_tlv: int = DEFAULT_ID_TLV, crc: bool = Fals
     (not for a plaintext caller), then the SPIFFE ID as a URI in TLV `id_tlv` (when the
     peer has one).
     """
+    return list(_caller_tlvs(peer, id_tlv, crc))
+
+
+@functools.lru_cache(maxsize=1024)
+def _caller_tlvs(peer: CallerInfo, id_tlv: int, crc: bool) -> tuple[Tlv, ...]:
+    # Cached: a sidecar sees the same few callers over and over.
     _check_id_tlv(id_tlv)
     # Ascending type order, CRC first as haproxy writes it: some readers (the proxy-protocol
     # package) re-serialise TLVs sorted by type to check the CRC, so any other order fails there.
@@ -327,7 +340,7 @@ def caller_tlvs(peer: CallerInfo, id_tlv: int = DEFAULT_ID_TLV, crc: bool = Fals
         tlvs.append(ssl)
     if peer.spiffe_id is not None:
         tlvs.append(_text_tlv(id_tlv, peer.spiffe_id, "SPIFFE ID", ascii_only=True))
-    return tlvs
+    return tuple(tlvs)
 
 
 def caller_header(
@@ -413,6 +426,39 @@ def cert_algorithms(der: bytes) -> tuple[str | None, str | None]:
     else:
         key_alg = None
     return sig, key_alg
+
+
+def caller_from_tls(
+    *,
+    verified: bool,
+    version: str | None,
+    cipher: str | None,
+    peer_der: bytes | None,
+    own_der: bytes | None = None,
+    resumed: bool = False,
+) -> CallerInfo:
+    """CallerInfo for a TLS caller from what the TLS session reports.
+
+    `peer_der` is the caller's certificate (DER), `own_der` the sidecar's own leaf (for
+    SIG_ALG/KEY_ALG; both cached, so this is cheap per connection). CN and SPIFFE ID are
+    taken only when `verified`; an unparseable certificate simply yields neither.
+    """
+    cn = spiffe_id = None
+    if verified and peer_der:
+        cn = common_name(peer_der)
+        sid = spiffe_id_from_der(peer_der)
+        spiffe_id = str(sid) if sid is not None else None
+    sig_alg, key_alg = cert_algorithms(own_der) if own_der else (None, None)
+    return CallerInfo(
+        verified=verified,
+        tls_version=version,
+        cipher=cipher,
+        cn=cn,
+        spiffe_id=spiffe_id,
+        sig_alg=sig_alg,
+        key_alg=key_alg,
+        resumed=resumed,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -597,6 +643,32 @@ def _family_literal(family: int) -> Family:
     if family == _FAM_UNIX:
         return "unix"
     return "unspec"
+
+
+class HeaderReader:
+    """Collects the first bytes of one connection until its PROXY v2 header is complete.
+
+    Feed it every chunk read: None while more is needed, then (Parsed, the payload bytes
+    that came after the header). Holds at most `max_len` plus one chunk.
+    """
+
+    def __init__(self, max_len: int = DEFAULT_MAX_PARSE_LEN) -> None:
+        self.max_len = max_len
+        self._buf = bytearray()
+        self._done = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> tuple[Parsed, bytes] | None:
+        """Add `data`; raises ProxyHeaderError as soon as the bytes cannot be a header."""
+        if self._done:
+            raise RuntimeError("the header was already read")
+        self._buf += data
+        result = parse_v2(self._buf, max_len=self.max_len)
+        if isinstance(result, NeedMore):
+            return None
+        self._done = True
+        rest = bytes(self._buf[result.header_len :])
+        self._buf = bytearray()
+        return result, rest
 
 
 def _check_crc(view: memoryview, tlv_start: int, tlvs: tuple[Tlv, ...]) -> None:

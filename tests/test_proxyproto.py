@@ -110,6 +110,8 @@ def test_tlvs_in_order_and_crc_filled_in() -> None:
     ("kwargs", "message"),
     [
         ({"src": ("nothost", 1), "dst": ("127.0.0.1", 1)}, "'nothost' is not an IP address"),
+        ({"src": ("127.1", 1), "dst": ("127.0.0.1", 1)}, "'127.1' is not an IP address"),
+        ({"src": ("::1", 1), "dst": ("1.2.3.4%x", 1)}, "'1.2.3.4%x' is not an IP address"),
         ({"src": ("127.0.0.1", 70000), "dst": ("127.0.0.1", 1)}, "port 70000 is out of range"),
         ({"src": ("127.0.0.1", -1), "dst": ("127.0.0.1", 1)}, "port -1 is out of range"),
         ({"src": ("127.0.0.1", 1), "dst": None}, "give both src and dst, or neither"),
@@ -527,6 +529,67 @@ def test_cert_details(kind: str, cn: str | None, algs: tuple[str, str]) -> None:
 def test_cert_details_of_garbage() -> None:
     assert pp.cert_algorithms(b"not a cert") == (None, None)
     assert pp.common_name(b"not a cert") is None
+
+
+def test_caller_from_tls() -> None:
+    root = make_root()
+    peer, _ = make_leaf(root, "spiffe://corp.example/ns/shop/sa/web")
+    own, _ = make_leaf(root, "spiffe://corp.example/ns/shop/sa/api")
+    peer_der, own_der = peer.public_bytes(Encoding.DER), own.public_bytes(Encoding.DER)
+    info = pp.caller_from_tls(
+        verified=True,
+        version="TLSv1.3",
+        cipher="TLS_AES_256_GCM_SHA384",
+        peer_der=peer_der,
+        own_der=own_der,
+        resumed=True,
+    )
+    assert info == CallerInfo(
+        verified=True,
+        tls_version="TLSv1.3",
+        cipher="TLS_AES_256_GCM_SHA384",
+        cn="spiffe://corp.example/ns/shop/sa/web",
+        spiffe_id="spiffe://corp.example/ns/shop/sa/web",
+        sig_alg="ecdsa-with-SHA256",
+        key_alg="EC256",
+        resumed=True,
+    )
+    unverified = pp.caller_from_tls(
+        verified=False, version="TLSv1.3", cipher=None, peer_der=peer_der
+    )
+    assert unverified.cn is None and unverified.spiffe_id is None
+    garbage = pp.caller_from_tls(verified=True, version=None, cipher=None, peer_der=b"junk")
+    assert garbage == CallerInfo(verified=True)
+
+
+def test_header_reader_in_chunks() -> None:
+    header = pp.caller_header(("2001:db8::5", 5555), ("::1", 80), VERIFIED, crc=True)
+    data = header + b"payload after the header"
+    reader = pp.HeaderReader()
+    at, result = 0, None
+    while result is None:
+        assert at < len(data), "never completed"
+        result = reader.feed(data[at : at + 7])
+        at += 7
+    parsed, rest = result
+    assert at - 7 < len(header) <= at  # completed by the chunk holding its last byte
+    assert parsed.src == ("2001:db8::5", 5555) and parsed.header_len == len(header)
+    assert header + rest == data[:at]
+    with pytest.raises(RuntimeError):
+        reader.feed(b"more")
+
+
+def test_header_reader_refuses_early_and_bounded() -> None:
+    with pytest.raises(ProxyHeaderError, match="v1"):
+        pp.HeaderReader().feed(b"PROXY TCP4 ")
+    reader = pp.HeaderReader(max_len=64)
+    with pytest.raises(ProxyHeaderError, match="at most 64"):
+        reader.feed(SIG + b"\x21\x11\x01\x00")
+
+
+def test_zoned_ipv6_is_sent_without_its_zone() -> None:
+    parsed = pp.parse_v2(pp.encode_v2(src=("fe80::1%eth0", 1), dst=("fe80::2", 2)))
+    assert isinstance(parsed, Parsed) and parsed.src == ("fe80::1", 1)
 
 
 # --- settings ----------------------------------------------------------------------------
