@@ -280,20 +280,20 @@ def test_nginx_reads_a_plaintext_callers_header(nginx: tuple[int, Path, bool]) -
     _wait_line(access, r"proxy=203\.0\.113\.5:40050 server=198\.51\.100\.50:8080 ")
 
 
-# --- the README's Python snippet ---------------------------------------------------------
+# --- the README's snippets -------------------------------------------------------------
 
 
-def _readme_python_snippet() -> str:
+def _readme_block(lang: str) -> str:
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Tell the app who called (PROXY protocol v2)", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "the README section has no Python snippet"
+    section = text.split("## Tell the app who called (PROXY protocol v2)", 1)[1].split("\n## ")[0]
+    match = re.search(rf"```{lang}\n(.*?)```", section, re.S)
+    assert match, f"the README section has no {lang} snippet"
     return match.group(1)
 
 
 def test_readme_python_snippet_reads_our_header() -> None:
     namespace: dict[str, object] = {}
-    exec(compile(_readme_python_snippet(), "README.md", "exec"), namespace)
+    exec(compile(_readme_block("python"), "README.md", "exec"), namespace)
     read_caller = namespace["read_caller"]
     assert callable(read_caller)
     a, b = socket.socketpair()
@@ -314,3 +314,32 @@ def test_readme_python_snippet_reads_our_header() -> None:
             "verified": False,
             "cn": None,
         }
+
+
+def test_readme_nginx_snippet_is_valid_config(tmp_path: Path) -> None:
+    binary = _binary("nginx")
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"pid {tmp_path}/nginx.pid;\nevents {{}}\nhttp {{\n"
+        f"client_body_temp_path {tmp_path}/body;\nproxy_temp_path {tmp_path}/proxy;\n"
+        f"fastcgi_temp_path {tmp_path}/fastcgi;\nuwsgi_temp_path {tmp_path}/uwsgi;\n"
+        f"scgi_temp_path {tmp_path}/scgi;\naccess_log off;\n"
+        f"{_readme_block('nginx')}}}\n"
+    )
+    cmd = [binary, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", "stderr"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def test_readme_haproxy_snippet_is_valid_config(tmp_path: Path) -> None:
+    binary = _binary("haproxy")
+    conf = tmp_path / "haproxy.cfg"
+    conf.write_text(
+        "defaults\n    timeout connect 5s\n    timeout client 5s\n    timeout server 5s\n"
+        + _readme_block("haproxy")
+        + "backend app\n    mode http\n    server app 127.0.0.1:8081\n"
+    )
+    done = subprocess.run(
+        [binary, "-c", "-f", str(conf)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
