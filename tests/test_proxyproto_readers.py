@@ -1,24 +1,30 @@
-"""Our PROXY v2 headers read by real apps: haproxy (`accept-proxy`) and nginx (`proxy_protocol`)
-on loopback log the caller's address from our header, not the connecting socket's."""
+"""PROXY v2 with real peers: haproxy (`accept-proxy`) and nginx (`proxy_protocol`) read our
+headers and log the caller from them, not the connecting socket; and our parser reads what
+haproxy sends as a load balancer (`send-proxy-v2` with its SSL TLVs and CRC32C)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import queue
 import re
 import shutil
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy import proxyproto as pp
 
 from .harness import ROOT, TcpApp, free_port, recv_all
+from .pki import key_pem, make_leaf, make_root, pem
 
 DEADLINE = 15.0
 
@@ -343,3 +349,150 @@ def test_readme_haproxy_snippet_is_valid_config(tmp_path: Path) -> None:
         [binary, "-c", "-f", str(conf)], capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- the other way: haproxy as the load balancer, our parser as the reader ----------------
+
+
+class HeaderSink:
+    """A loopback server that reads each connection's PROXY header with our parser, records
+    what it got (Parsed or the error), then echoes the payload (or closes on an error)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.results: queue.Queue[pp.Parsed | str] = queue.Queue()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        reader = pp.HeaderReader()
+        with conn:
+            conn.settimeout(DEADLINE)
+            try:
+                done = None
+                while done is None:
+                    data = conn.recv(4096)
+                    if not data:
+                        self.results.put("closed before the header was complete")
+                        return
+                    done = reader.feed(data)
+            except pp.ProxyHeaderError as exc:
+                self.results.put(str(exc))
+                return
+            except OSError as exc:
+                self.results.put(f"socket error {exc}")
+                return
+            parsed, rest = done
+            self.results.put(parsed)
+            with contextlib.suppress(OSError):
+                conn.sendall(rest)
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    def next(self) -> pp.Parsed | str:
+        return self.results.get(timeout=DEADLINE)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+LB_CONF = """\
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10s
+    timeout server 10s
+frontend lb_tls
+    bind 127.0.0.1:{tls_port} ssl crt {tmp}/lb.pem ca-file {tmp}/ca.pem verify required
+    default_backend sidecar_v2
+backend sidecar_v2
+    server s 127.0.0.1:{sink} send-proxy-v2 proxy-v2-options {options}
+frontend lb_v1
+    bind 127.0.0.1:{v1_port}
+    default_backend sidecar_v1
+backend sidecar_v1
+    server s 127.0.0.1:{sink} send-proxy
+"""
+LB_OPTIONS = "ssl,cert-cn,ssl-cipher,cert-sig,cert-key,authority,crc32c"
+
+
+@pytest.fixture(scope="module")
+def load_balancer(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[HeaderSink, int, int, Path, bytes]]:
+    """haproxy in front of HeaderSink: TLS with client certificates, sending PROXY v2 with
+    every SSL detail and a CRC32C; and a plain frontend sending PROXY v1."""
+    binary = _binary("haproxy")
+    tmp = tmp_path_factory.mktemp("lb")
+    root = make_root()
+    server_cert, server_key = make_leaf(root, "spiffe://corp.example/lb")
+    client_cert, client_key = make_leaf(root, "spiffe://corp.example/lb-client")
+    (tmp / "lb.pem").write_bytes(pem(server_cert) + key_pem(server_key))
+    (tmp / "ca.pem").write_bytes(pem(root.cert))
+    (tmp / "client.pem").write_bytes(pem(client_cert) + key_pem(client_key))
+    sink = HeaderSink()
+    tls_port, v1_port = free_port(), free_port()
+    conf = tmp / "lb.cfg"
+    conf.write_text(
+        LB_CONF.format(
+            tls_port=tls_port, v1_port=v1_port, sink=sink.port, tmp=tmp, options=LB_OPTIONS
+        )
+    )
+    try:
+        # Probe the TLS port only: a probe of the plain one would reach the sink.
+        with _foreground([binary, "-db", "-f", str(conf)], tmp / "lb.log", tls_port):
+            yield sink, tls_port, v1_port, tmp, server_cert.public_bytes(Encoding.DER)
+    finally:
+        sink.close()
+
+
+def test_our_parser_reads_haproxy_send_proxy_v2(
+    load_balancer: tuple[HeaderSink, int, int, Path, bytes],
+) -> None:
+    sink, tls_port, _, tmp, lb_der = load_balancer
+    ctx = ssl.create_default_context(cafile=str(tmp / "ca.pem"))
+    ctx.load_cert_chain(str(tmp / "client.pem"))
+    with (
+        socket.create_connection(("127.0.0.1", tls_port), timeout=DEADLINE) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        me = tls.getsockname()
+        tls.sendall(b"through the load balancer")
+        assert tls.recv(100) == b"through the load balancer"
+        version, cipher = tls.version(), tls.cipher()
+        assert version is not None and cipher is not None
+    parsed = sink.next()
+    assert isinstance(parsed, pp.Parsed), parsed
+    assert parsed.command == "PROXY" and parsed.family == "inet"
+    assert parsed.src == ("127.0.0.1", me[1])  # the load balancer's client
+    assert parsed.dst == ("127.0.0.1", tls_port)
+    assert parsed.tlv(pp.PP2_TYPE_CRC32C) is not None  # and it matched, or parse_v2 raised
+    assert parsed.tlv(pp.PP2_TYPE_AUTHORITY) == b"localhost"  # the SNI
+    info = parsed.ssl()
+    assert info is not None
+    want = pp.PP2_CLIENT_SSL | pp.PP2_CLIENT_CERT_CONN | pp.PP2_CLIENT_CERT_SESS
+    assert info.client == want and info.verified
+    assert info.get(pp.PP2_SUBTYPE_SSL_VERSION) == version.encode()
+    assert info.get(pp.PP2_SUBTYPE_SSL_CIPHER) == cipher[0].encode()
+    assert info.get(pp.PP2_SUBTYPE_SSL_CN) == b"spiffe://corp.example/lb-client"
+    # haproxy names its own certificate's algorithms the way cert_algorithms does.
+    sig_alg, key_alg = pp.cert_algorithms(lb_der)
+    assert info.get(pp.PP2_SUBTYPE_SSL_SIG_ALG) == (sig_alg or "").encode()
+    assert info.get(pp.PP2_SUBTYPE_SSL_KEY_ALG) == (key_alg or "").encode()
+
+
+def test_our_parser_refuses_haproxy_send_proxy_v1(
+    load_balancer: tuple[HeaderSink, int, int, Path, bytes],
+) -> None:
+    sink, _, v1_port, _, _ = load_balancer
+    assert _send(v1_port, b"hello") == b""
+    error = sink.next()
+    assert isinstance(error, str) and "PROXY protocol v1 (text) header" in error
