@@ -126,26 +126,30 @@ def crc32c(data: bytes | bytearray | memoryview) -> int:
 # Encoding
 
 
+_V4_MAPPED: Final = b"\x00" * 10 + b"\xff\xff"
+
+
 def _packed(host: str) -> bytes:
     """4 bytes for an IPv4 literal, 16 for IPv6 (a %zone is dropped); inet_pton is strict
-    (no short IPv4 forms) and several times faster than ipaddress here."""
+    (no short IPv4 forms) and several times faster than ipaddress here.
+
+    A v4-mapped IPv6 address (an IPv4 caller on a dual-stack listener) counts as the IPv4
+    address it is, so such callers reach the app as plain IPv4."""
     try:
         return socket.inet_pton(socket.AF_INET, host)
     except OSError:
         pass
     try:
-        return socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
     except (OSError, ValueError):
         raise ValueError(f"{host!r} is not an IP address") from None
+    return packed[12:] if packed.startswith(_V4_MAPPED) else packed
 
 
 def _port(port: int) -> int:
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"port {port} is out of range (0-65535)")
     return port
-
-
-_V4_MAPPED: Final = b"\x00" * 10 + b"\xff\xff"
 
 
 def _address_block(src: Endpoint, dst: Endpoint) -> tuple[int, bytes]:
@@ -193,12 +197,13 @@ def encode_v2(
     """A complete PROXY v2 header for a TCP connection.
 
     `src` is the caller (host, port), `dst` the address it connected to; hosts are IP
-    literals. Both IPv4: family INET. Otherwise INET6, an IPv4 side written v4-mapped
-    (::ffff:a.b.c.d). PROXY with both None (addresses unknown) and LOCAL (src and dst must
-    be None) send family UNSPEC and no address block: the receiver then uses the real
-    endpoints. TLVs are written in the order given; a PP2_TYPE_CRC32C TLV among them (any
-    4-byte value, e.g. from `caller_tlvs(crc=True)`) is filled in with the checksum of the
-    whole header. Raises ValueError for bad addresses or a header over 16 + 65535 bytes.
+    literals. Both IPv4 (v4-mapped IPv6 counts as IPv4): family INET. Otherwise INET6, an
+    IPv4 side written v4-mapped (::ffff:a.b.c.d). PROXY with both None (addresses unknown)
+    and LOCAL (src and dst must be None) send family UNSPEC and no address block: the
+    receiver then uses the real endpoints. TLVs are written in the order given; a
+    PP2_TYPE_CRC32C TLV among them (any 4-byte value, e.g. from `caller_tlvs(crc=True)`) is
+    filled in with the checksum of the whole header. Raises ValueError for bad addresses or
+    a header over 16 + 65535 bytes.
     """
     if command == "LOCAL":
         if src is not None or dst is not None:

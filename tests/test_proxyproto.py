@@ -84,6 +84,15 @@ def test_mixed_families_go_as_v4_mapped_ipv6() -> None:
     assert ipaddress.IPv6Address(parsed.src[0]).ipv4_mapped == ipaddress.IPv4Address("203.0.113.7")
 
 
+def test_dual_stack_ipv4_callers_go_as_ipv4() -> None:
+    """A dual-stack listener reports IPv4 callers as ::ffff:a.b.c.d: the app gets IPv4."""
+    got = pp.encode_v2(src=("::ffff:192.0.2.1", 51000), dst=("::ffff:198.51.100.2", 8080))
+    assert got == pp.encode_v2(src=("192.0.2.1", 51000), dst=("198.51.100.2", 8080))
+    mixed = pp.parse_v2(pp.encode_v2(src=("::ffff:192.0.2.1", 1), dst=("2001:db8::2", 2)))
+    assert isinstance(mixed, Parsed) and mixed.family == "inet6"
+    assert mixed.src == (str(ipaddress.IPv6Address("::ffff:192.0.2.1")), 1)
+
+
 def test_local_and_unknown_addresses() -> None:
     assert pp.encode_v2(command="LOCAL", src=None, dst=None) == SIG + b"\x20\x00\x00\x00"
     assert pp.encode_v2(src=None, dst=None) == SIG + b"\x21\x00\x00\x00"
@@ -253,11 +262,19 @@ callers = st.one_of(verified_callers, st.just(CallerInfo(verified=None)))
 id_types = st.sampled_from([0xE0, 0xE7, 0xEF, 0xD0])
 
 
+def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def _expected_endpoints(
     src: tuple[str, int], dst: tuple[str, int]
 ) -> tuple[tuple[str, int], tuple[str, int]]:
-    """What a reader must see: our encoder maps IPv4 to IPv6 when the families differ."""
-    a, b = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
+    """What a reader must see: v4-mapped addresses count as IPv4, and IPv4 goes v4-mapped
+    when the families differ."""
+    a, b = _unmapped(src[0]), _unmapped(dst[0])
     if a.version == b.version:
         return (str(a), src[1]), (str(b), dst[1])
 
