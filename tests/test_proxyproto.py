@@ -26,6 +26,8 @@ from proxy.proxyproto import CallerInfo, NeedMore, Parsed, ProxyHeaderError
 
 from .pki import make_leaf, make_root
 
+pytestmark = pytest.mark.unit  # in-process only: part of `make unit`
+
 SIG = pp.SIGNATURE
 
 
