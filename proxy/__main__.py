@@ -14,7 +14,7 @@ from . import __version__
 from .errors import CertError, ConfigError, ProxyError
 
 if TYPE_CHECKING:
-    from .settings import Settings
+    from .config import Settings
 
 USAGE = """\
 usage: mtls-sidecar [COMMAND]
@@ -39,7 +39,7 @@ commands:
 
 def _settings(env: Mapping[str, str]) -> Settings | None:
     """The settings, or None after listing every problem on stderr."""
-    from .settings import load_settings
+    from .config import load_settings
 
     try:
         return load_settings(env)
@@ -53,8 +53,8 @@ def _settings(env: Mapping[str, str]) -> Settings | None:
 
 def check(env: Mapping[str, str]) -> int:
     """`mtls-sidecar check`: every problem at once (exit 2), or the effective config (exit 0)."""
+    from .config import redacted
     from .material import load_material_files
-    from .settings import redacted
     from .tls import build_tls_state
 
     settings = _settings(env)
@@ -151,9 +151,9 @@ def worker(argv: list[str], env: Mapping[str, str]) -> int:
     """Internal: a worker process started by the master (`_worker FDS WORKERS SLOT COUNTS_FD`)."""
     import uvloop
 
+    from .config import load_settings
     from .logs import setup_logging
     from .routes import routes_for
-    from .settings import load_settings
     from .shared import ConnectionCounts
     from .worker import worker_main
 

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from . import __version__, metrics
+from .config import Address
 from .errors import StartupError
 from .listen import bind_listener
 from .logs import BadRequestFilter
-from .settings import Address
 
 if TYPE_CHECKING:
     from .server import Master

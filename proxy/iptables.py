@@ -90,7 +90,7 @@ class RuleConfig:
 
     @classmethod
     def from_settings(cls, settings: Any) -> RuleConfig:
-        """Read the rule inputs from a `proxy.settings.Settings` (same attribute names).
+        """Read the rule inputs from a `proxy.config.Settings` (same attribute names).
 
         `admin_listen` is an address with a `.port` (or None when the admin server is off).
         """

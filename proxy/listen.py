@@ -11,8 +11,8 @@ import os
 import resource
 import socket
 
+from .config import Address
 from .errors import StartupError
-from .settings import Address
 
 log = logging.getLogger("mtls.listen")
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter as _Counter
 
 from . import metrics
+from .config import Address, Settings
 from .flow import Direction, FlowConfig, Mode
-from .settings import Address, Settings
 
 
 class RouteMetrics:

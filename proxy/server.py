@@ -27,12 +27,12 @@ from typing import Any
 
 from . import metrics
 from .certsource.files import FileSource
+from .config import Address, Settings
 from .errors import CertError, ProxyError, StartupError
 from .listen import bind_listener, drop_privileges, raise_nofile_limit
 from .material import Material, read_file
 from .openssl import TICKET_KEYS_LEN
 from .routes import Route, routes_for
-from .settings import Address, Settings
 from .shared import ConnectionCounts
 from .tasks import Tasks
 from .tls import build_tls_state

@@ -24,6 +24,7 @@ from typing import Any
 from prometheus_client import Counter as _Counter
 
 from . import metrics
+from .config import Settings
 from .conn import Conn
 from .errors import CertError
 from .flow import PeerCheck
@@ -32,7 +33,6 @@ from .material import load_material
 from .policy import InboundPolicy, check_outbound
 from .relay import AppLeg, NetLeg
 from .routes import Route
-from .settings import Settings
 from .shared import ConnectionCounts
 from .tasks import Tasks
 from .tls import TlsState, build_tls_state

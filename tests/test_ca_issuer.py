@@ -32,8 +32,8 @@ from proxy.ca.issuer import (
     validate_spiffe_id,
 )
 from proxy.ca.tokens import NonceLedger, TokenRejected, make_token, new_secret, verify_token
+from proxy.config import parse_duration
 from proxy.material import load_material
-from proxy.settings import parse_duration
 
 TD = "corp.example"
 WEB = "spiffe://corp.example/ns/shop/sa/web"

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from proxy import metrics
+from proxy.config import Address, load_settings
 from proxy.listen import bind_listener
 from proxy.routes import routes_for
 from proxy.server import Master, WorkerProc
-from proxy.settings import Address, load_settings
 
 from .conftest import Pki
 from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, wait_for

@@ -11,10 +11,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import ConfigError
-from proxy.identity import SpiffeId, parse_spiffe_id, parse_trust_domain
-from proxy.policy import InboundPolicy, parse_pattern, parse_patterns
-from proxy.settings import (
+from proxy.config import (
     MAX_DURATION,
     Address,
     InboundRoute,
@@ -36,6 +33,9 @@ from proxy.settings import (
     parse_path,
     parse_port_list,
 )
+from proxy.errors import ConfigError
+from proxy.identity import SpiffeId, parse_spiffe_id, parse_trust_domain
+from proxy.policy import InboundPolicy, parse_pattern, parse_patterns
 
 # Shared CI machines are noisy: no per-example deadline, keep the example counts modest.
 relaxed = settings(deadline=None)

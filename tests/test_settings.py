@@ -1,4 +1,4 @@
-"""Tests for proxy.settings: value parsers, loading from a mapping, every error at once."""
+"""Tests for proxy.config: value parsers, loading from a mapping, every error at once."""
 
 from __future__ import annotations
 
@@ -11,10 +11,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from proxy.errors import ConfigError, ConfigProblem
-from proxy.identity import SpiffeId
-from proxy.policy import parse_pattern
-from proxy.settings import (
+from proxy.config import (
     Address,
     InboundRoute,
     OutboundRoute,
@@ -37,6 +34,9 @@ from proxy.settings import (
     parse_port_list,
     redacted,
 )
+from proxy.errors import ConfigError, ConfigProblem
+from proxy.identity import SpiffeId
+from proxy.policy import parse_pattern
 
 FP = "ab" * 32
 

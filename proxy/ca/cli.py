@@ -17,8 +17,8 @@ import signal
 import sys
 from pathlib import Path
 
+from ..config import parse_duration
 from ..errors import ProxyError
-from ..settings import parse_duration
 from .issuer import (
     LEAF_TTL,
     cert_pem,

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .. import __version__
-from ..errors import ConfigError, ProxyError
 
 # The one import of the settings loader in this package (it validates the injected env).
-from ..settings import load_settings
+from ..config import load_settings
+from ..errors import ConfigError, ProxyError
 
 PREFIX = "mtls-sidecar.io/"
 STATE_ANNOTATION = PREFIX + "injected"

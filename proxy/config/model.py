@@ -1,0 +1,223 @@
+"""The Settings model: one typed field per MTLS_* variable, validated from its text."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, SecretStr
+
+from ..identity import SpiffeId, parse_spiffe_id, parse_trust_domain
+from ..policy import SpiffePattern, parse_patterns
+from .parse import (
+    Address,
+    IPNetwork,
+    parse_address,
+    parse_bool,
+    parse_ca_url,
+    parse_choice,
+    parse_cidrs,
+    parse_duration,
+    parse_fingerprint,
+    parse_int,
+    parse_path,
+    parse_port_list,
+)
+from .routes import InboundRoute, OutboundRoute, parse_inbound, parse_outbound
+
+ENV_PREFIX = "MTLS_"
+
+
+def _text(parse: Callable[[str], Any]) -> PlainValidator:
+    """Validate env text with `parse`; values built in code (not str) pass through."""
+
+    def validate(value: object) -> object:
+        return parse(value) if isinstance(value, str) else value
+
+    return PlainValidator(validate)
+
+
+def _choice(*choices: str) -> PlainValidator:
+    return _text(lambda text: parse_choice(text, choices))
+
+
+def _int(minimum: int, maximum: int | None = None) -> PlainValidator:
+    return _text(lambda text: parse_int(text, minimum=minimum, maximum=maximum))
+
+
+def _duration(*, allow_zero: bool) -> PlainValidator:
+    def parse(text: str) -> float:
+        seconds = parse_duration(text)
+        if seconds == 0 and not allow_zero:
+            raise ValueError("must be longer than 0")
+        return seconds
+
+    return _text(parse)
+
+
+def _secret(text: str) -> SecretStr:
+    # Tokens never contain whitespace; a trailing newline from a template is common.
+    return SecretStr(text.strip())
+
+
+def _default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 256))
+
+
+Bool = Annotated[bool, _text(parse_bool)]
+Port = Annotated[int, _int(1, 65535)]
+
+
+OptPath = Annotated[Path | None, _text(parse_path)]
+Duration = Annotated[float, _duration(allow_zero=False)]
+DurationOrZero = Annotated[float, _duration(allow_zero=True)]
+
+DURATION_FIELDS = frozenset(
+    {
+        "plaintext_fallback_ttl",
+        "handshake_timeout",
+        "connect_timeout",
+        "idle_timeout",
+        "drain_timeout",
+    }
+)
+PORT_LIST_FIELDS = frozenset({"exclude_inbound_ports", "exclude_outbound_ports"})
+
+
+class Settings(BaseModel):
+    """The whole sidecar configuration, built once by `load_settings` and passed down.
+
+    Each field `x` comes from the variable MTLS_X (see `env_var`), validated from its text;
+    values built in code pass through as they are. Durations are float seconds.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=False)
+
+    # Identity
+    identity_source: Annotated[Literal["files", "ca"], _choice("files", "ca")] = Field(
+        "files", description="Where the sidecar's certificate comes from.", examples=["files"]
+    )
+    cert_file: OptPath = Field(
+        None, description="PEM certificate chain, leaf first.", examples=["/etc/mtls/tls.crt"]
+    )
+    key_file: OptPath = Field(
+        None, description="PEM private key of the leaf.", examples=["/etc/mtls/tls.key"]
+    )
+    trust_bundle_file: OptPath = Field(
+        None, description="PEM trust roots.", examples=["/etc/mtls/ca.crt"]
+    )
+    ca_url: Annotated[str | None, _text(parse_ca_url)] = Field(
+        None, description="The enrolment service.", examples=["https://mtls-ca.internal:8443"]
+    )
+    ca_token: Annotated[SecretStr | None, _text(_secret)] = Field(
+        None, description="Join token for enrolment (secret).", examples=["<join token>"]
+    )
+    ca_token_file: OptPath = Field(
+        None, description="File holding the join token.", examples=["/var/run/mtls/token"]
+    )
+    ca_fingerprint: Annotated[str | None, _text(parse_fingerprint)] = Field(
+        None,
+        description="SHA-256 of the CA root certificate.",
+        examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],
+    )
+    identity: Annotated[SpiffeId | None, _text(lambda text: parse_spiffe_id(text.strip()))] = Field(
+        None,
+        description="SPIFFE ID to enrol as.",
+        examples=["spiffe://corp.example/ns/shop/sa/web"],
+    )
+    trust_domain: Annotated[str | None, _text(lambda text: parse_trust_domain(text.strip()))] = (
+        Field(
+            None, description="Trust domain (default: the identity's).", examples=["corp.example"]
+        )
+    )
+
+    # Routes
+    inbound: Annotated[list[InboundRoute], _text(parse_inbound)] = Field(
+        default_factory=list,
+        description="[NAME=]LISTEN=TARGET, comma-separated.",
+        examples=["0.0.0.0:8443=127.0.0.1:8080"],
+    )
+    outbound: Annotated[list[OutboundRoute], _text(parse_outbound)] = Field(
+        default_factory=list,
+        description="[NAME=]LISTEN=REMOTE[@SPIFFE_ID], comma-separated.",
+        examples=["127.0.0.1:15432=db.internal:8443@spiffe://corp.example/db"],
+    )
+    transparent: Bool = Field(False, description="Transparent interception.", examples=["true"])
+    inbound_capture_port: Port = Field(15006, examples=["15006"])
+    outbound_capture_port: Port = Field(15001, examples=["15001"])
+    proxy_uid: Annotated[int, _int(0, 4294967294)] = Field(1337, examples=["1337"])
+    exclude_inbound_ports: Annotated[list[int], _text(parse_port_list)] = Field(
+        default_factory=list, examples=["22,9090-9099"]
+    )
+    exclude_outbound_ports: Annotated[list[int], _text(parse_port_list)] = Field(
+        default_factory=list, examples=["53,8000-8010"]
+    )
+    exclude_outbound_cidrs: Annotated[list[IPNetwork], _text(parse_cidrs)] = Field(
+        default_factory=list, examples=["169.254.169.254/32,10.96.0.0/12"]
+    )
+
+    # Security policy
+    inbound_mode: Annotated[
+        Literal["strict", "permissive", "audit"], _choice("strict", "permissive", "audit")
+    ] = Field("strict", examples=["strict"])
+    outbound_mode: Annotated[Literal["strict", "permissive"], _choice("strict", "permissive")] = (
+        Field("strict", examples=["strict"])
+    )
+    plaintext_fallback_ttl: DurationOrZero = Field(300.0, examples=["5m"])
+    allow_peers: Annotated[list[SpiffePattern], _text(parse_patterns)] = Field(
+        default_factory=list, examples=["spiffe://corp.example/ns/shop/*/**"]
+    )
+    min_tls_version: Annotated[Literal["1.2", "1.3"], _choice("1.2", "1.3")] = Field(
+        "1.3", examples=["1.3"]
+    )
+
+    # Operations
+    admin_listen: Annotated[Address, _text(lambda t: parse_address(t, allow_zero=True))] = Field(
+        Address("127.0.0.1", 15000), examples=["127.0.0.1:15000"]
+    )
+    admin_allow_remote_drain: Bool = Field(False, examples=["false"])
+    workers: Annotated[int, _int(1, 256)] = Field(default_factory=_default_workers, examples=["2"])
+    handshake_timeout: Duration = Field(10.0, examples=["10s"])
+    connect_timeout: Duration = Field(5.0, examples=["5s"])
+    idle_timeout: DurationOrZero = Field(3600.0, description="0 disables.", examples=["1h"])
+    drain_timeout: DurationOrZero = Field(30.0, examples=["30s"])
+    max_connections: Annotated[int, _int(1)] = Field(10000, examples=["10000"])
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"], _choice("debug", "info", "warning", "error")
+    ] = Field("info", examples=["info"])
+    log_format: Annotated[Literal["json", "text"], _choice("json", "text")] = Field(
+        "json", examples=["json"]
+    )
+    peer_identity_cap: Annotated[int, _int(0)] = Field(100, examples=["100"])
+    drop_privileges: Bool = Field(
+        False, description="Switch to MTLS_PROXY_UID after binding.", examples=["true"]
+    )
+
+    @property
+    def effective_trust_domain(self) -> str | None:
+        """MTLS_TRUST_DOMAIN, else the identity's trust domain, else None (the runtime then
+        takes it from the certificate)."""
+        if self.trust_domain is not None:
+            return self.trust_domain
+        if self.identity is not None:
+            return self.identity.trust_domain
+        return None
+
+
+def env_var(field_name: str) -> str:
+    """The environment variable for a Settings field: 'inbound' -> 'MTLS_INBOUND'."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def known_variables() -> list[str]:
+    """Every MTLS_* variable the settings understand, in declaration order."""
+    return [env_var(name) for name in Settings.model_fields]
+
+
+def example_of(field_name: str) -> str:
+    """A valid example value for a Settings field ('' when it has none)."""
+    info = Settings.model_fields.get(field_name)
+    examples = info.examples if info is not None else None
+    return str(examples[0]) if examples else ""
