@@ -16,6 +16,7 @@ from proxy.config import (
     InboundRoute,
     OutboundRoute,
     Settings,
+    dials_itself,
     format_duration,
     format_port_list,
     format_routes,
@@ -749,3 +750,95 @@ def test_settings_are_frozen() -> None:
     s = load()
     with pytest.raises(ValueError):
         s.workers = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("listen", "remote", "loops"),
+    [
+        ("127.0.0.1:28601", "127.0.0.1:28601", True),
+        ("127.0.0.1:28601", "localhost:28601", True),
+        ("localhost:28601", "127.0.0.1:28601", True),
+        ("127.0.0.1:28601", "0.0.0.0:28601", True),
+        (":8443", "127.0.0.1:8443", True),
+        (":8443", "[::1]:8443", True),
+        (":8443", "localhost:8443", True),
+        ("[::]:8443", "127.0.0.1:8443", True),
+        ("0.0.0.0:8443", "127.0.0.5:8443", True),
+        ("0.0.0.0:8443", "[::1]:8443", False),  # an IPv4-only listener
+        ("10.0.0.5:80", "10.0.0.5:80", True),
+        ("db.local:80", "DB.local:80", True),
+        ("127.0.0.1:28601", "127.0.0.1:28602", False),
+        ("127.0.0.1:80", "127.0.0.2:80", False),
+        ("127.0.0.1:80", "[::1]:80", False),
+        ("10.0.0.5:80", "localhost:80", False),
+        (":8443", "db.internal:8443", False),
+        (":0", "127.0.0.1:0", False),  # port 0: picked at bind time, unknown here
+    ],
+)
+def test_dials_itself(listen: str, remote: str, loops: bool) -> None:
+    listen_address = parse_address(listen, allow_zero=True)
+    remote_address = parse_address(remote, allow_zero=True)
+    assert dials_itself(listen_address, remote_address) is loops
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            {"MTLS_INBOUND": "<unset>", "MTLS_OUTBOUND": "lp=127.0.0.1:28601=127.0.0.1:28601"},
+            [
+                (
+                    "MTLS_OUTBOUND",
+                    "route 'lp' dials 127.0.0.1:28601, which is this sidecar's own listener "
+                    "(MTLS_OUTBOUND route 'lp' on 127.0.0.1:28601): every connection would "
+                    "loop back into the sidecar",
+                )
+            ],
+        ),
+        (
+            {"MTLS_OUTBOUND": "o=127.0.0.1:15432=localhost:8443"},
+            [
+                (
+                    "MTLS_OUTBOUND",
+                    "route 'o' dials localhost:8443, which is this sidecar's own listener "
+                    "(MTLS_INBOUND route '8443' on 0.0.0.0:8443): every connection would "
+                    "loop back into the sidecar",
+                )
+            ],
+        ),
+        (
+            {"MTLS_INBOUND": "web=:8443=127.0.0.1:8443"},
+            [
+                (
+                    "MTLS_INBOUND",
+                    "route 'web' forwards to 127.0.0.1:8443, which is this sidecar's own "
+                    "listener (MTLS_INBOUND route 'web' on :8443): every connection would "
+                    "loop back into the sidecar",
+                )
+            ],
+        ),
+        (
+            {"MTLS_TRANSPARENT": "true", "MTLS_OUTBOUND": "o=127.0.0.1:1=127.0.0.1:15001"},
+            [
+                (
+                    "MTLS_OUTBOUND",
+                    "route 'o' dials 127.0.0.1:15001, which is this sidecar's own listener "
+                    "(MTLS_OUTBOUND_CAPTURE_PORT on :15001): every connection would loop back "
+                    "into the sidecar",
+                )
+            ],
+        ),
+    ],
+)
+def test_loop_routes_refused(overrides: dict[str, str], expected: list[tuple[str, str]]) -> None:
+    problems = load_problems(**overrides)
+    assert [(p.var, p.message) for p in problems] == expected
+    assert all(p.example for p in problems)
+
+
+def test_routes_to_other_ports_and_hosts_are_no_loop() -> None:
+    s = load(
+        MTLS_INBOUND="web=0.0.0.0:8443=127.0.0.1:8080",
+        MTLS_OUTBOUND="db=127.0.0.1:15432=db.internal:8443,lo=127.0.0.1:15433=127.0.0.1:15434",
+    )
+    assert [r.name for r in s.outbound] == ["db", "lo"]

@@ -38,6 +38,7 @@ from .parse import (
 from .routes import (
     InboundRoute,
     OutboundRoute,
+    dials_itself,
     format_routes,
     listen_conflict,
     parse_inbound,
@@ -56,6 +57,7 @@ __all__ = [
     "OutboundRoute",
     "Settings",
     "cross_problems",
+    "dials_itself",
     "env_var",
     "example_of",
     "file_problem",

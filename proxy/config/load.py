@@ -11,7 +11,7 @@ from ..errors import ConfigError, ConfigProblem
 from .checks import file_problems
 from .model import ENV_PREFIX, Settings, env_var, example_of, known_variables
 from .parse import Address
-from .routes import listen_conflict
+from .routes import dials_itself, listen_conflict
 
 RULE_FIELDS = (
     "inbound_capture_port",
@@ -165,6 +165,21 @@ def cross_problems(s: Settings, bad: Collection[str] = ()) -> list[ConfigProblem
                     f"{s.admin_listen} collides with {owner} listening on {address}",
                 )
 
+    # A route whose far end is one of our own proxy listeners dials itself, again and again.
+    far_ends: list[tuple[str, str, str, Address]] = []
+    if ok("inbound"):
+        far_ends += [("inbound", r.name, "forwards to", r.target) for r in s.inbound]
+    if ok("outbound"):
+        far_ends += [("outbound", r.name, "dials", r.remote) for r in s.outbound]
+    for name, route_name, verb, far in far_ends:
+        for owner, address in listeners:
+            if dials_itself(address, far):
+                add(
+                    name,
+                    f"route {route_name!r} {verb} {far}, which is this sidecar's own listener "
+                    f"({owner} on {address}): every connection would loop back into the sidecar",
+                )
+                break
     return problems
 
 

@@ -107,6 +107,17 @@ class Address:
         """Whether this address listens on all interfaces ('', 0.0.0.0 or ::)."""
         return self.host in _WILDCARD_HOSTS
 
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the host is this machine's loopback: localhost, 127.0.0.0/8 or ::1."""
+        host = self.host
+        if host == "localhost" or host.endswith(".localhost"):
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
 
 def parse_address(text: str, *, allow_zero: bool = False) -> Address:
     """Parse 'host:port', ':port' (all interfaces), '[v6]:port' or '0.0.0.0:port'.

@@ -150,3 +150,31 @@ def parse_outbound(text: str) -> list[OutboundRoute]:
 def format_routes(routes: Sequence[InboundRoute | OutboundRoute]) -> str:
     """The env-var text for a list of routes (parses back to the same routes)."""
     return ",".join(str(route) for route in routes)
+
+
+def dials_itself(listen: Address, remote: Address) -> bool:
+    """Whether a connection to `remote` would arrive back at a listener on `listen`.
+
+    Judged from the text alone (no DNS): same port, and the same host, or a wildcard or
+    loopback listen host with a loopback remote host (a wildcard remote such as 0.0.0.0 is
+    this machine too). Port 0 (a free port picked at bind time) never matches.
+    """
+    if listen.port == 0 or listen.port != remote.port:
+        return False
+    if listen.host == remote.host:
+        return True
+    if not (remote.is_loopback or remote.is_wildcard):
+        return False
+    if listen.host == "0.0.0.0":
+        return ":" not in remote.host  # IPv4 only: [::1] does not reach it
+    if listen.is_wildcard:
+        return True  # '' and '::' take IPv4 and IPv6
+    if listen.is_loopback:
+        # 127.0.0.1 and 127.0.0.2 are different addresses; a name such as 'localhost' may be
+        # either, and a wildcard remote reaches loopback listeners.
+        return remote.is_wildcard or not (_is_ip(remote.host) and _is_ip(listen.host))
+    return False
+
+
+def _is_ip(host: str) -> bool:
+    return ":" in host or host.replace(".", "").isdigit()
