@@ -35,7 +35,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
-from .errors import ConfigError, ConfigProblem
+from .config import load_rule_settings
+from .errors import ConfigError
 
 __all__ = [
     "CHAINS",
@@ -92,9 +93,12 @@ class RuleConfig:
     def from_settings(cls, settings: Any) -> RuleConfig:
         """Read the rule inputs from a `proxy.config.Settings` (same attribute names).
 
-        `admin_listen` is an address with a `.port` (or None when the admin server is off).
+        `admin_listen` is an address with a `.port` (or None when the admin server is off);
+        port 0 (picked at start-up) cannot be excluded and is left out.
         """
         admin = getattr(settings, "admin_listen", None)
+        if admin is not None and not admin.port:
+            admin = None
         return cls(
             inbound_capture_port=int(settings.inbound_capture_port),
             outbound_capture_port=int(settings.outbound_capture_port),
@@ -255,82 +259,6 @@ def nft_ruleset(cfg: RuleConfig) -> str:
     lines += chain("outbound", outbound)
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-# --- environment ------------------------------------------------------------------------
-
-
-def _config_from_env(env: Mapping[str, str]) -> RuleConfig:
-    """RuleConfig from MTLS_* variables; every problem reported at once as a ConfigError.
-
-    Temporary: to become `RuleConfig.from_settings(load_settings(env))`.
-    """
-    problems: list[ConfigProblem] = []
-
-    def port(var: str, default: int) -> int:
-        text = env.get(var, "").strip()
-        if not text:
-            return default
-        if text.isdigit() and 1 <= int(text) <= 65535:
-            return int(text)
-        problems.append(ConfigProblem(var, f"{text!r} is not a TCP port (1-65535)", str(default)))
-        return default
-
-    def ports(var: str) -> tuple[int, ...]:
-        out = []
-        for item in filter(None, (p.strip() for p in env.get(var, "").split(","))):
-            if item.isdigit() and 1 <= int(item) <= 65535:
-                out.append(int(item))
-            else:
-                problems.append(ConfigProblem(var, f"{item!r} is not a TCP port", "22,9090"))
-        return tuple(_unique(out))
-
-    def cidrs(var: str) -> tuple[Network, ...]:
-        out = []
-        for item in filter(None, (c.strip() for c in env.get(var, "").split(","))):
-            try:
-                out.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                problems.append(
-                    ConfigProblem(var, f"{item!r} is not an IP network", "10.96.0.0/12,fd00::/8")
-                )
-        return tuple(out)
-
-    inbound = port("MTLS_INBOUND_CAPTURE_PORT", 15006)
-    outbound = port("MTLS_OUTBOUND_CAPTURE_PORT", 15001)
-    uid_text = env.get("MTLS_PROXY_UID", "").strip() or "1337"
-    if not uid_text.isdigit():
-        problems.append(ConfigProblem("MTLS_PROXY_UID", f"{uid_text!r} is not a uid", "1337"))
-        uid_text = "1337"
-    admin_text = env.get("MTLS_ADMIN_LISTEN", "").strip() or "127.0.0.1:15000"
-    admin_port_text = admin_text.rpartition(":")[2]
-    admin_port: int | None = None
-    if admin_port_text.isdigit() and 1 <= int(admin_port_text) <= 65535:
-        admin_port = int(admin_port_text)
-    else:
-        problems.append(
-            ConfigProblem("MTLS_ADMIN_LISTEN", f"{admin_text!r} has no port", "127.0.0.1:15000")
-        )
-    cfg_kwargs: dict[str, Any] = {
-        "inbound_capture_port": inbound,
-        "outbound_capture_port": outbound,
-        "proxy_uid": int(uid_text),
-        "exclude_inbound_ports": ports("MTLS_EXCLUDE_INBOUND_PORTS"),
-        "exclude_outbound_ports": ports("MTLS_EXCLUDE_OUTBOUND_PORTS"),
-        "exclude_outbound_cidrs": cidrs("MTLS_EXCLUDE_OUTBOUND_CIDRS"),
-        "admin_port": admin_port,
-    }
-    if inbound == outbound:
-        problems.append(
-            ConfigProblem(
-                "MTLS_OUTBOUND_CAPTURE_PORT",
-                f"equals MTLS_INBOUND_CAPTURE_PORT ({inbound}); the capture ports must differ",
-                "15001",
-            )
-        )
-    if problems:
-        raise ConfigError(problems)
-    return RuleConfig(**cfg_kwargs)
 
 
 # --- running iptables -------------------------------------------------------------------
@@ -510,14 +438,16 @@ def main(
 ) -> int:
     """`mtls-sidecar iptables [--print | --apply | --clean] [--nft | --backend B] [--family F]`.
 
-    Exit 0 on success, 1 when iptables/nft is missing, not permitted or refuses the rules,
-    2 on configuration errors (each listed).
+    The inputs come from `env` through the settings loader `run` uses (`load_rule_settings`:
+    same parsing, same cross-field checks, same messages; no file checks). Exit 0 on
+    success, 1 when iptables/nft is missing, not permitted or refuses the rules, 2 on
+    configuration errors (each listed).
     """
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     args = _parser().parse_args(list(argv))
     try:
-        cfg = _config_from_env(env)
+        cfg = RuleConfig.from_settings(load_rule_settings(env))
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"mtls-sidecar iptables: config error: {problem}", file=err)

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from proxy import iptables
+from proxy.config import load_rule_settings, load_settings
 from proxy.iptables import RuleConfig, main, nft_ruleset, restore_script, rules
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -84,8 +85,12 @@ def test_print_one_family() -> None:
 # --- the rules themselves -------------------------------------------------------------------
 
 
+def cfg_from_env(env: Mapping[str, str]) -> RuleConfig:
+    return RuleConfig.from_settings(load_rule_settings(env))
+
+
 def cfg_exclusions() -> RuleConfig:
-    return iptables._config_from_env(EXCLUSIONS_ENV)
+    return cfg_from_env(EXCLUSIONS_ENV)
 
 
 def test_rules_are_runnable_argv_for_the_nat_table() -> None:
@@ -183,17 +188,16 @@ def test_from_settings_reads_same_names() -> None:
     assert RuleConfig.from_settings(SimpleNamespace(**{**vars(settings), "admin_listen": None}))
 
 
-def test_from_settings_agrees_with_env_helper(tmp_path: Path) -> None:
-    """Swapping `_config_from_env` for `from_settings(load_settings(env))` changes nothing."""
-    settings_mod = pytest.importorskip("proxy.settings")
+def test_from_settings_of_the_loaded_settings(tmp_path: Path) -> None:
+    """The rules come from the same Settings `run` loads from the same env."""
     files = {}
     for var in ("MTLS_CERT_FILE", "MTLS_KEY_FILE", "MTLS_TRUST_BUNDLE_FILE"):
         (tmp_path / var).touch()
         files[var] = str(tmp_path / var)
     base = {"MTLS_IDENTITY_SOURCE": "files", "MTLS_TRANSPARENT": "true", **files}
     for env in ({}, EXCLUSIONS_ENV):
-        settings = settings_mod.load_settings({**base, **env})
-        assert RuleConfig.from_settings(settings) == iptables._config_from_env(env)
+        settings = load_settings({**base, **env})
+        assert RuleConfig.from_settings(settings) == cfg_from_env(env)
 
 
 def test_config_errors_all_reported_exit_2() -> None:
@@ -215,9 +219,29 @@ def test_capture_ports_must_differ() -> None:
     assert rc == 2 and "must differ" in err
 
 
-def test_cidr_host_bits_are_accepted() -> None:
-    cfg = iptables._config_from_env({"MTLS_EXCLUDE_OUTBOUND_CIDRS": "10.1.2.3/8, 192.0.2.7"})
+def test_cidr_host_bits_are_refused_as_check_does() -> None:
+    rc, out, err = run_main(["--print"], {"MTLS_EXCLUDE_OUTBOUND_CIDRS": "10.0.0.1/8"})
+    assert (rc, out) == (2, "")
+    assert err == (
+        "mtls-sidecar iptables: config error: MTLS_EXCLUDE_OUTBOUND_CIDRS: '10.0.0.1/8' has "
+        "host bits set; did you mean 10.0.0.0/8? (example: "
+        "MTLS_EXCLUDE_OUTBOUND_CIDRS=169.254.169.254/32,10.96.0.0/12)\n"
+    )
+    cfg = cfg_from_env({"MTLS_EXCLUDE_OUTBOUND_CIDRS": "10.0.0.0/8, 192.0.2.7"})
     assert [str(n) for n in cfg.exclude_outbound_cidrs] == ["10.0.0.0/8", "192.0.2.7/32"]
+
+
+def test_reads_only_its_variables_but_catches_typos() -> None:
+    # Variables the rules do not read are `run`'s business; a typo in any MTLS_* name is not.
+    rc, _, err = run_main(["--print"], {"MTLS_WORKERS": "many", "MTLS_INBOUND": "x"})
+    assert (rc, err) == (0, "")
+    rc, _, err = run_main(["--print"], {"MTLS_EXCLUDE_OUTBOUND_CIDR": "10.0.0.0/8"})
+    assert rc == 2
+    assert "MTLS_EXCLUDE_OUTBOUND_CIDR: unknown variable; did you mean " in err
+
+
+def test_admin_port_zero_is_not_excluded() -> None:
+    assert cfg_from_env({"MTLS_ADMIN_LISTEN": "127.0.0.1:0"}).admin_port is None
 
 
 # --- apply / clean against a fake iptables ------------------------------------------------
@@ -481,7 +505,7 @@ def test_apply_idempotent_and_clean_in_netns(netns: str, env: dict[str, str]) ->
     rc, output = main_in_ns(netns, ["--apply"], env)
     assert rc == 0, output
     applied = {f: nat_table(netns, s) for f, s in saves.items()}
-    cfg = iptables._config_from_env(env)
+    cfg = cfg_from_env(env)
     for family in ("ipv4", "ipv6"):
         # What is in the kernel is exactly what --print shows (same spelling, same order).
         printed = own_lines(restore_script(cfg, family))
