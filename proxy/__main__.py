@@ -54,8 +54,7 @@ def _settings(env: Mapping[str, str]) -> Settings | None:
 def check(env: Mapping[str, str]) -> int:
     """`mtls-sidecar check`: every problem at once (exit 2), or the effective config (exit 0)."""
     from .config import redacted
-    from .material import load_material_files
-    from .tls import build_tls_state
+    from .tls import load_identity_files
 
     settings = _settings(env)
     if settings is None:
@@ -64,10 +63,12 @@ def check(env: Mapping[str, str]) -> int:
     if settings.identity_source == "files":
         assert settings.cert_file and settings.key_file and settings.trust_bundle_file
         try:
-            material = load_material_files(
-                settings.cert_file, settings.key_file, settings.trust_bundle_file
+            material = load_identity_files(
+                settings.cert_file,
+                settings.key_file,
+                settings.trust_bundle_file,
+                settings.min_tls_version,
             )
-            build_tls_state(material, settings.min_tls_version)
         except CertError as exc:
             print(f"mtls-sidecar: invalid identity files: {exc}", file=sys.stderr)
             return 2

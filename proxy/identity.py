@@ -140,31 +140,85 @@ def _certificate(der: bytes) -> x509.Certificate | None:
         return None
 
 
-def _spiffe_uris(cert: x509.Certificate) -> list[str]:
+def _uri_sans(cert: x509.Certificate) -> list[str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (x509.ExtensionNotFound, ValueError):
+    except x509.ExtensionNotFound:
         return []
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    return [uri for uri in uris if uri[: len(_SCHEME)].lower() == _SCHEME]
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def _is_spiffe(uri: str) -> bool:
+    return uri[: len(_SCHEME)].lower() == _SCHEME
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def svid_spiffe_id(cert: x509.Certificate) -> SpiffeId:
+    """The SPIFFE ID of an X509-SVID leaf, judged by the X509-SVID rules.
+
+    The certificate must carry exactly one URI SAN, that URI must be a valid SPIFFE ID
+    (`parse_spiffe_id`), and it must not be a CA (basicConstraints CA:TRUE). Raises
+    ValueError saying every rule it breaks, phrased to follow "certificate ...", e.g.
+    "has 2 SPIFFE IDs (...); an X509-SVID has exactly one URI SAN". Validity dates are
+    not judged here: they depend on the time (see material.py and the TLS handshake).
+    """
+    try:
+        uris = _uri_sans(cert)
+        is_ca = _is_ca(cert)
+    except ValueError as exc:  # a malformed or duplicated extension
+        raise ValueError(f"has extensions that cannot be parsed ({exc})") from None
+    problems: list[str] = []
+    sid: SpiffeId | None = None
+    spiffe = [uri for uri in uris if _is_spiffe(uri)]
+    others = [uri for uri in uris if not _is_spiffe(uri)]
+    listed = ", ".join(_short(uri) for uri in uris)
+    if not uris:
+        problems.append("has no URI SAN, so no SPIFFE ID; an X509-SVID has exactly one URI SAN")
+    elif len(spiffe) > 1:
+        problems.append(
+            f"has {len(spiffe)} SPIFFE IDs ({listed}); an X509-SVID has exactly one URI SAN"
+        )
+    elif not spiffe:
+        problems.append(
+            f"has no spiffe:// URI SAN, only {listed}; an X509-SVID has exactly one URI SAN, "
+            "its SPIFFE ID"
+        )
+    elif others:
+        problems.append(
+            f"has URI SANs besides its SPIFFE ID ({listed}); an X509-SVID has exactly one URI SAN"
+        )
+    else:
+        try:
+            sid = parse_spiffe_id(spiffe[0])
+        except ValueError as exc:
+            problems.append(f"has an invalid SPIFFE ID: {exc}")
+    if is_ca:
+        problems.append("is a CA certificate (basicConstraints CA:TRUE); an X509-SVID leaf is not")
+    if problems or sid is None:
+        raise ValueError("; ".join(problems))
+    return sid
 
 
 @functools.lru_cache(maxsize=4096)
 def spiffe_id_from_der(der: bytes) -> SpiffeId | None:
-    """The SPIFFE ID in a DER certificate's URI SAN.
+    """The SPIFFE ID of a DER certificate (a peer's), by the X509-SVID rules.
 
-    None when the certificate cannot be parsed, has no spiffe:// URI SAN, has several,
-    or the one it has is not a valid SPIFFE ID. Results are cached (bounded LRU), since
-    this runs once per connection.
+    None when the certificate cannot be parsed or is not a valid X509-SVID leaf (see
+    `svid_spiffe_id`: not exactly one URI SAN, an invalid SPIFFE ID, or CA:TRUE), so the
+    peer has no identity and is refused. Results are cached (bounded LRU), since this
+    runs once per connection.
     """
     cert = _certificate(der)
     if cert is None:
         return None
-    uris = _spiffe_uris(cert)
-    if len(uris) != 1:
-        return None
     try:
-        return parse_spiffe_id(uris[0])
+        return svid_spiffe_id(cert)
     except ValueError:
         return None
 
@@ -173,19 +227,16 @@ def describe_cert_der(der: bytes) -> str:
     """One human line about a DER certificate, for log messages.
 
     E.g. "certificate for spiffe://x/y issued by 'CN=Other CA', valid until
-    2026-01-01T00:00:00+00:00". Never raises.
+    2026-01-01T00:00:00+00:00", or for one that is no valid X509-SVID "certificate for
+    subject 'CN=web' (has no URI SAN, ...) issued by ...". Never raises.
     """
     cert = _certificate(der)
     if cert is None:
         return f"unparseable certificate ({len(der)} bytes)"
-    uris = _spiffe_uris(cert)
-    if len(uris) == 1:
-        sid = spiffe_id_from_der(der)
-        who = str(sid) if sid is not None else f"invalid SPIFFE ID {_short(uris[0])}"
-    elif uris:
-        who = f"{len(uris)} SPIFFE IDs ({', '.join(uris)})"
-    else:
-        who = f"subject {_rfc4514(cert, issuer=False)!r} (no SPIFFE ID)"
+    try:
+        who = str(svid_spiffe_id(cert))
+    except ValueError as exc:
+        who = f"subject {_rfc4514(cert, issuer=False)!r} ({exc})"
     until = cert.not_valid_after_utc.isoformat()
     return f"certificate for {who} issued by {_rfc4514(cert, issuer=True)!r}, valid until {until}"
 

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .errors import CertError
+from .identity import svid_spiffe_id
 
 
 def _now() -> dt.datetime:
@@ -37,14 +38,21 @@ def _public_bytes(key: object) -> bytes:
 
 
 def leaf_spiffe_id(cert: x509.Certificate) -> str | None:
-    """The one spiffe:// URI SAN of a certificate, or None if it has none (or several)."""
+    """The SPIFFE ID of an X509-SVID leaf (canonical text), or None when the certificate
+    breaks an X509-SVID rule (see `identity.svid_spiffe_id`, which says which)."""
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
+        return str(svid_spiffe_id(cert))
+    except ValueError:
         return None
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
-    spiffe = [u for u in uris if u.lower().startswith("spiffe://")]
-    return spiffe[0] if len(spiffe) == 1 else None
+
+
+def _cert_name(origin: str, cert: x509.Certificate) -> str:
+    """How messages name a certificate: where it came from, its subject and serial."""
+    try:
+        subject = cert.subject.rfc4514_string()
+    except ValueError:
+        subject = "?"
+    return f"{origin} certificate (subject {subject!r}, serial {cert.serial_number:x})"
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,12 @@ class Material:
 def load_material(
     chain_pem: bytes, key_pem: bytes, bundle_pem: bytes, origin: str, *, allow_expired: bool = False
 ) -> Material:
-    """Parse and cross-check the three parts; raise CertError saying which part is wrong."""
+    """Parse and cross-check the three parts; raise CertError saying which part is wrong.
+
+    The leaf must be a valid X509-SVID (exactly one URI SAN, a valid SPIFFE ID, not a CA),
+    within its validity period (not expired unless `allow_expired`, and not yet valid is
+    refused too), and match the key; the bundle must hold a CA certificate.
+    """
     chain = _load_pem_certs(chain_pem, f"{origin} certificate")
     leaf = chain[0]
     try:
@@ -113,16 +126,22 @@ def load_material(
             continue
     if not ca_roots:
         raise CertError(f"{origin} trust bundle holds no CA certificate")
-    identity = leaf_spiffe_id(leaf)
-    if identity is None:
-        raise CertError(
-            f"{origin} certificate {leaf.subject.rfc4514_string()!r} "
-            "has no single spiffe:// URI SAN"
-        )
+    # The X509-SVID rules, the same ones every peer's certificate is judged by.
+    try:
+        identity = str(svid_spiffe_id(leaf))
+    except ValueError as exc:
+        raise CertError(f"{_cert_name(origin, leaf)} {exc}") from None
     now = _now()
     if not allow_expired and leaf.not_valid_after_utc <= now:
         raise CertError(
             f"{origin} certificate for {identity} expired at {leaf.not_valid_after_utc.isoformat()}"
+        )
+    if leaf.not_valid_before_utc > now:
+        # Peers would refuse it ("certificate is not yet valid") until then.
+        raise CertError(
+            f"{origin} certificate for {identity} (serial {leaf.serial_number:x}) is not valid "
+            f"yet: notBefore is {leaf.not_valid_before_utc.isoformat()}, now is "
+            f"{now.replace(microsecond=0).isoformat()} (is a clock wrong?)"
         )
     return Material(
         chain_pem=chain_pem,

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from .errors import PolicyDenied
 from .identity import SpiffeId, parse_spiffe_id
 
+# What a certificate without an identity (None from identity.spiffe_id_from_der) lacks.
+_NOT_SVID = "is not a valid X509-SVID (that is: exactly one URI SAN, a valid SPIFFE ID, not a CA)"
+
 _ONE = "*"
 _REST = "**"
 
@@ -129,11 +132,11 @@ class InboundPolicy:
     def check(self, peer: SpiffeId | None) -> None:
         """Return if `peer` may connect; raise PolicyDenied otherwise.
 
-        reason 'bad_cert' when the certificate carries no SPIFFE ID, 'peer_not_allowed'
-        when the identity is not allowed.
+        reason 'bad_cert' when the certificate is no valid X509-SVID (`peer` None),
+        'peer_not_allowed' when the identity is not allowed.
         """
         if peer is None:
-            raise PolicyDenied("bad_cert", "peer certificate has no SPIFFE ID (URI SAN)")
+            raise PolicyDenied("bad_cert", f"peer certificate {_NOT_SVID}")
         if self.allows(peer):
             return
         if self.patterns:
@@ -152,13 +155,11 @@ def check_outbound(peer: SpiffeId | None, expected: SpiffeId | None, trust_domai
 
     If `expected` is given the peer must be exactly that identity, otherwise any identity
     of `trust_domain`. Raises PolicyDenied('identity_mismatch', ...) when it is not, and
-    PolicyDenied('bad_cert', ...) when the certificate has no SPIFFE ID at all.
+    PolicyDenied('bad_cert', ...) when the certificate is no valid X509-SVID (`peer` None).
     """
     if peer is None:
         wanted = str(expected) if expected is not None else f"an identity of {trust_domain}"
-        raise PolicyDenied(
-            "bad_cert", f"remote certificate has no SPIFFE ID (URI SAN) but {wanted} was expected"
-        )
+        raise PolicyDenied("bad_cert", f"remote certificate {_NOT_SVID}, but {wanted} was expected")
     if expected is not None:
         if peer != expected:
             raise PolicyDenied(

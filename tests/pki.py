@@ -85,12 +85,17 @@ def make_leaf(
     dns: tuple[str, ...] = ("localhost",),
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
+    extra_uris: tuple[str, ...] = (),
+    ca: bool = False,
 ) -> tuple[x509.Certificate, Key]:
+    """A leaf for `spiffe_id` (no URI SAN when None); `extra_uris` are more URI SANs and
+    `ca` sets basicConstraints CA:TRUE, to make certificates that break X509-SVID rules."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
     if spiffe_id:
         sans.append(x509.UniformResourceIdentifier(spiffe_id))
+    sans += [x509.UniformResourceIdentifier(uri) for uri in extra_uris]
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(spiffe_id or "no-spiffe"))
@@ -99,7 +104,7 @@ def make_leaf(
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before or now - dt.timedelta(minutes=5))
         .not_valid_after(not_after or now + dt.timedelta(hours=24))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]

@@ -16,14 +16,18 @@ from proxy.identity import (
     parse_spiffe_id,
     parse_trust_domain,
     spiffe_id_from_der,
+    svid_spiffe_id,
 )
 
 _KEY = ec.generate_private_key(ec.SECP256R1())
 _NOT_AFTER = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
 
-def make_der(uris: list[str], *, dns: list[str] | None = None, cn: str = "leaf") -> bytes:
-    """A self-signed-looking leaf (issued by 'CN=Other CA') with the given URI SANs."""
+def make_der(
+    uris: list[str], *, dns: list[str] | None = None, cn: str = "leaf", ca: bool | None = None
+) -> bytes:
+    """A self-signed-looking leaf (issued by 'CN=Other CA') with the given URI SANs, and
+    basicConstraints CA:`ca` unless `ca` is None."""
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
@@ -37,6 +41,8 @@ def make_der(uris: list[str], *, dns: list[str] | None = None, cn: str = "leaf")
     names += [x509.DNSName(d) for d in dns or []]
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    if ca is not None:
+        builder = builder.add_extension(x509.BasicConstraints(ca, None), critical=True)
     cert = builder.sign(_KEY, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.DER)
 
@@ -124,7 +130,7 @@ def test_parse_trust_domain_good() -> None:
     ("uris", "expected"),
     [
         (["spiffe://td/ns/a/sa/b"], SpiffeId("td", "/ns/a/sa/b")),
-        (["https://example.com", "spiffe://td/x"], SpiffeId("td", "/x")),
+        (["https://example.com", "spiffe://td/x"], None),  # an extra URI SAN
         ([], None),
         (["https://example.com"], None),
         (["spiffe://td/a", "spiffe://td/b"], None),
@@ -133,6 +139,70 @@ def test_parse_trust_domain_good() -> None:
 )
 def test_spiffe_id_from_der(uris: list[str], expected: SpiffeId | None) -> None:
     assert spiffe_id_from_der(make_der(uris, dns=["web.local"])) == expected
+
+
+@pytest.mark.parametrize(
+    ("uris", "ca", "message"),
+    [
+        (["spiffe://td/a"], False, None),
+        (["spiffe://td/a"], None, None),
+        ([], None, "has no URI SAN, so no SPIFFE ID; an X509-SVID has exactly one URI SAN"),
+        (
+            ["https://x.example"],
+            None,
+            "has no spiffe:// URI SAN, only 'https://x.example'; an X509-SVID has exactly one "
+            "URI SAN, its SPIFFE ID",
+        ),
+        (
+            ["spiffe://td/a", "spiffe://td/b"],
+            None,
+            "has 2 SPIFFE IDs ('spiffe://td/a', 'spiffe://td/b'); an X509-SVID has exactly "
+            "one URI SAN",
+        ),
+        (
+            ["spiffe://td/a", "https://x.example"],
+            None,
+            "has URI SANs besides its SPIFFE ID ('spiffe://td/a', 'https://x.example'); an "
+            "X509-SVID has exactly one URI SAN",
+        ),
+        (
+            ["spiffe://Corp.Example/svc"],
+            None,
+            "has an invalid SPIFFE ID: 'spiffe://Corp.Example/svc': the trust domain "
+            "'Corp.Example' contains 'C' (upper-case letters are not allowed); only lower-case "
+            "letters, digits, '.', '-' and '_' are allowed",
+        ),
+        (
+            ["spiffe://td.example/ns/api/sa/api/"],
+            None,
+            "has an invalid SPIFFE ID: 'spiffe://td.example/ns/api/sa/api/' ends with '/'; "
+            "drop the trailing slash",
+        ),
+        (
+            ["spiffe://td/a"],
+            True,
+            "is a CA certificate (basicConstraints CA:TRUE); an X509-SVID leaf is not",
+        ),
+        (
+            ["spiffe://td/a", "spiffe://td/b"],
+            True,
+            "has 2 SPIFFE IDs ('spiffe://td/a', 'spiffe://td/b'); an X509-SVID has exactly "
+            "one URI SAN; is a CA certificate (basicConstraints CA:TRUE); an X509-SVID leaf "
+            "is not",
+        ),
+    ],
+)
+def test_x509_svid_rules(uris: list[str], ca: bool | None, message: str | None) -> None:
+    """One set of rules for our own leaf (svid_spiffe_id) and for peers (spiffe_id_from_der)."""
+    der = make_der(uris, ca=ca)
+    cert = x509.load_der_x509_certificate(der)
+    if message is None:
+        assert svid_spiffe_id(cert) == parse_spiffe_id(uris[0]) == spiffe_id_from_der(der)
+        return
+    with pytest.raises(ValueError) as info:
+        svid_spiffe_id(cert)
+    assert str(info.value) == message
+    assert spiffe_id_from_der(der) is None
 
 
 def test_spiffe_id_from_der_garbage_and_cache() -> None:
@@ -155,7 +225,7 @@ def test_describe_cert_der() -> None:
 @pytest.mark.parametrize(
     ("uris", "fragment"),
     [
-        ([], "subject 'CN=web' (no SPIFFE ID)"),
+        ([], "subject 'CN=web' (has no URI SAN, so no SPIFFE ID;"),
         (["spiffe://td/a", "spiffe://td/b"], "2 SPIFFE IDs"),
         (["spiffe://TD/a"], "invalid SPIFFE ID"),
     ],

@@ -119,7 +119,10 @@ def test_inbound_no_identity() -> None:
     with pytest.raises(PolicyDenied) as info:
         InboundPolicy([], "td").check(None)
     assert info.value.reason == "bad_cert"
-    assert str(info.value) == "peer certificate has no SPIFFE ID (URI SAN)"
+    assert str(info.value) == (
+        "peer certificate is not a valid X509-SVID (that is: exactly one URI SAN, a valid "
+        "SPIFFE ID, not a CA)"
+    )
 
 
 OUTBOUND = [
