@@ -7,10 +7,13 @@ import io
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy import __main__ as cli
 from proxy import iptables
-from proxy.config import RULE_VARIABLES, known_variables
+from proxy.config import RULE_VARIABLES, known_variables, load_rule_settings, load_settings
+from proxy.errors import ConfigError, ConfigProblem
 
 from .conftest import Pki
 from .harness import identity_env
@@ -85,8 +88,8 @@ def test_every_entry_point_judges_alike(
         assert '"MTLS_TRANSPARENT": true' in out and '"certificate"' in out
 
     # run: the same loader, refusing before anything starts
-    settings = cli._settings(os.environ)
-    assert (settings is None) is bool(refused)
+    loaded = cli._settings(os.environ)
+    assert (loaded is None) is bool(refused)
     assert _problem_lines(capsys.readouterr().err, "  - ") == check_problems
     if refused:
         assert cli.main(["run"]) == 2
@@ -104,3 +107,61 @@ def test_every_entry_point_judges_alike(
     assert rule_problems == expected
     assert rc == (2 if expected else 0)
     assert ("*nat" in stdout.getvalue()) is not bool(expected)
+
+
+# A valid transparent-mode config that needs no files, for the property test below.
+CA_BASE = {
+    "MTLS_IDENTITY_SOURCE": "ca",
+    "MTLS_CA_URL": "https://ca.internal:8443",
+    "MTLS_CA_TOKEN": "t",
+    "MTLS_CA_FINGERPRINT": "ab" * 32,
+    "MTLS_IDENTITY": "spiffe://corp.example/web",
+    "MTLS_TRANSPARENT": "true",
+}
+_VALUES = st.one_of(
+    st.sampled_from(
+        [
+            "15006",
+            "15001",
+            "15000",
+            "0",
+            "8443",
+            "x",
+            "22,15001",
+            "9-1",
+            "10.0.0.1/8",
+            "10.0.0.0/8,fd00::/8",
+            "127.0.0.1:15001",
+            "127.0.0.1:0",
+            ":8443",
+            "localhost",
+            ":15006=127.0.0.1:1",
+            "o=127.0.0.1:9=127.0.0.1:15001",
+            "-1",
+        ]
+    ),
+    st.text(max_size=10),
+)
+_NAMES = st.sampled_from(
+    [*sorted(RULE_VARIABLES), "MTLS_INBOUND", "MTLS_OUTBOUND", "MTLS_WORKERS", "MTLS_PROXY_UI"]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(_NAMES, _VALUES, max_size=5))
+def test_iptables_loader_agrees_with_run_loader(env: dict[str, str]) -> None:
+    """For any env, iptables refuses exactly what run refuses among the variables it reads."""
+    full = {**CA_BASE, **env}
+    run_problems: list[ConfigProblem] = []
+    rule_problems: list[ConfigProblem] = []
+    try:
+        load_settings(full)
+    except ConfigError as exc:
+        run_problems = exc.problems
+    try:
+        load_rule_settings(full)
+    except ConfigError as exc:
+        rule_problems = exc.problems
+    assert rule_problems == [
+        p for p in run_problems if p.var in RULE_VARIABLES or p.var not in known_variables()
+    ]
