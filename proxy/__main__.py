@@ -53,8 +53,9 @@ def _settings(env: Mapping[str, str]) -> Settings | None:
 
 def check(env: Mapping[str, str]) -> int:
     """`mtls-sidecar check`: every problem at once (exit 2), or the effective config (exit 0)."""
+    from .certsource.files import FileSource
     from .config import redacted
-    from .tls import load_identity_files
+    from .tls import build_tls_state
 
     settings = _settings(env)
     if settings is None:
@@ -62,13 +63,18 @@ def check(env: Mapping[str, str]) -> int:
     out: dict[str, object] = {"config": redacted(settings)}
     if settings.identity_source == "files":
         assert settings.cert_file and settings.key_file and settings.trust_bundle_file
+        min_version = settings.min_tls_version
+        # The reader `run` starts from, with the check the master applies to every material
+        # (Master.validate: the TLS contexts built), so check refuses what run would.
+        files = FileSource(
+            settings.cert_file,
+            settings.key_file,
+            settings.trust_bundle_file,
+            validate=lambda material: build_tls_state(material, min_version),
+            on_update=lambda material: None,
+        )
         try:
-            material = load_identity_files(
-                settings.cert_file,
-                settings.key_file,
-                settings.trust_bundle_file,
-                settings.min_tls_version,
-            )
+            material = files.read()
         except CertError as exc:
             print(f"mtls-sidecar: invalid identity files: {exc}", file=sys.stderr)
             return 2

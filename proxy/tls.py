@@ -7,10 +7,9 @@ import ssl
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import CertError
-from .material import Material, load_material_files
+from .material import Material
 from .openssl import ctx_pointer, set_ticket_keys
 
 # ECDHE with AEAD ciphers only, for TLS 1.2 when it is enabled (TLS 1.3 suites are all AEAD).
@@ -143,18 +142,6 @@ def build_tls_state(
         client_ptr=ctx_pointer(client),
         server_resumed=server_resumed,
     )
-
-
-def load_identity_files(
-    cert_file: Path, key_file: Path, bundle_file: Path, min_version: str = "1.3"
-) -> Material:
-    """The identity files loaded and judged exactly as `run` accepts them: the material
-    checks (`load_material`: X509-SVID rules, validity, key match, a CA in the bundle),
-    then the TLS contexts built from them. Raises CertError; `check` uses it too, so it
-    refuses what `run` would."""
-    material = load_material_files(cert_file, key_file, bundle_file)
-    build_tls_state(material, min_version)
-    return material
 
 
 # --- classifying handshake failures -------------------------------------------------------

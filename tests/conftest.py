@@ -123,6 +123,7 @@ UNIT_MODULES = frozenset(
         "test_fuzz_property",
         "test_ca_issuer",
         "test_tls_unit",
+        "test_config_entrypoints",
     }
 )
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from proxy import __main__ as cli
+from proxy.certsource.files import FileSource
 from proxy.errors import CertError
 from proxy.material import leaf_spiffe_id, load_material
-from proxy.tls import load_identity_files
+from proxy.tls import build_tls_state
 
 from .conftest import TD, Pki
 from .harness import ROOT, base_env, identity_env
@@ -131,13 +132,16 @@ def test_check_exits_2_with_the_message(
     err = capsys.readouterr().err
     assert err.startswith("mtls-sidecar: invalid identity files: files certificate (subject ")
     assert fragment in err and err.count("\n") == 1
-    # The same function, as run uses it, says the same.
+    # The reader run starts from says the same.
+    files = FileSource(
+        Path(env["MTLS_CERT_FILE"]),
+        Path(env["MTLS_KEY_FILE"]),
+        Path(env["MTLS_TRUST_BUNDLE_FILE"]),
+        validate=build_tls_state,
+        on_update=lambda material: None,
+    )
     with pytest.raises(CertError) as info:
-        load_identity_files(
-            Path(env["MTLS_CERT_FILE"]),
-            Path(env["MTLS_KEY_FILE"]),
-            Path(env["MTLS_TRUST_BUNDLE_FILE"]),
-        )
+        files.load()
     assert str(info.value) in err
 
 
