@@ -781,6 +781,12 @@ def test_dials_itself(listen: str, remote: str, loops: bool) -> None:
     assert dials_itself(listen_address, remote_address) is loops
 
 
+def test_hairpin_through_our_own_inbound_listener_is_allowed() -> None:
+    """Outbound to our own inbound listener ends at the app: finite, not a loop."""
+    env = {**BASE, "MTLS_OUTBOUND": "o=127.0.0.1:15432=localhost:8443"}
+    assert load_settings(env).outbound[0].remote.port == 8443
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -796,14 +802,23 @@ def test_dials_itself(listen: str, remote: str, loops: bool) -> None:
             ],
         ),
         (
-            {"MTLS_OUTBOUND": "o=127.0.0.1:15432=localhost:8443"},
+            {
+                "MTLS_INBOUND": "a=127.0.0.1:7001=127.0.0.1:7002",
+                "MTLS_OUTBOUND": "b=127.0.0.1:7002=127.0.0.1:7001",
+            },
             [
                 (
+                    "MTLS_INBOUND",
+                    "route 'a' forwards to 127.0.0.1:7002, which is this sidecar's own "
+                    "listener (MTLS_OUTBOUND route 'b' on 127.0.0.1:7002): every connection "
+                    "would loop back into the sidecar",
+                ),
+                (
                     "MTLS_OUTBOUND",
-                    "route 'o' dials localhost:8443, which is this sidecar's own listener "
-                    "(MTLS_INBOUND route '8443' on 0.0.0.0:8443): every connection would "
+                    "route 'b' dials 127.0.0.1:7001, which is this sidecar's own listener "
+                    "(MTLS_INBOUND route 'a' on 127.0.0.1:7001): every connection would "
                     "loop back into the sidecar",
-                )
+                ),
             ],
         ),
         (

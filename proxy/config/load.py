@@ -165,21 +165,45 @@ def cross_problems(s: Settings, bad: Collection[str] = ()) -> list[ConfigProblem
                     f"{s.admin_listen} collides with {owner} listening on {address}",
                 )
 
-    # A route whose far end is one of our own proxy listeners dials itself, again and again.
-    far_ends: list[tuple[str, str, str, Address]] = []
+    # A route whose far end leads, through our own listeners, back to itself dials itself
+    # again and again. A route to another of our listeners that ends elsewhere (an outbound
+    # route to our own inbound listener, say) is a finite hairpin and allowed; a capture port
+    # takes only redirected connections, so dialling it directly never works.
+    hops: list[tuple[str, str, str, Address, Address]] = []
     if ok("inbound"):
-        far_ends += [("inbound", r.name, "forwards to", r.target) for r in s.inbound]
+        hops += [("inbound", r.name, "forwards to", r.listen, r.target) for r in s.inbound]
     if ok("outbound"):
-        far_ends += [("outbound", r.name, "dials", r.remote) for r in s.outbound]
-    for name, route_name, verb, far in far_ends:
+        hops += [("outbound", r.name, "dials", r.listen, r.remote) for r in s.outbound]
+    capture_owners = {owner for owner, _ in listeners if owner.endswith("_CAPTURE_PORT")}
+
+    def landing(far: Address) -> tuple[str, Address, int | None] | None:
+        """Our listener that `far` reaches: (owner, its address, index into hops or None)."""
         for owner, address in listeners:
             if dials_itself(address, far):
-                add(
-                    name,
-                    f"route {route_name!r} {verb} {far}, which is this sidecar's own listener "
-                    f"({owner} on {address}): every connection would loop back into the sidecar",
-                )
+                index = next((i for i, h in enumerate(hops) if h[3] == address), None)
+                return owner, address, index
+        return None
+
+    for start, (name, route_name, verb, _, far) in enumerate(hops):
+        hit = landing(far)
+        if hit is None:
+            continue
+        owner, address, index = hit
+        seen = {start}
+        loops = owner in capture_owners
+        while not loops and index is not None:
+            if index in seen:
+                loops = True
                 break
+            seen.add(index)
+            nxt = landing(hops[index][4])
+            index = nxt[2] if nxt is not None else None
+        if loops:
+            add(
+                name,
+                f"route {route_name!r} {verb} {far}, which is this sidecar's own listener "
+                f"({owner} on {address}): every connection would loop back into the sidecar",
+            )
     return problems
 
 
