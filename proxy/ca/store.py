@@ -149,7 +149,7 @@ def _mode_problem(path: Path, *, is_dir: bool) -> str | None:
         )
     if not is_dir and mode & 0o077:
         return (
-            f"CA key file {path} is accessible by group or others (mode {mode:04o}); "
+            f"CA file {path} is accessible by group or others (mode {mode:04o}); "
             f"run: chmod 600 {path}"
         )
     return None
