@@ -194,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections", type=_positive_int, default=512, help="open connections (512)"
     )
     s.add_argument(
-        "--header-timeout", type=_duration, default=dt.timedelta(seconds=10), help="default 10s"
+        "--header-timeout",
+        type=_duration,
+        default=dt.timedelta(seconds=10),
+        help="TLS handshake, and each request's headers (default 10s)",
     )
     s.add_argument(
         "--body-timeout", type=_duration, default=dt.timedelta(seconds=10), help="default 10s"
@@ -366,6 +369,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
     limits = Limits(
         header_timeout=args.header_timeout.total_seconds(),
+        handshake_timeout=args.header_timeout.total_seconds(),
         body_timeout=args.body_timeout.total_seconds(),
         max_connections=args.max_connections,
     )

@@ -439,10 +439,10 @@ class EnrolmentService:
             raise Refused(401, "client certificate has no single spiffe:// URI SAN")
         if trust_domain_of(identity) != self.trust_domain:
             raise Refused(403, f"client identity {identity} is outside {self.trust_domain}")
+        self._check_not_revoked(identity)
         serial = serial_hex(cert.serial_number)
         if self.store.is_serial_revoked(serial):
             raise Refused(403, f"client certificate serial={serial} ({identity}) is revoked")
-        self._check_not_revoked(identity)
         return identity, serial
 
     async def renew(self, request: web.Request) -> web.Response:
