@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,7 @@ def test_revocation_reaches_the_crl_and_refuses_renewal_and_enrolment(tmp_path: 
 
 
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory) -> CaServer:
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaServer]:
     tmp = tmp_path_factory.mktemp("guarded")
     ca_dir, _ = _init_ca(tmp)
     server = CaServer(
