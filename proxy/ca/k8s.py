@@ -39,6 +39,7 @@ MAX_KEYS_AGE_SECONDS = 3600.0  # keys fetched from the issuer are refreshed at l
 FETCH_TIMEOUT_SECONDS = 5.0
 MAX_JWKS_BYTES = 256 * 1024
 
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth"})
 _B64URL_PART = re.compile(r"^[A-Za-z0-9_-]+$")
 # Namespaces are DNS labels; service-account names DNS subdomains (RFC 1123, lowercase).
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -86,7 +87,11 @@ def looks_like_jwt(token: str) -> bool:
     """True for three dot-separated base64url parts that are not one of our join tokens."""
     parts = token.strip().split(".")
     return (
-        len(parts) == 3 and parts[0] != TOKEN_VERSION and all(_B64URL_PART.match(p) for p in parts)
+        len(parts) == 3
+        and parts[0] != TOKEN_VERSION
+        and all(_B64URL_PART.match(p) for p in parts[:2])
+        # an unsigned ("alg": "none") JWT has an empty third part: still a JWT, refused later
+        and (parts[2] == "" or _B64URL_PART.match(parts[2]) is not None)
     )
 
 
@@ -102,8 +107,12 @@ def parse_jwks(data: bytes | str, where: str) -> list[jwt.PyJWK]:
     for item in raw["keys"]:
         if not isinstance(item, dict) or item.get("use", "sig") != "sig":
             continue
+        if item.get("kty") not in ("RSA", "EC"):
+            continue  # a symmetric ("oct") key would let anyone holding it sign tokens
+        # Only the public half is ever needed; a published private member is ignored.
+        public = {k: v for k, v in item.items() if k not in _PRIVATE_MEMBERS}
         try:
-            keys.append(jwt.PyJWK(item))
+            keys.append(jwt.PyJWK(public))
         except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError):
             continue  # a key type we cannot use is skipped, as OIDC clients do
     if not keys:
@@ -262,15 +271,17 @@ class JwksSource:
         jwks_file: Path | None = None,
         ca_file: Path | None = None,
         bearer_file: Path | None = None,
+        min_refresh: float = MIN_REFRESH_SECONDS,
     ) -> None:
         self.issuer = issuer
+        self.min_refresh = min_refresh
         self.jwks_file = jwks_file
         self.ca_file = ca_file
         self.bearer_file = bearer_file
         self._keys: list[jwt.PyJWK] = []
         self._stamp: tuple[int, int] | None = None
-        self._fetched = 0.0  # monotonic time of the last fetch attempt
-        self._fetched_ok = 0.0
+        self._fetched = -float("inf")  # monotonic time of the last fetch attempt
+        self._fetched_ok = -float("inf")
         self._lock = asyncio.Lock()
         if jwks_file is not None:
             self._read_file()  # a bad file fails `ca serve` at start
@@ -303,7 +314,7 @@ class JwksSource:
         async with self._lock:
             now = time.monotonic()
             stale = not self._keys or now - self._fetched_ok > MAX_KEYS_AGE_SECONDS
-            due = (refresh or stale) and now - self._fetched >= MIN_REFRESH_SECONDS
+            due = (refresh or stale) and now - self._fetched >= self.min_refresh
             if due or not self._keys:
                 self._fetched = now
                 try:
