@@ -1,4 +1,4 @@
-"""Property tests for the CA's untrusted inputs: join tokens and CSRs.
+"""Property tests for the CA's untrusted inputs: join tokens, CSRs and request bodies.
 
 Whatever arrives, `verify_token` either returns claims that make sense (a valid identity and a
 finite expiry in the future) or raises `TokenRejected`; `check_csr` either returns a CSR for
@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.ca.issuer import CsrRejected, check_csr, make_csr, validate_spiffe_id
+from proxy.ca.service import is_flat_json_object
 from proxy.ca.tokens import MAX_TOKEN_LENGTH, TokenRejected, _b64, _mac, make_token, verify_token
 
 relaxed = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -254,3 +255,34 @@ def test_well_formed_csrs_of_every_shape(
         return
     assert key_name in ("p256", "p384")
     assert names is not None and [n.value for n in names] == [expected]
+
+
+# --- enrolment request bodies ---------------------------------------------------------------
+
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+tricky_text = st.text(alphabet=st.sampled_from(list('{}[]"\\ab:,é\n')), max_size=20)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+@relaxed
+@given(value=st.one_of(json_values, st.dictionaries(tricky_text, tricky_text, max_size=5)))
+def test_flat_check_matches_the_shape_of_any_json(value: Any) -> None:
+    """The pre-parse check says "flat" exactly for scalars and objects of scalars, whatever
+    brackets, quotes and escapes the strings hold; so nothing nested reaches json.loads."""
+    flat = _depth(value) == 0 or (isinstance(value, dict) and _depth(value) == 1)
+    for ensure_ascii in (True, False):
+        body = json.dumps(value, ensure_ascii=ensure_ascii).encode()
+        assert is_flat_json_object(body) is flat, body

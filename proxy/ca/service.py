@@ -113,7 +113,7 @@ def raise_nofile_limit(needed: int) -> int:
     return soft
 
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 def is_flat_json_object(body: bytes) -> bool:
