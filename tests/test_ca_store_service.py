@@ -180,9 +180,11 @@ def _tls_client() -> ssl.SSLContext:
     return ctx
 
 
-async def _closed_after(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
-    """Send one header byte every 0.2 s until the server closes; return how long it took."""
-    t0 = time.monotonic()
+async def _closed_after(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, t0: float
+) -> float:
+    """Send one header byte every 0.2 s until the server closes; return how long it was open
+    after the TLS handshake (done at `t0`)."""
     writer.write(b"POST /v1/enroll HTTP/1.1\r\n")
     while True:
         try:
@@ -201,12 +203,12 @@ async def _closed_after(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 def test_slow_clients_are_closed_after_the_header_timeout(guarded: CaServer) -> None:
     async def scenario() -> tuple[list[float], float]:
-        conns = [
-            await asyncio.open_connection("127.0.0.1", guarded.port, ssl=_tls_client())
-            for _ in range(5)
-        ]
-        times = await asyncio.gather(*(_closed_after(r, w) for r, w in conns))
-        for _, w in conns:
+        conns = []
+        for _ in range(5):
+            r, w = await asyncio.open_connection("127.0.0.1", guarded.port, ssl=_tls_client())
+            conns.append((r, w, time.monotonic()))
+        times = await asyncio.gather(*(_closed_after(r, w, t) for r, w, t in conns))
+        for _, w, _ in conns:
             w.close()
         # a connection that never starts TLS is closed after the same timeout
         t0 = time.monotonic()

@@ -72,6 +72,10 @@ class NonceUsed(StoreError):
     """A join token whose nonce was already claimed (here or by another process)."""
 
 
+class IdentityRevoked(StoreError):
+    """An issuance for an identity that `ca revoke --id` revoked."""
+
+
 def validate_reason(text: str) -> str:
     """Return the RFC 5280 reason name matching `text` (case-insensitive), else ValueError."""
     for name in REASONS:
@@ -286,7 +290,7 @@ class CaStore:
                     "SELECT reason FROM revoked_ids WHERE spiffe_id = ?", (identity,)
                 ).fetchone()
                 if revoked is not None:
-                    raise StoreError(f"identity {identity} is revoked ({revoked[0]})")
+                    raise IdentityRevoked(f"identity {identity} is revoked ({revoked[0]})")
                 db.execute(
                     "INSERT INTO issued VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
                     (

@@ -34,7 +34,7 @@ from cryptography import x509
 
 from ..material import leaf_spiffe_id
 from .crl import CRL_REFRESH
-from .db import NonceUsed, StoreError, serial_hex
+from .db import IdentityRevoked, NonceUsed, serial_hex
 from .issuer import (
     LEAF_TTL,
     CsrRejected,
@@ -311,10 +311,8 @@ class EnrolmentService:
             )
         except NonceUsed:
             raise Refused(401, f"token for {identity} was already used") from None
-        except StoreError as exc:
-            if "is revoked" in str(exc):
-                raise Refused(403, str(exc)) from None
-            raise
+        except IdentityRevoked as exc:  # revoked between the check above and now
+            raise Refused(403, str(exc)) from None
         log.info(
             "issued serial=%x identity=%s not_after=%s requester=%s via=%s (%s)",
             leaf.serial_number,
