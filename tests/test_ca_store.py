@@ -314,3 +314,31 @@ def test_rate_limited_log() -> None:
     table = [(0.0, 0), (0.1, None), (0.5, None), (0.99, None), (1.0, 3), (1.5, None), (5.0, 1)]
     for now, expected in table:
         assert limiter.ready(now) == expected, now
+
+
+def test_the_replaced_intermediate_still_signs_the_crl_of_its_leaves(
+    ca_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = CaDir.open(ca_dir)
+    store = ca.store()
+    old_serial = _issue(ca, store, WEB)
+    old_inter = ca.intermediate(1)
+    assert run(capsys, "rotate-intermediate", "--dir", str(ca_dir))[0] == 0
+    ca = CaDir.open(ca_dir)
+    assert stat.S_IMODE((ca_dir / "intermediate-1.prev.key").stat().st_mode) == 0o600
+    new_serial = _issue(ca, store, WEB)
+    store.revoke_identity(WEB, "keyCompromise")
+    pem = ca.write_crl(store)
+    store.close()
+    rl = load_crls(pem, ca.roots())
+    assert len(rl.crls) == 2  # one per intermediate, each signed by its own key
+    assert rl.is_revoked(int(old_serial, 16), old_inter.subject)
+    assert rl.is_revoked(int(new_serial, 16), ca.intermediate(1).subject)
+    # openssl reads the first CRL of the file: the current intermediate's
+    res = subprocess.run(
+        ["openssl", "crl", "-verify", "-CAfile", str(ca_dir / "intermediate-1.crt"), "-noout",
+         "-in", str(ca_dir / "crl.pem")],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert "verify OK" in res.stdout + res.stderr, res.stderr

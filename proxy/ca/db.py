@@ -118,9 +118,12 @@ class Issued:
 
     @property
     def revoked(self) -> bool:
+        """True once revoked."""
         return self.revoked_at is not None
 
     def to_json(self) -> dict[str, object]:
+        """The entry as `ca list --json` prints it (times in ISO 8601, UTC)."""
+
         def iso(t: float | None) -> str | None:
             return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).isoformat()
 
@@ -189,6 +192,7 @@ class CaStore:
         return cls(ca_dir / DB_FILE)
 
     def close(self) -> None:
+        """Close the connection (the last one to close folds the WAL back into ca.db)."""
         self._db.close()
 
     @contextlib.contextmanager
@@ -227,10 +231,12 @@ class CaStore:
         return self._rows()
 
     def get(self, serial: str) -> Issued | None:
+        """The log entry of one serial (hex), if we issued it."""
         rows = self._rows("WHERE serial = ?", (serial,))
         return rows[0] if rows else None
 
     def is_serial_revoked(self, serial: str) -> bool:
+        """True when the certificate with this serial (hex) was revoked."""
         row = self._db.execute(
             "SELECT revoked_at FROM issued WHERE serial = ?", (serial,)
         ).fetchone()
@@ -252,6 +258,7 @@ class CaStore:
         )
 
     def next_crl_number(self) -> int:
+        """A CRL number larger than any given out before, by any process on this store."""
         with self._write() as db:
             db.execute("UPDATE meta SET value = value + 1 WHERE key = 'crl_number'")
             row = db.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
@@ -359,6 +366,7 @@ class CaStore:
             self._bump(db)
 
     def used_nonces(self) -> int:
+        """How many join-token nonces are remembered (tokens used and not yet expired)."""
         row = self._db.execute("SELECT count(*) FROM used_nonces").fetchone()
         return int(row[0])
 

@@ -455,6 +455,7 @@ class EnrolmentService:
         return web.Response(body=self.bundle_pem, content_type="application/x-pem-file")
 
     async def crl(self, request: web.Request) -> web.Response:
+        """GET /v1/crl: every intermediate's CRL, then the intermediates, PEM."""
         self.maybe_reload()
         return web.Response(body=self.refresh_crl(), content_type="application/x-pem-file")
 
@@ -521,9 +522,11 @@ class ConnectionGuard:
         self._limit_log = RateLimitedLog()
 
     def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory for create_server: aiohttp's protocols, guarded."""
         return lambda: _GuardedProtocol(self, factory())
 
     def admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Count a new connection and start its header deadline; False when over the limit."""
         if self.active >= self.limits.max_connections:
             self.refused_over_limit += 1
             held = self._limit_log.ready(time.monotonic())
@@ -539,13 +542,16 @@ class ConnectionGuard:
         return True
 
     def release(self, transport: asyncio.BaseTransport) -> None:
+        """A connection admitted before has closed."""
         self.active -= 1
         self._disarm(transport)
 
     def request_started(self, transport: asyncio.BaseTransport) -> None:
+        """Headers are in: the body has its own timeout (in the handler)."""
         self._disarm(transport)
 
     def request_done(self, transport: asyncio.BaseTransport) -> None:
+        """The next request's headers are due within the header timeout."""
         if not transport.is_closing():
             self._arm(transport)
 
