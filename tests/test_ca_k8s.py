@@ -41,6 +41,7 @@ WEB = "spiffe://corp.example/ns/shop/sa/web"
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
 OTHER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_P384 = ec.generate_private_key(ec.SECP384R1())
 
 
 def _jwk(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, kid: str) -> dict[str, Any]:
@@ -124,6 +125,9 @@ BAD: list[tuple[str, str, int, str]] = [
     ("tampered payload", _tampered(), 401, "signature does not verify"),
     ("alg none", _alg_none(), 401, "algorithm 'none' is not accepted"),
     ("HS256 with the public key", _hs256_with_public_key(), 401, "'HS256' is not accepted"),
+    ("RS256 for an EC key", _sign(_claims(), RSA_KEY, "e1"), 401, "does not fit the type"),
+    ("ES256 for an RSA key", _sign(_claims(), EC_KEY, "k1", "ES256"), 401, "does not fit"),
+    ("ES384 for a P-256 key", _sign(_claims(), EC_P384, "e1", "ES384"), 401, "does not verify"),
     ("not yet valid", _sign(_claims(nbf=int(time.time()) + 3600)), 401, "not valid yet"),
     ("no expiry", _sign(_claims(exp=None)), 401, "lacks the 'exp' claim"),
     ("garbage", "eyJhbGciOi.bm9wZQ.c2ln", 401, "malformed"),
@@ -220,7 +224,7 @@ def sa_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaServer]:
     tmp = tmp_path_factory.mktemp("sa")
     ca_dir, _ = _init_ca(tmp)
     jwks = tmp / "jwks.json"
-    jwks.write_text(_jwks((RSA_KEY, "k1")))
+    jwks.write_text(_jwks((RSA_KEY, "k1"), (EC_KEY, "e1")))
     server = CaServer(
         ca_dir,
         tmp / "ca.log",

@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ..errors import ProxyError
 from .issuer import validate_spiffe_id
@@ -154,6 +155,13 @@ def verify_sa_token(
             f"service-account token is signed with key id {kid!r}, which is not among the "
             "cluster's service-account issuer keys"
         )
+    family = rsa.RSAPublicKey if alg[0] in "RP" else ec.EllipticCurvePublicKey
+    candidates = [k for k in candidates if isinstance(k.key, family)]
+    if not candidates:
+        raise SaTokenRejected(
+            f"service-account token algorithm {alg} does not fit the type of the cluster's "
+            f"key {kid!r}"
+        )
     payload: dict[str, Any] | None = None
     last: Exception | None = None
     for key in candidates:
@@ -189,8 +197,8 @@ def verify_sa_token(
             ) from None
         except jwt.MissingRequiredClaimError as exc:
             raise SaTokenRejected(f"service-account token lacks the {exc.claim!r} claim") from None
-        except jwt.InvalidKeyError as exc:
-            last = exc
+        except (jwt.InvalidKeyError, TypeError, ValueError) as exc:
+            last = exc  # e.g. an ES384 token for a P-256 key
         except jwt.InvalidTokenError as exc:
             raise SaTokenRejected(f"service-account token is invalid ({exc})") from None
     if payload is None:
