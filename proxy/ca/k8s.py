@@ -122,7 +122,10 @@ def parse_jwks(data: bytes | str, where: str) -> list[jwt.PyJWK]:
 
 
 def _when(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
+    except (ValueError, OverflowError, OSError):  # an absurd claim from an untrusted token
+        return repr(ts)
 
 
 def verify_sa_token(
@@ -140,7 +143,7 @@ def verify_sa_token(
     """
     try:
         header = jwt.get_unverified_header(token)
-    except jwt.DecodeError as exc:
+    except jwt.InvalidTokenError as exc:  # DecodeError, or a bad "crit"/"b64" header
         raise SaTokenRejected(f"service-account token is malformed ({exc})") from None
     alg = header.get("alg")
     if alg not in ALGORITHMS:
