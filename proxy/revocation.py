@@ -154,30 +154,41 @@ def load_crls(
     signers = list(trusted)
     for i, block in enumerate(cert_blocks, 1):
         try:
-            cert = x509.load_pem_x509_certificate(block)
-        except ValueError as exc:
+            signers.append(_check_intermediate(block, trusted, now))
+        except CrlRejected:
+            raise
+        except (ValueError, TypeError, x509.InvalidVersion) as exc:  # lazily parsed fields
             raise CrlRejected(f"certificate {i} beside the CRLs cannot be parsed ({exc})") from None
-        name = cert.subject.rfc4514_string()
-        if not _is_ca(cert, for_crl=True):
-            raise CrlRejected(f"certificate {name!r} beside the CRLs is not a CA that signs CRLs")
-        if not any(_signed_by(cert, t) for t in trusted):
-            raise CrlRejected(
-                f"intermediate {name!r} beside the CRLs is not signed by a trusted root"
-            )
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise CrlRejected(f"intermediate {name!r} beside the CRLs is not valid now")
-        signers.append(cert)
     infos: list[CrlInfo] = []
     revoked: set[tuple[bytes, int]] = set()
     for i, block in enumerate(crl_blocks, 1):
         try:
             crl = x509.load_pem_x509_crl(block)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise CrlRejected(f"CRL {i} cannot be parsed ({exc})") from None
-        info, entries = _check_one(crl, i, signers, now)
+        try:
+            info, entries = _check_one(crl, i, signers, now)
+        except CrlRejected:
+            raise
+        except (ValueError, TypeError) as exc:  # cryptography parses fields lazily
+            raise CrlRejected(f"CRL {i} cannot be parsed ({exc})") from None
         infos.append(info)
         revoked |= entries
     return RevocationList(crls=tuple(infos), _revoked=frozenset(revoked))
+
+
+def _check_intermediate(
+    block: bytes, trusted: Sequence[x509.Certificate], now: dt.datetime
+) -> x509.Certificate:
+    cert = x509.load_pem_x509_certificate(block)
+    name = cert.subject.rfc4514_string()
+    if not _is_ca(cert, for_crl=True):
+        raise CrlRejected(f"certificate {name!r} beside the CRLs is not a CA that signs CRLs")
+    if not any(_signed_by(cert, t) for t in trusted):
+        raise CrlRejected(f"intermediate {name!r} beside the CRLs is not signed by a trusted root")
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise CrlRejected(f"intermediate {name!r} beside the CRLs is not valid now")
+    return cert
 
 
 def _check_one(

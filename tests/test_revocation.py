@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.ca.crl import Revoked, build_crl, crl_bundle_pem
 from proxy.ca.issuer import Issuer, issue_leaf, make_intermediate, make_root, new_key
@@ -132,3 +135,60 @@ def test_string_input_and_several_issuers(pki: dict[str, Issuer]) -> None:
     assert not rl.is_revoked(12, inter.cert.subject)
     with pytest.raises(TypeError):
         rl.is_revoked(11)
+
+
+_ROOT = make_root(TD, 1)
+_INTER = make_intermediate(TD, 1, _ROOT)
+_GOOD = crl_bundle_pem(
+    [build_crl(_INTER, [Revoked(99, NOW, "superseded")], number=1, now=NOW)], [_INTER.cert]
+)
+_GOOD_DER = x509.load_pem_x509_crl(_GOOD.split(b"-----BEGIN CERTIFICATE")[0]).public_bytes(
+    serialization.Encoding.DER
+)
+
+
+def _only_crl_rejected(pem: bytes) -> None:
+    try:
+        rl = load_crls(pem, [_ROOT.cert], now=NOW)
+    except CrlRejected as exc:
+        assert str(exc)
+        return
+    assert all(c.issuer == _INTER.cert.subject.rfc4514_string() for c in rl.crls)
+
+
+@settings(deadline=None, max_examples=300)
+@given(edits=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), max_size=4))
+def test_mutated_crls_are_refused_or_still_genuine(edits: list[tuple[int, int]]) -> None:
+    der = bytearray(_GOOD_DER)
+    for pos, value in edits:
+        der[pos % len(der)] = value
+    body = base64.encodebytes(bytes(der))
+    _only_crl_rejected(b"-----BEGIN X509 CRL-----\n" + body + b"-----END X509 CRL-----\n")
+
+
+@settings(deadline=None, max_examples=300)
+@given(data=st.binary(max_size=300), text=st.text(max_size=100))
+def test_arbitrary_input_is_refused(data: bytes, text: str) -> None:
+    _only_crl_rejected(data)
+    _only_crl_rejected(text.encode())
+    _only_crl_rejected(b"-----BEGIN X509 CRL-----\n" + data + b"\n-----END X509 CRL-----\n")
+
+
+def test_a_crl_of_an_unknown_version_is_refused() -> None:
+    der = _GOOD_DER.replace(b"\x02\x01\x01", b"\x02\x01\x07", 1)  # version v2 -> "v8"
+    body = base64.encodebytes(der)
+    with pytest.raises(CrlRejected, match="CRL 1 cannot be parsed"):
+        load_crls(b"-----BEGIN X509 CRL-----\n" + body + b"-----END X509 CRL-----\n", [_ROOT.cert])
+
+
+@settings(deadline=None, max_examples=200)
+@given(edits=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), max_size=4))
+def test_mutated_intermediates_beside_the_crl_are_refused_or_genuine(
+    edits: list[tuple[int, int]],
+) -> None:
+    der = bytearray(_INTER.cert.public_bytes(serialization.Encoding.DER))
+    for pos, value in edits:
+        der[pos % len(der)] = value
+    crl_part = _GOOD.split(b"-----BEGIN CERTIFICATE")[0]
+    cert = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(der))
+    _only_crl_rejected(crl_part + cert + b"-----END CERTIFICATE-----\n")
