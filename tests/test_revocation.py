@@ -22,11 +22,12 @@ NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 @pytest.fixture(scope="module")
 def pki() -> dict[str, Issuer]:
-    root = make_root(TD, 1)
-    inter = make_intermediate(TD, 1, root)
-    other_root = make_root(TD, 9)
+    # Dated from NOW (fixed at import), which the tests pass as the time of checking.
+    root = make_root(TD, 1, now=NOW)
+    inter = make_intermediate(TD, 1, root, now=NOW)
+    other_root = make_root(TD, 9, now=NOW)
     # same subject name as `inter`, another key: what a forger would make
-    impostor = make_intermediate(TD, 1, other_root)
+    impostor = make_intermediate(TD, 1, other_root, now=NOW)
     return {"root": root, "inter": inter, "other_root": other_root, "impostor": impostor}
 
 
@@ -128,7 +129,7 @@ def test_bad_crls_are_refused_with_a_reason(pki: dict[str, Issuer], index: int) 
 
 def test_string_input_and_several_issuers(pki: dict[str, Issuer]) -> None:
     inter = pki["inter"]
-    second = make_intermediate(TD, 2, pki["root"])
+    second = make_intermediate(TD, 2, pki["root"], now=NOW)
     pem = (_crl(inter, [11]) + _crl(second, [12])).decode()
     rl = load_crls(pem, [inter.cert, second.cert], now=NOW)
     assert rl.is_revoked(11, inter.cert.subject) and rl.is_revoked(12, second.cert.subject)
@@ -137,8 +138,8 @@ def test_string_input_and_several_issuers(pki: dict[str, Issuer]) -> None:
         rl.is_revoked(11)
 
 
-_ROOT = make_root(TD, 1)
-_INTER = make_intermediate(TD, 1, _ROOT)
+_ROOT = make_root(TD, 1, now=NOW)
+_INTER = make_intermediate(TD, 1, _ROOT, now=NOW)
 _GOOD = crl_bundle_pem(
     [build_crl(_INTER, [Revoked(99, NOW, "superseded")], number=1, now=NOW)], [_INTER.cert]
 )
