@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from . import __version__, metrics
+from .errors import StartupError
+from .listen import bind_listener
+from .logs import BadRequestFilter
+from .settings import Address
 
 if TYPE_CHECKING:
     from .server import Master
 
 MASTER_KEY = web.AppKey("master", object)
+
+log = logging.getLogger("mtls.admin")
 
 
 def _master(request: web.Request) -> Master:
@@ -40,6 +47,7 @@ async def status(request: web.Request) -> web.Response:
         "draining": m.draining,
         "uptime_seconds": round(time.time() - m.started, 1),
         "identity_source": m.settings.identity_source,
+        "admin_listen": str(m.admin_address),
         "certificate": m.material.describe() if m.material is not None else None,
         "routes": [
             {
@@ -62,6 +70,8 @@ async def status(request: web.Request) -> web.Response:
             for w in m.workers
         ],
         "counts": {
+            "open": m.counts.total(),
+            "max": m.settings.max_connections,
             "connections": t.get("mtls_connections_total", 0),
             "active": t.get("mtls_connections_active", 0),
             "rejected": t.get("mtls_connections_rejected_total", 0),
@@ -100,7 +110,8 @@ async def drain(request: web.Request) -> web.Response:
     return web.Response(status=202, text="draining\n")
 
 
-async def start_admin(master: Master) -> web.AppRunner:
+async def start_admin(master: Master) -> tuple[web.AppRunner, Address]:
+    """Serve the admin port; returns the runner and the address actually bound (port 0)."""
     app = web.Application()
     app[MASTER_KEY] = master
     app.router.add_get("/live", live)
@@ -108,16 +119,27 @@ async def start_admin(master: Master) -> web.AppRunner:
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_post("/drain", drain)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestFilter) for f in server_log.filters):
+        server_log.addFilter(BadRequestFilter("admin port"))
+    addr = master.settings.admin_listen
+    try:
+        # Bound like the routes' listeners: '[::]' and ':port' are dual-stack there too.
+        (sock,) = bind_listener(addr, 1)
+    except StartupError as exc:
+        raise StartupError(f"MTLS_ADMIN_LISTEN: {exc}") from None
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    addr = master.settings.admin_listen
-    host = addr.host or None
-    site = web.TCPSite(runner, host, addr.port, reuse_address=True)
+    site = web.SockSite(runner, sock)
     try:
         await site.start()
     except OSError as exc:
-        from .server import StartupError
-
         await runner.cleanup()
+        sock.close()
         raise StartupError(f"cannot listen on MTLS_ADMIN_LISTEN={addr}: {exc.strerror}") from None
-    return runner
+    bound = Address(addr.host, sock.getsockname()[1])  # port 0: the one the kernel picked
+    log.info(
+        "admin listening",
+        extra={"fields": {"event": "admin_listening", "listen": str(bound)}},
+    )
+    return runner, bound

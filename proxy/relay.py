@@ -48,6 +48,7 @@ OPEN = 3
 CLOSED = 4
 
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_LINGER_OFF = struct.pack("ii", 0, 0)
 
 _EOF_REASONS = {"UNEXPECTED_EOF_WHILE_READING", "EOF_OCCURRED_IN_VIOLATION_OF_PROTOCOL"}
 
@@ -115,6 +116,18 @@ class _Leg(asyncio.BufferedProtocol):
     def send_eof(self) -> None:
         raise NotImplementedError
 
+    def _linger(self, value: bytes) -> None:
+        t = self.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
+
+    def arm_reset(self) -> None:
+        """From now on, if this process dies (a worker killed), the kernel resets this
+        connection instead of ending it with a FIN an app could take for a normal end."""
+        self._linger(_LINGER_RST)
+
     def close(self, abort: bool = False) -> None:
         t = self.transport
         if t is None or t.is_closing():
@@ -122,12 +135,10 @@ class _Leg(asyncio.BufferedProtocol):
         if abort:
             # A cut connection must look cut at the other end too: RST, not a FIN that an app
             # could take for the normal end of the stream.
-            sock = t.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            self._linger(_LINGER_RST)
             t.abort()
         else:
+            self._linger(_LINGER_OFF)  # a normal end: FIN after what is still buffered
             t.close()
 
 
@@ -229,17 +240,13 @@ class NetLeg(_Leg):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         conn = self.conn
-        conn.net = self
-        if not conn.net_connected(self):
-            return
+        # The timer runs from accept (inbound: sniffing included) or connect (outbound);
+        # set before the flow acts, which may start the handshake at once.
         self.timer = asyncio.get_running_loop().call_later(
             conn.handshake_timeout, self._handshake_timeout
         )
-        if not self.server_side:
-            if self._ctx is None:  # plaintext fallback dial
-                self._handshake_finished()
-                return
-            self._start_tls(b"")
+        if not conn.net_connected(self):
+            self._cancel_timer()
 
     def buffer_updated(self, nbytes: int) -> None:
         self.conn.active = True
@@ -308,10 +315,7 @@ class NetLeg(_Leg):
             return
         first = bytes(self.first)
         self.first = None
-        if verdict == "tls":
-            self._start_tls(first)
-        else:
-            self.conn.plaintext_hello(first)
+        self.conn.sniffed(verdict == "tls", first)
 
     def accept_plaintext(self, first: bytes) -> None:
         """Relay this connection without TLS (permissive/audit inbound, permissive outbound)."""
@@ -324,6 +328,10 @@ class NetLeg(_Leg):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def start_tls(self, first: bytes = b"") -> None:
+        """Begin the handshake; `first` holds bytes already read (the sniffed ClientHello)."""
+        self._start_tls(first)
 
     def _start_tls(self, first: bytes) -> None:
         assert self._ctx is not None
@@ -377,6 +385,7 @@ class NetLeg(_Leg):
 
     def start(self) -> None:
         """The other leg is ready: relay in both directions."""
+        self._cancel_timer()
         self.state = OPEN
         first = self.first
         if first:

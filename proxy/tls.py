@@ -185,6 +185,20 @@ _REMOTE_ALERTS = {
 }
 
 
+def speaks_no_tls(exc: BaseException) -> bool:
+    """Did a client handshake fail because nothing TLS-capable answered (not because the
+    remote refused us)? Outbound permissive mode then falls back to plaintext."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return False
+    if isinstance(exc, ssl.SSLEOFError | ConnectionResetError | BrokenPipeError):
+        return True
+    if isinstance(exc, ssl.SSLError):
+        return classify_tls_error(exc, "")[0] == "not_tls" or (exc.reason or "") in (
+            "UNEXPECTED_EOF_WHILE_READING",
+        )
+    return False
+
+
 def classify_tls_error(exc: BaseException, who: str) -> tuple[str, str]:
     """Map a handshake exception to (reason label, sentence for the log).
 

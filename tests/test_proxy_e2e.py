@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .conftest import TD, Pki
-from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, recv_all
+from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, recv_all, wait_for
 from .pki import Identity
 
 
@@ -40,29 +40,6 @@ def rejected_events(sc: Sidecar, reason: str) -> list[dict[str, object]]:
     return [
         e for e in sc.log_events() if e.get("event") == "rejected" and e.get("reason") == reason
     ]
-
-
-def wait_for(cond: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[TcpApp]:
-    app = TcpApp("echo")
-    yield app
-    app.close()
-
-
-@pytest.fixture(scope="module")
-def eof_app() -> Iterator[TcpApp]:
-    app = TcpApp("eof-reply")
-    yield app
-    app.close()
 
 
 class Pair:
