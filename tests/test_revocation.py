@@ -15,6 +15,8 @@ from proxy.ca.crl import Revoked, build_crl, crl_bundle_pem
 from proxy.ca.issuer import Issuer, issue_leaf, make_intermediate, make_root, new_key
 from proxy.revocation import EMPTY, CrlRejected, load_crls
 
+pytestmark = pytest.mark.unit
+
 TD = "corp.example"
 WEB = "spiffe://corp.example/ns/shop/sa/web"
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
