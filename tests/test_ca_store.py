@@ -24,7 +24,7 @@ from proxy.ca.db import (
     validate_reason,
 )
 from proxy.ca.issuer import issue_leaf, new_key
-from proxy.ca.service import RateLimitedLog, is_flat_json_object
+from proxy.ca.service import EnrolmentService, RateLimitedLog, is_flat_json_object
 from proxy.ca.store import CaDir, CaDirError
 from proxy.revocation import load_crls
 
@@ -342,3 +342,23 @@ def test_the_replaced_intermediate_still_signs_the_crl_of_its_leaves(
         text=True,
     )  # fmt: skip
     assert "verify OK" in res.stdout + res.stderr, res.stderr
+
+
+def test_the_service_keeps_its_last_crl_when_making_one_fails(
+    ca_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = EnrolmentService(ca_dir)
+    first = service.refresh_crl()
+    assert b"BEGIN X509 CRL" in first
+    (ca_dir / "crl.pem").unlink()
+    (ca_dir / "crl.pem").mkdir()  # crl.pem cannot be replaced now
+    store = CaDir.open(ca_dir).store()
+    _issue(CaDir.open(ca_dir), store, WEB)
+    store.revoke_identity(WEB, "keyCompromise")
+    store.close()
+    assert service.refresh_crl() == first  # the last good one
+    assert "making the CRL failed" in caplog.text
+    (ca_dir / "crl.pem").rmdir()
+    fresh = service.refresh_crl()
+    assert fresh != first and len(load_crls(fresh, CaDir.open(ca_dir).roots())) == 1
+    service.store.close()

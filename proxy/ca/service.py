@@ -457,7 +457,10 @@ class EnrolmentService:
     async def crl(self, request: web.Request) -> web.Response:
         """GET /v1/crl: every intermediate's CRL, then the intermediates, PEM."""
         self.maybe_reload()
-        return web.Response(body=self.refresh_crl(), content_type="application/x-pem-file")
+        pem = self.refresh_crl()
+        if not pem:
+            raise Refused(503, "no CRL could be made yet (the CA log says why)")
+        return web.Response(body=pem, content_type="application/x-pem-file")
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
