@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from proxy.ca.issuer import make_csr, new_key
+from proxy.ca.issuer import fingerprint, make_csr, new_key
 from proxy.ca.k8s import (
     JwksSource,
     KeysUnavailable,
@@ -32,6 +32,8 @@ from proxy.ca.k8s import (
 )
 from proxy.ca.store import CaDir
 from proxy.ca.tokens import make_token, new_secret
+from proxy.certsource.ca import CaSource
+from proxy.material import Material
 from tests.test_ca_service import CaServer, _call, _init_ca
 
 TD = "corp.example"
@@ -360,3 +362,21 @@ def test_private_members_of_a_published_key_are_ignored() -> None:
     assert isinstance(key.key, ec.EllipticCurvePublicKey)
     token = _sign(_claims(), EC_KEY, "e1", "ES256")
     assert verify_sa_token(token, [key], issuer=ISSUER, trust_domain=TD).identity == WEB
+
+
+def test_a_sidecar_enrols_with_its_service_account_token_and_renews(sa_served: CaServer) -> None:
+    """The sidecar's CA source, given the projected token as its join token, enrols as the
+    service account's identity and then renews over mTLS (no token needed any more)."""
+    fp = fingerprint(CaDir.open(sa_served.ca_dir).root(1))
+    updates: list[Material] = []
+
+    async def scenario() -> tuple[Material, Material]:
+        source = CaSource(sa_served.url, _sign(_claims()), fp, WEB, on_update=updates.append)
+        first = await source.enroll()
+        renewed = await source.renew()
+        return first, renewed
+
+    first, renewed = asyncio.run(scenario())
+    assert first.identity == WEB == renewed.identity
+    assert renewed.serial_hex != first.serial_hex
+    assert f"via=renew (renewal of serial={first.serial_hex}" in sa_served.log()
