@@ -68,10 +68,19 @@ def _renewals(result: str) -> float:
 class CaServer:
     """`python -m proxy.ca serve` in a subprocess, its log in a file."""
 
-    def __init__(self, ca_dir: Path, log: Path, leaf_ttl: str) -> None:
+    def __init__(
+        self,
+        ca_dir: Path,
+        log: Path,
+        leaf_ttl: str,
+        extra: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
+    ) -> None:
         self.ca_dir = ca_dir
         self.log_path = log
         self.leaf_ttl = leaf_ttl
+        self.extra = extra  # more `ca serve` flags
+        self.prefix = prefix  # a command wrapping the process (e.g. prlimit)
         self.port = _free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -81,6 +90,7 @@ class CaServer:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    *self.prefix,
                     sys.executable,
                     "-m",
                     "proxy.ca",
@@ -91,6 +101,7 @@ class CaServer:
                     f"127.0.0.1:{self.port}",
                     "--leaf-ttl",
                     self.leaf_ttl,
+                    *self.extra,
                 ],
                 stdout=log,
                 stderr=log,

@@ -1,4 +1,4 @@
-"""Property tests for the CA's untrusted inputs: join tokens and CSRs.
+"""Property tests for the CA's untrusted inputs: join and service-account tokens, CSRs, bodies.
 
 Whatever arrives, `verify_token` either returns claims that make sense (a valid identity and a
 finite expiry in the future) or raises `TokenRejected`; `check_csr` either returns a CSR for
@@ -13,15 +13,19 @@ import json
 import math
 from typing import Any
 
+import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from jwt.algorithms import ECAlgorithm
 
 from proxy.ca.issuer import CsrRejected, check_csr, make_csr, validate_spiffe_id
+from proxy.ca.k8s import SaTokenRejected, parse_jwks, verify_sa_token
+from proxy.ca.service import is_flat_json_object
 from proxy.ca.tokens import MAX_TOKEN_LENGTH, TokenRejected, _b64, _mac, make_token, verify_token
 
 relaxed = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -254,3 +258,105 @@ def test_well_formed_csrs_of_every_shape(
         return
     assert key_name in ("p256", "p384")
     assert names is not None and [n.value for n in names] == [expected]
+
+
+# --- enrolment request bodies ---------------------------------------------------------------
+
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+tricky_text = st.text(alphabet=st.sampled_from(list('{}[]"\\ab:,é\n')), max_size=20)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+@relaxed
+@given(value=st.one_of(json_values, st.dictionaries(tricky_text, tricky_text, max_size=5)))
+def test_flat_check_matches_the_shape_of_any_json(value: Any) -> None:
+    """The pre-parse check says "flat" exactly for scalars and objects of scalars, whatever
+    brackets, quotes and escapes the strings hold; so nothing nested reaches json.loads."""
+    flat = _depth(value) == 0 or (isinstance(value, dict) and _depth(value) == 1)
+    for ensure_ascii in (True, False):
+        body = json.dumps(value, ensure_ascii=ensure_ascii).encode()
+        assert is_flat_json_object(body) is flat, body
+
+
+# --- service-account tokens -----------------------------------------------------------------
+
+_SA_KEY = ec.generate_private_key(ec.SECP256R1())
+_SA_JWKS = parse_jwks(
+    json.dumps({"keys": [{**json.loads(ECAlgorithm.to_jwk(_SA_KEY.public_key())), "kid": "k"}]}),
+    "fuzz",
+)
+_SA_ISSUER = "https://kubernetes.default.svc"
+
+
+def _sa_token(claims: dict[str, Any], header: dict[str, Any] | None = None) -> str:
+    return jwt.encode(claims, _SA_KEY, algorithm="ES256", headers=header or {"kid": "k"})
+
+
+def _check_sa(token: str) -> None:
+    try:
+        claims = verify_sa_token(token, _SA_JWKS, issuer=_SA_ISSUER, trust_domain="test.example")
+    except SaTokenRejected as exc:
+        assert str(exc) and exc.status in (401, 403)
+        return
+    assert validate_spiffe_id(claims.identity) == claims.identity
+    assert claims.identity.startswith("spiffe://test.example/ns/")
+
+
+_GOOD_SA = {
+    "aud": "mtls-sidecar",
+    "iss": _SA_ISSUER,
+    "exp": 4_000_000_000,
+    "kubernetes.io": {"namespace": "shop", "serviceaccount": {"name": "web"}},
+}
+
+
+@relaxed
+@given(token=st.text(alphabet=st.sampled_from(list("eyJ.abc-_0A=+/ \x00é")), max_size=200))
+def test_arbitrary_sa_tokens_are_rejected(token: str) -> None:
+    _check_sa(token)
+
+
+@relaxed
+@given(pos=st.integers(min_value=0), value=st.sampled_from(list("AaZz09-_.=")))
+def test_mutated_sa_token(pos: int, value: str) -> None:
+    token = _sa_token(_GOOD_SA)
+    i = pos % len(token)
+    _check_sa(token[:i] + value + token[i + 1 :])
+
+
+@relaxed
+@example(extra={"exp": -62135596801.0}, header={})  # expired before year 1: no date to print
+@example(extra={"exp": -9.2e18}, header={})
+@example(extra={}, header={"crit": None})  # PyJWT refuses it while reading the header
+@given(
+    extra=st.dictionaries(
+        st.sampled_from(["aud", "iss", "exp", "nbf", "iat", "sub", "kubernetes.io", "jti"]),
+        json_values,
+        max_size=4,
+    ),
+    header=st.dictionaries(
+        st.sampled_from(["kid", "typ", "crit", "b64", "jku", "x5u"]), json_values, max_size=3
+    ),
+)
+def test_validly_signed_sa_tokens_with_weird_claims(
+    extra: dict[str, Any], header: dict[str, Any]
+) -> None:
+    claims = {**_GOOD_SA, **extra}
+    try:
+        token = _sa_token(claims, {"kid": "k", **header})
+    except (TypeError, ValueError, jwt.InvalidTokenError):
+        return  # PyJWT will not even encode it
+    _check_sa(token)

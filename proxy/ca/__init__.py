@@ -1,8 +1,10 @@
 """The small internal CA: issuing certificates, join tokens, the enrolment service, rotation.
 
 Modules: `issuer` (certificate building, CSR checks; pure), `tokens` (join tokens),
-`store` (the CA directory on disk and root rotation), `service` (the HTTPS enrolment
-service), `memcert` (TLS keys loaded from memory), `cli` (`mtls-sidecar ca ...`).
+`store` (the CA directory on disk and root rotation), `db` (the SQLite store: issuance log,
+revocations, used nonces), `crl` (CRL building; pure), `k8s` (service-account tokens),
+`service` (the HTTPS enrolment service), `memcert` (TLS keys loaded from memory), `cli`
+(`mtls-sidecar ca ...`).
 """
 
 from __future__ import annotations

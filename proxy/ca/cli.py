@@ -1,4 +1,5 @@
-"""`mtls-sidecar ca ...`: init, issue, token, serve, rotate-root, rotate-intermediate, info.
+"""`mtls-sidecar ca ...`: init, issue, token, serve, rotate-root, rotate-intermediate, info,
+list, revoke, unrevoke.
 
 Exit codes: 0 success; 2 usage or bad input (bad flag, duration, SPIFFE ID, trust domain);
 1 any other failure (CA directory missing, unsafe permissions, already exists, rotation
@@ -11,6 +12,8 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import ipaddress
+import json
 import logging
 import re
 import signal
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from ..config import parse_duration
 from ..errors import ProxyError
+from .db import CaStore, StoreError, parse_serial, validate_reason
 from .issuer import (
     LEAF_TTL,
     cert_pem,
@@ -74,6 +78,68 @@ def parse_listen(text: str) -> tuple[str | None, int]:
     return host, port
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a log level (one of {', '.join(_LOG_LEVELS)})"
+        )
+    return text.upper()
+
+
+def _dns_name(text: str) -> str:
+    """A DNS name or IP address for a certificate SAN (ASCII; IDNs in their xn-- form)."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(text))
+    name = text.rstrip(".")
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+        hint = ""
+        with contextlib.suppress(UnicodeError):
+            if not text.isascii():
+                hint = f"; write it as {text.encode('idna').decode('ascii')}"
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a DNS name (ASCII letters, digits and '-' in dot-separated "
+            f"labels){hint}"
+        )
+    return name
+
+
+def _reason(text: str) -> str:
+    try:
+        return validate_reason(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _serial(text: str) -> str:
+    try:
+        return parse_serial(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _https_url(text: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an issuer URL (example: https://kubernetes.default.svc.cluster.local)"
+        )
+    return text
+
+
 def _listen(text: str) -> tuple[str | None, int]:
     try:
         return parse_listen(text)
@@ -105,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("issue", help="offline: issue a leaf certificate and key to files")
     s.add_argument("--dir", type=Path, required=True)
     s.add_argument("--id", type=_spiffe_id, required=True, dest="spiffe_id")
-    s.add_argument("--dns", action="append", default=[], help="extra DNS SAN (repeatable)")
+    s.add_argument(
+        "--dns", type=_dns_name, action="append", default=[], help="extra DNS SAN (repeatable)"
+    )
     s.add_argument("--ttl", type=_duration, default=LEAF_TTL)
     s.add_argument("--out", required=True, help="writes PREFIX.crt, PREFIX.key, PREFIX.bundle.pem")
 
@@ -117,9 +185,35 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the enrolment service (HTTPS)")
     s.add_argument("--dir", type=Path, required=True)
     s.add_argument("--listen", type=_listen, default=(None, 8443), help="ADDR (default :8443)")
-    s.add_argument("--dns", action="append", default=[], help="extra name for the service cert")
+    s.add_argument(
+        "--dns", type=_dns_name, action="append", default=[], help="extra name for the service cert"
+    )
     s.add_argument("--leaf-ttl", type=_duration, default=LEAF_TTL, help="default 24h")
-    s.add_argument("--log-level", default="INFO")
+    s.add_argument("--log-level", type=_log_level, default="INFO", help=", ".join(_LOG_LEVELS))
+    s.add_argument(
+        "--max-connections", type=_positive_int, default=512, help="open connections (512)"
+    )
+    s.add_argument(
+        "--header-timeout",
+        type=_duration,
+        default=dt.timedelta(seconds=10),
+        help="TLS handshake, and each request's headers (default 10s)",
+    )
+    s.add_argument(
+        "--body-timeout", type=_duration, default=dt.timedelta(seconds=10), help="default 10s"
+    )
+    s.add_argument(
+        "--k8s-issuer",
+        type=_https_url,
+        help="accept Kubernetes service-account tokens from this issuer (the tokens' iss); "
+        "keys from its discovery document unless --k8s-jwks is given",
+    )
+    s.add_argument("--k8s-jwks", type=Path, help="the cluster's service-account keys (JWKS file)")
+    s.add_argument("--k8s-audience", default="mtls-sidecar", help="default mtls-sidecar")
+    s.add_argument("--k8s-ca-file", type=Path, help="CA bundle to verify the issuer over HTTPS")
+    s.add_argument(
+        "--k8s-token-file", type=Path, help="bearer token sent when fetching the issuer's keys"
+    )
 
     s = sub.add_parser("rotate-root", help="one step of root rotation: add, switch, remove")
     s.add_argument("--dir", type=Path, required=True)
@@ -139,7 +233,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="show trust domain, roots and fingerprints, rotation stage")
     s.add_argument("--dir", type=Path, required=True)
+
+    s = sub.add_parser("list", help="the issuance log: serial, identity, not after, requester")
+    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+
+    s = sub.add_parser("revoke", help="revoke a certificate, or every certificate of an identity")
+    s.add_argument("--dir", type=Path, required=True)
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--serial", type=_serial, help="hex serial, as `ca list` shows it")
+    which.add_argument("--id", type=_spiffe_id, dest="spiffe_id", help="SPIFFE ID")
+    s.add_argument("--reason", type=_reason, default="unspecified", help="RFC 5280 reason name")
+
+    s = sub.add_parser("unrevoke", help="let a revoked identity enrol and renew again")
+    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--id", type=_spiffe_id, dest="spiffe_id", required=True)
     return p
+
+
+def _open_store(ca: CaDir) -> CaStore:
+    store = ca.store()
+    if store.created:
+        print(f"created the CA store {store.path}", file=sys.stderr)
+    return store
+
+
+def _refuse_revoked(store: CaStore, spiffe_id: str) -> None:
+    found = store.identity_revocation(spiffe_id)
+    if found is not None:
+        raise StoreError(f"identity {spiffe_id} is revoked ({found[1]}); run ca unrevoke first")
 
 
 def _check_identity(ca: CaDir, spiffe_id: str) -> None:
@@ -169,16 +291,25 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         raise UsageError(f"--ttl must be at least {MIN_LEAF_TTL.total_seconds():.0f}s")
     issuer = ca.issuer()
     key = new_key()
+    store = _open_store(ca)
     try:
-        leaf = issue_leaf(
-            issuer,
-            key.public_key(),
-            spiffe_id=args.spiffe_id,
-            dns_names=tuple(args.dns),
-            ttl=args.ttl,
+        _refuse_revoked(store, args.spiffe_id)
+        leaf = store.issue(
+            lambda: issue_leaf(
+                issuer,
+                key.public_key(),
+                spiffe_id=args.spiffe_id,
+                dns_names=tuple(args.dns),
+                ttl=args.ttl,
+            ),
+            requester="offline ca issue",
+            issuer_gen=ca.state.issuer,
+            issuer=issuer.cert,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    finally:
+        store.close()
     prefix = args.out
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     write_private(Path(f"{prefix}.key"), key_pem(key))
@@ -203,16 +334,45 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .service import DEFAULT_SERVER_NAMES, serve
+    from .k8s import JwksSource, KeysUnavailable, SaVerifier
+    from .service import DEFAULT_SERVER_NAMES, Limits, serve
 
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
     if args.leaf_ttl < MIN_LEAF_TTL:
         raise UsageError(f"--leaf-ttl must be at least {MIN_LEAF_TTL.total_seconds():.0f}s")
-    CaDir.open(args.dir)  # fail before binding if the directory is unusable
+    for flag in ("header_timeout", "body_timeout"):
+        if getattr(args, flag) <= dt.timedelta(0):
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive")
+    ca = CaDir.open(args.dir)  # fail before binding if the directory is unusable
+    sa_verifier = None
+    if args.k8s_jwks is not None and args.k8s_issuer is None:
+        raise UsageError(
+            "--k8s-jwks needs --k8s-issuer, the issuer the tokens name (iss), for example "
+            "https://kubernetes.default.svc.cluster.local"
+        )
+    if args.k8s_issuer is not None:
+        try:
+            source = JwksSource(
+                issuer=args.k8s_issuer,
+                jwks_file=args.k8s_jwks,
+                ca_file=args.k8s_ca_file,
+                bearer_file=args.k8s_token_file,
+            )
+        except KeysUnavailable as exc:
+            raise UsageError(str(exc)) from None
+        sa_verifier = SaVerifier(
+            source, trust_domain=ca.state.trust_domain, audience=args.k8s_audience
+        )
+    limits = Limits(
+        header_timeout=args.header_timeout.total_seconds(),
+        handshake_timeout=args.header_timeout.total_seconds(),
+        body_timeout=args.body_timeout.total_seconds(),
+        max_connections=args.max_connections,
+    )
     host, port = args.listen
     names = [*DEFAULT_SERVER_NAMES, *args.dns]
     if host and host not in ("0.0.0.0", "::"):
@@ -230,6 +390,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             leaf_ttl=args.leaf_ttl,
             server_names=tuple(names),
             stop=stop,
+            sa_verifier=sa_verifier,
+            limits=limits,
         )
 
     try:
@@ -256,6 +418,69 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    ca = CaDir.open(args.dir)
+    store = _open_store(ca)
+    try:
+        rows = store.issued()
+        revoked_ids = {r.spiffe_id for r in rows if store.identity_revocation(r.spiffe_id)}
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([r.to_json() for r in rows], indent=2))
+        return 0
+    table = [("SERIAL", "IDENTITY", "NOT AFTER", "REQUESTER", "REVOKED")]
+    for r in rows:
+        revoked = f"{_when(r.revoked_at)} {r.reason}" if r.revoked else "-"
+        table.append((r.serial, r.spiffe_id, _when(r.not_after), r.requester, revoked))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    for identity in sorted(revoked_ids):
+        print(f"identity revoked (no enrolment or renewal): {identity}")
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    ca = CaDir.open(args.dir)
+    store = _open_store(ca)
+    try:
+        if args.serial:
+            row = store.revoke_serial(args.serial, args.reason)
+            print(f"revoked serial={row.serial} ({row.spiffe_id}), reason {args.reason}")
+        else:
+            _check_identity(ca, args.spiffe_id)
+            rows = store.revoke_identity(args.spiffe_id, args.reason)
+            print(
+                f"revoked identity {args.spiffe_id} ({args.reason}): {len(rows)} unexpired "
+                "certificate(s); enrolment and renewal refused until ca unrevoke"
+            )
+            for row in rows:
+                print(f"  serial={row.serial} not_after={_when(row.not_after)}")
+        ca.write_crl(store)
+    finally:
+        store.close()
+    print(f"CRL written to {args.dir / 'crl.pem'}; a running ca serve publishes it at /v1/crl")
+    return 0
+
+
+def _cmd_unrevoke(args: argparse.Namespace) -> int:
+    ca = CaDir.open(args.dir)
+    store = _open_store(ca)
+    try:
+        store.unrevoke_identity(args.spiffe_id)
+    finally:
+        store.close()
+    print(f"{args.spiffe_id} may enrol and renew again (its revoked certificates stay revoked)")
+    return 0
+
+
 _COMMANDS = {
     "init": _cmd_init,
     "issue": _cmd_issue,
@@ -264,6 +489,9 @@ _COMMANDS = {
     "rotate-root": _cmd_rotate,
     "rotate-intermediate": _cmd_rotate_intermediate,
     "info": _cmd_info,
+    "list": _cmd_list,
+    "revoke": _cmd_revoke,
+    "unrevoke": _cmd_unrevoke,
 }
 
 

@@ -1,11 +1,15 @@
-"""The enrolment service (`ca serve`): signs CSRs for join tokens, renews over mTLS, serves roots.
+"""The enrolment service (`ca serve`): signs CSRs for join or service-account tokens, renews
+over mTLS, serves roots and CRLs.
 
 Endpoints (HTTPS; clients pin the root by its sha256 fingerprint):
   POST /v1/enroll  {"token": ..., "csr": PEM}  -> {"chain": PEM leaf+intermediate, "bundle": PEM}
+                   (token: a join token, or a Kubernetes service-account JWT when enabled)
   POST /v1/renew   {"csr": PEM}, over mTLS with the current certificate  -> same
   GET  /v1/bundle  -> the trusted roots, PEM
+  GET  /v1/crl     -> the CRL of every issuing intermediate, then those intermediates, PEM
 Every refusal is one log line and a JSON {"error": ...} with a meaningful status; every
-issuance is one log line with serial, identity, expiry and requester address.
+issuance is recorded in the store (ca.db) and is one log line with serial, identity, expiry
+and requester. Slow or excess connections are closed (header/body timeouts, a limit).
 """
 
 from __future__ import annotations
@@ -13,10 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import json
 import logging
+import re
+import resource
 import ssl
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,8 @@ from aiohttp import web
 from cryptography import x509
 
 from ..material import leaf_spiffe_id
+from .crl import CRL_REFRESH
+from .db import IdentityRevoked, NonceUsed, serial_hex
 from .issuer import (
     LEAF_TTL,
     CsrRejected,
@@ -37,9 +48,10 @@ from .issuer import (
     new_key,
     trust_domain_of,
 )
+from .k8s import SaTokenRejected, SaVerifier, looks_like_jwt
 from .memcert import load_cert_chain_from_memory
 from .store import CaDir
-from .tokens import NonceLedger, TokenRejected, verify_token
+from .tokens import TokenRejected, verify_token
 
 log = logging.getLogger("mtls.ca")
 
@@ -50,6 +62,69 @@ DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 # The handler checks validity times itself; no other endpoint uses client certificates.
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000
 _RECHECK_SECONDS = 30.0
+_CRL_RECHECK_SECONDS = 2.0  # how often a `ca revoke` from another process is looked for
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a client without credentials can hold of the service."""
+
+    header_timeout: float = 10.0  # from connection (or end of last response) to full headers
+    body_timeout: float = 10.0  # to read a whole request body
+    handshake_timeout: float = 10.0  # TLS handshake
+    max_connections: int = 512  # open TLS connections; more are closed at once
+
+
+class RateLimitedLog:
+    """At most one log line per `interval` seconds; the lines held back are counted."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._last = -float("inf")
+        self.suppressed = 0
+
+    def ready(self, now: float) -> int | None:
+        """None when a line now would be too soon; else how many were held back since."""
+        if now - self._last < self.interval:
+            self.suppressed += 1
+            return None
+        held, self.suppressed, self._last = self.suppressed, 0, now
+        return held
+
+
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def raise_nofile_limit(needed: int) -> int:
+    """Raise the soft open-file limit to the hard one; warn when it stays below `needed`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("raised the open-file limit from %d to %d", soft, hard)
+            soft = hard
+    if soft < needed:
+        log.warning(
+            "open-file limit %d is below the %d that --max-connections needs: raise it "
+            "(ulimit -n) or lower --max-connections",
+            soft,
+            needed,
+        )
+    return soft
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def is_flat_json_object(body: bytes) -> bool:
+    """True when `body` has no nesting deeper than one object (strings blanked out first).
+
+    Checked before json.loads so that deeply nested input is refused cheaply, not by
+    RecursionError; our requests are flat objects of strings.
+    """
+    rest = _STRING.sub(b'""', body)
+    return rest.count(b"{") <= 1 and rest.count(b"[") == 0
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -68,10 +143,12 @@ def _now() -> dt.datetime:
 
 
 class EnrolmentService:
-    """The CA's online half: holds the issuing key and the nonce ledger of used tokens.
+    """The CA's online half: holds the issuing key; records issuance and used tokens in the
+    store, which it shares with the CLI and other `ca serve` processes on the directory.
 
     It re-reads the CA directory when ca.json changes (root rotation), all or nothing: if the
-    new state cannot be loaded, it keeps serving with the old one and logs why.
+    new state cannot be loaded, it keeps serving with the old one and logs why. It makes new
+    CRLs when the store's revocations change and every CRL_REFRESH.
     """
 
     def __init__(
@@ -80,18 +157,28 @@ class EnrolmentService:
         *,
         leaf_ttl: dt.timedelta = LEAF_TTL,
         server_names: tuple[str, ...] = DEFAULT_SERVER_NAMES,
+        sa_verifier: SaVerifier | None = None,
+        limits: Limits = Limits(),
     ) -> None:
         self.ca_path = ca_path
         self.leaf_ttl = leaf_ttl
         self.server_names = tuple(dict.fromkeys(server_names))
-        self.ledger = NonceLedger()
+        self.sa_verifier = sa_verifier
+        self.limits = limits
         ca = CaDir.open(ca_path)
+        self.store = ca.store()
+        if self.store.created:
+            log.info("created the CA store %s (issuance log, revocations, used tokens)", ca_path)
+        self._crl_pem = b""
+        self._crl_revision = -1
+        self._crl_made = 0.0
         self._stamp = ca.state_stamp()
         self._load(ca)
         self.ssl_context = self._new_ssl_context()
         self._server_cert: x509.Certificate | None = None
         self._server_gen = 0
         self._install_server_cert()
+        self.refresh_crl()
 
     # -- material -------------------------------------------------------------------------
 
@@ -154,6 +241,7 @@ class EnrolmentService:
                 log.error("reloading the CA directory failed (%s); keeping the current state", exc)
                 return
             self._stamp = stamp
+            self._crl_revision = -1  # other intermediates: new CRLs
             # New roots join the TLS store; removed ones linger there until restart, which is
             # harmless: /v1/renew authorises against the current state, not the TLS store.
             self.ssl_context.load_verify_locations(cadata=self.bundle_pem.decode("ascii"))
@@ -174,25 +262,69 @@ class EnrolmentService:
             except Exception as exc:
                 log.error("renewing the service certificate failed: %s", exc)
 
+    def refresh_crl(self, *, force: bool = False) -> bytes:
+        """The current CRL PEM; made anew (and written to crl.pem) when revocations changed,
+        the CA state was reloaded, or it is CRL_REFRESH old. On failure the last one stays."""
+        try:
+            revision = self.store.revision()
+            age = time.monotonic() - self._crl_made
+            if force or revision != self._crl_revision or age >= CRL_REFRESH.total_seconds():
+                self._crl_pem = self.ca.write_crl(self.store)
+                self._crl_revision = revision
+                self._crl_made = time.monotonic()
+                log.info("CRL updated (store revision %d)", revision)
+        except Exception as exc:
+            log.error("making the CRL failed (%s); serving the previous one", exc)
+        return self._crl_pem
+
     # -- issuing --------------------------------------------------------------------------
 
+    def _check_not_revoked(self, identity: str) -> None:
+        found = self.store.identity_revocation(identity)
+        if found is not None:
+            when = dt.datetime.fromtimestamp(found[0], dt.UTC).isoformat()
+            raise Refused(
+                403,
+                f"identity {identity} is revoked ({found[1]}, since {when}); "
+                "ca unrevoke lets it enrol again",
+            )
+
     def _answer(
-        self, request: web.Request, csr: x509.CertificateSigningRequest, identity: str, via: str
+        self,
+        request: web.Request,
+        csr: x509.CertificateSigningRequest,
+        identity: str,
+        via: str,
+        requester: str,
+        nonce: tuple[str, float] | None = None,
     ) -> web.Response:
-        """Sign `csr` for `identity`, log the issuance, answer chain + bundle."""
+        """Sign `csr` for `identity`, record and log the issuance, answer chain + bundle."""
         public_key = check_public_key(csr.public_key())
-        leaf = issue_leaf(self.issuer, public_key, spiffe_id=identity, ttl=self.leaf_ttl)
+        issuer = self.issuer
+        try:
+            leaf = self.store.issue(
+                lambda: issue_leaf(issuer, public_key, spiffe_id=identity, ttl=self.leaf_ttl),
+                requester=requester,
+                issuer_gen=self.ca.state.issuer,
+                issuer=issuer.cert,
+                nonce=nonce,
+            )
+        except NonceUsed:
+            raise Refused(401, f"token for {identity} was already used") from None
+        except IdentityRevoked as exc:  # revoked between the check above and now
+            raise Refused(403, str(exc)) from None
         log.info(
-            "issued serial=%x identity=%s not_after=%s requester=%s via=%s",
+            "issued serial=%x identity=%s not_after=%s requester=%s via=%s (%s)",
             leaf.serial_number,
             identity,
             leaf.not_valid_after_utc.isoformat(),
             request.remote,
             via,
+            requester,
         )
         return web.json_response(
             {
-                "chain": cert_pem(leaf, self.issuer.cert).decode("ascii"),
+                "chain": cert_pem(leaf, issuer.cert).decode("ascii"),
                 "bundle": self.bundle_pem.decode("ascii"),
             }
         )
@@ -203,12 +335,19 @@ class EnrolmentService:
         if request.content_length is not None and request.content_length > MAX_BODY:
             raise Refused(413, f"request body of {request.content_length} bytes exceeds {MAX_BODY}")
         try:
-            body = await request.read()
+            async with asyncio.timeout(self.limits.body_timeout):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise Refused(413, f"request body exceeds {MAX_BODY} bytes") from None
+        except TimeoutError:
+            raise Refused(
+                408, f"request body not received within {self.limits.body_timeout:g}s"
+            ) from None
+        if not is_flat_json_object(body):
+            raise Refused(400, "body must be a flat JSON object of strings (no nesting)")
         try:
             data: Any = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise Refused(400, f"body is not JSON ({exc})") from None
         if not isinstance(data, dict):
             raise Refused(400, "body must be a JSON object")
@@ -229,21 +368,46 @@ class EnrolmentService:
     async def enroll(self, request: web.Request) -> web.Response:
         self.maybe_reload()
         body = await self._read_json(request, ("token", "csr"))
+        if looks_like_jwt(body["token"]):
+            return await self._enroll_service_account(request, body)
         try:
             claims = verify_token(self.token_secret, body["token"])
         except TokenRejected as exc:
             raise Refused(401, str(exc)) from None
         if trust_domain_of(claims.identity) != self.trust_domain:
             raise Refused(403, f"token names {claims.identity}, outside {self.trust_domain}")
-        if self.ledger.is_used(claims.nonce):
-            raise Refused(401, f"token for {claims.identity} was already used")
         csr = self._check_csr(body["csr"], claims.identity)
-        # No await between the ledger check and here: two requests cannot both use one token.
-        response = self._answer(request, csr, claims.identity, "enroll")
-        self.ledger.mark_used(claims)
-        return response
+        self._check_not_revoked(claims.identity)
+        # The store claims the nonce in the transaction that records the certificate: one
+        # token, one certificate, across restarts and across processes.
+        return self._answer(
+            request,
+            csr,
+            claims.identity,
+            "enroll",
+            f"join token nonce={claims.nonce}",
+            nonce=(claims.nonce, claims.expires_at),
+        )
 
-    def _renewing_identity(self, request: web.Request) -> str:
+    async def _enroll_service_account(
+        self, request: web.Request, body: dict[str, str]
+    ) -> web.Response:
+        if self.sa_verifier is None:
+            raise Refused(
+                401,
+                "service-account tokens are not accepted here (ca serve runs without "
+                "--k8s-issuer/--k8s-jwks); use a join token",
+            )
+        try:
+            claims = await self.sa_verifier.verify(body["token"])
+        except SaTokenRejected as exc:
+            raise Refused(exc.status, str(exc)) from None
+        csr = self._check_csr(body["csr"], claims.identity)
+        self._check_not_revoked(claims.identity)
+        # Not single-use: kubelet hands the same projected token to a restarted container.
+        return self._answer(request, csr, claims.identity, "enroll", claims.requester())
+
+    def _renewing_identity(self, request: web.Request) -> tuple[str, str]:
         transport = request.transport
         ssl_object = transport.get_extra_info("ssl_object") if transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -273,21 +437,44 @@ class EnrolmentService:
             raise Refused(401, "client certificate has no single spiffe:// URI SAN")
         if trust_domain_of(identity) != self.trust_domain:
             raise Refused(403, f"client identity {identity} is outside {self.trust_domain}")
-        return identity
+        self._check_not_revoked(identity)
+        serial = serial_hex(cert.serial_number)
+        if self.store.is_serial_revoked(serial):
+            raise Refused(403, f"client certificate serial={serial} ({identity}) is revoked")
+        return identity, serial
 
     async def renew(self, request: web.Request) -> web.Response:
         self.maybe_reload()
-        identity = self._renewing_identity(request)
+        identity, serial = self._renewing_identity(request)
         body = await self._read_json(request, ("csr",))
         csr = self._check_csr(body["csr"], identity)
-        return self._answer(request, csr, identity, "renew")
+        return self._answer(request, csr, identity, "renew", f"renewal of serial={serial}")
 
     async def bundle(self, request: web.Request) -> web.Response:
         self.maybe_reload()
         return web.Response(body=self.bundle_pem, content_type="application/x-pem-file")
 
+    async def crl(self, request: web.Request) -> web.Response:
+        """GET /v1/crl: every intermediate's CRL, then the intermediates, PEM."""
+        self.maybe_reload()
+        pem = self.refresh_crl()
+        if not pem:
+            raise Refused(503, "no CRL could be made yet (the CA log says why)")
+        return web.Response(body=pem, content_type="application/x-pem-file")
+
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        guard = self.guard
+        transport = request.transport
+        if guard is not None and transport is not None:
+            guard.request_started(transport)
+        try:
+            return await self._handle(request, handler)
+        finally:
+            if guard is not None and transport is not None:
+                guard.request_done(transport)
+
+    async def _handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except Refused as exc:
@@ -314,7 +501,146 @@ class EnrolmentService:
         app.router.add_post("/v1/enroll", self.enroll)
         app.router.add_post("/v1/renew", self.renew)
         app.router.add_get("/v1/bundle", self.bundle)
+        app.router.add_get("/v1/crl", self.crl)
         return app
+
+    guard: ConnectionGuard | None = None
+
+
+class ConnectionGuard:
+    """Per-connection limits around aiohttp's protocol: a connection limit, and a deadline
+    for each request's headers (from connection, or from the end of the previous request).
+
+    aiohttp has no header timeout of its own: without one, a client sending a byte every few
+    seconds holds a connection (and a file descriptor) for ever.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.active = 0
+        self.closed_slow = 0
+        self.refused_over_limit = 0
+        self._timers: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
+        self._slow_log = RateLimitedLog()
+        self._limit_log = RateLimitedLog()
+
+    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory for create_server: aiohttp's protocols, guarded."""
+        return lambda: _GuardedProtocol(self, factory())
+
+    def admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Count a new connection and start its header deadline; False when over the limit."""
+        if self.active >= self.limits.max_connections:
+            self.refused_over_limit += 1
+            held = self._limit_log.ready(time.monotonic())
+            if held is not None:
+                log.warning(
+                    "connection limit %d reached: closing new connections%s",
+                    self.limits.max_connections,
+                    f" ({held} more since the last line)" if held else "",
+                )
+            return False
+        self.active += 1
+        self._arm(transport)
+        return True
+
+    def release(self, transport: asyncio.BaseTransport) -> None:
+        """A connection admitted before has closed."""
+        self.active -= 1
+        self._disarm(transport)
+
+    def request_started(self, transport: asyncio.BaseTransport) -> None:
+        """Headers are in: the body has its own timeout (in the handler)."""
+        self._disarm(transport)
+
+    def request_done(self, transport: asyncio.BaseTransport) -> None:
+        """The next request's headers are due within the header timeout."""
+        if not transport.is_closing():
+            self._arm(transport)
+
+    def _arm(self, transport: asyncio.BaseTransport) -> None:
+        self._disarm(transport)
+        loop = asyncio.get_running_loop()
+        self._timers[transport] = loop.call_later(
+            self.limits.header_timeout, self._expire, transport
+        )
+
+    def _disarm(self, transport: asyncio.BaseTransport) -> None:
+        timer = self._timers.pop(transport, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire(self, transport: asyncio.BaseTransport) -> None:
+        self._timers.pop(transport, None)
+        self.closed_slow += 1
+        held = self._slow_log.ready(time.monotonic())
+        if held is not None:
+            peer = transport.get_extra_info("peername")
+            log.warning(
+                "closed a connection from %s: no complete request within %gs%s",
+                peer[0] if peer else "?",
+                self.limits.header_timeout,
+                f" ({held} more since the last line)" if held else "",
+            )
+        if isinstance(transport, asyncio.Transport):
+            transport.abort()
+
+
+class _GuardedProtocol(asyncio.Protocol):
+    """Passes every event to aiohttp's protocol, after ConnectionGuard's checks."""
+
+    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
+        self.guard = guard
+        self.inner = inner
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.guard.admit(transport):
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+            return
+        self.transport = transport
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return  # refused over the limit: aiohttp never saw it
+        self.guard.release(self.transport)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+def _resource_error_handler(
+    limiter: RateLimitedLog,
+) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """An event-loop exception handler: running out of file descriptors (EMFILE on accept)
+    is one warning line per second, not a traceback per failed accept."""
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+            held = limiter.ready(time.monotonic())
+            if held is not None:
+                log.warning(
+                    "cannot accept connections: %s%s",
+                    exc.strerror or exc,
+                    f" ({held} more since the last line)" if held else "",
+                )
+            return
+        loop.default_exception_handler(context)
+
+    return handler
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -333,18 +659,48 @@ async def serve(
     leaf_ttl: dt.timedelta = LEAF_TTL,
     server_names: tuple[str, ...] = DEFAULT_SERVER_NAMES,
     stop: asyncio.Event,
+    sa_verifier: SaVerifier | None = None,
+    limits: Limits = Limits(),
 ) -> None:
     """Run the service until `stop` is set."""
-    service = EnrolmentService(ca_path, leaf_ttl=leaf_ttl, server_names=server_names)
-    runner = web.AppRunner(service.app(), access_log=None, shutdown_timeout=2.0)
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_resource_error_handler(RateLimitedLog()))
+    raise_nofile_limit(limits.max_connections + 64)
+    service = EnrolmentService(
+        ca_path,
+        leaf_ttl=leaf_ttl,
+        server_names=server_names,
+        sa_verifier=sa_verifier,
+        limits=limits,
+    )
+    guard = ConnectionGuard(limits)
+    service.guard = guard
+    runner = web.AppRunner(
+        service.app(),
+        access_log=None,
+        shutdown_timeout=2.0,
+        keepalive_timeout=limits.header_timeout,
+    )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=service.ssl_context)
-    await site.start()
+    assert runner.server is not None
+    server = await loop.create_server(
+        guard.wrap(runner.server),
+        host,
+        port,
+        ssl=service.ssl_context,
+        ssl_handshake_timeout=limits.handshake_timeout,
+        backlog=256,
+    )
 
     async def recheck() -> None:
+        ticks = 0
         while True:
-            await asyncio.sleep(_RECHECK_SECONDS)
-            service.maybe_reload()
+            await asyncio.sleep(_CRL_RECHECK_SECONDS)
+            ticks += 1
+            if ticks * _CRL_RECHECK_SECONDS >= _RECHECK_SECONDS:
+                ticks = 0
+                service.maybe_reload()
+            service.refresh_crl()
 
     task = asyncio.create_task(recheck(), name="ca-service-recheck")
     log.info(
@@ -361,4 +717,6 @@ async def serve(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        server.close()
         await runner.cleanup()
+        service.store.close()

@@ -4,7 +4,11 @@ Layout of DIR (mode 0700):
   ca.json                   trust domain, roots in the bundle, issuing generation, stage
   root-N.crt / root-N.key   root CA of generation N (the key may be moved offline)
   intermediate-N.crt/.key   online issuing CA of generation N, signed by root-N
+  intermediate-N.prev.crt/.key  the intermediate replaced by rotate-intermediate (its leaves
+                            still renew, and it signs their CRL)
   token_secret              HMAC key for join tokens
+  ca.db                     the store: issuance log, revocations, used join tokens (0600)
+  crl.pem                   the current CRLs, followed by the intermediates that signed them
 Every key file is written mode 0600; a directory whose key files are readable by group or
 others, or which others can write to, is refused.
 """
@@ -27,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import CertError
 from . import tokens
+from .crl import Revoked, build_crl, crl_bundle_pem
+from .db import DB_FILE, CaStore, key_id_of
 from .issuer import (
     Issuer,
     cert_pem,
@@ -39,6 +45,7 @@ from .issuer import (
 
 STATE_FILE = "ca.json"
 SECRET_FILE = "token_secret"
+CRL_FILE = "crl.pem"
 FORMAT = 1
 
 STAGE_STABLE = "stable"  # one root, issuing with its intermediate
@@ -142,7 +149,7 @@ def _mode_problem(path: Path, *, is_dir: bool) -> str | None:
         )
     if not is_dir and mode & 0o077:
         return (
-            f"CA key file {path} is accessible by group or others (mode {mode:04o}); "
+            f"CA file {path} is accessible by group or others (mode {mode:04o}); "
             f"run: chmod 600 {path}"
         )
     return None
@@ -174,9 +181,10 @@ class CaDir:
         os.chmod(path, 0o700)
         if force:
             for old in path.glob("*"):
-                if old.name.startswith(("root-", "intermediate-")) or old.name in (
+                if old.name.startswith(("root-", "intermediate-", DB_FILE)) or old.name in (
                     STATE_FILE,
                     SECRET_FILE,
+                    CRL_FILE,
                 ):
                     old.unlink()
         state = CaState(
@@ -186,6 +194,11 @@ class CaDir:
         ca._create_generation(1)
         write_private(path / SECRET_FILE, tokens.new_secret().hex().encode() + b"\n")
         ca._save_state(state)
+        store = ca.store()
+        try:
+            ca.write_crl(store)
+        finally:
+            store.close()
         return ca
 
     @classmethod
@@ -197,7 +210,7 @@ class CaDir:
         if not state_path.exists():
             raise CaDirError(f"{path} is not a CA directory (no {STATE_FILE}; run: ca init)")
         problems = [_mode_problem(path, is_dir=True)]
-        for secret in sorted([*path.glob("*.key"), path / SECRET_FILE]):
+        for secret in sorted([*path.glob("*.key"), path / SECRET_FILE, path / DB_FILE]):
             problems.append(_mode_problem(secret, is_dir=False))
         found = [p for p in problems if p]
         if found:
@@ -280,6 +293,45 @@ class CaDir:
                 found.append(self._cert(f"intermediate-{g}.prev.crt"))
         return found
 
+    def crl_issuers(self) -> list[tuple[int, Issuer]]:
+        """(generation, intermediate with key) for every trusted intermediate that can sign a
+        CRL: the current one of each generation in the bundle, and a previous one whose key
+        was kept by rotate-intermediate."""
+        found = [(g, self.issuer_for(g)) for g in self.state.bundle]
+        for g in self.state.bundle:
+            prev = f"intermediate-{g}.prev"
+            if (self.path / f"{prev}.crt").exists() and (self.path / f"{prev}.key").exists():
+                found.append((g, Issuer(self._cert(f"{prev}.crt"), self._key(f"{prev}.key"))))
+        return found
+
+    def make_crl(self, store: CaStore, *, now: dt.datetime | None = None) -> bytes:
+        """Fresh CRLs of every issuing intermediate from `store`, PEM, with their issuers."""
+        now = now or dt.datetime.now(dt.UTC)
+        crls = []
+        issuers = self.crl_issuers()
+        for _, issuer in issuers:
+            entries = [
+                Revoked(
+                    serial=int(row.serial, 16),
+                    revoked_at=dt.datetime.fromtimestamp(row.revoked_at or 0, dt.UTC),
+                    reason=row.reason or "unspecified",
+                )
+                for row in store.revoked_by(key_id_of(issuer.cert), now=now.timestamp())
+            ]
+            crls.append(build_crl(issuer, entries, number=store.next_crl_number(), now=now))
+        return crl_bundle_pem(crls, [i.cert for _, i in issuers])
+
+    def write_crl(self, store: CaStore, *, now: dt.datetime | None = None) -> bytes:
+        """Make the CRLs and write them to crl.pem (mode 0644); return the PEM."""
+        pem = self.make_crl(store, now=now)
+        write_public(self.path / CRL_FILE, pem)
+        return pem
+
+    def store(self) -> CaStore:
+        """The SQLite store of this directory (created on first use: an old directory
+        migrates the first time a command needs it)."""
+        return CaStore.for_dir(self.path)
+
     def token_secret(self) -> bytes:
         text = self._read(SECRET_FILE).strip()
         try:
@@ -332,7 +384,10 @@ class CaDir:
         inter = make_intermediate(
             self.state.trust_domain, g, root, name_constraints=self.state.name_constraints
         )
+        old_key = self._key(f"intermediate-{g}.key")
         write_public(self.path / f"intermediate-{g}.prev.crt", cert_pem(old))
+        # Kept to sign the CRL of the leaves it issued until they expire (at most a leaf TTL).
+        write_private(self.path / f"intermediate-{g}.prev.key", key_pem(old_key))
         write_private(self.path / f"intermediate-{g}.key", key_pem(inter.key))
         write_public(self.path / f"intermediate-{g}.crt", cert_pem(inter.cert))
         self._save_state(self.state)  # a new ca.json tells a running service to reload
@@ -404,7 +459,11 @@ class CaDir:
             self._save_state(replace(st, bundle=(st.issuer,), stage=STAGE_STABLE, stage_since=now))
             for g in old:
                 # The old keys can no longer mint anything trusted; do not leave them lying about.
-                for name in (f"intermediate-{g}.key", f"root-{g}.key"):
+                for name in (
+                    f"intermediate-{g}.key",
+                    f"intermediate-{g}.prev.key",
+                    f"root-{g}.key",
+                ):
                     with contextlib.suppress(FileNotFoundError):
                         (self.path / name).unlink()
             fp = fingerprint(self.root(st.issuer))

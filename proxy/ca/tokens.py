@@ -1,4 +1,4 @@
-"""Join tokens: HMAC-signed, identity-bound, expiring; verified without a database."""
+"""Join tokens: HMAC-signed, identity-bound, expiring; single use is kept by the store (db)."""
 
 from __future__ import annotations
 
@@ -102,29 +102,3 @@ def verify_token(secret: bytes, token: str, *, now: float | None = None) -> Toke
         expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at))
         raise TokenRejected(f"token for {identity} expired at {expired}")
     return TokenClaims(identity=identity, expires_at=expires_at, nonce=nonce)
-
-
-class NonceLedger:
-    """Nonces of tokens already used, kept in memory until the token would have expired.
-
-    This makes a token single-use for the life of one CA process only: a restarted CA
-    forgets the ledger, so keep token TTLs short (minutes to an hour).
-    """
-
-    def __init__(self) -> None:
-        self._used: dict[str, float] = {}
-
-    def is_used(self, nonce: str) -> bool:
-        return nonce in self._used
-
-    def mark_used(self, claims: TokenClaims, *, now: float | None = None) -> None:
-        self.prune(now)
-        self._used[claims.nonce] = claims.expires_at
-
-    def prune(self, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        for nonce in [n for n, exp in self._used.items() if exp <= now]:
-            del self._used[nonce]
-
-    def __len__(self) -> int:
-        return len(self._used)
