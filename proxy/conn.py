@@ -6,14 +6,14 @@ import asyncio
 import errno
 import logging
 import socket
-import ssl
 from typing import TYPE_CHECKING
 
 from .errors import PolicyDenied
 from .identity import spiffe_id_from_der
+from .metrics import handshake_counter
 from .relay import AppLeg, NetLeg, _Leg
 from .routes import Route
-from .tls import classify_tls_error
+from .tls import classify_tls_error, speaks_no_tls
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -48,19 +48,6 @@ def _connect_reason(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, OSError):
         return "other", exc.strerror or str(exc)
     return "other", repr(exc)
-
-
-def _speaks_no_tls(exc: BaseException) -> bool:
-    """Did the handshake fail because nothing TLS-capable answered (not because it refused us)?"""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return False
-    if isinstance(exc, ssl.SSLEOFError | ConnectionResetError | BrokenPipeError):
-        return True
-    if isinstance(exc, ssl.SSLError):
-        return classify_tls_error(exc, "")[0] == "not_tls" or (exc.reason or "") in (
-            "UNEXPECTED_EOF_WHILE_READING",
-        )
-    return False
 
 
 class Conn:
@@ -220,6 +207,11 @@ class Conn:
         m.active.inc()
         if self.security == "mtls":
             m.handshake.observe(self.worker.loop.time() - self.hs_started)
+            net = self.net
+            info = net.tls_info() if net is not None else None
+            if info is not None:
+                assert net is not None
+                handshake_counter(self.route.direction, info[2], net.resumed()).inc()
             self.worker.count_peer(self.route.direction, self.peer_identity)
 
     def reject(self, reason: str, message: str) -> None:
@@ -282,9 +274,19 @@ class Conn:
                 b[(sec, "out")].inc(dout)
                 self.flushed_out = self.bytes_out
 
-    def _resumed(self) -> bool | None:
-        sslobj = self.net.sslobj if self.net is not None else None
-        return sslobj.session_reused if sslobj is not None and self.established else None
+    def _tls_fields(self) -> dict[str, object]:
+        net = self.net
+        info = net.tls_info() if net is not None and self.established else None
+        if info is None:
+            return {"tls_version": None, "tls_cipher": None, "tls_group": None, "tls_resumed": None}
+        assert net is not None
+        version, cipher, group = info
+        return {
+            "tls_version": version,
+            "tls_cipher": cipher,
+            "tls_group": group,
+            "tls_resumed": net.resumed(),
+        }
 
     def finish(self, outcome: str, *, abort: bool, logged: bool = False) -> None:
         if self.closed:
@@ -314,7 +316,7 @@ class Conn:
                         "bytes_in": self.bytes_in,
                         "bytes_out": self.bytes_out,
                         "duration_ms": round((self.worker.loop.time() - self.started) * 1000, 1),
-                        "tls_resumed": self._resumed(),
+                        **self._tls_fields(),
                         "outcome": outcome,
                     }
                 },
@@ -436,7 +438,7 @@ class OutboundConn(Conn):
         worker = self.worker
         plaintext = self.route.mode == "permissive" and worker.knows_plaintext(self.target)
         tls = worker.tls
-        ctx: ssl.SSLContext | None = None if plaintext else tls.client
+        ctx = None if plaintext else tls.client_ptr
         cache = tls.sessions
         key = f"{host}:{port}"
         if plaintext:
@@ -449,10 +451,8 @@ class OutboundConn(Conn):
                 ctx,
                 server_side=False,
                 session=cache.get(key) if ctx is not None else None,
-                ctx_ptr=tls.client_ptr,
-                on_session=(
-                    (lambda s: cache.put(key, s)) if ctx is not None and cache.wants(key) else None
-                ),
+                # Each connection leaves its newest ticket for the next ones.
+                on_session=(lambda s: cache.put(key, s)) if ctx is not None else None,
             )
 
         try:
@@ -474,7 +474,7 @@ class OutboundConn(Conn):
             target is not None
             and self.route.mode == "permissive"
             and self.security == "mtls"
-            and _speaks_no_tls(exc)
+            and speaks_no_tls(exc)
         ):
             # Permissive outbound: the destination has no sidecar. Remember it for a while
             # and carry this connection in plaintext; the app leg has not been read yet.
@@ -501,11 +501,7 @@ class OutboundConn(Conn):
         super().handshake_failed(exc)
 
     def handshake_done(self, leg: NetLeg) -> None:
-        if leg.sslobj is not None:
-            if not leg.sslobj.session_reused and self.target is not None:
-                # The cached ticket did not resume (or there was none): the next connection
-                # takes this one's session (SessionCache.wants).
-                self.worker.tls.sessions.drop(f"{self.target[0]}:{self.target[1]}")
+        if leg.ssl is not None:
             der = leg.peer_der()
             sid = spiffe_id_from_der(der) if der else None
             self.peer_identity = str(sid) if sid is not None else None

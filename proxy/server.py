@@ -32,7 +32,6 @@ from typing import Any
 from . import metrics
 from .errors import CertError, ProxyError
 from .material import Material, load_material_files, read_file
-from .openssl import TICKET_KEYS_LEN
 from .routes import Route, routes_for
 from .settings import Address, Settings
 from .tasks import Tasks
@@ -147,7 +146,6 @@ class Master:
         self.tasks = Tasks(log)
         self.admin: Any = None
         self._file_sig: tuple[Any, ...] | None = None
-        self._ticket_keys = os.urandom(TICKET_KEYS_LEN)
 
     # --- tasks ---------------------------------------------------------------------------
 
@@ -179,8 +177,6 @@ class Master:
     def apply(self, material: Material) -> None:
         """Make `material` current here and in every worker."""
         self.material = material
-        # Fresh session-ticket keys with every identity, shared by all workers.
-        self._ticket_keys = os.urandom(TICKET_KEYS_LEN)
         ts = material.not_after.timestamp()
         metrics.CERT_EXPIRY.labels(material.identity).set(ts)
         metrics.TRUST_BUNDLE_ROOTS.set(len(material.roots))
@@ -200,7 +196,6 @@ class Master:
             "key": m.key_pem.decode(),
             "bundle": m.bundle_pem.decode(),
             "origin": m.origin,
-            "ticket_keys": self._ticket_keys.hex(),
         }
 
     def reload(self, why: str) -> bool:

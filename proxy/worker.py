@@ -165,12 +165,7 @@ class Worker:
 
             def inbound() -> NetLeg:
                 tls = self.tls
-                return NetLeg(
-                    InboundConn(self, route),
-                    tls.server,
-                    server_side=True,
-                    resume_ctx=tls.server_resumed,
-                )
+                return NetLeg(InboundConn(self, route), tls.server_ptr, server_side=True)
 
             return inbound
 
@@ -254,8 +249,7 @@ async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> N
                     msg["bundle"].encode(),
                     msg.get("origin", "master"),
                 )
-                keys = bytes.fromhex(msg["ticket_keys"]) if msg.get("ticket_keys") else None
-                state = build_tls_state(material, settings.min_tls_version, keys)
+                state = build_tls_state(material, settings.min_tls_version, settings.tls_groups)
             except CertError as exc:
                 _send({"op": "material_error", "error": str(exc)})
                 continue
