@@ -369,7 +369,19 @@ class NetLeg(_Leg):
             self.conn.handshake_failed(exc)
             return
         self._flush()
+        self._fresh_bios()
         self._handshake_finished()
+
+    def _fresh_bios(self) -> None:
+        # A memory BIO keeps the largest buffer it ever held; the handshake's (certificate
+        # chains, ML-KEM key shares) would stay with every idle connection: ~5 KB per SSL.
+        ssl = self.ssl
+        bio_in = self._bio_in
+        if not self._bio_eof and not _BIO_pending(bio_in, _NULL):
+            bio_in = tls_ffi.new_mem_bio()
+        bio_out = tls_ffi.new_mem_bio()  # empty: just flushed
+        lib.SSL_set_bio(ssl, bio_in, bio_out)  # frees the BIOs it replaces
+        self._bio_in, self._bio_out = bio_in, bio_out
 
     def _handshake_finished(self) -> None:
         self._cancel_timer()
