@@ -30,9 +30,11 @@ lint: venv
 	$(VENV)/bin/ruff check proxy tests bench
 	$(VENV)/bin/ruff format --check proxy tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/deptry proxy tests bench
 
 unit: venv
-	$(VENV)/bin/pytest -q -m "not netns" tests
+	$(VENV)/bin/pytest -q -m unit tests
 
 test: venv apt lint
 	$(VENV)/bin/pytest -q tests

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from . import __version__, metrics
+from .errors import StartupError
+from .settings import Address
 
 if TYPE_CHECKING:
     from .server import Master
 
 MASTER_KEY = web.AppKey("master", object)
+
+log = logging.getLogger("mtls.admin")
 
 
 def _master(request: web.Request) -> Master:
@@ -40,6 +45,7 @@ async def status(request: web.Request) -> web.Response:
         "draining": m.draining,
         "uptime_seconds": round(time.time() - m.started, 1),
         "identity_source": m.settings.identity_source,
+        "admin_listen": str(m.admin_address),
         "certificate": m.material.describe() if m.material is not None else None,
         "routes": [
             {
@@ -100,7 +106,8 @@ async def drain(request: web.Request) -> web.Response:
     return web.Response(status=202, text="draining\n")
 
 
-async def start_admin(master: Master) -> web.AppRunner:
+async def start_admin(master: Master) -> tuple[web.AppRunner, Address]:
+    """Serve the admin port; returns the runner and the address actually bound (port 0)."""
     app = web.Application()
     app[MASTER_KEY] = master
     app.router.add_get("/live", live)
@@ -116,8 +123,13 @@ async def start_admin(master: Master) -> web.AppRunner:
     try:
         await site.start()
     except OSError as exc:
-        from .server import StartupError
-
         await runner.cleanup()
         raise StartupError(f"cannot listen on MTLS_ADMIN_LISTEN={addr}: {exc.strerror}") from None
-    return runner
+    bound = addr
+    if addr.port == 0 and runner.addresses:
+        bound = Address(addr.host, int(runner.addresses[0][1]))  # the port the kernel picked
+    log.info(
+        "admin listening",
+        extra={"fields": {"event": "admin_listening", "listen": str(bound)}},
+    )
+    return runner, bound

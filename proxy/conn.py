@@ -1,4 +1,9 @@
-"""One proxied connection from accept to close: its flow, its counters and its log line."""
+"""One proxied connection: carries out its flow's actions with the relay's two legs.
+
+The decisions live in `flow.Flow` (pure); this module turns what the legs report into flow
+events, and the flow's actions into I/O: dials, TLS start, relaying, half-close, counters and
+the one log line per connection. Bytes on an open connection go leg to leg (relay.py).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,47 @@ import asyncio
 import errno
 import logging
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
-from .errors import PolicyDenied
-from .identity import spiffe_id_from_der
+from . import flow as f
+from .identity import SpiffeId, spiffe_id_from_der
 from .metrics import handshake_counter
 from .relay import AppLeg, NetLeg, _Leg
 from .routes import Route
-from .tls import classify_tls_error, speaks_no_tls
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .tls import TlsState, classify_tls_error, speaks_no_tls
 
 log = logging.getLogger("mtls.conn")
+
+
+class ConnHost(Protocol):
+    """What a connection needs from the worker that serves it."""
+
+    loop: asyncio.AbstractEventLoop
+    connect_timeout: float
+    tls: TlsState
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]: ...
+
+    def admit(self, conn: Conn) -> str | None:
+        """Take the connection in (None), or say why not (the limit, in words)."""
+        ...
+
+    def forget(self, conn: Conn) -> None: ...
+
+    def count_peer(self, direction: str, identity: str | None) -> None: ...
+
+    def peer_check(self, route: Route) -> f.PeerCheck:
+        """The identity policy for a new connection on `route` (the current trust domain)."""
+        ...
+
+    def original_target(
+        self, route: Route, transport: asyncio.BaseTransport
+    ) -> tuple[str, int] | None: ...
+
+    def knows_plaintext(self, target: tuple[str, int]) -> bool: ...
+
+    def remember_plaintext(self, target: tuple[str, int]) -> None: ...
 
 
 def _addr(peername: object) -> str:
@@ -32,7 +65,8 @@ def _addr(peername: object) -> str:
     return str(peername)
 
 
-def _connect_reason(exc: BaseException) -> tuple[str, str]:
+def connect_reason(exc: BaseException) -> tuple[str, str]:
+    """(metric reason, words) for a failed dial."""
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "connect_timeout", "timed out"
     if isinstance(exc, ConnectionRefusedError):
@@ -51,43 +85,37 @@ def _connect_reason(exc: BaseException) -> tuple[str, str]:
 
 
 class Conn:
-    """State shared by the two legs of one proxied connection."""
+    """The two legs of one proxied connection, its flow, its byte counts and its log line."""
 
     __slots__ = (
         "active",
         "app",
-        "app_eof_seen",
         "bytes_in",
         "bytes_out",
         "closed",
         "established",
+        "flow",
         "flushed_in",
         "flushed_out",
         "handshake_timeout",
         "held_app",
+        "host",
         "hs_started",
         "idle_ticks",
         "net",
-        "net_eof_seen",
-        "peer_addr",
-        "peer_identity",
         "route",
-        "security",
         "started",
-        "target",
         "task",
-        "worker",
+        "tls",
     )
 
-    def __init__(self, worker: Worker, route: Route) -> None:
-        self.worker = worker
+    def __init__(self, host: ConnHost, route: Route) -> None:
+        self.host = host
         self.route = route
+        self.flow = f.Flow(route.flow_config, host.peer_check(route))
+        self.tls = host.tls  # the identity this connection began with, kept to its end
         self.net: NetLeg | None = None
         self.app: AppLeg | None = None
-        self.peer_addr = "?"
-        self.target: tuple[str, int] | None = route.target
-        self.security = "mtls"
-        self.peer_identity: str | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.flushed_in = 0
@@ -96,169 +124,254 @@ class Conn:
         self.closed = False
         self.active = True
         self.idle_ticks = 0
-        self.net_eof_seen = False
-        self.app_eof_seen = False
-        self.started = worker.loop.time()
+        self.started = host.loop.time()
         self.hs_started = self.started
         self.held_app: bytearray | None = None
         self.task: asyncio.Task[None] | None = None
-        self.handshake_timeout = worker.handshake_timeout
+        self.handshake_timeout = route.flow_config.handshake_timeout
 
-    # --- called by the legs -------------------------------------------------------------
+    # --- what the legs report ----------------------------------------------------------
 
-    def app_connected(self, leg: AppLeg) -> None:
-        raise NotImplementedError
+    @property
+    def peer_addr(self) -> str:
+        return self.flow.peer
+
+    @property
+    def peer_identity(self) -> str | None:
+        sid = self.flow.peer_id
+        return str(sid) if sid is not None else None
+
+    @property
+    def security(self) -> str:
+        return str(self.flow.security)
+
+    @property
+    def target(self) -> tuple[str, int] | None:
+        return self.flow.target
 
     def net_connected(self, leg: NetLeg) -> bool:
-        raise NotImplementedError
+        """The network leg's transport is up; False if the connection is already over."""
+        if self.closed:
+            return False
+        self.net = leg
+        if self.route.direction == "inbound":
+            assert leg.transport is not None
+            self._accept(leg.transport)
+        else:
+            self.hs_started = self.host.loop.time()
+            self._run(f.Dialled())
+        return not self.closed
+
+    def app_connected(self, leg: AppLeg) -> None:
+        """The app leg's transport is up: accepted (outbound) or dialled (inbound)."""
+        if self.route.direction == "outbound":
+            self.app = leg
+            assert leg.transport is not None
+            self._accept(leg.transport)
+            return
+        if self.closed:
+            leg.close(abort=True)
+            return
+        self.app = leg
+        self._run(f.Dialled())
+
+    def _accept(self, transport: asyncio.BaseTransport) -> None:
+        route = self.route
+        peer = _addr(transport.get_extra_info("peername"))
+        target = route.target
+        if route.transparent:
+            target = self.host.original_target(route, transport)
+        refused = self.host.admit(self) if target is not None else None
+        plaintext_known = (
+            target is not None
+            and route.direction == "outbound"
+            and route.mode == "permissive"
+            and self.host.knows_plaintext(target)
+        )
+        self._run(
+            f.Accepted(
+                peer,
+                target,
+                admitted=refused is None,
+                plaintext_known=plaintext_known,
+                limit_note=refused or "",
+            )
+        )
+
+    def sniffed(self, tls: bool, first: bytes) -> None:
+        """Inbound: the first bytes said TLS or not."""
+        self._run(f.Sniffed(tls, first[:16]), first)
+
+    def closed_before_hello(self, first: bytes) -> None:
+        self._run(f.ClosedBeforeHello(len(first)))
 
     def handshake_done(self, leg: NetLeg) -> None:
-        raise NotImplementedError
+        der = leg.peer_der()
+        sid: SpiffeId | None = spiffe_id_from_der(der) if der else None
+        resumed = leg.resumed()
+        self._run(f.HandshakeDone(sid, resumed))
 
-    def plaintext_hello(self, first: bytes) -> None:
-        raise NotImplementedError
+    def handshake_failed(self, exc: BaseException) -> None:
+        target = self.target
+        if target is not None and self.route.direction == "outbound":
+            self.tls.sessions.drop(f"{target[0]}:{target[1]}")
+        reason, message = classify_tls_error(exc, self.flow.who())
+        self._run(f.HandshakeFailed(f.Reason(reason), message, no_tls=speaks_no_tls(exc)))
+
+    def handshake_timed_out(self) -> None:
+        self._run(f.HandshakeTimedOut())
+
+    def net_failed(self, exc: BaseException) -> None:
+        reason, message = classify_tls_error(exc, self.flow.who())
+        detail = str(getattr(exc, "reason", None) or exc).lower().replace("_", " ")
+        self._run(f.TlsError(f.Reason(reason), message, detail, self.bytes_in))
 
     def hold_from_app(self, data: bytes) -> None:
         if self.held_app is None:
             self.held_app = bytearray()
         self.held_app += data
 
-    def closed_before_hello(self, first: bytes) -> None:
-        if first:
-            self.reject("not_tls", f"peer {self.peer_addr} sent {len(first)} byte(s) and closed")
-        else:
-            # A TCP connect-and-close (port probe, load balancer check): nothing to count.
-            log.debug("peer %s closed before sending anything", self.peer_addr)
-            self.finish("closed_before_hello", abort=False)
-
-    def handshake_failed(self, exc: BaseException) -> None:
-        who = self._who()
-        reason, message = classify_tls_error(exc, who)
-        self.reject(reason, message)
-
-    def handshake_timed_out(self) -> None:
-        self.reject(
-            "handshake_timeout",
-            f"{self._who()} did not complete the TLS handshake within {self.handshake_timeout:g}s",
-        )
-
-    def net_failed(self, exc: BaseException) -> None:
-        reason, message = classify_tls_error(exc, self._who())
-        if not self.established or self.bytes_in == 0:
-            # With TLS 1.3 a server checks our certificate after our side of the handshake
-            # is done: its refusal arrives as an alert before any data. Count it as such.
-            self.reject(reason, message)
-            return
-        # The handshake sentence ("refused our certificate"...) would mislead here: say what
-        # OpenSSL saw on the open connection.
-        detail = getattr(exc, "reason", None) or exc
-        log.warning(
-            "TLS error on an open connection with %s: %s",
-            self._who(),
-            str(detail).lower().replace("_", " "),
-            extra={"fields": {"route": self.route.name, "reason": reason}},
-        )
-        self.finish(f"tls_error:{reason}", abort=True)
-
     def app_eof(self) -> None:
-        self.app_eof_seen = True
-        if self.established and self.net is not None:
-            self.net.send_eof()
-            self._check_done()
-        # else: carried across once the network leg is up (OutboundConn.handshake_done)
+        self._run(f.Eof(f.Side.APP))
 
     def net_eof(self) -> None:
-        self.net_eof_seen = True
-        if self.app is not None:
-            self.app.send_eof()
-        self._check_done()
+        self._run(f.Eof(f.Side.NET))
 
     def leg_lost(self, leg: _Leg, exc: Exception | None) -> None:
         if self.closed or (leg is not self.net and leg is not self.app):
             return  # already finished, or a leg we let go (plaintext fallback)
-        if exc is not None:
-            side = "app" if leg is self.app else "peer"
-            self.finish(f"{side}_reset", abort=True)
-        else:
-            self.finish("ok" if self.net_eof_seen or self.app_eof_seen else "closed", abort=False)
+        side = f.Side.APP if leg is self.app else f.Side.NET
+        self._run(f.Lost(side, exc is not None))
 
-    # --- shared steps --------------------------------------------------------------------
+    def idle_timeout(self) -> None:
+        self._run(f.IdleTimeout())
 
-    def _who(self) -> str:
-        if self.route.direction == "inbound":
-            return f"peer {self.peer_addr}"
-        host, port = self.target or ("?", 0)
-        return f"remote {host}:{port}"
+    def drain_timeout(self) -> None:
+        self._run(f.DrainTimeout())
 
-    def _check_done(self) -> None:
-        if self.net_eof_seen and self.app_eof_seen and not self.closed:
-            self.finish("ok", abort=False)
+    # --- carrying out the flow's actions ------------------------------------------------
 
-    def _link(self) -> None:
+    def _run(self, event: f.Event, first: bytes = b"") -> None:
+        for action in self.flow.handle(event):
+            self._do(action, first)
+
+    def _do(self, action: f.Action, first: bytes) -> None:
+        match action:
+            case f.StartTls():
+                assert self.net is not None
+                self.net.start_tls(first)
+            case f.AcceptPlaintext():
+                assert self.net is not None
+                self.net.accept_plaintext(first)
+            case f.Warn(event=event, message=message):
+                log.warning(message, extra={"fields": self._fields(event)})
+            case f.Dial(host=host, port=port, tls=tls):
+                if self.route.direction == "inbound":
+                    self.task = self.host.spawn(self._dial_app(host, port), "dial-app")
+                else:
+                    if self.app is not None:
+                        self.app.pause_reading()  # until the remote is up
+                    self.task = self.host.spawn(self._dial_remote(host, port, tls), "dial-remote")
+            case f.Fallback(host=host, port=port, message=message):
+                fields = self._fields("plaintext_fallback")
+                fields["target"] = f"{host}:{port}"
+                log.warning(message, extra={"fields": fields})
+                self.host.remember_plaintext((host, port))
+                old, self.net = self.net, None
+                if old is not None:
+                    old.close(abort=True)
+            case f.Open():
+                self._open(action)
+            case f.SendEof(side=side):
+                leg = self.net if side is f.Side.NET else self.app
+                if leg is not None:
+                    leg.send_eof()
+            case f.Reject(reason=reason, message=message):
+                self.route.metrics.rejected(reason).inc()
+                fields = self._fields("rejected")
+                fields["reason"] = str(reason)
+                fields["peer_identity"] = self.peer_identity
+                log.warning("rejected: %s", message, extra={"fields": fields})
+            case f.UpstreamFailed(reason=reason, text=text):
+                self.route.metrics.upstream_failure(reason).inc()
+                host, port = self.target or ("?", 0)
+                what = "the app" if self.route.direction == "inbound" else "the remote"
+                fields = self._fields("upstream_failed")
+                fields["reason"] = reason
+                log.warning(
+                    "cannot reach %s at %s:%s: %s", what, host, port, text, extra={"fields": fields}
+                )
+            case f.Finish(outcome=outcome, abort=abort, logged=logged):
+                self._finish(outcome, abort=abort, logged=logged)
+
+    def _fields(self, event: str) -> dict[str, Any]:
+        return {
+            "event": event,
+            "direction": self.route.direction,
+            "route": self.route.name,
+            "peer": self.peer_addr,
+        }
+
+    async def _dial_app(self, host: str, port: int) -> None:
+        try:
+            async with asyncio.timeout(self.host.connect_timeout):
+                await self.host.loop.create_connection(lambda: AppLeg(self), host, port)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._run(f.DialFailed(*connect_reason(exc)))
+
+    async def _dial_remote(self, host: str, port: int, tls: bool) -> None:
+        state = self.tls
+        ctx = state.client_ptr if tls else None
+        cache = state.sessions
+        key = f"{host}:{port}"
+        self.hs_started = self.host.loop.time()
+
+        def factory() -> NetLeg:
+            return NetLeg(
+                self,
+                ctx,
+                server_side=False,
+                session=cache.get(key) if ctx is not None else None,
+                # Each connection leaves its newest ticket for the next ones.
+                on_session=(lambda s: cache.put(key, s)) if ctx is not None else None,
+            )
+
+        try:
+            async with asyncio.timeout(self.host.connect_timeout):
+                await self.host.loop.create_connection(factory, host, port)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._run(f.DialFailed(*connect_reason(exc)))
+
+    def _open(self, action: f.Open) -> None:
         net, app = self.net, self.app
         assert net is not None and app is not None
         net.peer = app
         app.peer = net
-
-    def mark_established(self) -> None:
         self.established = True
         m = self.route.metrics
-        m.connections[self.security].inc()
+        m.connections[action.security].inc()
         m.active.inc()
-        if self.security == "mtls":
-            m.handshake.observe(self.worker.loop.time() - self.hs_started)
-            net = self.net
-            info = net.tls_info() if net is not None else None
+        if action.security is f.Security.MTLS:
+            m.handshake.observe(self.host.loop.time() - self.hs_started)
+            self.host.count_peer(self.route.direction, self.peer_identity)
+            info = net.tls_info()
             if info is not None:
-                assert net is not None
                 handshake_counter(self.route.direction, info[2], net.resumed()).inc()
-            self.worker.count_peer(self.route.direction, self.peer_identity)
-
-    def reject(self, reason: str, message: str) -> None:
-        """Refuse the connection: one counter, one log line, a clean close."""
-        if self.closed:
+        net.start()
+        if self.route.direction == "inbound":
             return
-        self.route.metrics.rejected(reason).inc()
-        log.warning(
-            "rejected: %s",
-            message,
-            extra={
-                "fields": {
-                    "event": "rejected",
-                    "direction": self.route.direction,
-                    "route": self.route.name,
-                    "reason": reason,
-                    "peer": self.peer_addr,
-                    "peer_identity": self.peer_identity,
-                }
-            },
-        )
-        self.finish(f"rejected:{reason}", abort=False, logged=True)
-
-    def upstream_failed(self, exc: BaseException) -> None:
-        if self.closed:
-            return
-        reason, text = _connect_reason(exc)
-        self.route.metrics.upstream_failure(reason).inc()
-        host, port = self.target or ("?", 0)
-        what = "the app" if self.route.direction == "inbound" else "the remote"
-        log.warning(
-            "cannot reach %s at %s:%s: %s",
-            what,
-            host,
-            port,
-            text,
-            extra={
-                "fields": {
-                    "event": "upstream_failed",
-                    "direction": self.route.direction,
-                    "route": self.route.name,
-                    "reason": reason,
-                    "peer": self.peer_addr,
-                }
-            },
-        )
-        self.finish(f"upstream_failed:{reason}", abort=False, logged=True)
+        held = self.held_app
+        if held:
+            self.held_app = None
+            net.send(held)
+        if action.eof_to_net:
+            net.send_eof()  # the app half-closed while the remote was being dialled
+        else:
+            app.resume_reading()
 
     def flush_bytes(self) -> None:
         """Add the bytes relayed since the last flush to the counters."""
@@ -277,9 +390,8 @@ class Conn:
     def _tls_fields(self) -> dict[str, object]:
         net = self.net
         info = net.tls_info() if net is not None and self.established else None
-        if info is None:
+        if net is None or info is None:
             return {"tls_version": None, "tls_cipher": None, "tls_group": None, "tls_resumed": None}
-        assert net is not None
         version, cipher, group = info
         return {
             "tls_version": version,
@@ -288,7 +400,7 @@ class Conn:
             "tls_resumed": net.resumed(),
         }
 
-    def finish(self, outcome: str, *, abort: bool, logged: bool = False) -> None:
+    def _finish(self, outcome: str, *, abort: bool, logged: bool) -> None:
         if self.closed:
             return
         self.closed = True
@@ -300,8 +412,9 @@ class Conn:
         self.flush_bytes()
         if self.established:
             self.route.metrics.active.dec()
-        self.worker.forget(self)
+        self.host.forget(self)
         if not logged and log.isEnabledFor(logging.INFO):
+            target = self.target
             log.info(
                 "connection closed",
                 extra={
@@ -312,10 +425,10 @@ class Conn:
                         "security": self.security,
                         "peer": self.peer_addr,
                         "peer_identity": self.peer_identity,
-                        "target": f"{self.target[0]}:{self.target[1]}" if self.target else None,
+                        "target": f"{target[0]}:{target[1]}" if target else None,
                         "bytes_in": self.bytes_in,
                         "bytes_out": self.bytes_out,
-                        "duration_ms": round((self.worker.loop.time() - self.started) * 1000, 1),
+                        "duration_ms": round((self.host.loop.time() - self.started) * 1000, 1),
                         **self._tls_fields(),
                         "outcome": outcome,
                     }
@@ -328,202 +441,3 @@ class Conn:
                 leg.peer = None
         self.net = self.app = None
         self.task = None
-
-
-class InboundConn(Conn):
-    """mTLS (or, if allowed, plaintext) from the network, forwarded as plaintext to the app."""
-
-    __slots__ = ()
-
-    def net_connected(self, leg: NetLeg) -> bool:
-        assert leg.transport is not None
-        self.peer_addr = _addr(leg.transport.get_extra_info("peername"))
-        if self.route.transparent:
-            self.target = self.worker.inbound_target(leg.transport)
-            if self.target is None:
-                self.reject("loop_detected", f"peer {self.peer_addr}: no original destination")
-                return False
-        return self.worker.admit(self)
-
-    def plaintext_hello(self, first: bytes) -> None:
-        mode = self.route.mode
-        if mode == "strict":
-            preview = first[:16].decode("ascii", "replace")
-            self.reject(
-                "not_tls",
-                f"peer {self.peer_addr} sent plaintext ({preview!r}...) to an mTLS-only port",
-            )
-            return
-        self.security = "plaintext"
-        if mode == "audit":
-            log.warning(
-                "plaintext connection from %s accepted (audit mode): it would be rejected "
-                "in strict mode",
-                self.peer_addr,
-                extra={
-                    "fields": {
-                        "event": "audit_plaintext",
-                        "direction": self.route.direction,
-                        "route": self.route.name,
-                        "peer": self.peer_addr,
-                    }
-                },
-            )
-        assert self.net is not None
-        self.net.accept_plaintext(first)
-        self._dial_app()
-
-    def handshake_done(self, leg: NetLeg) -> None:
-        der = leg.peer_der()
-        sid = spiffe_id_from_der(der) if der else None
-        self.peer_identity = str(sid) if sid is not None else None
-        try:
-            self.worker.policy.check(sid)
-        except PolicyDenied as exc:
-            self.reject(exc.reason, f"peer {self.peer_addr}: {exc}")
-            return
-        self._dial_app()
-
-    def _dial_app(self) -> None:
-        self.task = self.worker.spawn(self._connect_app(), "dial-app")
-
-    async def _connect_app(self) -> None:
-        assert self.target is not None
-        host, port = self.target
-        loop = self.worker.loop
-        try:
-            async with asyncio.timeout(self.worker.connect_timeout):
-                await loop.create_connection(lambda: AppLeg(self), host, port)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.upstream_failed(exc)
-
-    def app_connected(self, leg: AppLeg) -> None:
-        if self.closed:
-            leg.close(abort=True)
-            return
-        self.app = leg
-        self._link()
-        self.mark_established()
-        assert self.net is not None
-        self.net.start()
-
-
-class OutboundConn(Conn):
-    """Plaintext from the local app, carried to the remote over mTLS."""
-
-    __slots__ = ()
-
-    def app_connected(self, leg: AppLeg) -> None:
-        assert leg.transport is not None
-        self.app = leg
-        self.peer_addr = _addr(leg.transport.get_extra_info("peername"))
-        if self.route.transparent:
-            self.target = self.worker.outbound_target(leg.transport)
-            if self.target is None:
-                self.reject(
-                    "loop_detected",
-                    f"app {self.peer_addr}: original destination is this sidecar",
-                )
-                return
-        if not self.worker.admit(self):
-            return
-        leg.pause_reading()
-        self.task = self.worker.spawn(self._dial(), "dial-remote")
-
-    async def _dial(self) -> None:
-        assert self.target is not None
-        host, port = self.target
-        worker = self.worker
-        plaintext = self.route.mode == "permissive" and worker.knows_plaintext(self.target)
-        tls = worker.tls
-        ctx = None if plaintext else tls.client_ptr
-        cache = tls.sessions
-        key = f"{host}:{port}"
-        if plaintext:
-            self.security = "plaintext"
-        self.hs_started = worker.loop.time()
-
-        def factory() -> NetLeg:
-            return NetLeg(
-                self,
-                ctx,
-                server_side=False,
-                session=cache.get(key) if ctx is not None else None,
-                # Each connection leaves its newest ticket for the next ones.
-                on_session=(lambda s: cache.put(key, s)) if ctx is not None else None,
-            )
-
-        try:
-            async with asyncio.timeout(worker.connect_timeout):
-                await worker.loop.create_connection(factory, host, port)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.upstream_failed(exc)
-
-    def net_connected(self, leg: NetLeg) -> bool:
-        return not self.closed
-
-    def handshake_failed(self, exc: BaseException) -> None:
-        target = self.target
-        if target is not None:
-            self.worker.tls.sessions.drop(f"{target[0]}:{target[1]}")
-        if (
-            target is not None
-            and self.route.mode == "permissive"
-            and self.security == "mtls"
-            and speaks_no_tls(exc)
-        ):
-            # Permissive outbound: the destination has no sidecar. Remember it for a while
-            # and carry this connection in plaintext; the app leg has not been read yet.
-            log.warning(
-                "remote %s:%s does not speak mTLS: falling back to plaintext (permissive mode)",
-                target[0],
-                target[1],
-                extra={
-                    "fields": {
-                        "event": "plaintext_fallback",
-                        "direction": self.route.direction,
-                        "route": self.route.name,
-                        "peer": self.peer_addr,
-                        "target": f"{target[0]}:{target[1]}",
-                    }
-                },
-            )
-            self.worker.remember_plaintext(target)
-            old, self.net = self.net, None
-            if old is not None:
-                old.close(abort=True)
-            self.task = self.worker.spawn(self._dial(), "dial-remote-plaintext")
-            return
-        super().handshake_failed(exc)
-
-    def handshake_done(self, leg: NetLeg) -> None:
-        if leg.ssl is not None:
-            der = leg.peer_der()
-            sid = spiffe_id_from_der(der) if der else None
-            self.peer_identity = str(sid) if sid is not None else None
-            try:
-                self.worker.check_remote(sid, self.route.expected_peer)
-            except PolicyDenied as exc:
-                self.reject(exc.reason, f"{self._who()}: {exc}")
-                return
-        self._link()
-        self.mark_established()
-        leg.start()
-        app = self.app
-        assert app is not None
-        held = self.held_app
-        if held:
-            self.held_app = None
-            leg.send(held)
-        if self.app_eof_seen:
-            leg.send_eof()  # the app half-closed while the remote was being dialled
-            self._check_done()
-        else:
-            app.resume_reading()
-
-    def plaintext_hello(self, first: bytes) -> None:  # never called on a client leg
-        raise AssertionError("client legs do not sniff")

@@ -36,24 +36,12 @@ class CertError(ProxyError):
     """A certificate, key or trust bundle could not be loaded or is unusable."""
 
 
-class HandshakeRejected(ProxyError):
-    """A TLS handshake failed; `reason` is the metric label, the message is for the log."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        self.reason = reason
-        super().__init__(message)
+class StartupError(ProxyError):
+    """The sidecar cannot start; the message says why."""
 
 
 class PolicyDenied(ProxyError):
     """The peer authenticated but is not allowed (inbound) or not the expected one (outbound)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        self.reason = reason
-        super().__init__(message)
-
-
-class UpstreamError(ProxyError):
-    """The next hop could not be reached; `reason` is the metric label."""
 
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason

@@ -237,17 +237,13 @@ class NetLeg(_Leg):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         conn = self.conn
-        conn.net = self
-        if not conn.net_connected(self):
-            return
+        # The timer runs from accept (inbound: sniffing included) or connect (outbound);
+        # set before the flow acts, which may start the handshake at once.
         self.timer = asyncio.get_running_loop().call_later(
             conn.handshake_timeout, self._handshake_timeout
         )
-        if not self.server_side:
-            if self._ctx is None:  # plaintext fallback dial
-                self._handshake_finished()
-                return
-            self._start_tls(b"")
+        if not conn.net_connected(self):
+            self._cancel_timer()
 
     def buffer_updated(self, nbytes: int) -> None:
         self.conn.active = True
@@ -316,10 +312,7 @@ class NetLeg(_Leg):
             return
         first = bytes(self.first)
         self.first = None
-        if verdict == "tls":
-            self._start_tls(first)
-        else:
-            self.conn.plaintext_hello(first)
+        self.conn.sniffed(verdict == "tls", first)
 
     def accept_plaintext(self, first: bytes) -> None:
         """Relay this connection without TLS (permissive/audit inbound, permissive outbound)."""
@@ -332,6 +325,10 @@ class NetLeg(_Leg):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def start_tls(self, first: bytes = b"") -> None:
+        """Begin the handshake; `first` holds bytes already read (the sniffed ClientHello)."""
+        self._start_tls(first)
 
     def _start_tls(self, first: bytes) -> None:
         assert self._ctx is not None
@@ -413,6 +410,7 @@ class NetLeg(_Leg):
 
     def start(self) -> None:
         """The other leg is ready: relay in both directions."""
+        self._cancel_timer()
         self.state = OPEN
         first = self.first
         if first:

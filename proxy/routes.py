@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter as _Counter
 
 from . import metrics
+from .flow import Direction, FlowConfig, Mode
 from .settings import Address, Settings
 
 
@@ -62,10 +63,15 @@ class Route:
     mode: str  # inbound: strict|permissive|audit; outbound: strict|permissive
     expected_peer: str | None = None
     transparent: bool = False
+    handshake_timeout: float = 10.0
     metrics: RouteMetrics = field(init=False)
+    flow_config: FlowConfig = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = RouteMetrics(self.direction, self.name)
+        self.flow_config = FlowConfig(
+            Direction(self.direction), self.name, Mode(self.mode), self.handshake_timeout
+        )
 
 
 def routes_for(settings: Settings) -> list[Route]:
@@ -79,6 +85,7 @@ def routes_for(settings: Settings) -> list[Route]:
                 r.listen,
                 (r.target.host, r.target.port),
                 settings.inbound_mode,
+                handshake_timeout=settings.handshake_timeout,
             )
         )
     for o in settings.outbound:
@@ -90,6 +97,7 @@ def routes_for(settings: Settings) -> list[Route]:
                 (o.remote.host, o.remote.port),
                 settings.outbound_mode,
                 expected_peer=str(o.expected_peer) if o.expected_peer is not None else None,
+                handshake_timeout=settings.handshake_timeout,
             )
         )
     if settings.transparent:
@@ -101,6 +109,7 @@ def routes_for(settings: Settings) -> list[Route]:
                 None,
                 settings.inbound_mode,
                 transparent=True,
+                handshake_timeout=settings.handshake_timeout,
             )
         )
         routes.append(
@@ -111,6 +120,7 @@ def routes_for(settings: Settings) -> list[Route]:
                 None,
                 settings.outbound_mode,
                 transparent=True,
+                handshake_timeout=settings.handshake_timeout,
             )
         )
     return routes

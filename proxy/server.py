@@ -25,13 +25,13 @@ import socket
 import sys
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from . import metrics
-from .errors import CertError, ProxyError
-from .material import Material, load_material_files, read_file
+from .certsource.files import FileSource
+from .errors import CertError, ProxyError, StartupError
+from .material import Material, read_file
 from .routes import Route, routes_for
 from .settings import Address, Settings
 from .tasks import Tasks
@@ -39,12 +39,7 @@ from .tls import build_tls_state
 
 log = logging.getLogger("mtls.server")
 
-WATCH_INTERVAL = 1.0
-WATCH_RETRIES = 3  # extra attempts after a failed reload of changed files
-
-
-class StartupError(ProxyError):
-    """The sidecar cannot start; the message says why."""
+WORKER_STOP_GRACE = 2.0  # seconds a worker gets to exit at a failed start-up before SIGKILL
 
 
 def bind_listener(addr: Address, count: int) -> list[socket.socket]:
@@ -63,7 +58,7 @@ def bind_listener(addr: Address, count: int) -> list[socket.socket]:
                 raise StartupError(f"cannot listen on {addr}: {exc.strerror}") from None
             family, bind_host = info[0][0], str(info[0][4][0])
 
-    def make(reuseport: bool) -> socket.socket:
+    def make(port: int, reuseport: bool) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -71,18 +66,27 @@ def bind_listener(addr: Address, count: int) -> list[socket.socket]:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and host == "":
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((bind_host, addr.port))
+            sock.bind((bind_host, port))
         except OSError:
             sock.close()
             raise
         return sock
 
+    port = addr.port
+    socks: list[socket.socket] = []
     try:
-        # Without SO_REUSEPORT, this bind fails if anyone listens there already (even a
-        # second sidecar with SO_REUSEPORT, which would otherwise silently share the port).
-        make(reuseport=False).close()
-        socks = [make(reuseport=True) for _ in range(count)]
+        if port:
+            # Without SO_REUSEPORT, this bind fails if anyone listens there already (even a
+            # second sidecar with SO_REUSEPORT, which would otherwise silently share the port).
+            make(port, reuseport=False).close()
+        for _ in range(count):
+            sock = make(port, reuseport=True)
+            socks.append(sock)
+            # Port 0: the kernel picks one for the first socket; every worker shares it.
+            port = sock.getsockname()[1]
     except OSError as exc:
+        for sock in socks:
+            sock.close()
         hint = ""
         if exc.errno == errno.EACCES:
             hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
@@ -124,12 +128,14 @@ def drop_privileges(uid: int) -> None:
 
 @dataclass
 class WorkerProc:
+    """One worker process slot: its listening sockets, its process, what it said last."""
+
     slot: int
     socks: list[socket.socket]
     proc: asyncio.subprocess.Process | None = None
     ready: bool = False
     restarts: int = 0
-    replies: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    refused: str | None = None  # why it refused the current material, if it did
 
 
 class Master:
@@ -145,7 +151,9 @@ class Master:
         self.started = time.time()
         self.tasks = Tasks(log)
         self.admin: Any = None
-        self._file_sig: tuple[Any, ...] | None = None
+        self.admin_address: Address = settings.admin_listen
+        self.files: FileSource | None = None
+        self._expiry_identity: str | None = None
 
     # --- tasks ---------------------------------------------------------------------------
 
@@ -154,31 +162,21 @@ class Master:
 
     # --- identity ------------------------------------------------------------------------
 
-    def _files(self) -> tuple[Path, Path, Path]:
-        s = self.settings
-        assert s.cert_file and s.key_file and s.trust_bundle_file
-        return s.cert_file, s.key_file, s.trust_bundle_file
-
-    def _file_signature(self) -> tuple[Any, ...]:
-        sig: list[tuple[int, int, int, int] | None] = []
-        for path in self._files():
-            try:
-                st = os.stat(path)
-                sig.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
-            except OSError:
-                sig.append(None)
-        return tuple(sig)
-
-    def load_files(self) -> Material:
-        material = load_material_files(*self._files())
-        build_tls_state(material, self.settings.min_tls_version)  # all-or-nothing check
-        return material
+    def validate(self, material: Material) -> None:
+        """The one check every material passes before the master takes it (files, CA,
+        renewal, reload): the workers build their contexts with the same code."""
+        build_tls_state(material, self.settings.min_tls_version)
 
     def apply(self, material: Material) -> None:
         """Make `material` current here and in every worker."""
         self.material = material
         ts = material.not_after.timestamp()
+        if self._expiry_identity is not None and self._expiry_identity != material.identity:
+            # An identity no longer held must not keep its expiry series (a false alert later).
+            with contextlib.suppress(KeyError):
+                metrics.CERT_EXPIRY.remove(self._expiry_identity)
         metrics.CERT_EXPIRY.labels(material.identity).set(ts)
+        self._expiry_identity = material.identity
         metrics.TRUST_BUNDLE_ROOTS.set(len(material.roots))
         log.info(
             "identity loaded",
@@ -200,49 +198,10 @@ class Master:
 
     def reload(self, why: str) -> bool:
         """Reload files; keep the old identity if the new one is bad."""
-        if self.settings.identity_source != "files":
+        if self.files is None:
             log.info("reload (%s) ignored: identity comes from the CA and renews itself", why)
             return True
-        try:
-            material = self.load_files()
-        except CertError as exc:
-            metrics.CERT_RELOADS.labels("error").inc()
-            log.error(
-                "reload (%s) failed, keeping the current certificate: %s",
-                why,
-                exc,
-                extra={"fields": {"event": "reload_failed"}},
-            )
-            return False
-        old = self.material
-        if (
-            old is not None
-            and old.chain_pem == material.chain_pem
-            and old.key_pem == material.key_pem
-            and old.bundle_pem == material.bundle_pem
-        ):
-            return True
-        metrics.CERT_RELOADS.labels("ok").inc()
-        log.info("reloaded certificate and trust bundle (%s)", why)
-        self.apply(material)
-        return True
-
-    async def watch_files(self) -> None:
-        """Poll the three files: secrets mounted by Kubernetes change by a symlink swap,
-        which a stat of the path sees and inotify on the file does not."""
-        self._file_sig = self._file_signature()
-        retries = 0
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL)
-            sig = self._file_signature()
-            if sig != self._file_sig:
-                self._file_sig = sig
-                retries = 0 if self.reload("files changed") else WATCH_RETRIES
-            elif retries:
-                # The three files are read one after another: a read can fall between the
-                # writer's updates (a new certificate with the old key). Try again a few times
-                # even if nothing changes any more.
-                retries = 0 if self.reload("retry after a failed reload") else retries - 1
+        return self.files.reload(why)
 
     async def obtain_from_ca(self) -> None:
         from .certsource.ca import CaSource
@@ -259,24 +218,25 @@ class Master:
         while True:
             try:
                 material = await source.enroll()
+                self.validate(material)
                 break
             except (ProxyError, OSError) as exc:
                 log.error("enrolment with %s failed: %s (retrying in %.0fs)", s.ca_url, exc, delay)
             except Exception as exc:
                 log.error("enrolment with %s failed: %r (retrying in %.0fs)", s.ca_url, exc, delay)
+            # Cancelled here (SIGTERM) like anywhere else in start-up.
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
             if s.ca_token_file is not None:
                 # A used or expired token is fixed by writing a new one (e.g. a Secret update).
                 with contextlib.suppress(CertError):
                     source.set_token(read_file(s.ca_token_file, "join token").decode())
-        build_tls_state(material, s.min_tls_version)
         self.apply(material)
         self.spawn(source.run(), "ca-renewal")
 
     def _on_ca_update(self, material: Material) -> None:
         try:
-            build_tls_state(material, self.settings.min_tls_version)
+            self.validate(material)
         except CertError as exc:
             metrics.CERT_RELOADS.labels("error").inc()
             log.error("renewed certificate unusable, keeping the current one: %s", exc)
@@ -294,6 +254,10 @@ class Master:
             return False, "no certificate yet"
         if m.not_after.timestamp() <= time.time():
             return False, f"certificate expired at {m.not_after.isoformat()}"
+        refused = [w for w in self.workers if w.refused is not None]
+        if refused:
+            w = refused[0]
+            return False, f"worker {w.slot} refused the current certificate: {w.refused}"
         not_ready = [w.slot for w in self.workers if not w.ready]
         if not self.workers or not_ready:
             return False, f"workers not serving yet: {not_ready}"
@@ -311,6 +275,7 @@ class Master:
     async def _start_worker(self, w: WorkerProc) -> None:
         fds = [s.fileno() for s in w.socks]
         w.ready = False
+        w.refused = None
         w.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -339,10 +304,14 @@ class Master:
             op = msg.get("op")
             if op == "ready":
                 w.ready = True
+                w.refused = None
                 log.info("worker %d (pid %d) serving", w.slot, proc.pid)
+            elif op == "material_ok":
+                w.refused = None
             elif op == "material_error":
-                log.error("worker %d refused the new material: %s", w.slot, msg.get("error"))
-            await w.replies.put(msg)
+                w.refused = str(msg.get("error"))
+                metrics.CERT_RELOADS.labels("error").inc()
+                log.error("worker %d refused the new material: %s", w.slot, w.refused)
 
     async def _supervise(self, w: WorkerProc) -> None:
         delay = 1.0
@@ -387,6 +356,11 @@ class Master:
     async def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while not all(w.ready for w in self.workers):
+            refused = [w for w in self.workers if w.refused is not None]
+            if refused:
+                raise StartupError(
+                    f"worker {refused[0].slot} refused the certificate: {refused[0].refused}"
+                )
             if time.monotonic() > deadline:
                 raise StartupError("workers did not start serving in time")
             if any(w.proc is not None and w.proc.returncode is not None for w in self.workers):
@@ -401,28 +375,36 @@ class Master:
             self.draining = True
             self.stop.set()
 
-    async def _drain_workers(self) -> None:
+    def _procs(self) -> list[asyncio.subprocess.Process]:
+        return [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
+
+    async def _drain_workers(self, grace: float) -> None:
+        """Tell every worker to drain (message and SIGTERM: either is enough), wait up to
+        `grace`, then kill what is left."""
+        self.draining = True
         for w in self.workers:
             self._send(w, {"op": "drain"})
-        procs = [w.proc for w in self.workers if w.proc is not None]
-        grace = self.settings.drain_timeout + 5.0
+        procs = self._procs()
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
         try:
             await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), grace)
         except TimeoutError:
             for p in procs:
                 if p.returncode is None:
                     log.error("worker pid %d did not drain in time: killing it", p.pid)
-                    p.kill()
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
             await asyncio.gather(*(p.wait() for p in procs))
 
-    async def run(self) -> int:
-        s = self.settings
-        loop = asyncio.get_running_loop()
-        if s.identity_source == "files":
-            self.apply(self.load_files())
-        n = s.workers
-        socks_per_route = [bind_listener(r.listen, n) for r in self.routes]
+    def _bind(self) -> list[list[socket.socket]]:
+        socks_per_route = []
         for r in self.routes:
+            socks = bind_listener(r.listen, self.settings.workers)
+            socks_per_route.append(socks)
+            # Port 0 becomes the port the kernel picked: logs and /status show that one.
+            r.listen = Address(r.listen.host, socks[0].getsockname()[1])
             log.info(
                 "listening",
                 extra={
@@ -436,10 +418,26 @@ class Master:
                     }
                 },
             )
+        return socks_per_route
+
+    async def _start(self) -> None:
+        """Start-up, steps 1-4 (see the module docstring)."""
+        s = self.settings
+        if s.identity_source == "files":
+            assert s.cert_file and s.key_file and s.trust_bundle_file
+            self.files = FileSource(
+                s.cert_file,
+                s.key_file,
+                s.trust_bundle_file,
+                validate=self.validate,
+                on_update=self.apply,
+            )
+            self.apply(self.files.load())
+        socks_per_route = self._bind()
         raise_nofile_limit(2 * s.max_connections + 64)
         from .admin import start_admin
 
-        self.admin = await start_admin(self)
+        self.admin, self.admin_address = await start_admin(self)
         if s.drop_privileges:
             drop_privileges(s.proxy_uid)
         if s.transparent and os.geteuid() != s.proxy_uid:
@@ -450,19 +448,47 @@ class Master:
                 f"exempt MTLS_PROXY_UID={s.proxy_uid}; run as uid {s.proxy_uid} or start as "
                 "root with MTLS_DROP_PRIVILEGES=true"
             )
+        if self.files is None:
+            await self.obtain_from_ca()
+        else:
+            self.spawn(self.files.run(), "file-watcher")
+        await self.start_workers(socks_per_route)
+        await self.wait_ready()
+        log.info("ready", extra={"fields": {"event": "ready", "workers": s.workers}})
+
+    async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT or POST /drain, drain, stop.
+
+        The stop signals are honoured in every state: during enrolment and while waiting
+        for the workers too (start-up is cancelled, started workers are stopped).
+        """
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_drain, signal.Signals(sig).name)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.reload("SIGHUP"))
-        if s.identity_source == "ca":
-            await self.obtain_from_ca()
-        else:
-            self.spawn(self.watch_files(), "file-watcher")
-        await self.start_workers(socks_per_route)
-        await self.wait_ready()
-        log.info("ready", extra={"fields": {"event": "ready", "workers": n}})
-        await self.stop.wait()
-        await self._drain_workers()
-        self.tasks.cancel_all()
-        await self.admin.cleanup()
-        log.info("stopped")
-        return 0
+        start = asyncio.ensure_future(self._start())
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({start, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not start.done():
+                start.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await start
+                log.info("stopped during start-up")
+                await self._drain_workers(WORKER_STOP_GRACE)
+                return 0
+            try:
+                start.result()
+            except BaseException:
+                # No worker may outlive a failed start-up, holding the ports.
+                await self._drain_workers(WORKER_STOP_GRACE)
+                raise
+            await stopping
+            await self._drain_workers(self.settings.drain_timeout + 5.0)
+            log.info("stopped")
+            return 0
+        finally:
+            stopping.cancel()
+            self.tasks.cancel_all()
+            if self.admin is not None:
+                await self.admin.cleanup()

@@ -380,7 +380,8 @@ def classify_tls_error(exc: BaseException, who: str) -> tuple[str, str]:
 
 
 def speaks_no_tls(exc: BaseException) -> bool:
-    """Did the handshake fail because nothing TLS-capable answered (not because it refused us)?"""
+    """Did a client handshake fail because nothing TLS-capable answered (not because the
+    remote refused us)? Outbound permissive mode then falls back to plaintext."""
     if isinstance(exc, ConnectionResetError | BrokenPipeError):
         return True
     if isinstance(exc, TlsError):

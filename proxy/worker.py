@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -22,8 +23,9 @@ from typing import Any
 from prometheus_client import Counter as _Counter
 
 from . import metrics
-from .conn import Conn, InboundConn, OutboundConn
+from .conn import Conn
 from .errors import CertError
+from .flow import PeerCheck
 from .identity import SpiffeId, parse_spiffe_id
 from .material import load_material
 from .policy import InboundPolicy, check_outbound
@@ -73,30 +75,35 @@ class Worker:
     # --- material ------------------------------------------------------------------------
 
     def set_tls(self, state: TlsState) -> None:
-        """New connections use `state` from now on; open ones keep the context they began with."""
-        self.tls = state
+        """New connections use `state` from now on; open ones keep the context they began with.
+
+        Everything that can fail is computed before anything is replaced: a refused state
+        leaves the worker exactly as it was.
+        """
         domain = self.settings.effective_trust_domain
         if domain is None:
-            domain = parse_spiffe_id(state.material.identity).trust_domain
+            try:
+                domain = parse_spiffe_id(state.material.identity).trust_domain
+            except ValueError as exc:
+                raise CertError(f"certificate identity: {exc}") from None
+        policy = InboundPolicy(self.settings.allow_peers, domain)
+        self.tls = state
         self.trust_domain = domain
-        self.policy = InboundPolicy(self.settings.allow_peers, domain)
+        self.policy = policy
 
     # --- services for connections --------------------------------------------------------
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return self.tasks.spawn(coro, name)
 
-    def admit(self, conn: Conn) -> bool:
+    def admit(self, conn: Conn) -> str | None:
         if len(self.conns) >= self.max_conns:
-            conn.reject(
-                "too_many_connections",
-                f"{conn.peer_addr}: connection limit reached "
-                f"({self.max_conns} in this worker, MTLS_MAX_CONNECTIONS="
-                f"{self.settings.max_connections})",
+            return (
+                f"{self.max_conns} in this worker, "
+                f"MTLS_MAX_CONNECTIONS={self.settings.max_connections}"
             )
-            return False
         self.conns.add(conn)
-        return True
+        return None
 
     def forget(self, conn: Conn) -> None:
         self.conns.discard(conn)
@@ -111,13 +118,20 @@ class Worker:
             child = self._peer_children[key] = metrics.PEERS.labels(direction, label)
         child.inc()
 
-    def check_remote(self, sid: SpiffeId | None, expected: str | None) -> None:
+    def peer_check(self, route: Route) -> PeerCheck:
+        if route.direction == "inbound":
+            return self.policy.check
         exp: SpiffeId | None = None
-        if expected is not None:
-            exp = self._expected.get(expected)
+        if route.expected_peer is not None:
+            exp = self._expected.get(route.expected_peer)
             if exp is None:
-                exp = self._expected[expected] = parse_spiffe_id(expected)
-        check_outbound(sid, exp, self.trust_domain or "")
+                exp = self._expected[route.expected_peer] = parse_spiffe_id(route.expected_peer)
+        domain = self.trust_domain or ""
+
+        def check(sid: SpiffeId | None) -> None:
+            check_outbound(sid, exp, domain)
+
+        return check
 
     # --- transparent mode ----------------------------------------------------------------
 
@@ -134,16 +148,16 @@ class Worker:
             self._local_addrs = local_addresses()
         return is_local_destination(host, port, self.own_ports, self._local_addrs)
 
-    def inbound_target(self, transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+    def original_target(
+        self, route: Route, transport: asyncio.BaseTransport
+    ) -> tuple[str, int] | None:
+        """Transparent mode: where the connection was going (inbound: our app's port on
+        loopback); None when there is no original destination or it is this sidecar."""
         dst = self._original_dst(transport)
         if dst is None or self._is_self(*dst):
             return None
-        return ("127.0.0.1", dst[1])
-
-    def outbound_target(self, transport: asyncio.BaseTransport) -> tuple[str, int] | None:
-        dst = self._original_dst(transport)
-        if dst is None or self._is_self(*dst):
-            return None
+        if route.direction == "inbound":
+            return ("127.0.0.1", dst[1])
         return dst
 
     def knows_plaintext(self, target: tuple[str, int]) -> bool:
@@ -165,12 +179,12 @@ class Worker:
 
             def inbound() -> NetLeg:
                 tls = self.tls
-                return NetLeg(InboundConn(self, route), tls.server_ptr, server_side=True)
+                return NetLeg(Conn(self, route), tls.server_ptr, server_side=True)
 
             return inbound
 
         def outbound() -> AppLeg:
-            return AppLeg(OutboundConn(self, route))
+            return AppLeg(Conn(self, route))
 
         return outbound
 
@@ -201,7 +215,7 @@ class Worker:
                             self.settings.idle_timeout,
                             extra={"fields": {"route": conn.route.name}},
                         )
-                        conn.finish("idle_timeout", abort=False)
+                        conn.idle_timeout()
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let open connections finish, cut what is left after `timeout`."""
@@ -214,7 +228,7 @@ class Worker:
                 await asyncio.wait_for(self.drained.wait(), timeout)
         left = list(self.conns)
         for conn in left:
-            conn.finish("drain_timeout", abort=True)
+            conn.drain_timeout()
         if left:
             log.warning("drain timeout: cut %d connection(s)", len(left))
 
@@ -250,10 +264,10 @@ async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> N
                     msg.get("origin", "master"),
                 )
                 state = build_tls_state(material, settings.min_tls_version, settings.tls_groups)
-            except CertError as exc:
+                worker.set_tls(state)
+            except (CertError, ValueError, KeyError) as exc:
                 _send({"op": "material_error", "error": str(exc)})
                 continue
-            worker.set_tls(state)
             if not serving:
                 await worker.serve()
                 serving = True
@@ -265,7 +279,20 @@ async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> N
             return
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_master() -> None:
+    """Have the kernel send us SIGTERM (drain) when the master goes away, even by SIGKILL;
+    the master's closed stdin says the same, but only to a worker whose loop still reads."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 async def worker_main(settings: Settings, fds: list[tuple[Route, int]], workers: int) -> int:
+    master = os.getppid()
+    _die_with_master()
     listeners = []
     for route, fd in fds:
         sock = socket.socket(fileno=fd)
@@ -278,7 +305,16 @@ async def worker_main(settings: Settings, fds: list[tuple[Route, int]], workers:
     # Ctrl-C reaches the whole process group: the master decides, workers follow its word.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
-    control = worker.spawn(_control(worker, settings, stop), "control")
+
+    async def control_then_stop() -> None:
+        try:
+            await _control(worker, settings, stop)
+        finally:
+            stop.set()  # however the control channel ends, a worker without it stops
+
+    control = worker.spawn(control_then_stop(), "control")
+    if os.getppid() != master:
+        stop.set()  # the master died before the death signal was armed
     await stop.wait()
     control.cancel()
     await worker.drain(settings.drain_timeout)

@@ -58,3 +58,25 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         server2=write_identity(d, "server2", inter, bundle, f"{TD}/server"),
         directory=d,
     )
+
+
+# Test modules that run in-process only (no sidecar processes, no real peers): `make unit`.
+UNIT_MODULES = frozenset(
+    {
+        "test_flow",
+        "test_identity",
+        "test_policy",
+        "test_settings",
+        "test_parsers_property",
+        "test_fuzz_property",
+        "test_ca_issuer",
+        "test_tls_unit",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.rsplit(".", 1)[-1] in UNIT_MODULES:
+            item.add_marker(pytest.mark.unit)

@@ -1,0 +1,125 @@
+"""Identity from three files (cert-manager, SPIRE helper, Vault agent), watched and reloaded.
+
+Shaped like the CA source: `load()` gives the first material, `run()` follows changes and
+hands each new, validated set to `on_update`; a bad set is logged and counted and the old
+one stays (all or nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import metrics
+from ..errors import CertError
+from ..material import Material, load_material_files
+
+log = logging.getLogger("mtls.certsource.files")
+
+WATCH_INTERVAL = 1.0
+WATCH_RETRIES = 3  # extra attempts after a failed reload of changed files
+
+Signature = tuple[tuple[int, int, int, int] | None, ...]
+
+
+class FileSource:
+    """MTLS_CERT_FILE, MTLS_KEY_FILE and MTLS_TRUST_BUNDLE_FILE, checked as one unit.
+
+    `validate` is the same check the master applies to any material before accepting it
+    (it raises CertError); `on_update` receives each new material that passed it.
+    """
+
+    def __init__(
+        self,
+        cert_file: Path,
+        key_file: Path,
+        bundle_file: Path,
+        *,
+        validate: Callable[[Material], object],
+        on_update: Callable[[Material], None],
+        interval: float = WATCH_INTERVAL,
+        retries: int = WATCH_RETRIES,
+    ) -> None:
+        self.paths = (cert_file, key_file, bundle_file)
+        self._validate = validate
+        self._on_update = on_update
+        self._interval = interval
+        self._retries = retries
+        self._material: Material | None = None
+        self._signature: Signature | None = None
+
+    @property
+    def material(self) -> Material | None:
+        """The material in use, or None before `load`."""
+        return self._material
+
+    def _stat(self) -> Signature:
+        sig: list[tuple[int, int, int, int] | None] = []
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+                sig.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                sig.append(None)
+        return tuple(sig)
+
+    def read(self) -> Material:
+        """Read and validate the three files; raises CertError naming what is wrong."""
+        material = load_material_files(*self.paths)
+        self._validate(material)
+        return material
+
+    def load(self) -> Material:
+        """The first material (start-up): raises CertError if the files are unusable."""
+        self._signature = self._stat()
+        material = self.read()
+        self._material = material
+        return material
+
+    def reload(self, why: str) -> bool:
+        """Read the files again; hand a new, valid set on. False (old set kept) on failure."""
+        try:
+            material = self.read()
+        except CertError as exc:
+            metrics.CERT_RELOADS.labels("error").inc()
+            log.error(
+                "reload (%s) failed, keeping the current certificate: %s",
+                why,
+                exc,
+                extra={"fields": {"event": "reload_failed"}},
+            )
+            return False
+        old = self._material
+        if (
+            old is not None
+            and old.chain_pem == material.chain_pem
+            and old.key_pem == material.key_pem
+            and old.bundle_pem == material.bundle_pem
+        ):
+            return True
+        metrics.CERT_RELOADS.labels("ok").inc()
+        log.info("reloaded certificate and trust bundle (%s)", why)
+        self._material = material
+        self._on_update(material)
+        return True
+
+    async def run(self) -> None:
+        """Poll the three files: secrets mounted by Kubernetes change by a symlink swap,
+        which a stat of the path sees and inotify on the file does not."""
+        if self._signature is None:
+            self._signature = self._stat()
+        retries = 0
+        while True:
+            await asyncio.sleep(self._interval)
+            sig = self._stat()
+            if sig != self._signature:
+                self._signature = sig
+                retries = 0 if self.reload("files changed") else self._retries
+            elif retries:
+                # The three files are read one after another: a read can fall between the
+                # writer's updates (a new certificate with the old key). Try again a few times
+                # even if nothing changes any more.
+                retries = 0 if self.reload("retry after a failed reload") else retries - 1
