@@ -218,6 +218,14 @@ class TlsState:
     server_ptr: Any = None  # the SSL_CTX* of `server`, for tls_ffi.new_ssl
     client_ptr: Any = None
 
+    def cap_session_lifetime(self, now: dt.datetime | None = None) -> int:
+        """Let sessions issued from now on end by the leaf's expiry (called once a second,
+        so a ticket never outlives the certificate it vouches for); returns the seconds."""
+        seconds = session_lifetime(self.material.not_after, now)
+        lib.SSL_CTX_set_timeout(self.server_ptr, seconds)
+        lib.SSL_CTX_set_timeout(self.client_ptr, seconds)
+        return seconds
+
 
 def build_tls_state(
     material: Material, min_version: str = "1.3", groups: Sequence[str] = DEFAULT_GROUPS

@@ -201,6 +201,7 @@ class Worker:
         idle_ticks = self.idle_ticks
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
+            self.tls.cap_session_lifetime()
             for conn in list(self.conns):
                 conn.flush_bytes()
                 if conn.active:

@@ -200,6 +200,11 @@ def test_session_lifetime_never_outlives_the_certificate(pki: Pki) -> None:
     left = (state.material.not_after - dt.datetime.now(dt.UTC)).total_seconds()
     expected = min(SESSION_LIFETIME, int(left))
     assert abs(lib.SSL_CTX_get_timeout(state.server_ptr) - expected) <= 2
+    # As the expiry comes closer, sessions issued from then on end with the certificate.
+    soon = state.material.not_after - dt.timedelta(seconds=90)
+    assert state.cap_session_lifetime(soon) == 90
+    assert lib.SSL_CTX_get_timeout(state.server_ptr) == 90
+    assert lib.SSL_CTX_get_timeout(state.client_ptr) == 90
 
 
 @pytest.mark.parametrize(
