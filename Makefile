@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 APT_PKGS := openssl curl iproute2 iptables nftables tcpdump stunnel4 haproxy prometheus sslscan procps util-linux wrk iperf3
 BENCH_APT :=
 
-.PHONY: all venv apt test lint unit demo bench soak image clean certs
+.PHONY: all venv apt test lint unit demo bench soak image clean certs clean-certs
 
 all: test
 
@@ -51,6 +51,17 @@ soak: venv apt
 
 image:
 	docker build --build-arg REVISION=$$(git rev-parse HEAD) -t mtls-sidecar:dev .
+
+# Dev/demo material in certs/ (see certs/README.md), made with the sidecar's own CA commands.
+CERTS_TD ?= demo.example
+CERTS_DIR ?= certs
+certs: venv
+	@[ -f $(CERTS_DIR)/ca/ca.json ] || $(VPY) -m proxy ca init --dir $(CERTS_DIR)/ca --trust-domain $(CERTS_TD)
+	$(VPY) -m proxy ca issue --dir $(CERTS_DIR)/ca --id spiffe://$(CERTS_TD)/ns/demo/sa/web --dns web --out $(CERTS_DIR)/web
+	$(VPY) -m proxy ca issue --dir $(CERTS_DIR)/ca --id spiffe://$(CERTS_TD)/ns/demo/sa/client --out $(CERTS_DIR)/client
+
+clean-certs:
+	find $(CERTS_DIR) -mindepth 1 ! -name README.md -delete
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache demo-out bench/out

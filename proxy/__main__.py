@@ -70,6 +70,34 @@ def check(env: Mapping[str, str]) -> int:
     return 0
 
 
+METRICS_DIR_PREFIX = "mtls-metrics-"
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Remove the metrics directories of sidecars that died without cleaning up (kill -9):
+    each is named after its master's pid; a directory whose pid is gone is stale."""
+    tmp = tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(METRICS_DIR_PREFIX):
+            continue
+        pid_text = name[len(METRICS_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def run(env: Mapping[str, str]) -> int:
     """`mtls-sidecar run`: the master process."""
     settings = _settings(env)
@@ -80,8 +108,9 @@ def run(env: Mapping[str, str]) -> int:
     setup_logging(settings.log_level, settings.log_format)
     # Metrics are written by every worker into files that /metrics sums (multi-process
     # mode); prometheus-client picks that mode from this variable.
+    _remove_stale_metrics_dirs()
     try:
-        metrics_dir = tempfile.mkdtemp(prefix="mtls-metrics-")
+        metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     except OSError as exc:
         # The only thing the sidecar writes to disk (read-only root filesystems need a /tmp).
         print(
@@ -113,19 +142,22 @@ def run(env: Mapping[str, str]) -> int:
 
 
 def worker(argv: list[str], env: Mapping[str, str]) -> int:
-    """Internal: a worker process started by the master (`_worker FDS COUNT`)."""
+    """Internal: a worker process started by the master (`_worker FDS WORKERS SLOT COUNTS_FD`)."""
     import uvloop
 
     from .logs import setup_logging
     from .routes import routes_for
     from .settings import load_settings
+    from .shared import ConnectionCounts
     from .worker import worker_main
 
     settings = load_settings(env)
     setup_logging(settings.log_level, settings.log_format)
     fds = [int(fd) for fd in argv[0].split(",") if fd]
     routes = routes_for(settings)
-    return uvloop.run(worker_main(settings, list(zip(routes, fds, strict=True)), int(argv[1])))
+    counts = ConnectionCounts(int(argv[3]), int(argv[1]))
+    listeners = list(zip(routes, fds, strict=True))
+    return uvloop.run(worker_main(settings, listeners, counts, int(argv[2])))
 
 
 def main(argv: list[str] | None = None) -> int:

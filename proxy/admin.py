@@ -11,6 +11,8 @@ from aiohttp import web
 
 from . import __version__, metrics
 from .errors import StartupError
+from .listen import bind_listener
+from .logs import BadRequestFilter
 from .settings import Address
 
 if TYPE_CHECKING:
@@ -68,6 +70,8 @@ async def status(request: web.Request) -> web.Response:
             for w in m.workers
         ],
         "counts": {
+            "open": m.counts.total(),
+            "max": m.settings.max_connections,
             "connections": t.get("mtls_connections_total", 0),
             "active": t.get("mtls_connections_active", 0),
             "rejected": t.get("mtls_connections_rejected_total", 0),
@@ -115,19 +119,25 @@ async def start_admin(master: Master) -> tuple[web.AppRunner, Address]:
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_post("/drain", drain)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestFilter) for f in server_log.filters):
+        server_log.addFilter(BadRequestFilter("admin port"))
+    addr = master.settings.admin_listen
+    try:
+        # Bound like the routes' listeners: '[::]' and ':port' are dual-stack there too.
+        (sock,) = bind_listener(addr, 1)
+    except StartupError as exc:
+        raise StartupError(f"MTLS_ADMIN_LISTEN: {exc}") from None
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    addr = master.settings.admin_listen
-    host = addr.host or None
-    site = web.TCPSite(runner, host, addr.port, reuse_address=True)
+    site = web.SockSite(runner, sock)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
+        sock.close()
         raise StartupError(f"cannot listen on MTLS_ADMIN_LISTEN={addr}: {exc.strerror}") from None
-    bound = addr
-    if addr.port == 0 and runner.addresses:
-        bound = Address(addr.host, int(runner.addresses[0][1]))  # the port the kernel picked
+    bound = Address(addr.host, sock.getsockname()[1])  # port 0: the one the kernel picked
     log.info(
         "admin listening",
         extra={"fields": {"event": "admin_listening", "listen": str(bound)}},

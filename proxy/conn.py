@@ -16,12 +16,14 @@ from typing import Any, Protocol
 
 from . import flow as f
 from .identity import SpiffeId, spiffe_id_from_der
+from .logs import RateLimit
 from .metrics import handshake_counter
 from .relay import AppLeg, NetLeg, _Leg
 from .routes import Route
 from .tls import TlsState, classify_tls_error, speaks_no_tls
 
 log = logging.getLogger("mtls.conn")
+_OVERLOAD_LOG = RateLimit(1.0)
 
 
 class ConnHost(Protocol):
@@ -288,9 +290,18 @@ class Conn:
                     leg.send_eof()
             case f.Reject(reason=reason, message=message):
                 self.route.metrics.rejected(reason).inc()
+                held: int | None = 0
+                if reason is f.Reason.TOO_MANY_CONNECTIONS:
+                    # Overload must not also flood the log: one line a second says it.
+                    held = _OVERLOAD_LOG.allow()
+                    if held is None:
+                        return
                 fields = self._fields("rejected")
                 fields["reason"] = str(reason)
                 fields["peer_identity"] = self.peer_identity
+                if held:
+                    fields["held_back"] = held
+                    message += f" ({held} more refused for this since the last line)"
                 log.warning("rejected: %s", message, extra={"fields": fields})
             case f.UpstreamFailed(reason=reason, text=text):
                 self.route.metrics.upstream_failure(reason).inc()
@@ -351,6 +362,8 @@ class Conn:
         assert net is not None and app is not None
         net.peer = app
         app.peer = net
+        net.arm_reset()
+        app.arm_reset()
         self.established = True
         m = self.route.metrics
         m.connections[action.security].inc()

@@ -6,6 +6,8 @@ import datetime as dt
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -57,3 +59,49 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(
         logging.DEBUG if level == "debug" else logging.WARNING
     )
+
+
+class RateLimit:
+    """At most one event per `interval` seconds; counts the ones it held back."""
+
+    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._next = 0.0
+        self.suppressed = 0
+
+    def allow(self) -> int | None:
+        """None when this event is to be held back; else how many were held back before it."""
+        now = self._clock()
+        if now < self._next:
+            self.suppressed += 1
+            return None
+        self._next = now + self.interval
+        held, self.suppressed = self.suppressed, 0
+        return held
+
+
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs each malformed request (an oversized header, garbage) as an ERROR with a
+    traceback: on a reachable admin port anyone could fill the log. Make it one warning line
+    without traceback, at most one per second (saying how many were held back)."""
+
+    def __init__(self, what: str, interval: float = 1.0) -> None:
+        super().__init__()
+        self.what = what
+        self.limit = RateLimit(interval)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or type(exc).__module__ != "aiohttp.http_exceptions":
+            return True
+        held = self.limit.allow()
+        if held is None:
+            return False
+        detail = str(getattr(exc, "message", "") or type(exc).__name__).splitlines()[0][:200]
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = "%s: bad HTTP request (%s)%s"
+        record.args = (self.what, detail, f"; {held} more held back" if held else "")
+        record.exc_info = None
+        record.exc_text = None
+        return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -14,6 +15,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _mp
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # Every rejection reason we classify; also the documented label values.
 REJECT_REASONS = (
@@ -69,12 +72,6 @@ UPSTREAM_FAILURES = Counter(
     "Failures to reach the next hop (the local app inbound, the remote peer outbound).",
     ["direction", "route", "reason"],
 )
-CERT_EXPIRY = Gauge(
-    "mtls_cert_expiry_timestamp_seconds",
-    "Unix time at which the sidecar's current certificate expires.",
-    ["identity"],
-    multiprocess_mode="livemax",
-)
 CERT_RENEWALS = Counter(
     "mtls_cert_renewals",
     "Certificate renewals with the CA (ca identity source), by result.",
@@ -91,11 +88,42 @@ HANDSHAKES = Counter(
     "post-quantum hybrid) and whether the session was resumed from a ticket.",
     ["direction", "group", "resumed"],
 )
-TRUST_BUNDLE_ROOTS = Gauge(
-    "mtls_trust_bundle_roots",
-    "Number of CA certificates in the trust bundle in use.",
-    multiprocess_mode="livemax",
-)
+
+
+class IdentityGauges(Collector):
+    """The master's view of its identity: the current certificate's expiry and the trust
+    bundle's size. Only the identity held now has a series: after a reload to another
+    identity the old one's expiry is gone (it must not fire an expiry alert later). Kept out
+    of the multi-process files, which cannot forget a label set."""
+
+    def __init__(self) -> None:
+        self._expiry: tuple[str, float] | None = None
+        self._roots: int | None = None
+
+    def set(self, identity: str, not_after: float, roots: int) -> None:
+        """Hold `identity`, valid until `not_after` (unix time), with `roots` trust roots."""
+        self._expiry = (identity, not_after)
+        self._roots = roots
+
+    def collect(self) -> Iterator[Metric]:
+        expiry = GaugeMetricFamily(
+            "mtls_cert_expiry_timestamp_seconds",
+            "Unix time at which the sidecar's current certificate expires.",
+            labels=["identity"],
+        )
+        if self._expiry is not None:
+            expiry.add_metric([self._expiry[0]], self._expiry[1])
+        yield expiry
+        roots = GaugeMetricFamily(
+            "mtls_trust_bundle_roots", "Number of CA certificates in the trust bundle in use."
+        )
+        if self._roots is not None:
+            roots.add_metric([], self._roots)
+        yield roots
+
+
+IDENTITY = IdentityGauges()
+REGISTRY.register(IDENTITY)
 
 
 _handshake_children: dict[tuple[str, str, bool], Counter] = {}
@@ -134,6 +162,7 @@ def _registry() -> CollectorRegistry:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         _mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(IDENTITY)
         return registry
     return REGISTRY
 

@@ -51,6 +51,7 @@ OPEN = 3
 CLOSED = 4
 
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_LINGER_OFF = struct.pack("ii", 0, 0)
 
 _WANT_READ = tls_ffi.WANT_READ
 _ZERO_RETURN = tls_ffi.ZERO_RETURN
@@ -121,6 +122,18 @@ class _Leg(asyncio.BufferedProtocol):
     def send_eof(self) -> None:
         raise NotImplementedError
 
+    def _linger(self, value: bytes) -> None:
+        t = self.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
+
+    def arm_reset(self) -> None:
+        """From now on, if this process dies (a worker killed), the kernel resets this
+        connection instead of ending it with a FIN an app could take for a normal end."""
+        self._linger(_LINGER_RST)
+
     def close(self, abort: bool = False) -> None:
         t = self.transport
         if t is None or t.is_closing():
@@ -128,12 +141,10 @@ class _Leg(asyncio.BufferedProtocol):
         if abort:
             # A cut connection must look cut at the other end too: RST, not a FIN that an app
             # could take for the normal end of the stream.
-            sock = t.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            self._linger(_LINGER_RST)
             t.abort()
         else:
+            self._linger(_LINGER_OFF)  # a normal end: FIN after what is still buffered
             t.close()
 
 

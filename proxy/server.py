@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import ipaddress
 import json
 import logging
 import os
-import resource
 import signal
 import socket
 import sys
@@ -31,99 +28,17 @@ from typing import Any
 from . import metrics
 from .certsource.files import FileSource
 from .errors import CertError, ProxyError, StartupError
+from .listen import bind_listener, drop_privileges, raise_nofile_limit
 from .material import Material, read_file
 from .routes import Route, routes_for
 from .settings import Address, Settings
+from .shared import ConnectionCounts
 from .tasks import Tasks
 from .tls import build_tls_state
 
 log = logging.getLogger("mtls.server")
 
 WORKER_STOP_GRACE = 2.0  # seconds a worker gets to exit at a failed start-up before SIGKILL
-
-
-def bind_listener(addr: Address, count: int) -> list[socket.socket]:
-    """`count` listening sockets sharing `addr` through SO_REUSEPORT, one per worker."""
-    host = addr.host
-    if host == "":
-        family, bind_host = (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "")
-    else:
-        try:
-            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-            bind_host = host
-        except ValueError:
-            try:
-                info = socket.getaddrinfo(host, addr.port, type=socket.SOCK_STREAM)
-            except socket.gaierror as exc:
-                raise StartupError(f"cannot listen on {addr}: {exc.strerror}") from None
-            family, bind_host = info[0][0], str(info[0][4][0])
-
-    def make(port: int, reuseport: bool) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuseport:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6 and host == "":
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((bind_host, port))
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
-    port = addr.port
-    socks: list[socket.socket] = []
-    try:
-        if port:
-            # Without SO_REUSEPORT, this bind fails if anyone listens there already (even a
-            # second sidecar with SO_REUSEPORT, which would otherwise silently share the port).
-            make(port, reuseport=False).close()
-        for _ in range(count):
-            sock = make(port, reuseport=True)
-            socks.append(sock)
-            # Port 0: the kernel picks one for the first socket; every worker shares it.
-            port = sock.getsockname()[1]
-    except OSError as exc:
-        for sock in socks:
-            sock.close()
-        hint = ""
-        if exc.errno == errno.EACCES:
-            hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-        elif exc.errno == errno.EADDRINUSE:
-            hint = " (another process is listening there)"
-        raise StartupError(f"cannot listen on {addr}: {exc.strerror}{hint}") from None
-    for sock in socks:
-        sock.listen(4096)
-        sock.set_inheritable(True)
-    return socks
-
-
-def raise_nofile_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            log.info("raised the open-file limit from %d to %d", soft, hard)
-            soft = hard
-    if soft < needed:
-        log.warning(
-            "open-file limit %d is below the %d that MTLS_MAX_CONNECTIONS needs "
-            "(2 per proxied connection): raise it (ulimit -n) or lower MTLS_MAX_CONNECTIONS",
-            soft,
-            needed,
-        )
-
-
-def drop_privileges(uid: int) -> None:
-    if os.getuid() == uid:
-        return
-    if os.getuid() != 0:
-        raise StartupError(f"MTLS_DROP_PRIVILEGES: cannot switch to uid {uid} when not root")
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
-    log.info("dropped privileges to uid %d", uid)
 
 
 @dataclass
@@ -147,13 +62,14 @@ class Master:
         self.material: Material | None = None
         self.workers: list[WorkerProc] = []
         self.draining = False
+        self.serving = False  # start-up is over: from now on a worker that dies is restarted
         self.stop = asyncio.Event()
         self.started = time.time()
         self.tasks = Tasks(log)
         self.admin: Any = None
         self.admin_address: Address = settings.admin_listen
         self.files: FileSource | None = None
-        self._expiry_identity: str | None = None
+        self.counts = ConnectionCounts.create(settings.workers)
 
     # --- tasks ---------------------------------------------------------------------------
 
@@ -170,14 +86,7 @@ class Master:
     def apply(self, material: Material) -> None:
         """Make `material` current here and in every worker."""
         self.material = material
-        ts = material.not_after.timestamp()
-        if self._expiry_identity is not None and self._expiry_identity != material.identity:
-            # An identity no longer held must not keep its expiry series (a false alert later).
-            with contextlib.suppress(KeyError):
-                metrics.CERT_EXPIRY.remove(self._expiry_identity)
-        metrics.CERT_EXPIRY.labels(material.identity).set(ts)
-        self._expiry_identity = material.identity
-        metrics.TRUST_BUNDLE_ROOTS.set(len(material.roots))
+        metrics.IDENTITY.set(material.identity, material.not_after.timestamp(), len(material.roots))
         log.info(
             "identity loaded",
             extra={"fields": {"event": "identity_loaded", **material.describe()}},
@@ -261,6 +170,8 @@ class Master:
         not_ready = [w.slot for w in self.workers if not w.ready]
         if not self.workers or not_ready:
             return False, f"workers not serving yet: {not_ready}"
+        if not self.serving:
+            return False, "starting"
         return True, "ready"
 
     # --- workers -------------------------------------------------------------------------
@@ -276,16 +187,20 @@ class Master:
         fds = [s.fileno() for s in w.socks]
         w.ready = False
         w.refused = None
+        counts = self.counts
+        counts.set(w.slot, 0)  # a restarted worker starts with nothing open
         w.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "proxy",
             "_worker",
             ",".join(str(fd) for fd in fds),
-            str(len(self.workers)),
+            str(counts.workers),
+            str(w.slot),
+            str(counts.fd),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            pass_fds=fds,
+            pass_fds=[*fds, counts.fd],
         )
         self.spawn(self._read_worker(w, w.proc), f"worker-{w.slot}-replies")
         if self.material is not None:
@@ -320,6 +235,7 @@ class Master:
             assert proc is not None
             code = await proc.wait()
             w.ready = False
+            self.counts.set(w.slot, 0)  # what it held died with it
             self._mark_dead(proc.pid)
             if self.draining:
                 return
@@ -454,6 +370,7 @@ class Master:
             self.spawn(self.files.run(), "file-watcher")
         await self.start_workers(socks_per_route)
         await self.wait_ready()
+        self.serving = True
         log.info("ready", extra={"fields": {"event": "ready", "workers": s.workers}})
 
     async def run(self) -> int:

@@ -13,6 +13,7 @@ import ctypes
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -32,6 +33,7 @@ from .policy import InboundPolicy, check_outbound
 from .relay import AppLeg, NetLeg
 from .routes import Route
 from .settings import Settings
+from .shared import ConnectionCounts
 from .tasks import Tasks
 from .tls import TlsState, build_tls_state
 from .transparent import is_local_destination, local_addresses, original_dst
@@ -39,13 +41,18 @@ from .transparent import is_local_destination, local_addresses, original_dst
 log = logging.getLogger("mtls.worker")
 
 SWEEP_INTERVAL = 1.0
+FD_RESERVE = 32  # descriptors kept for the event loop, logging, the control pipe, a dial
 
 
 class Worker:
     """Everything one process needs to serve: routes, TLS state, policy, live connections."""
 
     def __init__(
-        self, settings: Settings, listeners: list[tuple[Route, socket.socket]], workers: int
+        self,
+        settings: Settings,
+        listeners: list[tuple[Route, socket.socket]],
+        counts: ConnectionCounts | None = None,
+        slot: int = 0,
     ) -> None:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
@@ -55,8 +62,14 @@ class Worker:
         self.idle_ticks = (
             max(1, round(settings.idle_timeout / SWEEP_INTERVAL)) if settings.idle_timeout else 0
         )
-        # MTLS_MAX_CONNECTIONS is for the whole sidecar: each worker takes its share.
-        self.max_conns = max(1, -(-settings.max_connections // workers))
+        # MTLS_MAX_CONNECTIONS is for the whole sidecar: the workers share their counts.
+        self.max_conns = settings.max_connections
+        self.counts = counts
+        self.slot = slot
+        # Each proxied connection needs two file descriptors; refuse (counted, logged) before
+        # the process runs out, rather than let the event loop drop connections silently.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_capacity = max(1, (soft - FD_RESERVE - len(listeners)) // 2)
         self.conns: set[Conn] = set()
         self.tasks = Tasks(log)
         self.servers: list[asyncio.AbstractServer] = []
@@ -97,16 +110,24 @@ class Worker:
         return self.tasks.spawn(coro, name)
 
     def admit(self, conn: Conn) -> str | None:
-        if len(self.conns) >= self.max_conns:
+        counts = self.counts
+        total = counts.total() if counts is not None else len(self.conns)
+        if total >= self.max_conns:
+            return f"MTLS_MAX_CONNECTIONS={self.max_conns} open across all workers"
+        if len(self.conns) >= self.fd_capacity:
             return (
-                f"{self.max_conns} in this worker, "
-                f"MTLS_MAX_CONNECTIONS={self.settings.max_connections}"
+                f"the open-file limit of this worker allows {self.fd_capacity} proxied "
+                "connections (raise ulimit -n)"
             )
         self.conns.add(conn)
+        if counts is not None:
+            counts.set(self.slot, len(self.conns))
         return None
 
     def forget(self, conn: Conn) -> None:
         self.conns.discard(conn)
+        if self.counts is not None:
+            self.counts.set(self.slot, len(self.conns))
         if self.draining and not self.conns:
             self.drained.set()
 
@@ -291,7 +312,9 @@ def _die_with_master() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-async def worker_main(settings: Settings, fds: list[tuple[Route, int]], workers: int) -> int:
+async def worker_main(
+    settings: Settings, fds: list[tuple[Route, int]], counts: ConnectionCounts, slot: int
+) -> int:
     master = os.getppid()
     _die_with_master()
     listeners = []
@@ -299,7 +322,7 @@ async def worker_main(settings: Settings, fds: list[tuple[Route, int]], workers:
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         listeners.append((route, sock))
-    worker = Worker(settings, listeners, workers)
+    worker = Worker(settings, listeners, counts, slot)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

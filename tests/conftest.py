@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from .harness import Pair, Sidecar, TcpApp, free_port, identity_env
 from .pki import Identity, Issuer, make_intermediate, make_root, write_identity
 
 TD = "spiffe://test.example"
@@ -58,6 +60,56 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         server2=write_identity(d, "server2", inter, bundle, f"{TD}/server"),
         directory=d,
     )
+
+
+@pytest.fixture(scope="module")
+def echo() -> Iterator[TcpApp]:
+    """A loopback app that echoes every byte back."""
+    app = TcpApp("echo")
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def eof_app() -> Iterator[TcpApp]:
+    """A loopback app that reads to EOF, then answers b"got:<n>" and closes (half-close)."""
+    app = TcpApp("eof-reply")
+    yield app
+    app.close()
+
+
+def start_pair(
+    pki: Pki,
+    tmp: Path,
+    app_port: int,
+    *,
+    server: Identity | None = None,
+    inbound_env: dict[str, str] | None = None,
+    in_port: int | None = None,
+) -> Pair:
+    """Start and wait for a pair of sidecars in front of the app on `app_port`: the app's
+    client connects to `out_port` (client identity), carried over mTLS to `in_port` (server
+    identity, or `server`), forwarded to the app. Unpacks as (inbound, outbound, in, out)."""
+    in_port = in_port or free_port()
+    out_port = free_port()
+    inbound = Sidecar(
+        {
+            **identity_env(server or pki.server),
+            "MTLS_INBOUND": f"app=127.0.0.1:{in_port}=127.0.0.1:{app_port}",
+            **(inbound_env or {}),
+        },
+        tmp / "inbound.log",
+    )
+    outbound = Sidecar(
+        {
+            **identity_env(pki.client),
+            "MTLS_OUTBOUND": f"app=127.0.0.1:{out_port}=127.0.0.1:{in_port}@{TD}/server",
+        },
+        tmp / "outbound.log",
+    )
+    inbound.wait_ready()
+    outbound.wait_ready()
+    return Pair(inbound, outbound, in_port, out_port)
 
 
 # Test modules that run in-process only (no sidecar processes, no real peers): `make unit`.

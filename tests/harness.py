@@ -13,7 +13,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,9 @@ def base_env() -> dict[str, str]:
 class Sidecar:
     """A real `python -m proxy run` process with its admin port and its log captured."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, prefix: list[str] | None = None
+    ) -> None:
         self.admin_port = free_port()
         self.env = base_env()
         self.env.update(
@@ -87,7 +90,7 @@ class Sidecar:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run"],
+            [*(prefix or []), sys.executable, "-m", "proxy", "run"],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -233,3 +236,31 @@ def running(*procs: Sidecar) -> Iterator[None]:
     finally:
         for p in procs:
             p.stop()
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> Any:
+    """Poll `cond` until it returns something true (returned) or `timeout` passes (its last
+    value is returned: falsy). For waiting on observable state, never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+@dataclass
+class Pair:
+    """An inbound sidecar (mTLS in, to the app) and an outbound one (app -> mTLS) in front of it."""
+
+    inbound: Sidecar
+    outbound: Sidecar
+    in_port: int
+    out_port: int
+
+    def stop(self) -> tuple[int, int]:
+        return self.inbound.stop(), self.outbound.stop()
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as (inbound, outbound, in_port, out_port)."""
+        return iter((self.inbound, self.outbound, self.in_port, self.out_port))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,3 +155,18 @@ def write_identity(
     key_path.chmod(0o600)
     bundle_path.write_bytes(b"".join(pem(c) for c in bundle))
     return Identity(cert_path, key_path, bundle_path, spiffe_id)
+
+
+def copy_identity(src: Identity, d: Path) -> Identity:
+    d.mkdir(parents=True, exist_ok=True)
+    dst = Identity(d / "tls.crt", d / "tls.key", d / "ca.pem", src.spiffe_id)
+    replace_identity(src, dst)
+    return dst
+
+
+def replace_identity(src: Identity, dst: Identity) -> None:
+    """Atomic per file, as cert-manager and kubelet write them."""
+    for a, b in ((src.cert, dst.cert), (src.key, dst.key), (src.bundle, dst.bundle)):
+        tmp = b.with_suffix(".tmp")
+        shutil.copyfile(a, tmp)
+        os.replace(tmp, b)

@@ -23,24 +23,23 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from .conftest import TD, Pki
-from .harness import ROOT, Sidecar, TcpApp, base_env, exchange, free_port, identity_env
+from .conftest import Pki, start_pair
+from .harness import (
+    ROOT,
+    Sidecar,
+    TcpApp,
+    base_env,
+    exchange,
+    free_port,
+    identity_env,
+    wait_for,
+)
 from .pki import Identity
 
 SYSTEM_PY = "/usr/bin/python3"
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got or time.monotonic() > deadline:
-            return got
-        time.sleep(0.05)
 
 
 class Transfer(threading.Thread):
@@ -85,36 +84,6 @@ class Transfer(threading.Thread):
                 self.error = AssertionError(f"echo differs: {self.received} bytes back")
         except BaseException as exc:
             self.error = exc
-
-
-def start_pair(
-    pki: Pki,
-    tmp: Path,
-    app_port: int,
-    server: Identity | None = None,
-    inbound_env: dict[str, str] | None = None,
-    in_port: int | None = None,
-) -> tuple[Sidecar, Sidecar, int, int]:
-    in_port = in_port or free_port()
-    out_port = free_port()
-    inbound = Sidecar(
-        {
-            **identity_env(server or pki.server),
-            "MTLS_INBOUND": f"app=127.0.0.1:{in_port}=127.0.0.1:{app_port}",
-            **(inbound_env or {}),
-        },
-        tmp / "inbound.log",
-    )
-    outbound = Sidecar(
-        {
-            **identity_env(pki.client),
-            "MTLS_OUTBOUND": f"app=127.0.0.1:{out_port}=127.0.0.1:{in_port}@{TD}/server",
-        },
-        tmp / "outbound.log",
-    )
-    inbound.wait_ready()
-    outbound.wait_ready()
-    return inbound, outbound, in_port, out_port
 
 
 def no_tracebacks(*scs: Sidecar) -> None:

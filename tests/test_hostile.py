@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from .conftest import TD, Pki
-from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, recv_all
+from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, recv_all, wait_for
 from .pki import Identity
 
 HANDSHAKE_TIMEOUT = 2.0
@@ -54,15 +54,6 @@ def client_hello(ident: Identity) -> bytes:
     with pytest.raises(ssl.SSLWantReadError):
         obj.do_handshake()
     return outgoing.read()
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got or time.monotonic() > deadline:
-            return got
-        time.sleep(0.05)
 
 
 def mark(sc: Sidecar) -> int:

@@ -43,13 +43,6 @@ def http_app() -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def echo() -> Iterator[TcpApp]:
-    app = TcpApp("echo")
-    yield app
-    app.close()
-
-
-@pytest.fixture(scope="module")
 def inbound(
     pki: Pki, http_app: int, echo: TcpApp, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Sidecar, int, int]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -17,9 +16,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from .conftest import TD, Pki
-from .harness import ROOT, Sidecar, TcpApp, base_env, free_port, identity_env, recv_all
-from .pki import Identity
+from .conftest import TD, Pki, start_pair
+from .harness import ROOT, TcpApp, base_env, free_port, identity_env, recv_all
+from .pki import Identity, copy_identity, replace_identity
 
 
 def _ctx(pki: Pki, ident: Identity) -> ssl.SSLContext:
@@ -40,21 +39,6 @@ def served_serial(pki: Pki, port: int) -> int:
 
 def serial_of(ident: Identity) -> int:
     return x509.load_pem_x509_certificates(ident.cert.read_bytes())[0].serial_number
-
-
-def copy_identity(src: Identity, d: Path) -> Identity:
-    d.mkdir(parents=True, exist_ok=True)
-    dst = Identity(d / "tls.crt", d / "tls.key", d / "ca.pem", src.spiffe_id)
-    replace_identity(src, dst)
-    return dst
-
-
-def replace_identity(src: Identity, dst: Identity) -> None:
-    """Atomic per file, as cert-manager and kubelet write them."""
-    for a, b in ((src.cert, dst.cert), (src.key, dst.key), (src.bundle, dst.bundle)):
-        tmp = b.with_suffix(".tmp")
-        shutil.copyfile(a, tmp)
-        os.replace(tmp, b)
 
 
 class SlowSender(threading.Thread):
@@ -90,38 +74,9 @@ class SlowSender(threading.Thread):
             self.error = exc
 
 
-@pytest.fixture
-def echo() -> TcpApp:
-    return TcpApp("echo")
-
-
-def start_pair(
-    pki: Pki, tmp_path: Path, echo: TcpApp, extra: dict[str, str] | None = None
-) -> tuple[Sidecar, Sidecar, Identity, int, int]:
-    ident = copy_identity(pki.server, tmp_path / "server-files")
-    in_port, out_port = free_port(), free_port()
-    inbound = Sidecar(
-        {
-            **identity_env(ident),
-            "MTLS_INBOUND": f"127.0.0.1:{in_port}=127.0.0.1:{echo.port}",
-            **(extra or {}),
-        },
-        tmp_path / "inbound.log",
-    )
-    outbound = Sidecar(
-        {
-            **identity_env(pki.client),
-            "MTLS_OUTBOUND": f"127.0.0.1:{out_port}=127.0.0.1:{in_port}@{TD}/server",
-        },
-        tmp_path / "outbound.log",
-    )
-    inbound.wait_ready()
-    outbound.wait_ready()
-    return inbound, outbound, ident, in_port, out_port
-
-
 def test_sighup_rotation_during_long_transfer(pki: Pki, tmp_path: Path, echo: TcpApp) -> None:
-    inbound, outbound, ident, in_port, out_port = start_pair(pki, tmp_path, echo)
+    ident = copy_identity(pki.server, tmp_path / "server-files")
+    inbound, outbound, in_port, out_port = start_pair(pki, tmp_path, echo.port, server=ident)
     try:
         assert served_serial(pki, in_port) == serial_of(pki.server)
         sender = SlowSender(out_port, 16 * 1024 * 1024, 3.0)
@@ -140,7 +95,8 @@ def test_sighup_rotation_during_long_transfer(pki: Pki, tmp_path: Path, echo: Tc
 
 
 def test_bad_files_keep_the_old_certificate(pki: Pki, tmp_path: Path, echo: TcpApp) -> None:
-    inbound, outbound, ident, in_port, _ = start_pair(pki, tmp_path, echo)
+    ident = copy_identity(pki.server, tmp_path / "server-files")
+    inbound, outbound, in_port, _ = start_pair(pki, tmp_path, echo.port, server=ident)
     try:
         # Half-written: the key no longer matches the certificate.
         shutil.copyfile(pki.server2.key, ident.key)
@@ -164,8 +120,8 @@ def test_bad_files_keep_the_old_certificate(pki: Pki, tmp_path: Path, echo: TcpA
 
 
 def test_sigterm_drains_open_connections(pki: Pki, tmp_path: Path, echo: TcpApp) -> None:
-    inbound, outbound, _, in_port, out_port = start_pair(
-        pki, tmp_path, echo, {"MTLS_DRAIN_TIMEOUT": "20s"}
+    inbound, outbound, in_port, out_port = start_pair(
+        pki, tmp_path, echo.port, inbound_env={"MTLS_DRAIN_TIMEOUT": "20s"}
     )
     try:
         sender = SlowSender(out_port, 8 * 1024 * 1024, 2.5)
@@ -189,8 +145,8 @@ def test_sigterm_drains_open_connections(pki: Pki, tmp_path: Path, echo: TcpApp)
 
 
 def test_drain_timeout_cuts_idle_connections(pki: Pki, tmp_path: Path, echo: TcpApp) -> None:
-    inbound, outbound, _, _, out_port = start_pair(
-        pki, tmp_path, echo, {"MTLS_DRAIN_TIMEOUT": "1s"}
+    inbound, outbound, _, out_port = start_pair(
+        pki, tmp_path, echo.port, inbound_env={"MTLS_DRAIN_TIMEOUT": "1s"}
     )
     try:
         s = socket.create_connection(("127.0.0.1", out_port))

@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 
 from proxy import metrics
+from proxy.listen import bind_listener
 from proxy.routes import routes_for
-from proxy.server import Master, WorkerProc, bind_listener
+from proxy.server import Master, WorkerProc
 from proxy.settings import Address, load_settings
 
 from .conftest import Pki
-from .harness import Sidecar, TcpApp, exchange, free_port, identity_env
+from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, wait_for
+from .pki import copy_identity, replace_identity
 
 
 def _children(pid: int) -> list[int]:
@@ -178,6 +180,7 @@ def test_a_worker_refusing_material_makes_ready_fail_and_is_counted(pki: Pki) ->
     async def scenario() -> None:
         master = Master(settings)
         master.files = None
+        master.serving = True
         from proxy.material import load_material_files
 
         master.material = load_material_files(pki.server.cert, pki.server.key, pki.server.bundle)
@@ -243,3 +246,227 @@ def test_stop_signal_before_workers_serve(pki: Pki, tmp_path: Path, sig: signal.
     finally:
         sc.stop()
         app.close()
+
+
+def test_expiry_series_follows_the_identity_held(pki: Pki, tmp_path: Path) -> None:
+    """After a reload to another identity the old identity's expiry series is gone, so an
+    expiry alert cannot fire for a certificate no longer in use."""
+    ident = copy_identity(pki.server, tmp_path / "files")
+    app = TcpApp()
+    sc = Sidecar(
+        {
+            **identity_env(ident),
+            "MTLS_INBOUND": f"127.0.0.1:{free_port()}=127.0.0.1:{app.port}",
+            "MTLS_WORKERS": "2",
+        },
+        tmp_path / "sc.log",
+    )
+    try:
+        sc.wait_ready()
+        name = "mtls_cert_expiry_timestamp_seconds"
+        assert sc.metric(name, identity=str(pki.server.spiffe_id)) > time.time()
+        replace_identity(pki.stranger, ident)
+        sc.signal(signal.SIGHUP)
+        assert sc.wait_metric("mtls_cert_reloads_total", 1, result="ok") == 1
+        series = [labels for (n, labels) in sc.metrics() if n == name]
+        assert series == [(("identity", pki.stranger.spiffe_id),)]
+        assert sc.metric("mtls_trust_bundle_roots") == 1
+    finally:
+        sc.stop()
+        app.close()
+
+
+def test_bad_requests_to_the_admin_port_are_one_warning_line(pki: Pki, tmp_path: Path) -> None:
+    sc = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"127.0.0.1:{free_port()}=127.0.0.1:{free_port()}",
+            "MTLS_ADMIN_LISTEN": "[::]:0",
+        },
+        tmp_path / "sc.log",
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not [e for e in sc.log_events() if e.get("event") == "admin_listening"]:
+            assert time.monotonic() < deadline and sc.proc.poll() is None, sc.logs()
+            time.sleep(0.05)
+        (event,) = [e for e in sc.log_events() if e.get("event") == "admin_listening"]
+        port = int(event["listen"].rsplit(":", 1)[1])
+        sc.admin_port = port
+        sc.wait_ready()
+        # '[::]' is dual-stack like the routes: IPv4 and IPv6 clients both reach it.
+        for host in ("127.0.0.1", "::1"):
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.sendall(b"GET /live HTTP/1.0\r\n\r\n")
+                assert s.recv(100).startswith(b"HTTP/1.0 200")
+        for _ in range(50):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /live HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n")
+                assert s.recv(100).startswith(b"HTTP/1.0 400")
+        assert sc.get("/live")[0] == 200
+        logs = sc.logs()
+        assert "Traceback" not in logs
+        bad = [e for e in sc.log_events() if "bad HTTP request" in e.get("msg", "")]
+        assert 1 <= len(bad) <= 3, bad  # rate-limited: ~one per second
+        assert bad[0]["level"] == "warning"
+    finally:
+        sc.stop()
+
+
+def test_max_connections_is_a_total_across_workers(pki: Pki, tmp_path: Path, echo: TcpApp) -> None:
+    listen = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"127.0.0.1:{listen}=127.0.0.1:{echo.port}",
+            "MTLS_INBOUND_MODE": "permissive",
+            "MTLS_WORKERS": "2",
+            "MTLS_MAX_CONNECTIONS": "2",
+        },
+        tmp_path / "sc.log",
+    )
+    held: list[socket.socket] = []
+    try:
+        sc.wait_ready()
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", listen), timeout=5)
+            s.sendall(b"ping")
+            assert s.recv(4) == b"ping"
+            held.append(s)
+        assert wait_for(lambda: json.loads(sc.get("/status")[1])["counts"]["open"] == 2)
+        refused = 0
+        for _ in range(12):  # whichever worker the kernel hands them to
+            with socket.create_connection(("127.0.0.1", listen), timeout=5) as s:
+                s.sendall(b"ping")
+                s.settimeout(5)
+                try:
+                    refused += s.recv(4) == b""
+                except ConnectionResetError:  # closed with our ping unread
+                    refused += 1
+        assert refused == 12
+        name = "mtls_connections_rejected_total"
+        assert sc.wait_metric(name, 12, reason="too_many_connections") == 12
+        pids = {e["pid"] for e in sc.log_events() if e.get("reason") == "too_many_connections"}
+        assert len(pids) == 2, "expected both workers to refuse (SO_REUSEPORT spreads them)"
+        held.pop().close()
+        assert wait_for(lambda: json.loads(sc.get("/status")[1])["counts"]["open"] == 1)
+        assert exchange(listen, b"again") == b"again"
+    finally:
+        for s in held:
+            s.close()
+        sc.stop()
+
+
+def test_at_the_open_file_limit_connections_are_refused_counted_and_logged(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """With `ulimit -n 256`, 300 connections: the ones beyond what the descriptors allow are
+    refused with a counter and a rate-limited log line, never dropped silently."""
+    listen = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"127.0.0.1:{listen}=127.0.0.1:{echo.port}",
+            "MTLS_INBOUND_MODE": "permissive",
+        },
+        tmp_path / "sc.log",
+        prefix=["prlimit", "--nofile=256:256", "--"],
+    )
+    held: list[socket.socket] = []
+    try:
+        sc.wait_ready()
+        served = refused = 0
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", listen), timeout=10)
+            held.append(s)
+            s.sendall(b"ping")
+            try:
+                got = s.recv(4)
+            except ConnectionResetError:
+                got = b""
+            if got == b"ping":
+                served += 1
+            else:
+                refused += 1
+        assert served + refused == 300
+        assert 50 < served < 128, served  # two descriptors per connection, under 256
+        name = "mtls_connections_rejected_total"
+        assert sc.wait_metric(name, refused, reason="too_many_connections") == refused
+        lines = [e for e in sc.log_events() if e.get("reason") == "too_many_connections"]
+        assert 1 <= len(lines) <= 5, len(lines)  # one a second, not one per connection
+        assert "open-file limit" in lines[0]["msg"]
+        assert "Traceback" not in sc.logs()
+        for s in held:
+            s.close()
+        held.clear()
+        assert wait_for(lambda: json.loads(sc.get("/status")[1])["counts"]["open"] == 0)
+        assert exchange(listen, b"after") == b"after"
+    finally:
+        for s in held:
+            s.close()
+        sc.stop()
+
+
+def test_a_killed_worker_cuts_its_streams_with_reset(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """kill -9 of a worker mid-stream: the client sees a reset, not a clean end."""
+    listen = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"127.0.0.1:{listen}=127.0.0.1:{echo.port}",
+            "MTLS_INBOUND_MODE": "permissive",
+        },
+        tmp_path / "sc.log",
+    )
+    try:
+        sc.wait_ready()
+        conns = []
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", listen), timeout=10)
+            s.sendall(b"ping")
+            assert s.recv(4) == b"ping"
+            conns.append(s)
+        (worker,) = _children(sc.proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        for s in conns:
+            with s, pytest.raises(ConnectionResetError):
+                s.settimeout(10)
+                s.recv(4)
+        sc.wait_ready()  # the master restarts the worker
+        assert exchange(listen, b"after") == b"after"
+    finally:
+        sc.stop()
+
+
+def test_metrics_dir_of_a_killed_master_is_removed_by_the_next_start(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {
+        **identity_env(pki.server),
+        "MTLS_INBOUND": f"127.0.0.1:{free_port()}=127.0.0.1:{echo.port}",
+    }
+    first = Sidecar(env, tmp_path / "first.log", prefix=["env", f"TMPDIR={tmpdir}"])
+    try:
+        first.wait_ready()
+        (left,) = list(tmpdir.iterdir())
+        assert left.name.startswith(f"mtls-metrics-{first.proc.pid}-")
+        workers = _children(first.proc.pid)
+        first.proc.kill()
+        first.proc.wait()
+        assert wait_for(lambda: not [w for w in workers if _alive(w)])
+        assert left.exists()  # kill -9: nobody cleaned up
+    finally:
+        first.stop()
+    env["MTLS_INBOUND"] = f"127.0.0.1:{free_port()}=127.0.0.1:{echo.port}"
+    second = Sidecar(env, tmp_path / "second.log", prefix=["env", f"TMPDIR={tmpdir}"])
+    try:
+        second.wait_ready()
+        assert not left.exists()
+        assert [p.name.split("-")[2] for p in tmpdir.iterdir()] == [str(second.proc.pid)]
+    finally:
+        second.stop()
+    assert list(tmpdir.iterdir()) == []

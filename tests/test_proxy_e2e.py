@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .conftest import TD, Pki
-from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, recv_all
+from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, recv_all, wait_for
 from .pki import Identity
 
 
@@ -40,29 +40,6 @@ def rejected_events(sc: Sidecar, reason: str) -> list[dict[str, object]]:
     return [
         e for e in sc.log_events() if e.get("event") == "rejected" and e.get("reason") == reason
     ]
-
-
-def wait_for(cond: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[TcpApp]:
-    app = TcpApp("echo")
-    yield app
-    app.close()
-
-
-@pytest.fixture(scope="module")
-def eof_app() -> Iterator[TcpApp]:
-    app = TcpApp("eof-reply")
-    yield app
-    app.close()
 
 
 class Pair:
@@ -432,10 +409,11 @@ def test_post_quantum_key_exchange_is_shown_in_metrics_and_logs(pair: Pair) -> N
     for sc, d in ((pair.inbound, "inbound"), (pair.outbound, "outbound")):
         want = before[(sc, "yes")] + before[(sc, "no")] + 3
 
-        def total(sc: Sidecar = sc, d: str = d) -> float:
-            return sc.metric("mtls_handshakes_total", group="X25519MLKEM768", direction=d)
+        def done(sc: Sidecar = sc, d: str = d, want: float = want) -> bool:
+            got = sc.metric("mtls_handshakes_total", group="X25519MLKEM768", direction=d)
+            return bool(got == want)
 
-        assert wait_for(lambda total=total, want=want: total() == want), total()
+        assert wait_for(done), sc.metrics()
         # the second and third connections resume with the ticket the one before left
         assert sc.metric("mtls_handshakes_total", resumed="yes", direction=d) >= 2
     for sc in (pair.inbound, pair.outbound):

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,13 +38,6 @@ def client_ctx(ident: Identity | None, bundle: Path, **kw: object) -> ssl.SSLCon
     for k, v in kw.items():
         setattr(ctx, k, v)
     return ctx
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[TcpApp]:
-    app = TcpApp("echo")
-    yield app
-    app.close()
 
 
 def start_inbound(pki: Pki, echo: TcpApp, log: Path, **env: str) -> tuple[Sidecar, int]:
