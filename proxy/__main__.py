@@ -26,6 +26,12 @@ commands:
                       the small internal CA (see `mtls-sidecar ca --help`)
   iptables [--print|--apply|--clean]
                       the transparent-mode interception rules
+  inject [FLAGS] [FILE...|-]
+                      add the sidecar to Kubernetes manifests (YAML on stdout)
+  uninject [FILE...|-]
+                      take out what `inject` added
+  injector --listen ADDR --cert FILE --key FILE
+                      the injector as a mutating admission webhook (POST /inject)
   demo                a self-contained local demo: CA, app, two sidecars, traffic, metrics
   version             print the version
 """
@@ -76,8 +82,8 @@ METRICS_DIR_PREFIX = "mtls-metrics-"
 def _remove_stale_metrics_dirs() -> None:
     """Remove the metrics directories of sidecars that died without cleaning up (kill -9):
     each is named after its master's pid; a directory whose pid is gone is stale."""
-    tmp = tempfile.gettempdir()
     try:
+        tmp = tempfile.gettempdir()  # FileNotFoundError when no temp dir is writable
         names = os.listdir(tmp)
     except OSError:
         return
@@ -186,6 +192,18 @@ def main(argv: list[str] | None = None) -> int:
             from .iptables import main as iptables_main
 
             return iptables_main(rest, env)
+        if cmd == "inject":
+            from .k8s.cli import inject_main
+
+            return inject_main(rest)
+        if cmd == "uninject":
+            from .k8s.cli import uninject_main
+
+            return uninject_main(rest)
+        if cmd == "injector":
+            from .k8s.webhook import main as injector_main
+
+            return injector_main(rest)
         if cmd == "demo":
             from .demo import main as demo_main  # type: ignore[import-not-found,unused-ignore]
 

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import venv
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +272,7 @@ def test_strict_validation_catches_a_typo() -> None:
 
 
 def test_kustomizations_list_every_manifest() -> None:
-    assert len(_kustomizations()) == 2
+    assert len(_kustomizations()) == 3
     for kfile in _kustomizations():
         data = _docs(kfile)[0]
         assert data["kind"] == "Kustomization"
@@ -298,88 +298,103 @@ def test_every_sidecar_pod_follows_the_contract() -> None:
     deployments = _sidecar_deployments()
     assert len(deployments) == 4, [d["metadata"]["name"] for _, d in deployments]
     for path, dep in deployments:
-        where = f"{path.relative_to(REPO)}:{dep['metadata']['name']}"
         ns = dep["metadata"]["namespace"]
-        template = dep["spec"]["template"]
-        pod = template["spec"]
-        inits = pod["initContainers"]
-        names = [c["name"] for c in inits]
-        sidecar = inits[names.index("mtls-sidecar")]
-        env = container_env(sidecar, ns)
+        assert_sidecar_pod_contract(
+            f"{path.relative_to(REPO)}:{dep['metadata']['name']}",
+            dep["spec"]["template"],
+            functools.partial(container_env, namespace=ns),
+        )
 
-        # A native sidecar: starts before the app, lives as long as the pod.
-        assert sidecar["restartPolicy"] == "Always", where
-        assert _is_sidecar_image(sidecar["image"]), where
 
-        # Runs as the proxy UID (exempt from capture), read-only, nothing extra.
-        sc = sidecar["securityContext"]
-        assert sc["runAsUser"] == PROXY_UID and sc["runAsNonRoot"] is True, where
-        assert sc["readOnlyRootFilesystem"] is True, where
-        assert sc["allowPrivilegeEscalation"] is False, where
-        assert sc["capabilities"] == {"drop": ["ALL"]}, where
-        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+EnvOf = Callable[[dict[str, Any]], dict[str, str]]
 
-        # Resources: requests for scheduling, a memory limit.
-        res = sidecar["resources"]
-        assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"], where
 
-        # Admin port: reachable by the kubelet (probes) and Prometheus; drain stays local.
-        host, _, port = env["MTLS_ADMIN_LISTEN"].rpartition(":")
-        assert int(port) == ADMIN_PORT, where
-        assert host in ("0.0.0.0", "", "[::]"), f"{where}: kubelet probes need a non-loopback admin"
-        assert env.get("MTLS_ADMIN_ALLOW_REMOTE_DRAIN") == "false", where
-        for probe, path_ in (("readinessProbe", "/ready"), ("livenessProbe", "/live"),
-                             ("startupProbe", "/ready")):  # fmt: skip
-            get = sidecar[probe]["httpGet"]
-            assert get["path"] == path_, f"{where}: {probe}"
-            assert _port_number(sidecar, get["port"]) == ADMIN_PORT, f"{where}: {probe}"
-        annotations = template["metadata"]["annotations"]
+def assert_sidecar_pod_contract(
+    where: str, template: dict[str, Any], env_of: EnvOf, *, user_workload: bool = False
+) -> None:
+    """The sidecar pod contract on one pod template; `env_of` gives a container's env.
+
+    `user_workload`: a user's pod after `inject`: its own containers, volumes (a
+    StatefulSet's claim templates) and scrape annotations are the user's business; only what
+    the sidecar brings is checked.
+    """
+    pod = template["spec"]
+    inits = pod["initContainers"]
+    names = [c["name"] for c in inits]
+    sidecar = inits[names.index("mtls-sidecar")]
+    env = env_of(sidecar)
+    own = [c for c in inits if c["name"].startswith("mtls-")]
+
+    # A native sidecar: starts before the app, lives as long as the pod.
+    assert sidecar["restartPolicy"] == "Always", where
+    assert _is_sidecar_image(sidecar["image"]), where
+
+    # Runs as the proxy UID (exempt from capture), read-only, nothing extra.
+    sc = sidecar["securityContext"]
+    assert sc["runAsUser"] == PROXY_UID and sc["runAsNonRoot"] is True, where
+    assert sc["readOnlyRootFilesystem"] is True, where
+    assert sc["allowPrivilegeEscalation"] is False, where
+    assert sc["capabilities"] == {"drop": ["ALL"]}, where
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+
+    # Resources: requests for scheduling, a memory limit.
+    res = sidecar["resources"]
+    assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"], where
+
+    # Admin port: reachable by the kubelet (probes) and Prometheus; drain stays local.
+    host, _, port = env["MTLS_ADMIN_LISTEN"].rpartition(":")
+    assert int(port) == ADMIN_PORT, where
+    assert host in ("0.0.0.0", "", "[::]"), f"{where}: kubelet probes need a non-loopback admin"
+    assert env.get("MTLS_ADMIN_ALLOW_REMOTE_DRAIN") == "false", where
+    for probe, path_ in (("readinessProbe", "/ready"), ("livenessProbe", "/live"),
+                         ("startupProbe", "/ready")):  # fmt: skip
+        get = sidecar[probe]["httpGet"]
+        assert get["path"] == path_, f"{where}: {probe}"
+        assert _port_number(sidecar, get["port"]) == ADMIN_PORT, f"{where}: {probe}"
+    annotations = template["metadata"]["annotations"]
+    if not (user_workload and annotations.get("prometheus.io/port", "") != str(ADMIN_PORT)):
         assert annotations["prometheus.io/scrape"] == "true", where
         assert int(annotations["prometheus.io/port"]) == ADMIN_PORT, where
         assert annotations["prometheus.io/path"] == "/metrics", where
-        assert template["metadata"]["labels"]["mtls-sidecar/enabled"] == "true", where
+    assert template["metadata"]["labels"]["mtls-sidecar/enabled"] == "true", where
 
-        # Draining finishes before the kubelet's SIGKILL.
-        grace = pod.get("terminationGracePeriodSeconds", 30)
-        assert _duration_seconds(env["MTLS_DRAIN_TIMEOUT"]) < grace, where
-        assert int(env["MTLS_WORKERS"]) >= 1, f"{where}: set MTLS_WORKERS (default = node CPUs)"
+    # Draining finishes before the kubelet's SIGKILL.
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    assert _duration_seconds(env["MTLS_DRAIN_TIMEOUT"]) < grace, where
+    assert int(env["MTLS_WORKERS"]) >= 1, f"{where}: set MTLS_WORKERS (default = node CPUs)"
 
-        # Every mount has its volume; /tmp is writable scratch; *_FILE paths are mounted.
-        volumes = {v["name"]: v for v in pod["volumes"]}
-        mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
-        for c in inits + pod["containers"]:
-            for m in c.get("volumeMounts", []):
-                assert m["name"] in volumes, f"{where}: {c['name']} mounts unknown {m['name']}"
-        assert "emptyDir" in volumes[mounts["/tmp"]], where
-        for key, value in env.items():
-            if key.endswith("_FILE"):
-                assert any(value.startswith(mp + "/") for mp in mounts), (
-                    f"{where}: {key} not mounted"
-                )
+    # Every mount has its volume; /tmp is writable scratch; *_FILE paths are mounted.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    for c in own if user_workload else inits + pod["containers"]:
+        for m in c.get("volumeMounts", []):
+            assert m["name"] in volumes, f"{where}: {c['name']} mounts unknown {m['name']}"
+    assert "emptyDir" in volumes[mounts["/tmp"]], where
+    for key, value in env.items():
+        if key.endswith("_FILE"):
+            assert any(value.startswith(mp + "/") for mp in mounts), f"{where}: {key} not mounted"
 
-        if env.get("MTLS_TRANSPARENT") == "true":
-            # The iptables init container runs first, with NET_ADMIN/NET_RAW and nothing else.
-            assert names.index("mtls-iptables") < names.index("mtls-sidecar"), where
-            ipt = inits[names.index("mtls-iptables")]
-            assert ipt["args"] == ["iptables", "--apply"], where
-            assert "restartPolicy" not in ipt, where
-            caps = ipt["securityContext"]["capabilities"]
-            assert caps["drop"] == ["ALL"] and sorted(caps["add"]) == ["NET_ADMIN", "NET_RAW"], (
-                where
-            )
-            assert ipt["securityContext"]["allowPrivilegeEscalation"] is False, where
-            assert ipt["securityContext"]["readOnlyRootFilesystem"] is True, where
-            # Same settings as the sidecar, so the rules match what it listens on.
-            assert container_env(ipt, ns) == env, where
-            # Probes and scrapes must not be captured into the mTLS listener.
-            excluded = env.get("MTLS_EXCLUDE_INBOUND_PORTS", "").split(",")
-            assert str(ADMIN_PORT) in excluded, where
-            assert int(env["MTLS_PROXY_UID"]) == PROXY_UID, where
-        else:
-            # Explicit mode needs no privileges anywhere in the pod.
-            for c in inits + pod["containers"]:
-                assert not c["securityContext"]["capabilities"].get("add"), f"{where}: {c['name']}"
-                assert c["securityContext"]["runAsNonRoot"] is True, f"{where}: {c['name']}"
+    if env.get("MTLS_TRANSPARENT") == "true":
+        # The iptables init container runs first, with NET_ADMIN/NET_RAW and nothing else.
+        assert names.index("mtls-iptables") < names.index("mtls-sidecar"), where
+        ipt = inits[names.index("mtls-iptables")]
+        assert ipt["args"] == ["iptables", "--apply"], where
+        assert "restartPolicy" not in ipt, where
+        caps = ipt["securityContext"]["capabilities"]
+        assert caps["drop"] == ["ALL"] and sorted(caps["add"]) == ["NET_ADMIN", "NET_RAW"], where
+        assert ipt["securityContext"]["allowPrivilegeEscalation"] is False, where
+        assert ipt["securityContext"]["readOnlyRootFilesystem"] is True, where
+        # Same settings as the sidecar, so the rules match what it listens on.
+        assert env_of(ipt) == env, where
+        # Probes and scrapes must not be captured into the mTLS listener.
+        excluded = env.get("MTLS_EXCLUDE_INBOUND_PORTS", "").split(",")
+        assert str(ADMIN_PORT) in excluded, where
+        assert int(env["MTLS_PROXY_UID"]) == PROXY_UID, where
+    else:
+        # Explicit mode needs no privileges anywhere in the pod.
+        for c in own if user_workload else inits + pod["containers"]:
+            assert not c["securityContext"]["capabilities"].get("add"), f"{where}: {c['name']}"
+            assert c["securityContext"]["runAsNonRoot"] is True, f"{where}: {c['name']}"
 
 
 def test_ca_deployment() -> None:
@@ -459,6 +474,76 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=30,
         check=False,
     )
+
+
+def test_injector_manifests() -> None:
+    """The webhook reaches the injector's Service and port over a certificate cert-manager
+    issues for that Service's name, selects labelled namespaces only, and the injector's
+    flags are the injector's own."""
+    from proxy.k8s.cli import options_from
+    from proxy.k8s.inject import inject
+    from proxy.k8s.webhook import build_parser
+
+    base = K8S / "injector"
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in
+            (d for f in sorted(base.glob("*.yaml")) if f.name != "kustomization.yaml"
+             for d in _docs(f))}  # fmt: skip
+    (hook,) = docs[("MutatingWebhookConfiguration", "mtls-sidecar-injector")]["webhooks"]
+    assert hook["admissionReviewVersions"] == ["v1"] and hook["sideEffects"] == "None"
+    assert hook["failurePolicy"] == "Fail" and 1 <= hook["timeoutSeconds"] <= 10
+    assert hook["reinvocationPolicy"] in ("Never", "IfNeeded")
+    assert hook["namespaceSelector"] == {"matchLabels": {"mtls-sidecar.io/inject": "enabled"}}
+    assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                              "resources": ["pods"], "scope": "Namespaced"}]  # fmt: skip
+    assert any("'disabled'" in c["expression"] for c in hook["matchConditions"])
+    ref = hook["clientConfig"]["service"]
+    assert ref["path"] == "/inject"
+    svc = docs[("Service", ref["name"])]
+    assert svc["metadata"]["namespace"] == ref["namespace"]
+    (port,) = [p for p in svc["spec"]["ports"] if p["port"] == ref["port"]]
+    dep = docs[("Deployment", "mtls-injector")]
+    pod = dep["spec"]["template"]["spec"]
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    (container,) = pod["containers"]
+    assert container["args"][0] == "injector"
+    flags = [a.replace("$(MTLS_CA_FINGERPRINT)", SAMPLE_VALUES["MTLS_CA_FINGERPRINT"])
+             for a in container["args"][1:]]  # fmt: skip
+    args = build_parser().parse_args(flags)
+    assert int(args.listen.rpartition(":")[2]) == _port_number(container, port["targetPort"])
+    assert args.image == container["image"], "the injected sidecar is the injector's version"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+    # The serving certificate: cert-manager's, for the Service's DNS name, mounted at --cert.
+    annotation = docs[("MutatingWebhookConfiguration", "mtls-sidecar-injector")]["metadata"][
+        "annotations"
+    ]["cert-manager.io/inject-ca-from"]
+    cert_ns, cert_name = annotation.split("/")
+    cert = docs[("Certificate", cert_name)]
+    assert cert["metadata"]["namespace"] == cert_ns
+    assert f"{ref['name']}.{ref['namespace']}.svc" in cert["spec"]["dnsNames"]
+    assert docs[("Issuer", cert["spec"]["issuerRef"]["name"])]["metadata"]["namespace"] == cert_ns
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (mount,) = container["volumeMounts"]
+    assert volumes[mount["name"]]["secret"]["secretName"] == cert["spec"]["secretName"]
+    assert args.cert == f"{mount['mountPath']}/tls.crt"
+    assert args.key == f"{mount['mountPath']}/tls.key"
+    # Restricted: no privileges, no API token; the namespace itself is never injected.
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    ns = docs[("Namespace", "mtls-system")]["metadata"]["labels"]
+    assert "mtls-sidecar.io/inject" not in ns
+    assert ns["pod-security.kubernetes.io/enforce"] == "restricted"
+    # These flags are accepted by the injector and end up in the injected sidecar.
+    _, demo = next((p, d) for p, d in _deployments() if d["metadata"]["name"] == "demo-app")
+    plain = copy.deepcopy(demo)
+    plain["spec"]["template"]["spec"]["initContainers"] = []
+    plain["spec"]["template"]["spec"]["volumes"] = [{"name": "srv", "emptyDir": {}}]
+    injected = inject(plain, options_from(args))
+    template = injected["spec"]["template"]
+    sidecar = _container(template["spec"], "mtls-sidecar")
+    assert sidecar is not None
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["MTLS_CA_URL"] == args.ca_url and env["MTLS_CA_FINGERPRINT"] == "9f" * 32
 
 
 def test_service_monitor_selects_the_sidecars() -> None:

@@ -1,0 +1,1 @@
+"""Kubernetes integration: the manifest injector (`inject`, `uninject`) and its webhook."""
