@@ -9,6 +9,9 @@
 # Base image: python:3.11-slim with the Debian release pinned (bookworm), so the apt package
 # names and iptables backend cannot change under a rebuild. Pin a digest in your registry for
 # fully reproducible builds.
+# TLS: the sidecar does not use the image's OpenSSL (Debian 12: 3.0, no post-quantum groups).
+# It runs on the OpenSSL that the `cryptography` wheel bundles (4.x, via pyOpenSSL), so the
+# image gets X25519MLKEM768 from pip; the build checks that binding (proxy/tls_ffi.py).
 
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -21,7 +24,8 @@ RUN python -m venv /opt/mtls-sidecar \
     && /opt/mtls-sidecar/bin/pip install --no-cache-dir --upgrade pip \
     && /opt/mtls-sidecar/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && /opt/mtls-sidecar/bin/pip install --no-cache-dir /wheels/*.whl \
-    && /opt/mtls-sidecar/bin/mtls-sidecar --help >/dev/null
+    && /opt/mtls-sidecar/bin/mtls-sidecar --help >/dev/null \
+    && /opt/mtls-sidecar/bin/python -c "import proxy.tls_ffi as t; print(t.VERSION_TEXT)"
 
 FROM python:3.11-slim-bookworm
 ARG VERSION=0.1.0

@@ -41,6 +41,13 @@ ERROR_SHARE = 0.01
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
 
+def _sidecar_openssl() -> str:
+    """The OpenSSL the sidecar's TLS engine runs on (the cryptography wheel's)."""
+    from proxy.tls_ffi import VERSION_TEXT
+
+    return VERSION_TEXT
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run",
@@ -311,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_start": load_start,
             "kernel": platform.release(),
             "python": platform.python_version(),
-            "openssl": ssl.OPENSSL_VERSION,
+            "openssl": ssl.OPENSSL_VERSION,  # the system's: stunnel's and haproxy's
+            "sidecar_openssl": _sidecar_openssl(),
             "tools": {
                 "stunnel": _tool_version(["stunnel", "-version"]),
                 "haproxy": _tool_version(["haproxy", "-v"]),

@@ -55,7 +55,7 @@ def check(env: Mapping[str, str]) -> int:
     """`mtls-sidecar check`: every problem at once (exit 2), or the effective config (exit 0)."""
     from .certsource.files import FileSource
     from .config import redacted
-    from .tls import build_tls_state
+    from .tls import tls_state_for
 
     settings = _settings(env)
     if settings is None:
@@ -63,14 +63,13 @@ def check(env: Mapping[str, str]) -> int:
     out: dict[str, object] = {"config": redacted(settings)}
     if settings.identity_source == "files":
         assert settings.cert_file and settings.key_file and settings.trust_bundle_file
-        min_version = settings.min_tls_version
         # The reader `run` starts from, with the check the master applies to every material
         # (Master.validate: the TLS contexts built), so check refuses what run would.
         files = FileSource(
             settings.cert_file,
             settings.key_file,
             settings.trust_bundle_file,
-            validate=lambda material: build_tls_state(material, min_version),
+            validate=lambda material: tls_state_for(material, settings),
             on_update=lambda material: None,
         )
         try:

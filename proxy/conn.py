@@ -11,13 +11,13 @@ import asyncio
 import errno
 import logging
 import socket
-import ssl
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from . import flow as f
 from .identity import SpiffeId, spiffe_id_from_der
 from .logs import RateLimit
+from .metrics import handshake_counter
 from .relay import AppLeg, NetLeg, _Leg
 from .routes import Route
 from .tls import TlsState, classify_tls_error, speaks_no_tls
@@ -208,15 +208,9 @@ class Conn:
         self._run(f.ClosedBeforeHello(len(first)))
 
     def handshake_done(self, leg: NetLeg) -> None:
-        if leg.sslobj is not None and not leg.sslobj.session_reused:
-            target = self.target
-            if target is not None and self.route.direction == "outbound":
-                # The cached ticket did not resume (or there was none): the next connection
-                # takes this one's session (SessionCache.wants).
-                self.tls.sessions.drop(f"{target[0]}:{target[1]}")
         der = leg.peer_der()
         sid: SpiffeId | None = spiffe_id_from_der(der) if der else None
-        resumed = bool(leg.sslobj is not None and leg.sslobj.session_reused)
+        resumed = leg.resumed()
         self._run(f.HandshakeDone(sid, resumed))
 
     def handshake_failed(self, exc: BaseException) -> None:
@@ -340,7 +334,7 @@ class Conn:
 
     async def _dial_remote(self, host: str, port: int, tls: bool) -> None:
         state = self.tls
-        ctx: ssl.SSLContext | None = state.client if tls else None
+        ctx = state.client_ptr if tls else None
         cache = state.sessions
         key = f"{host}:{port}"
         self.hs_started = self.host.loop.time()
@@ -351,10 +345,8 @@ class Conn:
                 ctx,
                 server_side=False,
                 session=cache.get(key) if ctx is not None else None,
-                ctx_ptr=state.client_ptr,
-                on_session=(
-                    (lambda s: cache.put(key, s)) if ctx is not None and cache.wants(key) else None
-                ),
+                # Each connection leaves its newest ticket for the next ones.
+                on_session=(lambda s: cache.put(key, s)) if ctx is not None else None,
             )
 
         try:
@@ -379,6 +371,9 @@ class Conn:
         if action.security is f.Security.MTLS:
             m.handshake.observe(self.host.loop.time() - self.hs_started)
             self.host.count_peer(self.route.direction, self.peer_identity)
+            info = net.tls_info()
+            if info is not None:
+                handshake_counter(self.route.direction, info[2], net.resumed()).inc()
         net.start()
         if self.route.direction == "inbound":
             return
@@ -405,9 +400,18 @@ class Conn:
                 b[(sec, "out")].inc(dout)
                 self.flushed_out = self.bytes_out
 
-    def _resumed(self) -> bool | None:
-        sslobj = self.net.sslobj if self.net is not None else None
-        return sslobj.session_reused if sslobj is not None and self.established else None
+    def _tls_fields(self) -> dict[str, object]:
+        net = self.net
+        info = net.tls_info() if net is not None and self.established else None
+        if net is None or info is None:
+            return {"tls_version": None, "tls_cipher": None, "tls_group": None, "tls_resumed": None}
+        version, cipher, group = info
+        return {
+            "tls_version": version,
+            "tls_cipher": cipher,
+            "tls_group": group,
+            "tls_resumed": net.resumed(),
+        }
 
     def _finish(self, outcome: str, *, abort: bool, logged: bool) -> None:
         if self.closed:
@@ -438,7 +442,7 @@ class Conn:
                         "bytes_in": self.bytes_in,
                         "bytes_out": self.bytes_out,
                         "duration_ms": round((self.host.loop.time() - self.started) * 1000, 1),
-                        "tls_resumed": self._resumed(),
+                        **self._tls_fields(),
                         "outcome": outcome,
                     }
                 },

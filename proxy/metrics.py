@@ -82,6 +82,12 @@ CERT_RELOADS = Counter(
     "Reloads of certificate, key and trust bundle (SIGHUP, file change, renewal), by result.",
     ["result"],
 )
+HANDSHAKES = Counter(
+    "mtls_handshakes",
+    "Completed mTLS handshakes, by direction, key-exchange group (e.g. X25519MLKEM768 is "
+    "post-quantum hybrid) and whether the session was resumed from a ticket.",
+    ["direction", "group", "resumed"],
+)
 
 
 class IdentityGauges(Collector):
@@ -118,6 +124,19 @@ class IdentityGauges(Collector):
 
 IDENTITY = IdentityGauges()
 REGISTRY.register(IDENTITY)
+
+
+_handshake_children: dict[tuple[str, str, bool], Counter] = {}
+
+
+def handshake_counter(direction: str, group: str, resumed: bool) -> Counter:
+    """The mtls_handshakes_total child for these labels (looked up once per label set)."""
+    key = (direction, group, resumed)
+    child = _handshake_children.get(key)
+    if child is None:
+        child = HANDSHAKES.labels(direction, group or "unknown", "yes" if resumed else "no")
+        _handshake_children[key] = child
+    return child
 
 
 class PeerLabels:

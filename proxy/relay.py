@@ -6,10 +6,11 @@ returns, so no connection owns a read buffer of its own. That keeps
 idle connections small. Backpressure: when one leg's transport buffers too much, the other leg
 stops reading, and resumes when it drains.
 
-TLS runs in this module over `ssl.MemoryBIO`s instead of the event loop's TLS transport, for
-three reasons: the first bytes can be sniffed (TLS or not) without being consumed, every
-handshake error reaches us with its real cause for the rejection counters, and TCP half-close
-is carried across TLS (close_notify one way while data still flows the other way).
+TLS runs in this module over OpenSSL memory BIOs (raw binding calls, see tls_ffi.py) instead
+of the event loop's TLS transport, for three reasons: the first bytes can be sniffed (TLS or
+not) without being consumed, every handshake error reaches us with its real cause for the
+rejection counters, and TCP half-close is carried across TLS (close_notify one way while
+data still flows the other way).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import ssl
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from .openssl import keep_session_resumable, set_session
-from .transparent import client_hello_offers_psk, sniff
+from . import tls_ffi
+from .tls import get_session, tls_error, tls_info
+from .tls_ffi import ffi, lib
+from .transparent import sniff
 
 if TYPE_CHECKING:
     from .conn import Conn
@@ -35,6 +37,7 @@ BUF_SIZE = 1024 * 1024
 _BATCH_LIMIT = BUF_SIZE - 16 * 1024 - 256
 _BUF = bytearray(BUF_SIZE)
 _VIEW = memoryview(_BUF)
+_PTR = ffi.from_buffer(_BUF)  # the same buffer for OpenSSL: SSL_read and BIO_write use it
 
 # Bytes a transport may buffer before the other leg stops reading.
 WRITE_HIGH = 256 * 1024
@@ -50,13 +53,16 @@ CLOSED = 4
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _LINGER_OFF = struct.pack("ii", 0, 0)
 
-_EOF_REASONS = {"UNEXPECTED_EOF_WHILE_READING", "EOF_OCCURRED_IN_VIOLATION_OF_PROTOCOL"}
-
-
-def _read_into(sslobj: ssl.SSLObject, offset: int = 0) -> int:
-    """Decrypt into the shared buffer at `offset`; returns the byte count (0 at close_notify)."""
-    # With a buffer argument SSLObject.read returns a count (typeshed says bytes).
-    return cast(int, sslobj.read(BUF_SIZE - offset, _VIEW[offset:]))
+_WANT_READ = tls_ffi.WANT_READ
+_ZERO_RETURN = tls_ffi.ZERO_RETURN
+_SSL_read = lib.SSL_read
+_SSL_write = lib.SSL_write
+_SSL_get_error = lib.SSL_get_error
+_BIO_write = lib.BIO_write
+_BIO_read = lib.BIO_read
+_BIO_pending = lib.BIO_get_mem_data  # with NULL: the byte count a memory BIO holds
+_NULL = ffi.NULL
+_from_buffer = ffi.from_buffer
 
 
 def _owned(data: Buf) -> bytes:
@@ -185,22 +191,25 @@ class AppLeg(_Leg):
 
 
 class NetLeg(_Leg):
-    """The leg that crosses the network: TLS (server or client side) or, if allowed, plaintext."""
+    """The leg that crosses the network: TLS (server or client side) or, if allowed, plaintext.
+
+    `ssl` is the connection's SSL* (None before the handshake starts and for plaintext);
+    its two memory BIOs are `_bio_in` (ciphertext from the network) and `_bio_out`.
+    """
 
     __slots__ = (
+        "_bio_eof",
+        "_bio_in",
+        "_bio_out",
         "_ctx",
-        "_ctx_ptr",
-        "_resume_ctx",
         "_session",
         "eof_in",
         "eof_out",
         "first",
         "held",
-        "incoming",
         "on_session",
-        "outgoing",
         "server_side",
-        "sslobj",
+        "ssl",
         "state",
         "timer",
     )
@@ -208,24 +217,23 @@ class NetLeg(_Leg):
     def __init__(
         self,
         conn: Conn,
-        ctx: ssl.SSLContext | None,
+        ctx: Any,
         *,
         server_side: bool,
-        session: ssl.SSLSession | None = None,
-        ctx_ptr: int | None = None,
-        on_session: Callable[[ssl.SSLSession | None], None] | None = None,
-        resume_ctx: ssl.SSLContext | None = None,
+        session: Any = None,
+        on_session: Callable[[Any], None] | None = None,
     ) -> None:
+        """`ctx` is an SSL_CTX* (TlsState.server_ptr/client_ptr), or None for plaintext;
+        `session` an SSL_SESSION* to resume (client side), handed over to this leg."""
         super().__init__(conn)
-        self._resume_ctx = resume_ctx
         self.server_side = server_side
         self._ctx = ctx
         self._session = session
-        self._ctx_ptr = ctx_ptr
         self.on_session = on_session
-        self.sslobj: ssl.SSLObject | None = None
-        self.incoming: ssl.MemoryBIO | None = None
-        self.outgoing: ssl.MemoryBIO | None = None
+        self.ssl: Any = None
+        self._bio_in: Any = None
+        self._bio_out: Any = None
+        self._bio_eof = False
         self.first: bytearray | None = None
         self.held: bytearray | None = None
         self.eof_in = False
@@ -251,9 +259,8 @@ class NetLeg(_Leg):
     def buffer_updated(self, nbytes: int) -> None:
         self.conn.active = True
         state = self.state
-        if self.sslobj is not None:
-            assert self.incoming is not None
-            self.incoming.write(_VIEW[:nbytes])
+        if self.ssl is not None:
+            _BIO_write(self._bio_in, _PTR, nbytes)
             if state == OPEN:
                 self._pump_in()
             elif state == HANDSHAKE:
@@ -276,9 +283,10 @@ class NetLeg(_Leg):
 
     def eof_received(self) -> bool:
         state = self.state
-        if self.sslobj is not None:
-            assert self.incoming is not None
-            self.incoming.write_eof()
+        if self.ssl is not None:
+            # From now on the BIO reports end of stream instead of "retry".
+            lib.BIO_set_mem_eof_return(self._bio_in, 0)
+            self._bio_eof = True
             if state == HANDSHAKE:
                 self._handshake_step()
             elif state == OPEN:
@@ -336,38 +344,52 @@ class NetLeg(_Leg):
     def _start_tls(self, first: bytes) -> None:
         assert self._ctx is not None
         self.state = HANDSHAKE
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
-        session = self._session
-        self._session = None
-        ctx = self._ctx
-        if self._resume_ctx is not None and client_hello_offers_psk(first):
-            ctx = self._resume_ctx  # same identity and ticket keys, issues no new ticket
-        sslobj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=self.server_side)
-        if session is not None and not (
-            self._ctx_ptr is not None and set_session(sslobj, self._ctx_ptr, session)
-        ):
-            sslobj.session = session  # the ssl module's way: correct, but copies the session
-        self.sslobj = sslobj
+        ssl = tls_ffi.new_ssl(self._ctx)
+        self._ctx = None
+        bio_in = tls_ffi.new_mem_bio()
+        bio_out = tls_ffi.new_mem_bio()
+        lib.SSL_set_bio(ssl, bio_in, bio_out)  # the SSL owns both BIOs from here on
+        self._bio_in, self._bio_out = bio_in, bio_out
+        if self.server_side:
+            lib.SSL_set_accept_state(ssl)
+        else:
+            lib.SSL_set_connect_state(ssl)
+            session = self._session
+            self._session = None
+            if session is not None:
+                lib.SSL_set_session(ssl, session)  # OpenSSL takes its own reference
+        self.ssl = ssl
         if first:
-            self.incoming.write(first)
+            _BIO_write(bio_in, first, len(first))
         self._handshake_step()
 
     def _handshake_step(self) -> None:
-        sslobj = self.sslobj
-        assert sslobj is not None
-        try:
-            sslobj.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush()
-            return
-        except (ssl.SSLError, OSError) as exc:
+        ssl = self.ssl
+        r = lib.SSL_do_handshake(ssl)
+        if r != 1:
+            code = _SSL_get_error(ssl, r)
+            if code == _WANT_READ and not self._bio_eof:
+                self._flush()
+                return
+            exc = tls_error(ssl, code)
             self._flush()  # carries our alert to the peer
             self.state = CLOSED
             self.conn.handshake_failed(exc)
             return
         self._flush()
+        self._fresh_bios()
         self._handshake_finished()
+
+    def _fresh_bios(self) -> None:
+        # A memory BIO keeps the largest buffer it ever held; the handshake's (certificate
+        # chains, ML-KEM key shares) would stay with every idle connection: ~5 KB per SSL.
+        ssl = self.ssl
+        bio_in = self._bio_in
+        if not self._bio_eof and not _BIO_pending(bio_in, _NULL):
+            bio_in = tls_ffi.new_mem_bio()
+        bio_out = tls_ffi.new_mem_bio()  # empty: just flushed
+        lib.SSL_set_bio(ssl, bio_in, bio_out)  # frees the BIOs it replaces
+        self._bio_in, self._bio_out = bio_in, bio_out
 
     def _handshake_finished(self) -> None:
         self._cancel_timer()
@@ -380,6 +402,20 @@ class NetLeg(_Leg):
         if self.state in (SNIFF, HANDSHAKE):
             self.state = CLOSED
             self.conn.handshake_timed_out()
+
+    # --- facts about the TLS session ----------------------------------------------------
+
+    def resumed(self) -> bool:
+        """Was this TLS connection resumed from a session ticket?"""
+        return self.ssl is not None and bool(lib.SSL_session_reused(self.ssl))
+
+    def tls_info(self) -> tuple[str, str, str] | None:
+        """(version, cipher, key-exchange group) once TLS is up; None for plaintext."""
+        return tls_info(self.ssl) if self.ssl is not None else None
+
+    def peer_der(self) -> bytes | None:
+        """The DER of the peer's certificate (None for plaintext or no certificate)."""
+        return tls_ffi.peer_der(self.ssl) if self.ssl is not None else None
 
     # --- relaying -----------------------------------------------------------------------
 
@@ -394,7 +430,7 @@ class NetLeg(_Leg):
             assert self.peer is not None
             self.peer.send(first)
         self.resume_reading()
-        if self.eof_in and self.sslobj is None:
+        if self.eof_in and self.ssl is None:
             self.conn.net_eof()
 
     def resume_reading(self) -> None:
@@ -407,16 +443,15 @@ class NetLeg(_Leg):
         t = self.transport
         if t is not None and not t.is_closing():
             t.resume_reading()
-        if self.sslobj is not None:
+        if self.ssl is not None:
             self._pump_in()
 
     def _pump_in(self) -> None:
         """Decrypt what the incoming BIO holds and hand it to the app leg, until blocked."""
-        sslobj = self.sslobj
-        incoming = self.incoming
+        ssl = self.ssl
+        bio_in = self._bio_in
         peer = self.peer
         conn = self.conn
-        assert sslobj is not None and incoming is not None
         if peer is None:
             return  # the connection was finished; the transport is closing
         held = self.held
@@ -430,33 +465,30 @@ class NetLeg(_Leg):
             filled = 0
             eof = False
             while filled <= _BATCH_LIMIT:
-                try:
-                    n = _read_into(sslobj, filled)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    n = 0
-                except ssl.SSLError as exc:
-                    if not (isinstance(exc, ssl.SSLEOFError) or exc.reason in _EOF_REASONS):
-                        self._flush()
-                        conn.net_failed(exc)
-                        return
-                    n = 0  # TCP FIN without close_notify: treat as end of stream
-                if not n:
+                n = _SSL_read(ssl, _PTR + filled, BUF_SIZE - filled)
+                if n <= 0:
+                    code = _SSL_get_error(ssl, n)
+                    if code == _WANT_READ and not self._bio_eof:
+                        break
+                    if code != _ZERO_RETURN:
+                        exc = tls_error(ssl, code)
+                        if not exc.eof:
+                            self._flush()
+                            conn.net_failed(exc)
+                            return
+                        # TCP FIN without close_notify: treat as end of stream
                     eof = True
                     break
                 filled += n
-                if not incoming.pending and not incoming.eof and not sslobj.pending():
-                    break  # all consumed: skip the SSLWantReadError a further read would raise
+                if not self._bio_eof and not _BIO_pending(bio_in, _NULL):
+                    break  # all consumed: skip the SSL_ERROR_WANT_READ a further read would give
             if filled:
                 conn.bytes_in += filled
                 peer.send(_VIEW[:filled])
-                if self.on_session is not None:
-                    # The ticket arrives after the handshake, before the first application data.
-                    self.on_session(sslobj.session)
-                    self.on_session = None
+                self._got_session()
             if eof:
                 self.eof_in = True
+                self._got_session()
                 self._flush()
                 conn.net_eof()
                 return
@@ -464,19 +496,28 @@ class NetLeg(_Leg):
                 break  # the BIO holds no complete record
         self._flush()
 
+    def _got_session(self) -> None:
+        on_session = self.on_session
+        if on_session is not None:
+            # The ticket arrives after the handshake, before the first application data.
+            self.on_session = None
+            on_session(get_session(self.ssl))
+
     def send(self, data: Buf) -> None:
         t = self.transport
         if t is None or t.is_closing() or self.eof_out:
             return
-        self.conn.bytes_out += len(data)
-        sslobj = self.sslobj
-        if sslobj is None:
+        n = len(data)
+        self.conn.bytes_out += n
+        ssl = self.ssl
+        if ssl is None:
             t.write(_owned(data))
             return
-        try:
-            sslobj.write(data)
-        except ssl.SSLError as exc:
-            self.conn.net_failed(exc)
+        if not n:
+            return
+        r = _SSL_write(ssl, _from_buffer(data), n)
+        if r <= 0:
+            self.conn.net_failed(tls_error(ssl, _SSL_get_error(ssl, r)))
             return
         self._flush()
 
@@ -486,15 +527,11 @@ class NetLeg(_Leg):
         if t is None or t.is_closing() or self.eof_out:
             return
         self.eof_out = True
-        sslobj = self.sslobj
-        if sslobj is not None:
+        ssl = self.ssl
+        if ssl is not None:
             self._hold_pending()
-            try:
-                sslobj.unwrap()
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLError:
-                pass
+            if lib.SSL_shutdown(ssl) < 0:
+                tls_ffi.errors()  # nothing to report: the peer may be gone already
             self._flush()
         if t.can_write_eof():
             t.write_eof()
@@ -504,41 +541,35 @@ class NetLeg(_Leg):
     def _hold_pending(self) -> None:
         # SSL_shutdown discards application records it finds while looking for the peer's
         # close_notify, so decrypt whatever complete records are waiting first.
-        sslobj = self.sslobj
-        incoming = self.incoming
-        assert sslobj is not None and incoming is not None
-        while incoming.pending and not self.eof_in:
-            try:
-                n = _read_into(sslobj)
-            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-                break
-            except ssl.SSLError:
-                break
-            if n == 0:
+        ssl = self.ssl
+        while not self.eof_in and _BIO_pending(self._bio_in, _NULL):
+            n = _SSL_read(ssl, _PTR, BUF_SIZE)
+            if n <= 0:
+                if _SSL_get_error(ssl, n) != _WANT_READ:
+                    tls_ffi.errors()  # reported by the next read, if it persists
                 break
             if self.held is None:
                 self.held = bytearray()
             self.held += _VIEW[:n]
 
     def _flush(self) -> None:
-        out = self.outgoing
-        if out is not None and out.pending:
-            t = self.transport
-            if t is not None and not t.is_closing():
-                t.write(out.read())
-            else:
-                out.read()
+        out = self._bio_out
+        if out is None:
+            return
+        n = _BIO_pending(out, _NULL)
+        if not n:
+            return
+        # A fresh buffer the transport may keep (see `_owned`); one copy out of OpenSSL.
+        data = bytearray(n)
+        _BIO_read(out, _from_buffer(data), n)
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
 
     def close(self, abort: bool = False) -> None:
-        sslobj = self.sslobj
-        if sslobj is not None and self._ctx_ptr is not None and not self.eof_out:
-            # A client leg whose session may be shared (openssl.set_session): closing it
-            # without close_notify must not spoil that session for the others.
-            keep_session_resumable(sslobj, self._ctx_ptr)
+        ssl = self.ssl
+        if ssl is not None and not self.server_side and not self.eof_out:
+            # Freed without close_notify, OpenSSL would flag the session as not resumable;
+            # it may be the one the next connection resumes with. Nothing goes on the wire.
+            lib.SSL_set_shutdown(ssl, tls_ffi.SENT_SHUTDOWN)
         super().close(abort)
-
-    def peer_der(self) -> bytes | None:
-        sslobj = self.sslobj
-        if sslobj is None:
-            return None
-        return sslobj.getpeercert(binary_form=True)

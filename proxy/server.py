@@ -31,11 +31,10 @@ from .config import Address, Settings
 from .errors import CertError, ProxyError, StartupError
 from .listen import bind_listener, drop_privileges, raise_nofile_limit
 from .material import Material, read_file
-from .openssl import TICKET_KEYS_LEN
 from .routes import Route, routes_for
 from .shared import ConnectionCounts
 from .tasks import Tasks
-from .tls import build_tls_state
+from .tls import tls_state_for
 
 log = logging.getLogger("mtls.server")
 
@@ -70,7 +69,6 @@ class Master:
         self.admin: Any = None
         self.admin_address: Address = settings.admin_listen
         self.files: FileSource | None = None
-        self._ticket_keys = os.urandom(TICKET_KEYS_LEN)
         self.counts = ConnectionCounts.create(settings.workers)
 
     # --- tasks ---------------------------------------------------------------------------
@@ -83,13 +81,11 @@ class Master:
     def validate(self, material: Material) -> None:
         """The one check every material passes before the master takes it (files, CA,
         renewal, reload): the workers build their contexts with the same code."""
-        build_tls_state(material, self.settings.min_tls_version)
+        tls_state_for(material, self.settings)
 
     def apply(self, material: Material) -> None:
         """Make `material` current here and in every worker."""
         self.material = material
-        # Fresh session-ticket keys with every identity, shared by all workers.
-        self._ticket_keys = os.urandom(TICKET_KEYS_LEN)
         metrics.IDENTITY.set(material.identity, material.not_after.timestamp(), len(material.roots))
         log.info(
             "identity loaded",
@@ -107,7 +103,6 @@ class Master:
             "key": m.key_pem.decode(),
             "bundle": m.bundle_pem.decode(),
             "origin": m.origin,
-            "ticket_keys": self._ticket_keys.hex(),
         }
 
     def reload(self, why: str) -> bool:

@@ -35,7 +35,7 @@ from .relay import AppLeg, NetLeg
 from .routes import Route
 from .shared import ConnectionCounts
 from .tasks import Tasks
-from .tls import TlsState, build_tls_state
+from .tls import TlsState, tls_state_for
 from .transparent import is_local_destination, local_addresses, original_dst
 
 log = logging.getLogger("mtls.worker")
@@ -200,12 +200,7 @@ class Worker:
 
             def inbound() -> NetLeg:
                 tls = self.tls
-                return NetLeg(
-                    Conn(self, route),
-                    tls.server,
-                    server_side=True,
-                    resume_ctx=tls.server_resumed,
-                )
+                return NetLeg(Conn(self, route), tls.server_ptr, server_side=True)
 
             return inbound
 
@@ -227,6 +222,7 @@ class Worker:
         idle_ticks = self.idle_ticks
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
+            self.tls.cap_session_lifetime()
             for conn in list(self.conns):
                 conn.flush_bytes()
                 if conn.active:
@@ -289,8 +285,7 @@ async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> N
                     msg["bundle"].encode(),
                     msg.get("origin", "master"),
                 )
-                keys = bytes.fromhex(msg["ticket_keys"]) if msg.get("ticket_keys") else None
-                state = build_tls_state(material, settings.min_tls_version, keys)
+                state = tls_state_for(material, settings)
                 worker.set_tls(state)
             except (CertError, ValueError, KeyError) as exc:
                 _send({"op": "material_error", "error": str(exc)})

@@ -462,7 +462,7 @@ MID_STREAM: list[tuple[str, bytes, str, str]] = [
         "tls_error:not_tls",
     ),
     ("forged_record", b"\x17\x03\x03\x00\x40" + b"\x5a" * 64, "BAD_RECORD_MAC", "tls_error:other"),
-    ("garbage", bytes(range(256)) + b"\x00" * 44, "PROTOCOL_VERSION", "tls_error:not_tls"),
+    ("garbage", bytes(range(256)) + b"\x00" * 44, "UNEXPECTED_MESSAGE", "tls_error:not_tls"),
 ]
 
 

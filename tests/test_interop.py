@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import os
 import shutil
 import socket
 import subprocess
@@ -162,6 +163,72 @@ def test_openssl_s_client_echo(pki: Pki, inbound: tuple[Sidecar, int, int]) -> N
     proc.kill()
     proc.wait()
     assert line == b"hello over s_client\n"
+
+
+def test_classical_only_peer_gets_x25519(pki: Pki, inbound: tuple[Sidecar, int, int]) -> None:
+    """The distro's OpenSSL (3.0: no ML-KEM) still connects; it gets X25519, and we say so."""
+    sc, _, echo_port = inbound
+    before = sc.metric("mtls_handshakes_total", direction="inbound", group="X25519")
+    proc = subprocess.Popen(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{echo_port}",
+            "-CAfile",
+            str(pki.server.bundle),
+            "-cert",
+            str(pki.client.cert),
+            "-key",
+            str(pki.client.key),
+            "-cert_chain",
+            str(pki.client.cert),
+            "-verify_return_error",
+            "-quiet",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b"classical\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == b"classical\n"
+    port = _client_port(proc.pid, echo_port)
+    proc.kill()
+    proc.wait()
+    assert sc.wait_metric(
+        "mtls_handshakes_total", before + 1, direction="inbound", group="X25519"
+    ) == (before + 1)
+
+    def closed() -> dict[str, object] | None:
+        for e in sc.log_events():
+            if e.get("event") == "conn_closed" and e.get("peer") == f"127.0.0.1:{port}":
+                return e
+        return None
+
+    deadline = time.monotonic() + 10
+    while closed() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = closed()
+    assert line is not None
+    assert line["tls_group"] == "X25519" and line["tls_version"] == "TLSv1.3"
+
+
+def _client_port(pid: int, server_port: int) -> int:
+    """The local port of `pid`'s TCP connection to `server_port` (from /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if inode in inodes and int(remote.split(":")[1], 16) == server_port:
+            return int(local.split(":")[1], 16)
+    raise AssertionError(f"no connection of pid {pid} to port {server_port}")
 
 
 def test_openssl_s_client_tls12_refused(pki: Pki, inbound: tuple[Sidecar, int, int]) -> None:

@@ -247,3 +247,16 @@ def test_run_reports_port_in_use(pki: Pki) -> None:
         )
     assert r.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+def test_check_validates_tls_groups(pki: Pki) -> None:
+    base = {**identity_env(pki.server), "MTLS_INBOUND": "0.0.0.0:8443=127.0.0.1:8080"}
+    r = _run_cli(["check"], {**base, "MTLS_TLS_GROUPS": "X25519MLKEM768,X25591"})
+    assert r.returncode == 2
+    assert "MTLS_TLS_GROUPS: unknown key-exchange group 'X25591' (supported: X25519MLKEM768" in (
+        r.stderr
+    ), r.stderr
+    assert "Traceback" not in r.stderr
+    r = _run_cli(["check"], {**base, "MTLS_TLS_GROUPS": "x25519,p-256"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["config"]["MTLS_TLS_GROUPS"] == ["X25519", "P-256"]

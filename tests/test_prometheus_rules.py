@@ -34,6 +34,7 @@ METRICS = {
     "mtls_cert_renewals_total",
     "mtls_cert_reloads_total",
     "mtls_trust_bundle_roots",
+    "mtls_handshakes_total",
     "up",
 }
 PROMQL_KEYWORDS = {
@@ -221,6 +222,7 @@ def test_dashboard_parses_and_uses_only_known_metrics() -> None:
         "mtls_connections_rejected_total",  # rejections by reason
         "mtls_handshake_seconds_bucket",  # handshake latency
         "mtls_cert_expiry_timestamp_seconds",  # cert expiry
+        "mtls_handshakes_total",  # share of post-quantum key exchange
     ):
         assert needed in used, needed
     ids = [p["id"] for p in dash["panels"]]

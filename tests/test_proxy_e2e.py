@@ -393,3 +393,38 @@ def test_tls_sessions_are_resumed(pair: Pair) -> None:
         if e.get("event") == "conn_closed" and e.get("route") == "eof" and e.get("tls_resumed")
     ]
     assert len(resumed_in) >= 5
+
+
+def test_post_quantum_key_exchange_is_shown_in_metrics_and_logs(pair: Pair) -> None:
+    """Our two sidecars agree on X25519MLKEM768 and say so per connection and in a counter."""
+    before = {
+        (sc, resumed): sc.metric(
+            "mtls_handshakes_total", group="X25519MLKEM768", resumed=resumed, direction=d
+        )
+        for sc, d in ((pair.inbound, "inbound"), (pair.outbound, "outbound"))
+        for resumed in ("yes", "no")
+    }
+    for i in range(3):
+        assert exchange(pair.ports["out_eof"], b"pq%d" % i) == b"got:3"
+    for sc, d in ((pair.inbound, "inbound"), (pair.outbound, "outbound")):
+        want = before[(sc, "yes")] + before[(sc, "no")] + 3
+
+        def done(sc: Sidecar = sc, d: str = d, want: float = want) -> bool:
+            got = sc.metric("mtls_handshakes_total", group="X25519MLKEM768", direction=d)
+            return bool(got == want)
+
+        assert wait_for(done), sc.metrics()
+        # the second and third connections resume with the ticket the one before left
+        assert sc.metric("mtls_handshakes_total", resumed="yes", direction=d) >= 2
+    for sc in (pair.inbound, pair.outbound):
+        lines = [
+            e
+            for e in sc.log_events()
+            if e.get("event") == "conn_closed" and e.get("route") == "eof"
+        ]
+        assert lines
+        for line in lines:
+            assert line["tls_group"] == "X25519MLKEM768", line
+            assert line["tls_version"] == "TLSv1.3"
+            assert line["tls_cipher"].startswith("TLS_")
+            assert isinstance(line["tls_resumed"], bool)

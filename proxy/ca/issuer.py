@@ -347,7 +347,7 @@ def check_csr(csr_pem: str | bytes, expected_id: str) -> x509.CertificateSigning
     data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
     try:
         csr = x509.load_pem_x509_csr(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise CsrRejected(f"csr is not a PEM certificate request ({exc})") from None
     try:
         valid = csr.is_signature_valid

@@ -62,6 +62,12 @@ def _secret(text: str) -> SecretStr:
     return SecretStr(text.strip())
 
 
+def _tls_groups(text: str) -> list[str]:
+    from ..tls import parse_tls_groups  # the TLS engine knows which groups it supports
+
+    return list(parse_tls_groups(text))
+
+
 def _default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 256))
 
@@ -171,6 +177,11 @@ class Settings(BaseModel):
     )
     min_tls_version: Annotated[Literal["1.2", "1.3"], _choice("1.2", "1.3")] = Field(
         "1.3", examples=["1.3"]
+    )
+    tls_groups: Annotated[list[str], _text(_tls_groups)] = Field(
+        default_factory=lambda: ["X25519MLKEM768", "X25519", "P-256"],
+        description="Key-exchange groups, preferred first.",
+        examples=["X25519MLKEM768,X25519,P-256"],
     )
 
     # Operations

@@ -1,0 +1,146 @@
+"""The raw OpenSSL calls of the TLS engine: the cffi binding under pyOpenSSL, checked at import.
+
+pyOpenSSL's Python wrappers cost a few microseconds per call and copy in `recv_into`; the
+hot path (SSL_read/SSL_write into and from the shared buffer, BIO_read/BIO_write) calls the
+binding underneath instead. Everything that touches `lib`/`ffi` directly lives here or uses
+the names exported here, so a binding change breaks loudly at import, not at run time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography.hazmat.bindings.openssl.binding import Binding
+
+lib: Any = Binding.lib
+ffi: Any = Binding.ffi
+
+# X25519MLKEM768 and SSL_get0_group_name need OpenSSL 3.5 or later (the wheel brings 4.x).
+MIN_VERSION = 0x30500000
+REQUIRED = (
+    "BIO_free",
+    "BIO_get_mem_data",
+    "BIO_new",
+    "BIO_read",
+    "BIO_s_mem",
+    "BIO_set_mem_eof_return",
+    "BIO_write",
+    "ERR_GET_REASON",
+    "ERR_clear_error",
+    "ERR_get_error",
+    "ERR_lib_error_string",
+    "ERR_reason_error_string",
+    "SSL_CIPHER_get_name",
+    "SSL_CTX_set1_curves_list",
+    "SSL_CTX_free",
+    "SSL_CTX_new",
+    "SSL_CTX_set_timeout",
+    "SSL_do_handshake",
+    "SSL_free",
+    "SSL_get0_group_name",
+    "SSL_get1_session",
+    "SSL_get_current_cipher",
+    "SSL_get_error",
+    "SSL_get_peer_certificate",
+    "SSL_get_verify_result",
+    "SSL_get_version",
+    "SSL_new",
+    "SSL_pending",
+    "SSL_read",
+    "SSL_SESSION_free",
+    "SSL_session_reused",
+    "SSL_set_accept_state",
+    "SSL_set_bio",
+    "SSL_set_connect_state",
+    "SSL_set_session",
+    "SSL_set_shutdown",
+    "SSL_shutdown",
+    "SSL_write",
+    "TLS_method",
+    "X509_free",
+    "X509_verify_cert_error_string",
+    "i2d_X509_bio",
+)
+
+VERSION_NUMBER: int = lib.OpenSSL_version_num()
+VERSION_TEXT: str = ffi.string(lib.OpenSSL_version(0)).decode("ascii", "replace")
+
+
+def _check() -> None:
+    if VERSION_NUMBER < MIN_VERSION:
+        raise ImportError(
+            f"the TLS engine needs OpenSSL 3.5 or later under pyOpenSSL, found {VERSION_TEXT}"
+        )
+    missing = [name for name in REQUIRED if not hasattr(lib, name)]
+    if missing:
+        raise ImportError(
+            f"the cryptography binding ({VERSION_TEXT}) lacks {', '.join(missing)}: "
+            "the TLS engine cannot run on it"
+        )
+
+
+_check()
+
+NULL = ffi.NULL
+WANT_READ: int = lib.SSL_ERROR_WANT_READ
+WANT_WRITE: int = lib.SSL_ERROR_WANT_WRITE
+ZERO_RETURN: int = lib.SSL_ERROR_ZERO_RETURN
+SYSCALL: int = lib.SSL_ERROR_SYSCALL
+ERROR_SSL: int = lib.SSL_ERROR_SSL
+SENT_SHUTDOWN: int = lib.SSL_SENT_SHUTDOWN
+
+
+def errors() -> list[tuple[str, str, int]]:
+    """Drain OpenSSL's error queue of this thread: (library, reason text, reason code) each."""
+    out: list[tuple[str, str, int]] = []
+    while True:
+        code = lib.ERR_get_error()
+        if not code:
+            return out
+        lib_name = lib.ERR_lib_error_string(code)
+        reason = lib.ERR_reason_error_string(code)
+        out.append(
+            (
+                ffi.string(lib_name).decode("ascii", "replace") if lib_name else "",
+                ffi.string(reason).decode("ascii", "replace") if reason else "",
+                lib.ERR_GET_REASON(code),
+            )
+        )
+
+
+def new_mem_bio() -> Any:
+    """A memory BIO, not yet owned by an SSL (free it, or hand it to SSL_set_bio)."""
+    bio = lib.BIO_new(lib.BIO_s_mem())
+    if bio == NULL:
+        raise MemoryError("BIO_new failed")
+    return bio
+
+
+def new_ssl(ctx_ptr: Any) -> Any:
+    """An SSL* on `ctx_ptr`, freed when the returned cdata is garbage."""
+    ssl = lib.SSL_new(ctx_ptr)
+    if ssl == NULL:
+        raise MemoryError("SSL_new failed")
+    return ffi.gc(ssl, lib.SSL_free)
+
+
+def peer_der(ssl: Any) -> bytes | None:
+    """The DER of the peer's leaf certificate, or None if it sent none."""
+    cert = lib.SSL_get_peer_certificate(ssl)
+    if cert == NULL:
+        return None
+    bio = new_mem_bio()
+    try:
+        if lib.i2d_X509_bio(bio, cert) != 1:
+            return None
+        data = ffi.new("char **")
+        n = lib.BIO_get_mem_data(bio, data)
+        return bytes(ffi.buffer(data[0], n))
+    finally:
+        lib.BIO_free(bio)
+        lib.X509_free(cert)
+
+
+def text(ptr: Any) -> str:
+    """A C string from OpenSSL as str ('' for NULL)."""
+    return ffi.string(ptr).decode("ascii", "replace") if ptr != NULL else ""
