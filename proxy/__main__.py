@@ -61,6 +61,11 @@ def check(env: Mapping[str, str]) -> int:
     if settings is None:
         return 2
     out: dict[str, object] = {"config": redacted(settings)}
+    from .routes import routes_for
+
+    routes = routes_for(settings)
+    out["proxy_protocol_routes"] = [r.name for r in routes if r.proxy_protocol]
+    out["accept_proxy_protocol_routes"] = [r.name for r in routes if r.accept_proxy]
     if settings.identity_source == "files":
         assert settings.cert_file and settings.key_file and settings.trust_bundle_file
         # The reader `run` starts from, with the check the master applies to every material

@@ -18,6 +18,7 @@ from . import flow as f
 from .identity import SpiffeId, spiffe_id_from_der
 from .logs import RateLimit
 from .metrics import handshake_counter
+from .proxyproto import CallerInfo, HeaderReader, ProxyHeaderError, caller_from_tls, caller_header
 from .relay import AppLeg, NetLeg, _Leg
 from .routes import Route
 from .tls import TlsState, classify_tls_error, speaks_no_tls
@@ -49,7 +50,9 @@ class ConnHost(Protocol):
 
     def original_target(
         self, route: Route, transport: asyncio.BaseTransport
-    ) -> tuple[str, int] | None: ...
+    ) -> tuple[tuple[str, int], tuple[str, int]] | None:
+        """Transparent mode: (where to dial, the original destination), or None (a loop)."""
+        ...
 
     def knows_plaintext(self, target: tuple[str, int]) -> bool: ...
 
@@ -94,17 +97,22 @@ class Conn:
         "app",
         "bytes_in",
         "bytes_out",
+        "called",
         "closed",
         "established",
         "flow",
         "flushed_in",
         "flushed_out",
         "handshake_timeout",
+        "header",
+        "header_timer",
         "held_app",
         "host",
         "hs_started",
         "idle_ticks",
         "net",
+        "peername",
+        "proxied_by",
         "route",
         "started",
         "task",
@@ -131,6 +139,11 @@ class Conn:
         self.held_app: bytearray | None = None
         self.task: asyncio.Task[None] | None = None
         self.handshake_timeout = route.flow_config.handshake_timeout
+        self.peername: tuple[str, int] | None = None  # the caller, as an address
+        self.called: tuple[str, int] | None = None  # the address it called
+        self.header: HeaderReader | None = None  # outbound: reading a PROXY v2 header
+        self.header_timer: asyncio.TimerHandle | None = None
+        self.proxied_by: str | None = None  # the load balancer that sent the PROXY header
 
     # --- what the legs report ----------------------------------------------------------
 
@@ -169,20 +182,85 @@ class Conn:
         if self.route.direction == "outbound":
             self.app = leg
             assert leg.transport is not None
+            if self.route.accept_proxy:
+                # Behind a load balancer: the caller's address comes first, in a PROXY v2
+                # header, within the handshake timeout.
+                self.header = HeaderReader()
+                self.header_timer = self.host.loop.call_later(
+                    self.handshake_timeout, self._header_timed_out
+                )
+                return
             self._accept(leg.transport)
             return
         if self.closed:
             leg.close(abort=True)
             return
         self.app = leg
+        if self.route.proxy_protocol:
+            assert self.net is not None
+            try:
+                leg.prefix = self._proxy_header(self.net)
+            except ValueError as exc:
+                self._run(
+                    f.ProxyHeaderFailed(
+                        f.Reason.OTHER, f"cannot write the PROXY header for {self.peer_addr}: {exc}"
+                    )
+                )
+                return
         self._run(f.Dialled())
 
-    def _accept(self, transport: asyncio.BaseTransport) -> None:
+    def _proxy_header(self, net: NetLeg) -> bytes:
+        """The PROXY v2 header telling the app who called: address, TLS facts, SPIFFE ID."""
         route = self.route
-        peer = _addr(transport.get_extra_info("peername"))
+        src = self.peername or ("0.0.0.0", 0)
+        dst = self.called or ("0.0.0.0", 0)
+        info = net.tls_info() if self.flow.security is f.Security.MTLS else None
+        if info is None:
+            caller = CallerInfo(None)  # plaintext (permissive/audit): no SSL TLV
+        else:
+            caller = caller_from_tls(
+                verified=True,
+                version=info[0],
+                cipher=info[1],
+                peer_der=net.peer_der(),
+                own_der=self.tls.material.leaf_der,
+                resumed=net.resumed(),
+            )
+        return caller_header(src, dst, caller, id_tlv=route.proxy_id_tlv, crc=route.proxy_crc)
+
+    def _header_timed_out(self) -> None:
+        self.header_timer = None
+        if self.header is not None:
+            self.header = None
+            self._run(
+                f.ProxyHeaderFailed(
+                    f.Reason.BAD_PROXY_HEADER,
+                    f"{self._who_sent_header()} sent no complete PROXY v2 header within "
+                    f"{self.handshake_timeout:g}s",
+                )
+            )
+
+    def _who_sent_header(self) -> str:
+        t = self.app.transport if self.app is not None else None
+        return _addr(t.get_extra_info("peername")) if t is not None else "?"
+
+    def _accept(
+        self, transport: asyncio.BaseTransport, caller: tuple[str, int] | None = None
+    ) -> None:
+        route = self.route
+        raw = transport.get_extra_info("peername")
+        self.peername = caller or (
+            (str(raw[0]), int(raw[1])) if isinstance(raw, tuple) and len(raw) >= 2 else None
+        )
+        peer = _addr(self.peername) if self.peername is not None else _addr(raw)
         target = route.target
         if route.transparent:
-            target = self.host.original_target(route, transport)
+            found = self.host.original_target(route, transport)
+            target, self.called = found if found is not None else (None, None)
+        else:
+            local = transport.get_extra_info("sockname")
+            if isinstance(local, tuple) and len(local) >= 2:
+                self.called = (str(local[0]), int(local[1]))
         refused = self.host.admit(self) if target is not None else None
         plaintext_known = (
             target is not None
@@ -228,12 +306,54 @@ class Conn:
         detail = str(getattr(exc, "reason", None) or exc).lower().replace("_", " ")
         self._run(f.TlsError(f.Reason(reason), message, detail, self.bytes_in))
 
-    def hold_from_app(self, data: bytes) -> None:
+    def hold_from_app(self, data: bytes) -> bool:
+        """Keep what the app sent before relaying; True once reading should pause."""
+        if self.header is not None:
+            return self._feed_header(data)
         if self.held_app is None:
             self.held_app = bytearray()
         self.held_app += data
+        return True
+
+    def _feed_header(self, data: bytes) -> bool:
+        reader = self.header
+        assert reader is not None
+        try:
+            got = reader.feed(data)
+        except ProxyHeaderError as exc:
+            self._stop_header()
+            self._run(
+                f.ProxyHeaderFailed(f.Reason.BAD_PROXY_HEADER, f"{self._who_sent_header()}: {exc}")
+            )
+            return True
+        if got is None:
+            return False  # more of the header to come
+        parsed, rest = got
+        self._stop_header()
+        self.proxied_by = self._who_sent_header()
+        if rest:
+            self.held_app = bytearray(rest)
+        assert self.app is not None and self.app.transport is not None
+        caller = parsed.src if parsed.command == "PROXY" and parsed.src is not None else None
+        self._accept(self.app.transport, caller)
+        return True
+
+    def _stop_header(self) -> None:
+        self.header = None
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
 
     def app_eof(self) -> None:
+        if self.header is not None:
+            self._stop_header()
+            self._run(
+                f.ProxyHeaderFailed(
+                    f.Reason.BAD_PROXY_HEADER,
+                    f"{self._who_sent_header()} closed before a complete PROXY v2 header",
+                )
+            )
+            return
         self._run(f.Eof(f.Side.APP))
 
     def net_eof(self) -> None:
@@ -417,6 +537,7 @@ class Conn:
         if self.closed:
             return
         self.closed = True
+        self._stop_header()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         for leg in (self.net, self.app):
@@ -437,6 +558,7 @@ class Conn:
                         "route": self.route.name,
                         "security": self.security,
                         "peer": self.peer_addr,
+                        "proxied_by": self.proxied_by,
                         "peer_identity": self.peer_identity,
                         "target": f"{target[0]}:{target[1]}" if target else None,
                         "bytes_in": self.bytes_in,

@@ -192,6 +192,15 @@ class TlsError:
 
 
 @dataclass(frozen=True, slots=True)
+class ProxyHeaderFailed:
+    """A PROXY v2 header could not be read from the caller (outbound, behind a load
+    balancer: `bad_proxy_header`) or written for the app (inbound)."""
+
+    reason: Reason
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class IdleTimeout:
     """Nothing moved for MTLS_IDLE_TIMEOUT."""
 
@@ -213,6 +222,7 @@ Event = (
     | Eof
     | Lost
     | TlsError
+    | ProxyHeaderFailed
     | IdleTimeout
     | DrainTimeout
 )
@@ -427,6 +437,10 @@ class Flow:
                 return self._finish(outcome, abort=False)
             case TlsError():
                 return self._tls_error(event)
+            case ProxyHeaderFailed(reason=reason, message=message):
+                if self.state is State.OPEN:
+                    return []
+                return self._reject(reason, message)
             case IdleTimeout():
                 if self.state is not State.OPEN:
                     return []

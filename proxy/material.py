@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,11 @@ class Material:
     leaf: x509.Certificate = field(repr=False)
     roots: tuple[x509.Certificate, ...] = field(repr=False)
     identity: str
+
+    @functools.cached_property
+    def leaf_der(self) -> bytes:
+        """The leaf certificate in DER (computed once)."""
+        return self.leaf.public_bytes(serialization.Encoding.DER)
 
     @property
     def not_after(self) -> dt.datetime:

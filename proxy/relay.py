@@ -151,7 +151,13 @@ class _Leg(asyncio.BufferedProtocol):
 class AppLeg(_Leg):
     """The plaintext leg to or from the local application."""
 
-    __slots__ = ()
+    __slots__ = ("prefix",)
+
+    def __init__(self, conn: Conn) -> None:
+        super().__init__(conn)
+        # Bytes to write before anything else (the PROXY v2 header), in the same write as
+        # the first payload where there is one.
+        self.prefix: bytes | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -164,11 +170,12 @@ class AppLeg(_Leg):
         conn.active = True
         peer = self.peer
         if peer is None:
-            # Not relaying yet (outbound: the remote is still being dialled). uvloop starts
-            # reading after connection_made whatever it did, so the pause at accept does not
-            # hold: pause here, keep this one read, and resume once the remote is up.
-            conn.hold_from_app(bytes(_VIEW[:nbytes]))
-            self.pause_reading()
+            # Not relaying yet (outbound: the remote is still being dialled, or a PROXY
+            # header is still coming). uvloop starts reading after connection_made whatever
+            # it did, so the pause at accept does not hold: pause here, keep what was read,
+            # and resume once the remote is up.
+            if conn.hold_from_app(bytes(_VIEW[:nbytes])):
+                self.pause_reading()
             return
         peer.send(_VIEW[:nbytes])
 
@@ -182,11 +189,25 @@ class AppLeg(_Leg):
     def send(self, data: Buf) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
+            prefix = self.prefix
+            if prefix is not None:
+                self.prefix = None
+                t.write(prefix + data)
+                return
             t.write(_owned(data))
+
+    def flush_prefix(self) -> None:
+        """Write the prefix now if no payload came along to carry it."""
+        prefix = self.prefix
+        t = self.transport
+        if prefix is not None and t is not None and not t.is_closing():
+            self.prefix = None
+            t.write(prefix)
 
     def send_eof(self) -> None:
         t = self.transport
         if t is not None and not t.is_closing() and t.can_write_eof():
+            self.flush_prefix()
             t.write_eof()
 
 

@@ -9,6 +9,7 @@ from prometheus_client import Counter as _Counter
 from . import metrics
 from .config import Address, Settings
 from .flow import Direction, FlowConfig, Mode
+from .proxyproto import sends_proxy_header
 
 
 class RouteMetrics:
@@ -64,6 +65,12 @@ class Route:
     expected_peer: str | None = None
     transparent: bool = False
     handshake_timeout: float = 10.0
+    # Inbound: open each connection to the app with a PROXY v2 header (MTLS_PROXY_PROTOCOL).
+    proxy_protocol: bool = False
+    proxy_id_tlv: int = 0xE0
+    proxy_crc: bool = False
+    # Outbound: each connection from the app's side starts with a PROXY v2 header.
+    accept_proxy: bool = False
     metrics: RouteMetrics = field(init=False)
     flow_config: FlowConfig = field(init=False)
 
@@ -76,6 +83,18 @@ class Route:
 
 def routes_for(settings: Settings) -> list[Route]:
     """Every listener of this sidecar, in a fixed order (the master and workers agree on it)."""
+    routes = _routes(settings)
+    for r in routes:
+        if r.direction == "inbound":
+            r.proxy_protocol = sends_proxy_header(settings.proxy_protocol, r.name)
+            r.proxy_id_tlv = settings.proxy_protocol_id_tlv
+            r.proxy_crc = settings.proxy_protocol_crc32c
+        elif not r.transparent:
+            r.accept_proxy = settings.outbound_accept_proxy_protocol
+    return routes
+
+
+def _routes(settings: Settings) -> list[Route]:
     routes: list[Route] = []
     for r in settings.inbound:
         routes.append(

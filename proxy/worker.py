@@ -171,15 +171,16 @@ class Worker:
 
     def original_target(
         self, route: Route, transport: asyncio.BaseTransport
-    ) -> tuple[str, int] | None:
-        """Transparent mode: where the connection was going (inbound: our app's port on
-        loopback); None when there is no original destination or it is this sidecar."""
+    ) -> tuple[tuple[str, int], tuple[str, int]] | None:
+        """Transparent mode: (where to dial, the original destination); inbound dials our
+        app's port on loopback. None when there is no original destination or it is this
+        sidecar."""
         dst = self._original_dst(transport)
         if dst is None or self._is_self(*dst):
             return None
         if route.direction == "inbound":
-            return ("127.0.0.1", dst[1])
-        return dst
+            return ("127.0.0.1", dst[1]), dst
+        return dst, dst
 
     def knows_plaintext(self, target: tuple[str, int]) -> bool:
         until = self._plaintext_until.get(target)

@@ -8,6 +8,7 @@ from collections.abc import Collection, Mapping
 from pydantic import ValidationError
 
 from ..errors import ConfigError, ConfigProblem
+from ..proxyproto import check_proxy_protocol_routes
 from .checks import file_problems
 from .model import ENV_PREFIX, Settings, env_var, example_of, known_variables
 from .parse import Address
@@ -164,6 +165,15 @@ def cross_problems(s: Settings, bad: Collection[str] = ()) -> list[ConfigProblem
                     "admin_listen",
                     f"{s.admin_listen} collides with {owner} listening on {address}",
                 )
+
+    if ok("proxy_protocol", "inbound", "transparent", "inbound_capture_port"):
+        names = [r.name for r in s.inbound]
+        if s.transparent:
+            names.append(str(s.inbound_capture_port))  # the capture route's name
+        try:
+            check_proxy_protocol_routes(s.proxy_protocol, names)
+        except ValueError as exc:
+            add("proxy_protocol", str(exc))
 
     # A route whose far end leads, through our own listeners, back to itself dials itself
     # again and again. A route to another of our listeners that ends elsewhere (an outbound

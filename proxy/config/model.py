@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, SecretStr
 
 from ..identity import SpiffeId, parse_spiffe_id, parse_trust_domain
 from ..policy import SpiffePattern, parse_patterns
+from ..proxyproto import DEFAULT_ID_TLV, ProxyProtocolRoutes, parse_proxy_protocol, parse_tlv_type
 from .parse import (
     Address,
     IPNetwork,
@@ -182,6 +183,24 @@ class Settings(BaseModel):
         default_factory=lambda: ["X25519MLKEM768", "X25519", "P-256"],
         description="Key-exchange groups, preferred first.",
         examples=["X25519MLKEM768,X25519,P-256"],
+    )
+
+    # Telling the app who called (PROXY protocol v2)
+    proxy_protocol: Annotated[ProxyProtocolRoutes, _text(parse_proxy_protocol)] = Field(
+        "off",
+        description="off, all, or inbound route names: open app connections with PROXY v2.",
+        examples=["all"],
+    )
+    proxy_protocol_id_tlv: Annotated[int, _text(parse_tlv_type)] = Field(
+        DEFAULT_ID_TLV, description="TLV type of the caller's SPIFFE ID.", examples=["0xE0"]
+    )
+    proxy_protocol_crc32c: Bool = Field(
+        False, description="Add a CRC32C checksum TLV to each PROXY header.", examples=["true"]
+    )
+    outbound_accept_proxy_protocol: Bool = Field(
+        False,
+        description="Outbound listeners expect a PROXY v2 header first (behind a load balancer).",
+        examples=["true"],
     )
 
     # Operations

@@ -9,6 +9,8 @@ from .parse import format_duration, format_port_list
 
 
 def _jsonable(name: str, value: object) -> object:
+    if name == "proxy_protocol_id_tlv" and isinstance(value, int):
+        return f"0x{value:02X}"
     if value is None or isinstance(value, bool | int | str):
         if name in DURATION_FIELDS and isinstance(value, int | float):
             return format_duration(value)
@@ -21,6 +23,8 @@ def _jsonable(name: str, value: object) -> object:
         return format_port_list(value)
     if isinstance(value, list):
         return [str(item) for item in value]
+    if isinstance(value, frozenset):  # MTLS_PROXY_PROTOCOL's route names
+        return ",".join(sorted(str(item) for item in value))
     return str(value)
 
 
