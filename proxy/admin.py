@@ -49,6 +49,7 @@ async def status(request: web.Request) -> web.Response:
         "identity_source": m.settings.identity_source,
         "admin_listen": str(m.admin_address),
         "certificate": m.material.describe() if m.material is not None else None,
+        "revocation": _revocation(m),
         "routes": [
             {
                 "direction": r.direction,
@@ -80,6 +81,19 @@ async def status(request: web.Request) -> web.Response:
         },
     }
     return web.json_response(body)
+
+
+def _revocation(m: Master) -> dict[str, object] | None:
+    rl = m.revocations
+    if rl is None:
+        return None
+    return {
+        "crls": len(rl.crls),
+        "revoked_certificates": len(rl),
+        "this_update": rl.this_update.isoformat() if rl.this_update else None,
+        "next_update": rl.next_update.isoformat() if rl.next_update else None,
+        "stale": rl.stale,
+    }
 
 
 async def metrics_view(request: web.Request) -> web.Response:

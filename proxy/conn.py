@@ -8,9 +8,11 @@ the one log line per connection. Bytes on an open connection go leg to leg (rela
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import errno
 import logging
 import socket
+import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
@@ -20,6 +22,7 @@ from .logs import RateLimit
 from .metrics import handshake_counter
 from .proxyproto import CallerInfo, HeaderReader, ProxyHeaderError, caller_from_tls, caller_header
 from .relay import AppLeg, NetLeg, _Leg
+from .revocation import PeerCert, RevocationList, is_peer_revoked, peer_cert
 from .routes import Route
 from .tls import TlsState, classify_tls_error, speaks_no_tls
 
@@ -33,6 +36,7 @@ class ConnHost(Protocol):
     loop: asyncio.AbstractEventLoop
     connect_timeout: float
     tls: TlsState
+    revocations: RevocationList | None
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]: ...
 
@@ -111,6 +115,7 @@ class Conn:
         "hs_started",
         "idle_ticks",
         "net",
+        "peer_cert",
         "peername",
         "proxied_by",
         "route",
@@ -144,6 +149,7 @@ class Conn:
         self.header: HeaderReader | None = None  # outbound: reading a PROXY v2 header
         self.header_timer: asyncio.TimerHandle | None = None
         self.proxied_by: str | None = None  # the load balancer that sent the PROXY header
+        self.peer_cert: PeerCert | None = None  # for revocation checks while open
 
     # --- what the legs report ----------------------------------------------------------
 
@@ -289,7 +295,25 @@ class Conn:
         der = leg.peer_der()
         sid: SpiffeId | None = spiffe_id_from_der(der) if der else None
         resumed = leg.resumed()
-        self._run(f.HandshakeDone(sid, resumed))
+        facts = peer_cert(der) if der else None
+        self.peer_cert = facts
+        revoked = expired = None
+        if facts is not None:
+            rl = self.host.revocations
+            if rl is not None and is_peer_revoked(rl, facts):
+                revoked = facts.serial_hex
+            if facts.not_after <= time.time():
+                expired = dt.datetime.fromtimestamp(facts.not_after, dt.UTC).isoformat()
+        self._run(f.HandshakeDone(sid, resumed, revoked_serial=revoked, expired_at=expired))
+
+    def revoke(self) -> None:
+        """A new revocation list lists this connection's peer: cut it (RST), count it."""
+        facts = self.peer_cert
+        if self.closed or facts is None:
+            return
+        if self.established:
+            self.route.metrics.revoked_closed.inc()
+        self._run(f.Revoked(facts.serial_hex))
 
     def handshake_failed(self, exc: BaseException) -> None:
         target = self.target

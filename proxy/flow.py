@@ -72,6 +72,7 @@ class Outcome(StrEnum):
     TLS_ERROR = "tls_error"
     IDLE_TIMEOUT = "idle_timeout"
     DRAIN_TIMEOUT = "drain_timeout"
+    REVOKED = "revoked"  # the peer's certificate was revoked while the connection was open
     CLOSED_BEFORE_HELLO = "closed_before_hello"
 
 
@@ -134,6 +135,15 @@ class HandshakeDone:
 
     peer: SpiffeId | None
     resumed: bool = False
+    revoked_serial: str | None = None  # the peer's certificate is on a CRL (its serial)
+    expired_at: str | None = None  # the peer's certificate has expired (a resumed session)
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """A new CRL lists the peer certificate of this connection (serial in hex)."""
+
+    serial: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +232,7 @@ Event = (
     | Eof
     | Lost
     | TlsError
+    | Revoked
     | ProxyHeaderFailed
     | IdleTimeout
     | DrainTimeout
@@ -437,6 +448,14 @@ class Flow:
                 return self._finish(outcome, abort=False)
             case TlsError():
                 return self._tls_error(event)
+            case Revoked(serial=serial):
+                who = f"{self.who()} ({self.peer_id or 'no SPIFFE ID'}, serial {serial})"
+                if self.state is not State.OPEN:
+                    return self._reject(Reason.REVOKED, f"{who}: the certificate was revoked")
+                actions: list[Action] = [
+                    Warn("revoked", f"closing the connection with {who}: certificate revoked")
+                ]
+                return actions + self._finish(Outcome.REVOKED, abort=True)
             case ProxyHeaderFailed(reason=reason, message=message):
                 if self.state is State.OPEN:
                     return []
@@ -508,6 +527,20 @@ class Flow:
         if self.state not in (State.HANDSHAKE, State.DIALING):
             return []
         self.peer_id = event.peer
+        if event.revoked_serial is not None:
+            return self._reject(
+                Reason.REVOKED,
+                f"{self.who()} presented certificate serial {event.revoked_serial} "
+                f"({event.peer or 'no SPIFFE ID'}), which is revoked",
+            )
+        if event.expired_at is not None:
+            # A resumed session carries the certificate of its first handshake: checked
+            # again here, since resumption skips certificate verification.
+            return self._reject(
+                Reason.EXPIRED_CERT,
+                f"{self.who()} presented a certificate that expired at {event.expired_at} "
+                "(resumed session)",
+            )
         try:
             self.check_peer(event.peer)
         except PolicyDenied as exc:

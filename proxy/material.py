@@ -76,6 +76,13 @@ class Material:
         """The leaf certificate in DER (computed once)."""
         return self.leaf.public_bytes(serialization.Encoding.DER)
 
+    @functools.cached_property
+    def issuers(self) -> tuple[x509.Certificate, ...]:
+        """The CA certificates whose CRLs we accept: the bundle's roots and the
+        intermediates of our own chain."""
+        chain = x509.load_pem_x509_certificates(self.chain_pem)
+        return self.roots + tuple(chain[1:])
+
     @property
     def not_after(self) -> dt.datetime:
         return self.leaf.not_valid_after_utc

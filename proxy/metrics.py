@@ -82,6 +82,17 @@ CERT_RELOADS = Counter(
     "Reloads of certificate, key and trust bundle (SIGHUP, file change, renewal), by result.",
     ["result"],
 )
+CRL_RELOADS = Counter(
+    "mtls_crl_reloads",
+    "Revocation lists received (CA fetch, MTLS_CRL_FILE change), by result: a list that fails "
+    "its signature check is refused and the last good one kept.",
+    ["result"],
+)
+REVOKED_CLOSED = Counter(
+    "mtls_revoked_connections_closed",
+    "Open connections closed because a new revocation list lists their peer's certificate.",
+    ["direction", "route"],
+)
 HANDSHAKES = Counter(
     "mtls_handshakes",
     "Completed mTLS handshakes, by direction, key-exchange group (e.g. X25519MLKEM768 is "
@@ -99,6 +110,11 @@ class IdentityGauges(Collector):
     def __init__(self) -> None:
         self._expiry: tuple[str, float] | None = None
         self._roots: int | None = None
+        self._crl: tuple[float | None, float | None, int] | None = None
+
+    def set_crl(self, this_update: float | None, next_update: float | None, revoked: int) -> None:
+        """The revocation list in use: its oldest thisUpdate, earliest nextUpdate, entries."""
+        self._crl = (this_update, next_update, revoked)
 
     def set(self, identity: str, not_after: float, roots: int) -> None:
         """Hold `identity`, valid until `not_after` (unix time), with `roots` trust roots."""
@@ -120,6 +136,26 @@ class IdentityGauges(Collector):
         if self._roots is not None:
             roots.add_metric([], self._roots)
         yield roots
+        this = GaugeMetricFamily(
+            "mtls_crl_this_update_timestamp_seconds",
+            "thisUpdate of the oldest revocation list in use (its age is time() minus this).",
+        )
+        nxt = GaugeMetricFamily(
+            "mtls_crl_next_update_timestamp_seconds",
+            "nextUpdate of the revocation lists in use: past it, they are stale.",
+        )
+        entries = GaugeMetricFamily(
+            "mtls_crl_revoked_certificates", "Certificates listed by the revocation lists in use."
+        )
+        if self._crl is not None:
+            if self._crl[0] is not None:
+                this.add_metric([], self._crl[0])
+            if self._crl[1] is not None:
+                nxt.add_metric([], self._crl[1])
+            entries.add_metric([], self._crl[2])
+        yield this
+        yield nxt
+        yield entries
 
 
 IDENTITY = IdentityGauges()

@@ -11,6 +11,7 @@ outage of the CA does not turn into refusing everyone; the caller alerts on it.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -241,3 +242,34 @@ def _check_one(
         stale=next_update is not None and next_update < now,
     )
     return info, entries
+
+
+@dataclass(frozen=True)
+class PeerCert:
+    """What revocation and expiry checks need of a peer certificate, parsed once."""
+
+    serial: int
+    issuer: bytes  # DER of the issuer's name
+    not_after: float  # unix time
+    serial_hex: str
+
+
+@functools.lru_cache(maxsize=4096)
+def peer_cert(der: bytes) -> PeerCert | None:
+    """The facts of a DER certificate (cached: this runs once per connection); None if it
+    cannot be parsed."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        return PeerCert(
+            cert.serial_number,
+            cert.issuer.public_bytes(),
+            cert.not_valid_after_utc.timestamp(),
+            format(cert.serial_number, "x"),
+        )
+    except (ValueError, x509.InvalidVersion):
+        return None
+
+
+def is_peer_revoked(rl: RevocationList, peer: PeerCert) -> bool:
+    """Is this peer certificate on one of the CRLs?"""
+    return (peer.issuer, peer.serial) in rl._revoked

@@ -28,6 +28,7 @@ class RouteMetrics:
             for flow in ("in", "out")
         }
         self.handshake = metrics.HANDSHAKE.labels(direction)
+        self.revoked_closed = metrics.REVOKED_CLOSED.labels(direction, route)
         self._rejected: dict[str, _Counter] = {}
         self._upstream: dict[str, _Counter] = {}
         # Touch the series users alert on, so they exist (at 0) from the first scrape.

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import metrics
-from .certsource.files import FileSource
+from .certsource.files import CrlFile, FileSource
 from .config import Address, Settings
 from .errors import CertError, ProxyError, StartupError
 from .listen import bind_listener, drop_privileges, raise_nofile_limit
 from .material import Material, read_file
+from .revocation import CrlRejected, RevocationList, load_crls
 from .routes import Route, routes_for
 from .shared import ConnectionCounts
 from .tasks import Tasks
@@ -69,6 +70,10 @@ class Master:
         self.admin: Any = None
         self.admin_address: Address = settings.admin_listen
         self.files: FileSource | None = None
+        self.crl_file: CrlFile | None = None
+        self.ca_source: Any = None  # certsource.ca.CaSource in CA mode
+        self.crl_pem: bytes | None = None
+        self.revocations: RevocationList | None = None
         self.counts = ConnectionCounts.create(settings.workers)
 
     # --- tasks ---------------------------------------------------------------------------
@@ -103,14 +108,58 @@ class Master:
             "key": m.key_pem.decode(),
             "bundle": m.bundle_pem.decode(),
             "origin": m.origin,
+            "crl": self.crl_pem.decode() if self.crl_pem is not None else None,
         }
 
+    def on_crl(self, pem: bytes) -> None:
+        """A revocation list arrived (CA fetch, MTLS_CRL_FILE): check it against the issuers
+        we trust, all or nothing; hand a good one to the workers, which refuse its revoked
+        peers and close their open connections."""
+        material = self.material
+        if material is None:
+            return
+        try:
+            rl = load_crls(pem, material.issuers)
+        except CrlRejected as exc:
+            metrics.CRL_RELOADS.labels("error").inc()
+            log.error(
+                "revocation list refused, keeping the current one: %s",
+                exc,
+                extra={"fields": {"event": "crl_refused"}},
+            )
+            return
+        self._show_crl(rl)
+        if pem == self.crl_pem:
+            return
+        metrics.CRL_RELOADS.labels("ok").inc()
+        self.crl_pem, self.revocations = pem, rl
+        log.info(
+            "revocation list loaded: %d revoked certificate(s), next update %s",
+            len(rl),
+            rl.next_update.isoformat() if rl.next_update else "not given",
+            extra={"fields": {"event": "crl_loaded", "stale": rl.stale}},
+        )
+        for w in self.workers:
+            self._send(w, {"op": "crl", "pem": pem.decode()})
+
+    def _show_crl(self, rl: RevocationList) -> None:
+        this, nxt = rl.this_update, rl.next_update
+        metrics.IDENTITY.set_crl(
+            this.timestamp() if this else None, nxt.timestamp() if nxt else None, len(rl)
+        )
+
     def reload(self, why: str) -> bool:
-        """Reload files; keep the old identity if the new one is bad."""
+        """Reload files (and MTLS_CRL_FILE); keep the old identity if the new one is bad. In
+        CA mode, fetch the bundle and the CRL now."""
         if self.files is None:
-            log.info("reload (%s) ignored: identity comes from the CA and renews itself", why)
+            if self.ca_source is not None:
+                log.info("%s: fetching the trust bundle and revocation list from the CA", why)
+                self.ca_source.refresh_now()
             return True
-        return self.files.reload(why)
+        ok = self.files.reload(why)
+        if self.crl_file is not None:
+            self.crl_file.load()
+        return bool(ok)
 
     async def obtain_from_ca(self) -> None:
         from .certsource.ca import CaSource
@@ -121,8 +170,15 @@ class Master:
             token = read_file(s.ca_token_file, "join token").decode().strip()
         assert s.ca_url and s.ca_fingerprint and s.identity
         source = CaSource(
-            s.ca_url, token, s.ca_fingerprint, str(s.identity), on_update=self._on_ca_update
+            s.ca_url,
+            token,
+            s.ca_fingerprint,
+            str(s.identity),
+            on_update=self._on_ca_update,
+            on_crl=self.on_crl,
+            bundle_refresh=s.bundle_refresh,
         )
+        self.ca_source = source
         delay = 1.0
         while True:
             try:
@@ -141,6 +197,10 @@ class Master:
                 with contextlib.suppress(CertError):
                     source.set_token(read_file(s.ca_token_file, "join token").decode())
         self.apply(material)
+        try:
+            await source.refresh_crl()  # before serving: revoked peers refused from the start
+        except CertError as exc:
+            log.warning("fetching the revocation list failed (retried with the bundle): %s", exc)
         self.spawn(source.run(), "ca-renewal")
 
     def _on_ca_update(self, material: Material) -> None:
@@ -349,6 +409,9 @@ class Master:
                 on_update=self.apply,
             )
             self.apply(self.files.load())
+            if s.crl_file is not None:
+                self.crl_file = CrlFile(s.crl_file, on_crl=self.on_crl)
+                self.crl_file.load()
         socks_per_route = self._bind()
         raise_nofile_limit(2 * s.max_connections + 64)
         from .admin import start_admin
@@ -368,6 +431,8 @@ class Master:
             await self.obtain_from_ca()
         else:
             self.spawn(self.files.run(), "file-watcher")
+            if self.crl_file is not None:
+                self.spawn(self.crl_file.run(), "crl-watcher")
         await self.start_workers(socks_per_route)
         await self.wait_ready()
         self.serving = True

@@ -32,6 +32,7 @@ from .identity import SpiffeId, parse_spiffe_id
 from .material import load_material
 from .policy import InboundPolicy, check_outbound
 from .relay import AppLeg, NetLeg
+from .revocation import CrlRejected, RevocationList, is_peer_revoked, load_crls
 from .routes import Route
 from .shared import ConnectionCounts
 from .tasks import Tasks
@@ -80,6 +81,7 @@ class Worker:
         self._peer_children: dict[tuple[str, str], _Counter] = {}
         self._expected: dict[str, SpiffeId] = {}
         self._plaintext_until: dict[tuple[str, int], float] = {}
+        self.revocations: RevocationList | None = None
         self.draining = False
         self.drained = asyncio.Event()
         self.own_ports = {s.getsockname()[1] for _, s in listeners} | {settings.admin_listen.port}
@@ -103,6 +105,27 @@ class Worker:
         self.tls = state
         self.trust_domain = domain
         self.policy = policy
+
+    def set_crl(self, pem: bytes) -> None:
+        """A revocation list from the master (which checked it): new handshakes with a
+        listed peer are refused, open connections with one are closed now."""
+        try:
+            rl = load_crls(pem, self.tls.material.issuers)
+        except CrlRejected as exc:
+            log.error("revocation list refused, keeping the current one: %s", exc)
+            return
+        self.revocations = rl
+        cut = [
+            c for c in self.conns if c.peer_cert is not None and is_peer_revoked(rl, c.peer_cert)
+        ]
+        for conn in cut:
+            conn.revoke()
+        if cut:
+            log.warning(
+                "closed %d open connection(s) whose peer certificate was revoked",
+                len(cut),
+                extra={"fields": {"event": "revoked_closed", "count": len(cut)}},
+            )
 
     # --- services for connections --------------------------------------------------------
 
@@ -291,12 +314,16 @@ async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> N
             except (CertError, ValueError, KeyError) as exc:
                 _send({"op": "material_error", "error": str(exc)})
                 continue
+            if msg.get("crl"):
+                worker.set_crl(str(msg["crl"]).encode())
             if not serving:
                 await worker.serve()
                 serving = True
                 _send({"op": "ready", "pid": os.getpid()})
             else:
                 _send({"op": "material_ok", "serial": material.serial_hex})
+        elif op == "crl":
+            worker.set_crl(str(msg.get("pem", "")).encode())
         elif op == "drain":
             stop.set()
             return

@@ -276,3 +276,61 @@ def test_root_rotation_under_traffic(mesh: Mesh) -> None:
         traffic.join(20)
     assert traffic.failures == [], traffic.failures[:5]
     assert traffic.ok > 20
+
+
+def test_ca_revocation_by_identity_cuts_the_stream_within_one_refresh(tmp_path: Path) -> None:
+    """CA mode: `ca revoke --id` reaches the inbound sidecar with its next bundle/CRL fetch
+    (MTLS_BUNDLE_REFRESH), which cuts the revoked client's open stream; renewal is refused."""
+    ca_dir = tmp_path / "ca"
+    ca = CaDir.init(ca_dir, TD)
+    fp = fingerprint(ca.root(1))
+    ca_port = free_port()
+    service = CaService(ca_dir, ca_port, tmp_path / "ca.log", "1h")
+    echo = TcpApp("echo")
+    in_port, out_port = free_port(), free_port()
+    inbound = Sidecar(
+        {
+            **_sidecar_env(ca, fp, ca_port, SERVER),
+            "MTLS_INBOUND": f"127.0.0.1:{in_port}=127.0.0.1:{echo.port}",
+            "MTLS_BUNDLE_REFRESH": "1s",
+        },
+        tmp_path / "inbound.log",
+    )
+    outbound = Sidecar(
+        {
+            **_sidecar_env(ca, fp, ca_port, CLIENT),
+            "MTLS_OUTBOUND": f"127.0.0.1:{out_port}=127.0.0.1:{in_port}@{SERVER}",
+        },
+        tmp_path / "outbound.log",
+    )
+    try:
+        inbound.wait_ready(30)
+        outbound.wait_ready(30)
+        s = socket.create_connection(("127.0.0.1", out_port), timeout=10)
+        s.sendall(b"ping")
+        assert s.recv(4) == b"ping"
+        started = time.monotonic()
+        run = subprocess.run(
+            [sys.executable, "-m", "proxy", "ca", "revoke", "--dir", str(ca_dir), "--id", CLIENT],
+            cwd=ROOT,
+            env=base_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 0, run.stderr
+        s.settimeout(15)
+        try:
+            cut = s.recv(4) == b""
+        except ConnectionResetError:
+            cut = True
+        took = time.monotonic() - started
+        s.close()
+        print(f"ca revoke --id -> stream cut: {took:.2f}s")
+        assert cut and took < 10.0
+        assert inbound.wait_metric("mtls_revoked_connections_closed_total", 1) == 1
+        assert inbound.metric("mtls_crl_reloads_total", result="ok") >= 1
+    finally:
+        inbound.stop()
+        outbound.stop()
+        service.stop()
+        echo.close()

@@ -35,6 +35,11 @@ METRICS = {
     "mtls_cert_reloads_total",
     "mtls_trust_bundle_roots",
     "mtls_handshakes_total",
+    "mtls_crl_reloads_total",
+    "mtls_crl_this_update_timestamp_seconds",
+    "mtls_crl_next_update_timestamp_seconds",
+    "mtls_crl_revoked_certificates",
+    "mtls_revoked_connections_closed_total",
     "up",
 }
 PROMQL_KEYWORDS = {

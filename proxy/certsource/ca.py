@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -81,6 +82,7 @@ class CaSource:
         identity: str,
         *,
         on_update: Callable[[Material], None],
+        on_crl: Callable[[bytes], None] | None = None,
         bundle_refresh: float = 300.0,
         backoff_cap: float = 60.0,
         request_timeout: float = 10.0,
@@ -97,6 +99,8 @@ class CaSource:
         self._token = token.strip()
         self._fingerprint = normalize_fingerprint(fingerprint)
         self._on_update = on_update
+        self._on_crl = on_crl
+        self._wake = asyncio.Event()
         self._bundle_refresh = bundle_refresh
         self._backoff_cap = backoff_cap
         self._timeout = request_timeout
@@ -257,6 +261,34 @@ class CaSource:
         log.info("trust bundle from %s changed: %d root(s)", self.url, len(material.roots))
         return True
 
+    async def refresh_crl(self) -> bool:
+        """Fetch the CRLs (GET /v1/crl) and hand them on; False while the CA has none yet.
+
+        Checking them (signatures, all or nothing) is the receiver's job: a bad set is
+        refused there and the last good one kept.
+        """
+        if self._on_crl is None:
+            return False
+        roots = await self._pin()
+        try:
+            data = await self._request(
+                "GET", "/v1/crl", _client_context(roots), "fetching the revocation list"
+            )
+        except CaUnavailable as exc:
+            if "(503)" in str(exc):
+                return False  # the CA could not make a CRL yet
+            raise
+        self._on_crl(data)
+        return True
+
+    def refresh_now(self) -> None:
+        """Fetch the bundle and the CRL now rather than at the next MTLS_BUNDLE_REFRESH."""
+        self._wake.set()
+
+    async def _sleep_until(self, when: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), max(0.0, when - time.time()))
+
     def renew_at(self, material: Material) -> float:
         """Unix time at which to renew: 2/3 of the lifetime, +-10% jitter."""
         start = material.not_before.timestamp()
@@ -294,7 +326,10 @@ class CaSource:
         refresh_at = time.time() + self._bundle_refresh
         failures = 0
         while True:
-            await asyncio.sleep(max(0.0, min(renew_at, refresh_at) - time.time()))
+            await self._sleep_until(min(renew_at, refresh_at))
+            if self._wake.is_set():
+                self._wake.clear()
+                refresh_at = 0.0  # SIGHUP: bundle and CRL now
             now = time.time()
             material = self._material or material
             expiry = material.not_after.timestamp()
@@ -339,4 +374,8 @@ class CaSource:
                     await self.refresh_bundle()
                 except CertError as exc:
                     log.warning("refreshing the trust bundle failed: %s", exc)
+                try:
+                    await self.refresh_crl()
+                except CertError as exc:
+                    log.warning("fetching the revocation list failed: %s", exc)
                 refresh_at = time.time() + self._bundle_refresh

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import metrics
 from ..errors import CertError
-from ..material import Material, load_material_files
+from ..material import Material, load_material_files, read_file
 
 log = logging.getLogger("mtls.certsource.files")
 
@@ -123,3 +123,41 @@ class FileSource:
                 # writer's updates (a new certificate with the old key). Try again a few times
                 # even if nothing changes any more.
                 retries = 0 if self.reload("retry after a failed reload") else retries - 1
+
+
+class CrlFile:
+    """MTLS_CRL_FILE: PEM CRLs, watched like the identity files. Each change is handed to
+    `on_crl`, which checks it (all or nothing) and keeps the last good list on failure."""
+
+    def __init__(
+        self, path: Path, *, on_crl: Callable[[bytes], None], interval: float = WATCH_INTERVAL
+    ) -> None:
+        self.path = path
+        self._on_crl = on_crl
+        self._interval = interval
+        self._signature: tuple[int, int, int, int] | None = None
+
+    def _stat(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def load(self) -> None:
+        """Read the file now (start-up, SIGHUP); a missing or empty file is logged."""
+        self._signature = self._stat()
+        try:
+            data = read_file(self.path, "revocation list")
+        except CertError as exc:
+            metrics.CRL_RELOADS.labels("error").inc()
+            log.error("cannot read MTLS_CRL_FILE, keeping the current list: %s", exc)
+            return
+        self._on_crl(data)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            sig = self._stat()
+            if sig != self._signature:
+                self.load()

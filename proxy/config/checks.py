@@ -30,7 +30,7 @@ def file_problems(settings: Settings, bad: Collection[str] = ()) -> list[ConfigP
     Only existence and readability: what is inside the files is the material loader's job.
     """
     if settings.identity_source == "files":
-        names = ["cert_file", "key_file", "trust_bundle_file"]
+        names = ["cert_file", "key_file", "trust_bundle_file", "crl_file"]
     else:
         names = ["ca_token_file"]
     problems: list[ConfigProblem] = []

@@ -108,6 +108,12 @@ def cross_problems(s: Settings, bad: Collection[str] = ()) -> list[ConfigProblem
         for name in ("ca_url", "ca_fingerprint", "identity"):
             if ok(name) and getattr(s, name) is None:
                 add(name, "required when MTLS_IDENTITY_SOURCE=ca")
+        if ok("crl_file") and s.crl_file is not None:
+            add(
+                "crl_file",
+                "only with MTLS_IDENTITY_SOURCE=files; with the CA the sidecar fetches the "
+                "CRL itself (every MTLS_BUNDLE_REFRESH)",
+            )
         if ok("ca_token", "ca_token_file"):
             if s.ca_token is not None and s.ca_token_file is not None:
                 add("ca_token", "set only one of MTLS_CA_TOKEN and MTLS_CA_TOKEN_FILE")

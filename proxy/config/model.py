@@ -88,6 +88,7 @@ DURATION_FIELDS = frozenset(
         "connect_timeout",
         "idle_timeout",
         "drain_timeout",
+        "bundle_refresh",
     }
 )
 PORT_LIST_FIELDS = frozenset({"exclude_inbound_ports", "exclude_outbound_ports"})
@@ -115,6 +116,11 @@ class Settings(BaseModel):
     trust_bundle_file: OptPath = Field(
         None, description="PEM trust roots.", examples=["/etc/mtls/ca.crt"]
     )
+    crl_file: OptPath = Field(
+        None,
+        description="PEM CRL(s) of the issuers we trust (files mode), watched.",
+        examples=["/etc/mtls/crl.pem"],
+    )
     ca_url: Annotated[str | None, _text(parse_ca_url)] = Field(
         None, description="The enrolment service.", examples=["https://mtls-ca.internal:8443"]
     )
@@ -123,6 +129,11 @@ class Settings(BaseModel):
     )
     ca_token_file: OptPath = Field(
         None, description="File holding the join token.", examples=["/var/run/mtls/token"]
+    )
+    bundle_refresh: Duration = Field(
+        300.0,
+        description="How often CA mode fetches the trust bundle and the CRL.",
+        examples=["5m"],
     )
     ca_fingerprint: Annotated[str | None, _text(parse_fingerprint)] = Field(
         None,
