@@ -17,6 +17,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from . import flow as f
+from .errors import PolicyDenied
 from .identity import SpiffeId, spiffe_id_from_der
 from .logs import RateLimit
 from .metrics import handshake_counter
@@ -24,7 +25,13 @@ from .proxyproto import CallerInfo, HeaderReader, ProxyHeaderError, caller_from_
 from .relay import AppLeg, NetLeg, _Leg
 from .revocation import PeerCert, RevocationList, is_peer_revoked, peer_cert
 from .routes import Route
-from .tls import TlsState, classify_tls_error, speaks_no_tls
+from .tls import TlsState, alert_name, classify_tls_error, speaks_no_tls
+from .tls_ffi import (
+    X509_V_ERR_APPLICATION_VERIFICATION,
+    X509_V_ERR_CERT_REJECTED,
+    X509_V_ERR_CERT_REVOKED,
+    X509_V_OK,
+)
 
 log = logging.getLogger("mtls.conn")
 _OVERLOAD_LOG = RateLimit(1.0)
@@ -103,6 +110,7 @@ class Conn:
         "bytes_out",
         "called",
         "closed",
+        "denied",
         "established",
         "flow",
         "flushed_in",
@@ -112,6 +120,7 @@ class Conn:
         "header_timer",
         "held_app",
         "host",
+        "hs_done",
         "hs_started",
         "idle_ticks",
         "net",
@@ -141,6 +150,7 @@ class Conn:
         self.idle_ticks = 0
         self.started = host.loop.time()
         self.hs_started = self.started
+        self.hs_done = 0.0  # when relaying began (0: not yet)
         self.held_app: bytearray | None = None
         self.task: asyncio.Task[None] | None = None
         self.handshake_timeout = route.flow_config.handshake_timeout
@@ -150,6 +160,7 @@ class Conn:
         self.header_timer: asyncio.TimerHandle | None = None
         self.proxied_by: str | None = None  # the load balancer that sent the PROXY header
         self.peer_cert: PeerCert | None = None  # for revocation checks while open
+        self.denied: tuple[f.Reason, str] | None = None  # refused inside the handshake
 
     # --- what the legs report ----------------------------------------------------------
 
@@ -306,6 +317,31 @@ class Conn:
                 expired = dt.datetime.fromtimestamp(facts.not_after, dt.UTC).isoformat()
         self._run(f.HandshakeDone(sid, resumed, revoked_serial=revoked, expired_at=expired))
 
+    def verify_peer(self, der: bytes) -> int:
+        """Inbound, inside the handshake: may this peer certificate connect? 0 (X509_V_OK),
+        or the X509 error whose TLS alert tells the peer why not. The reason and message are
+        kept for the rejection counter and log line."""
+        sid = spiffe_id_from_der(der)
+        self.flow.peer_id = sid  # a refusal's log line names who was refused
+        facts = peer_cert(der)
+        rl = self.host.revocations
+        if facts is not None and rl is not None and is_peer_revoked(rl, facts):
+            self.denied = (
+                f.Reason.REVOKED,
+                f"{self.flow.who()} presented certificate serial {facts.serial_hex} "
+                f"({sid or 'no SPIFFE ID'}), which is revoked",
+            )
+            return X509_V_ERR_CERT_REVOKED
+        try:
+            self.flow.check_peer(sid)
+        except PolicyDenied as exc:
+            reason = f.Reason(exc.reason)
+            self.denied = (reason, f"{self.flow.who()}: {exc}")
+            if reason is f.Reason.BAD_CERT:
+                return X509_V_ERR_CERT_REJECTED  # alert bad_certificate
+            return X509_V_ERR_APPLICATION_VERIFICATION  # alert handshake_failure
+        return X509_V_OK
+
     def revoke(self) -> None:
         """A new revocation list lists this connection's peer: cut it (RST), count it."""
         facts = self.peer_cert
@@ -319,6 +355,9 @@ class Conn:
         target = self.target
         if target is not None and self.route.direction == "outbound":
             self.tls.sessions.drop(f"{target[0]}:{target[1]}")
+        if self.denied is not None:  # refused by verify_peer, inside the handshake
+            self._run(f.HandshakeFailed(*self.denied))
+            return
         reason, message = classify_tls_error(exc, self.flow.who())
         self._run(f.HandshakeFailed(f.Reason(reason), message, no_tls=speaks_no_tls(exc)))
 
@@ -327,6 +366,13 @@ class Conn:
 
     def net_failed(self, exc: BaseException) -> None:
         reason, message = classify_tls_error(exc, self.flow.who())
+        alert = alert_name(str(getattr(exc, "reason", None) or ""))
+        if alert == "HANDSHAKE_FAILURE" and not self.bytes_in:
+            # With TLS 1.3 the server judges our certificate after our side of the handshake
+            # is done: handshake_failure then means its policy refused our identity (our own
+            # sidecars say so that way; see verify_peer).
+            reason = "peer_not_allowed"
+            message = f"{self.flow.who()} refused our identity (handshake failure alert)"
         detail = str(getattr(exc, "reason", None) or exc).lower().replace("_", " ")
         self._run(f.TlsError(f.Reason(reason), message, detail, self.bytes_in))
 
@@ -381,6 +427,7 @@ class Conn:
         self._run(f.Eof(f.Side.APP))
 
     def net_eof(self) -> None:
+        self.confirm()  # an end of stream (close_notify) is an answer too
         self._run(f.Eof(f.Side.NET))
 
     def leg_lost(self, leg: _Leg, exc: Exception | None) -> None:
@@ -508,16 +555,12 @@ class Conn:
         app.peer = net
         net.arm_reset()
         app.arm_reset()
-        self.established = True
-        m = self.route.metrics
-        m.connections[action.security].inc()
-        m.active.inc()
-        if action.security is f.Security.MTLS:
-            m.handshake.observe(self.host.loop.time() - self.hs_started)
-            self.host.count_peer(self.route.direction, self.peer_identity)
-            info = net.tls_info()
-            if info is not None:
-                handshake_counter(self.route.direction, info[2], net.resumed()).inc()
+        self.hs_done = self.host.loop.time()
+        if self.route.direction == "inbound" or action.security is not f.Security.MTLS:
+            self._count_open()
+        # else outbound TLS: with TLS 1.3 the remote judges our certificate after our side
+        # of the handshake is done. Counted once it answers (its first byte or its end of
+        # stream); a refusal (an alert before any byte) is then a rejection only.
         net.start()
         if self.route.direction == "inbound":
             return
@@ -530,8 +573,41 @@ class Conn:
         else:
             app.resume_reading()
 
+    def _count_open(self) -> None:
+        """Count the connection as relayed: connections, active, handshake, peer, group."""
+        net = self.net
+        self.established = True
+        m = self.route.metrics
+        security = self.flow.security
+        m.connections[security].inc()
+        m.active.inc()
+        if security is f.Security.MTLS and net is not None:
+            m.handshake.observe(self.hs_done - self.hs_started)
+            self.host.count_peer(self.route.direction, self.peer_identity)
+            info = net.tls_info()
+            if info is not None:
+                handshake_counter(self.route.direction, info[2], net.resumed()).inc()
+
+    def confirm(self) -> None:
+        """Outbound: the remote answered after our handshake, so it accepted us."""
+        if not self.established and not self.closed and self.flow.state is f.State.OPEN:
+            self._count_open()
+
+    def flow_was_open(self, outcome: str) -> bool:
+        """Did this connection relay, and end other than by a refusal?"""
+        return self.hs_done > 0 and not outcome.startswith(
+            (f.Outcome.REJECTED, f.Outcome.UPSTREAM_FAILED)
+        )
+
+    @property
+    def relaying(self) -> bool:
+        """Both legs are up and bytes flow (idle timeouts apply)."""
+        return self.flow.state is f.State.OPEN
+
     def flush_bytes(self) -> None:
         """Add the bytes relayed since the last flush to the counters."""
+        if not self.established:
+            return  # not counted yet (outbound: the remote has not answered)
         din = self.bytes_in - self.flushed_in
         dout = self.bytes_out - self.flushed_out
         if din or dout:
@@ -560,6 +636,8 @@ class Conn:
     def _finish(self, outcome: str, *, abort: bool, logged: bool) -> None:
         if self.closed:
             return
+        if not self.established and self.flow_was_open(outcome):
+            self._count_open()  # e.g. the remote never replied: still a relayed connection
         self.closed = True
         self._stop_header()
         if self.task is not None and not self.task.done():

@@ -602,18 +602,19 @@ class Flow:
     def _tls_error(self, event: TlsError) -> list[Action]:
         if self.state is not State.OPEN or event.bytes_in == 0:
             # With TLS 1.3 a server checks our certificate after our side of the handshake
-            # is done: its refusal arrives as an alert before any data. Count it as such.
-            return self._reject(event.reason, event.message)
+            # is done: its refusal arrives as an alert before any data. Count it as such;
+            # the app, which may have sent its request already, sees the stream cut.
+            return self._reject(event.reason, event.message, abort=self.state is State.OPEN)
         actions: list[Action] = [
             Warn("tls_error", f"TLS error on an open connection with {self.who()}: {event.detail}")
         ]
         return actions + self._finish(_joined(Outcome.TLS_ERROR, event.reason), abort=True)
 
-    def _reject(self, reason: Reason, message: str) -> list[Action]:
+    def _reject(self, reason: Reason, message: str, *, abort: bool = False) -> list[Action]:
         self.state = State.DONE
         return [
             Reject(reason, message),
-            Finish(_joined(Outcome.REJECTED, reason), abort=False, logged=True),
+            Finish(_joined(Outcome.REJECTED, reason), abort=abort, logged=True),
         ]
 
     def _finish(self, outcome: str, *, abort: bool) -> list[Action]:

@@ -62,6 +62,18 @@ _BIO_write = lib.BIO_write
 _BIO_read = lib.BIO_read
 _BIO_pending = lib.BIO_get_mem_data  # with NULL: the byte count a memory BIO holds
 _NULL = ffi.NULL
+
+# Server legs in their handshake, by SSL*: the verify callback asks their connection about
+# the peer's identity (policy, revocation) while OpenSSL can still refuse with an alert.
+_VERIFYING: dict[int, NetLeg] = {}
+
+
+def _decide(ssl_id: int, der: bytes) -> int:
+    leg = _VERIFYING.get(ssl_id)
+    return leg.conn.verify_peer(der) if leg is not None else tls_ffi.X509_V_OK
+
+
+_VERIFY_CALLBACK = tls_ffi.verify_callback(_decide)
 _from_buffer = ffi.from_buffer
 
 
@@ -323,6 +335,8 @@ class NetLeg(_Leg):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        if self.ssl is not None and self.server_side:
+            _VERIFYING.pop(tls_ffi.ssl_id(self.ssl), None)
         state = self.state
         self.state = CLOSED
         if state == HANDSHAKE and not self.conn.closed:
@@ -373,6 +387,10 @@ class NetLeg(_Leg):
         self._bio_in, self._bio_out = bio_in, bio_out
         if self.server_side:
             lib.SSL_set_accept_state(ssl)
+            # The peer's identity is judged inside the handshake, so a refusal reaches it as
+            # a TLS alert (certificate_revoked, handshake_failure) rather than a bare close.
+            tls_ffi.set_verify(ssl, _VERIFY_CALLBACK)
+            _VERIFYING[tls_ffi.ssl_id(ssl)] = self
         else:
             lib.SSL_set_connect_state(ssl)
             session = self._session
@@ -387,6 +405,8 @@ class NetLeg(_Leg):
     def _handshake_step(self) -> None:
         ssl = self.ssl
         r = lib.SSL_do_handshake(ssl)
+        if r == 1 or not (r < 0 and _SSL_get_error(ssl, r) == _WANT_READ):
+            _VERIFYING.pop(tls_ffi.ssl_id(ssl), None)  # the verify callback is done with it
         if r != 1:
             code = _SSL_get_error(ssl, r)
             if code == _WANT_READ and not self._bio_eof:
@@ -505,6 +525,8 @@ class NetLeg(_Leg):
                     break  # all consumed: skip the SSL_ERROR_WANT_READ a further read would give
             if filled:
                 conn.bytes_in += filled
+                if not conn.established:
+                    conn.confirm()  # outbound: the remote's first byte says it accepted us
                 peer.send(_VIEW[:filled])
                 self._got_session()
             if eof:
@@ -589,6 +611,8 @@ class NetLeg(_Leg):
 
     def close(self, abort: bool = False) -> None:
         ssl = self.ssl
+        if ssl is not None and self.server_side:
+            _VERIFYING.pop(tls_ffi.ssl_id(ssl), None)
         if ssl is not None and not self.server_side and not self.eof_out:
             # Freed without close_notify, OpenSSL would flag the session as not resumable;
             # it may be the one the next connection resumes with. Nothing goes on the wire.

@@ -352,7 +352,18 @@ _REMOTE_ALERTS = {
     "TLSV1_ALERT_ACCESS_DENIED": "peer_not_allowed",
     "TLSV1_ALERT_DECRYPT_ERROR": "bad_cert",
     "SSLV3_ALERT_HANDSHAKE_FAILURE": "other",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "revoked",
 }
+
+
+def alert_name(reason: str) -> str:
+    """The alert in an OpenSSL reason, whatever its version prefix: 'SSLV3_ALERT_BAD_CERTIFICATE'
+    and 'TLS_ALERT_BAD_CERTIFICATE' are both 'BAD_CERTIFICATE' ('' when not an alert)."""
+    _, sep, name = reason.partition("ALERT_")
+    return name if sep else ""
+
+
+_ALERTS_BY_NAME = {alert_name(k): v for k, v in _REMOTE_ALERTS.items()}
 
 
 def classify_tls_error(exc: BaseException, who: str) -> tuple[str, str]:
@@ -385,8 +396,9 @@ def classify_tls_error(exc: BaseException, who: str) -> tuple[str, str]:
             return "tls_version", f"{who} offered no TLS version we accept ({text})"
         if reason in _NOT_TLS_REASONS:
             return "not_tls", f"{who} did not speak TLS ({text})"
-        if reason in _REMOTE_ALERTS:
-            return _REMOTE_ALERTS[reason], f"{who} refused our certificate ({text})"
+        label = _REMOTE_ALERTS.get(reason) or _ALERTS_BY_NAME.get(alert_name(reason))
+        if label is not None:
+            return label, f"{who} refused our certificate ({text})"
         if exc.eof:
             return "other", f"{who} closed the connection in the middle of the TLS handshake"
         if reason == "NO_SHARED_CIPHER":

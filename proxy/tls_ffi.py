@@ -8,6 +8,7 @@ the names exported here, so a binding change breaks loudly at import, not at run
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.bindings.openssl.binding import Binding
@@ -60,6 +61,12 @@ REQUIRED = (
     "X509_free",
     "X509_verify_cert_error_string",
     "i2d_X509_bio",
+    "SSL_set_verify",
+    "SSL_get_ex_data_X509_STORE_CTX_idx",
+    "X509_STORE_CTX_get_ex_data",
+    "X509_STORE_CTX_get_current_cert",
+    "X509_STORE_CTX_get_error_depth",
+    "X509_STORE_CTX_set_error",
 )
 
 VERSION_NUMBER: int = lib.OpenSSL_version_num()
@@ -129,6 +136,13 @@ def peer_der(ssl: Any) -> bytes | None:
     cert = lib.SSL_get_peer_certificate(ssl)
     if cert == NULL:
         return None
+    try:
+        return _der(cert)
+    finally:
+        lib.X509_free(cert)
+
+
+def _der(cert: Any) -> bytes | None:
     bio = new_mem_bio()
     try:
         if lib.i2d_X509_bio(bio, cert) != 1:
@@ -138,7 +152,49 @@ def peer_der(ssl: Any) -> bytes | None:
         return bytes(ffi.buffer(data[0], n))
     finally:
         lib.BIO_free(bio)
-        lib.X509_free(cert)
+
+
+VERIFY_PEER_REQUIRED = 0x01 | 0x02  # SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT
+X509_V_OK = 0
+X509_V_ERR_CERT_REVOKED = 23
+X509_V_ERR_CERT_REJECTED = 28
+X509_V_ERR_APPLICATION_VERIFICATION = 50
+
+PeerDecision = Callable[[int, bytes], int]
+"""(SSL* as an int, the peer leaf's DER) -> X509_V_OK to accept, or an X509_V_ERR_* code."""
+
+
+def verify_callback(decide: PeerDecision) -> Any:
+    """An SSL_set_verify callback that, once OpenSSL has verified the chain, asks `decide`
+    about the leaf: refused inside the handshake, so OpenSSL sends the peer the alert for the
+    error code (CERT_REVOKED -> certificate_revoked, APPLICATION_VERIFICATION ->
+    handshake_failure). Keep the returned object alive as long as it is installed."""
+
+    def callback(ok: int, store: Any) -> int:
+        if not ok or lib.X509_STORE_CTX_get_error_depth(store) != 0:
+            return ok
+        try:
+            ssl = lib.X509_STORE_CTX_get_ex_data(store, lib.SSL_get_ex_data_X509_STORE_CTX_idx())
+            der = _der(lib.X509_STORE_CTX_get_current_cert(store))
+            code = decide(int(ffi.cast("uintptr_t", ssl)), der) if der else X509_V_OK
+        except Exception:  # a callback must not raise into OpenSSL: refuse instead
+            code = X509_V_ERR_APPLICATION_VERIFICATION
+        if code == X509_V_OK:
+            return 1
+        lib.X509_STORE_CTX_set_error(store, code)
+        return 0
+
+    return ffi.callback("int(int, X509_STORE_CTX *)", callback)
+
+
+def set_verify(ssl: Any, callback: Any) -> None:
+    """Verify the peer on this SSL with `callback` (from `verify_callback`)."""
+    lib.SSL_set_verify(ssl, VERIFY_PEER_REQUIRED, callback)
+
+
+def ssl_id(ssl: Any) -> int:
+    """The SSL* as an int, the key `verify_callback`'s decisions are looked up by."""
+    return int(ffi.cast("uintptr_t", ssl))
 
 
 def text(ptr: Any) -> str:

@@ -252,7 +252,7 @@ class Worker:
                 if conn.active:
                     conn.active = False
                     conn.idle_ticks = 0
-                elif idle_ticks and conn.established:
+                elif idle_ticks and conn.relaying:
                     conn.idle_ticks += 1
                     if conn.idle_ticks >= idle_ticks:
                         log.info(

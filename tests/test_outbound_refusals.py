@@ -1,0 +1,116 @@
+"""What the outbound side reports when the remote refuses it after the TLS 1.3 handshake:
+a rejection with the remote's reason, never a relayed connection, never an undelivered
+byte counted, and a cut (RST) towards the app rather than an empty reply."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import TD, Pki
+from .harness import Sidecar, TcpApp, free_port, identity_env, wait_for
+from .pki import Identity, pem
+from .test_interop import _outbound_to_stunnel
+
+
+def _app_call(port: int, payload: bytes) -> str:
+    """Send a request the way an app does and say how the connection ended."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        s.settimeout(10)
+        try:
+            data = s.recv(100)
+        except ConnectionResetError:
+            return "reset"
+        return "eof" if not data else "data"
+
+
+def _pair(
+    pki: Pki, tmp: Path, echo: TcpApp, client: Identity, inbound_env: dict[str, str]
+) -> tuple[Sidecar, Sidecar, int]:
+    in_port, out_port = free_port(), free_port()
+    inbound = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"web=127.0.0.1:{in_port}=127.0.0.1:{echo.port}",
+            **inbound_env,
+        },
+        tmp / "inbound.log",
+    )
+    outbound = Sidecar(
+        {
+            **identity_env(client),
+            "MTLS_OUTBOUND": f"out=127.0.0.1:{out_port}=127.0.0.1:{in_port}@{TD}/server",
+        },
+        tmp / "outbound.log",
+    )
+    inbound.wait_ready()
+    outbound.wait_ready()
+    return inbound, outbound, out_port
+
+
+def _outbound_counted_nothing(sc: Sidecar) -> None:
+    assert sc.metric("mtls_connections_total", direction="outbound") == 0
+    assert sc.metric("mtls_peer_connections_total", direction="outbound") == 0
+    assert sc.metric("mtls_bytes_total", direction="outbound", flow="out") == 0
+    assert sc.metric("mtls_handshakes_total", direction="outbound") == 0
+    assert sc.metric("mtls_connections_active", direction="outbound") == 0
+
+
+def test_refused_by_allow_peers_the_remote_says_so_with_an_alert(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    inbound, outbound, out_port = _pair(
+        pki, tmp_path, echo, pki.stranger, {"MTLS_ALLOW_PEERS": f"{TD}/client"}
+    )
+    try:
+        assert _app_call(out_port, b"GET / HTTP/1.1\r\n\r\n") == "reset"
+        rejected = "mtls_connections_rejected_total"
+        assert inbound.wait_metric(rejected, 1, reason="peer_not_allowed") == 1
+        assert outbound.wait_metric(rejected, 1, reason="peer_not_allowed") == 1
+        _outbound_counted_nothing(outbound)
+        lines = [e for e in outbound.log_events() if e.get("event") == "rejected"]
+        assert "refused our identity" in lines[0]["msg"]
+        assert not [e for e in outbound.log_events() if e.get("outcome") == "ok"]
+        # The refused peer is named in the inbound's line, from inside the handshake.
+        refused = [e for e in inbound.log_events() if e.get("reason") == "peer_not_allowed"]
+        assert refused[0]["peer_identity"] == f"{TD}/ns/other/sa/stranger"
+    finally:
+        inbound.stop()
+        outbound.stop()
+
+
+def test_a_good_pair_still_counts_once(pki: Pki, tmp_path: Path, echo: TcpApp) -> None:
+    inbound, outbound, out_port = _pair(pki, tmp_path, echo, pki.client, {})
+    try:
+        assert _app_call(out_port, b"ping") == "data"
+        name = "mtls_connections_total"
+        assert outbound.wait_metric(name, 1, direction="outbound") == 1
+        assert outbound.metric("mtls_handshakes_total", direction="outbound") == 1
+        assert outbound.wait_metric("mtls_bytes_total", 4, direction="outbound", flow="out") == 4
+        # A remote that accepts and then answers nothing: still a relayed connection.
+        with socket.create_connection(("127.0.0.1", out_port), timeout=10) as s:
+            s.sendall(b"x")
+            time.sleep(0.2)
+        assert outbound.wait_metric(name, 2, direction="outbound") == 2
+    finally:
+        inbound.stop()
+        outbound.stop()
+
+
+@pytest.mark.parametrize("workers", ["1"])
+def test_stunnel_refusing_our_ca_is_a_rejection_only(
+    pki: Pki, echo: TcpApp, tmp_path: Path, workers: str
+) -> None:
+    other_bundle = tmp_path / "other-root.pem"
+    other_bundle.write_bytes(pem(pki.other_root.cert))
+    with _outbound_to_stunnel(pki, echo, tmp_path, other_bundle) as (sc, out_port):
+        assert _app_call(out_port, b"hello") in ("reset", "eof")
+        rejected = "mtls_connections_rejected_total"
+        assert wait_for(lambda: sc.metric(rejected, direction="outbound") >= 1)
+        reasons = {e.get("reason") for e in sc.log_events() if e.get("event") == "rejected"}
+        assert reasons & {"unknown_ca", "bad_cert"}, reasons
+        _outbound_counted_nothing(sc)
