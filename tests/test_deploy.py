@@ -504,12 +504,26 @@ def test_ca_statefulset() -> None:
     injector = next(d for _, d in _deployments() if d["metadata"]["name"] == "mtls-injector")
     (container,) = injector["spec"]["template"]["spec"]["containers"]
     assert f"--ca-url={url}" in container["args"]
-    # Every sidecar of the CA example enrols with this Service.
-    for path, dep in _sidecar_deployments():
-        env = container_env(_container(dep["spec"]["template"]["spec"], "mtls-sidecar") or {}, ns)
-        if path.parent == K8S:
-            assert env["MTLS_IDENTITY_SOURCE"] == "ca"
-            assert env["MTLS_CA_URL"] == url
+    # Every sidecar of the CA example enrols with this Service, by its service-account token
+    # (a join token enrols once; two replicas or a restarted sidecar enrol again).
+    demos = [(p, d) for p, d in _sidecar_deployments() if p.parent == K8S]
+    assert len(demos) == 2
+    for _, dep in demos:
+        demo_pod = dep["spec"]["template"]["spec"]
+        sidecar = _container(demo_pod, "mtls-sidecar")
+        assert sidecar is not None
+        env = container_env(sidecar, ns)
+        assert env["MTLS_IDENTITY_SOURCE"] == "ca"
+        assert env["MTLS_CA_URL"] == url
+        token_dir, _, token_name = env["MTLS_CA_TOKEN_FILE"].rpartition("/")
+        (mount,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == token_dir]
+        (source,) = {v["name"]: v for v in demo_pod["volumes"]}[mount["name"]]["projected"][
+            "sources"
+        ]
+        assert source["serviceAccountToken"]["audience"] == args.k8s_audience
+        assert source["serviceAccountToken"]["path"] == token_name
+        sa_name = demo_pod["serviceAccountName"]
+        assert env["MTLS_IDENTITY"] == f"spiffe://cluster.local/ns/{ns}/sa/{sa_name}"
 
 
 def test_ca_state_survives_a_restart(tmp_path: Path) -> None:
