@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -181,7 +182,8 @@ def sidecar_envs() -> list[tuple[str, dict[str, str]]]:
 
 def _all_env_names() -> set[str]:
     names: set[str] = set()
-    for _, dep in _deployments():
+    workloads = [d for _, d in _manifests() if d["kind"] in ("Deployment", "StatefulSet")]
+    for dep in workloads:
         pod = dep["spec"]["template"]["spec"]
         for c in pod.get("initContainers", []) + pod.get("containers", []):
             names |= {e["name"] for e in c.get("env", [])}
@@ -397,72 +399,241 @@ def assert_sidecar_pod_contract(
             assert c["securityContext"]["runAsNonRoot"] is True, f"{where}: {c['name']}"
 
 
-def test_ca_deployment() -> None:
-    docs = {(d["kind"], d["metadata"]["name"]): d for _, d in _manifests()}
-    dep = docs[("Deployment", "mtls-ca")]
-    pod = dep["spec"]["template"]["spec"]
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _ca_docs() -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in _docs(K8S / "ca.yaml")}
+
+
+def _ca_serve_args(ca: dict[str, Any]) -> Any:
+    """The CA container's flags, parsed by `mtls-sidecar ca`'s own parser (so they exist)."""
+    from proxy.ca.cli import build_parser
+
+    assert ca["args"][0] == "ca"
+    args = build_parser().parse_args(ca["args"][1:])
+    assert args.command == "serve"
+    return args
+
+
+def test_ca_statefulset() -> None:
+    """The CA: one pod, its directory (ca.db, crl.pem) on a persistent claim written by both
+    containers, hardened, enrolling by service-account token with the pod's own token and
+    the issuer-discovery binding, behind the Service that sidecars and the injector dial."""
+    from proxy.k8s.inject import Options
+
+    docs = _ca_docs()
+    assert ("Deployment", "mtls-ca") not in docs
+    sts = docs[("StatefulSet", "mtls-ca")]
+    spec = sts["spec"]
+    assert spec["replicas"] == 1
+    pod = spec["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     (ca,) = pod["containers"]
     (keys,) = pod["initContainers"]
-    assert ca["args"][:2] == ["ca", "serve"]
-    ca_dir = ca["args"][ca["args"].index("--dir") + 1]
-    # ca serve reads a private copy (emptyDir in memory) that ca-keys makes of the Secret.
-    (mount,) = [m for m in ca["volumeMounts"] if ca_dir.startswith(m["mountPath"] + "/")]
-    assert volumes[mount["name"]]["emptyDir"]["medium"] == "Memory" and mount["readOnly"] is True
-    assert mount["name"] in {m["name"] for m in keys["volumeMounts"]}
-    secret_mounts = [m for m in keys["volumeMounts"] if "secret" in volumes[m["name"]]]
-    assert [volumes[m["name"]]["secret"]["secretName"] for m in secret_mounts] == ["mtls-ca-keys"]
+    args = _ca_serve_args(ca)
+    ca_dir = str(args.dir)
+
+    # The CA directory is on the claim, read-write, in both containers; nothing of it is an
+    # emptyDir (which would forget ca.db on every restart).
+    claims = {t["metadata"]["name"]: t for t in spec["volumeClaimTemplates"]}
     for c in (ca, keys):
-        assert c["securityContext"]["runAsUser"] == PROXY_UID
-        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        (mount,) = [m for m in c["volumeMounts"] if ca_dir.startswith(m["mountPath"] + "/")]
+        assert mount["name"] in claims and mount["name"] not in volumes, c["name"]
+        assert not mount.get("readOnly"), f"{c['name']}: ca serve writes ca.db and crl.pem"
+    claim = claims[mount["name"]]["spec"]
+    assert claim["accessModes"] == ["ReadWriteOnce"] and claim["resources"]["requests"]["storage"]
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }, "deleting the StatefulSet must not delete the issuance log"
+    # The keys come from the Secret, through ca-keys.
+    secret_mounts = [m for m in keys["volumeMounts"] if "secret" in volumes.get(m["name"], {})]
+    assert [volumes[m["name"]]["secret"]["secretName"] for m in secret_mounts] == ["mtls-ca-keys"]
+    assert not [m for m in ca["volumeMounts"] if "secret" in volumes.get(m["name"], {})]
+
+    # Hardened like the other manifests. The kubelet must not re-chmod the volume on each
+    # mount (group bits on ca.db make ca serve refuse the directory).
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert psc["fsGroup"] == PROXY_UID and psc["fsGroupChangePolicy"] == "OnRootMismatch"
+    for c in (ca, keys):
+        sc = c["securityContext"]
+        assert sc["runAsUser"] == PROXY_UID and sc["runAsNonRoot"] is True, c["name"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["capabilities"] == {"drop": ["ALL"]}, c["name"]
+
+    # Service-account enrolment: the issuer's keys fetched with the pod's own token and CA.
+    assert args.k8s_issuer == "https://kubernetes.default.svc.cluster.local"
+    assert args.k8s_jwks is None
+    assert str(args.k8s_ca_file) == f"{SA_DIR}/ca.crt"
+    assert str(args.k8s_token_file) == f"{SA_DIR}/token"
+    assert args.k8s_audience == Options().token_audience, "the audience inject projects"
+    assert pod["automountServiceAccountToken"] is True
+    assert not any(m["mountPath"] == SA_DIR for c in (ca, keys) for m in c["volumeMounts"])
+    # ...and only the CA: every other pod in the manifests goes without an API token.
+    for path, doc in _manifests():
+        if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet") and doc is not sts:
+            where = f"{path.relative_to(REPO)}:{doc['metadata']['name']}"
+            assert doc["spec"]["template"]["spec"]["automountServiceAccountToken"] is False, where
+    sa = docs[("ServiceAccount", pod["serviceAccountName"])]
+    ns = sts["metadata"]["namespace"]
+    assert sa["metadata"]["namespace"] == ns
+    bindings = [
+        d for (kind, _), d in docs.items()
+        if kind == "ClusterRoleBinding"
+        and d["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                             "name": "system:service-account-issuer-discovery"}
+    ]  # fmt: skip
+    assert [b["subjects"] for b in bindings] == [
+        [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": ns}]
+    ]
+
+    # The Service: selects the pod, reaches ca serve's port, governs the StatefulSet.
     svc = docs[("Service", "mtls-ca")]
-    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
-    listen_port = int(ca["args"][ca["args"].index("--listen") + 1].rpartition(":")[2])
-    assert _port_number(ca, svc["spec"]["ports"][0]["targetPort"]) == listen_port
-    # Every sidecar of the CA example enrols with this Service.
-    for path, dep in _sidecar_deployments():
-        env = container_env(
-            _container(dep["spec"]["template"]["spec"], "mtls-sidecar") or {}, "mtls-demo"
-        )
-        if path.parent == K8S:
-            assert env["MTLS_IDENTITY_SOURCE"] == "ca"
-            assert env["MTLS_CA_URL"] == f"https://mtls-ca.mtls-demo.svc:{listen_port}"
+    assert spec["serviceName"] == svc["metadata"]["name"]
+    assert svc["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    listen_port = args.listen[1]
+    (svc_port,) = svc["spec"]["ports"]
+    assert _port_number(ca, svc_port["targetPort"]) == listen_port
+    url = f"https://{svc['metadata']['name']}.{ns}.svc:{svc_port['port']}"
+    assert f"{svc['metadata']['name']}.{ns}.svc" in args.dns, "the service cert names the URL"
+    # The injector's default --ca-url, and the flag in its Deployment, are this Service.
+    assert Options().ca_url == url
+    injector = next(d for _, d in _deployments() if d["metadata"]["name"] == "mtls-injector")
+    (container,) = injector["spec"]["template"]["spec"]["containers"]
+    assert f"--ca-url={url}" in container["args"]
+    # Every sidecar of the CA example enrols with this Service, by its service-account token
+    # (a join token enrols once; two replicas or a restarted sidecar enrol again).
+    demos = [(p, d) for p, d in _sidecar_deployments() if p.parent == K8S]
+    assert len(demos) == 2
+    for _, dep in demos:
+        demo_pod = dep["spec"]["template"]["spec"]
+        sidecar = _container(demo_pod, "mtls-sidecar")
+        assert sidecar is not None
+        env = container_env(sidecar, ns)
+        assert env["MTLS_IDENTITY_SOURCE"] == "ca"
+        assert env["MTLS_CA_URL"] == url
+        token_dir, _, token_name = env["MTLS_CA_TOKEN_FILE"].rpartition("/")
+        (mount,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == token_dir]
+        (source,) = {v["name"]: v for v in demo_pod["volumes"]}[mount["name"]]["projected"][
+            "sources"
+        ]
+        assert source["serviceAccountToken"]["audience"] == args.k8s_audience
+        assert source["serviceAccountToken"]["path"] == token_name
+        sa_name = demo_pod["serviceAccountName"]
+        assert env["MTLS_IDENTITY"] == f"spiffe://cluster.local/ns/{ns}/sa/{sa_name}"
 
 
-def test_ca_key_copy_satisfies_ca_serve(tmp_path: Path) -> None:
+def test_ca_state_survives_a_restart(tmp_path: Path) -> None:
     """The ca-keys init script, run for real on a Secret-shaped directory (Kubernetes' atomic
-    writer layout: ..data symlinks, files 0440), yields a CA directory that `ca serve` opens."""
+    writer layout: ..data symlinks, files 0440) and a volume, twice, as at two pod starts:
+    the issuance log, a revocation and crl.pem survive the second start, a key that left the
+    Secret leaves the volume, group bits the kubelet added are taken away again, and
+    `ca serve` starts with the manifest's flags on the result."""
     if not (REPO / "proxy" / "ca" / "cli.py").is_file():
         pytest.skip("the CA CLI does not exist yet")
-    docs = {(d["kind"], d["metadata"]["name"]): d for _, d in _manifests()}
-    pod = docs[("Deployment", "mtls-ca")]["spec"]["template"]["spec"]
+    from tests.harness import free_port
+
+    pod = _ca_docs()[("StatefulSet", "mtls-ca")]["spec"]["template"]["spec"]
     (keys,) = pod["initContainers"]
     assert keys["command"][:2] == ["python", "-c"]
     made = tmp_path / "made"
     init = _run_cli("ca", "init", "--dir", str(made), "--trust-domain", "cluster.local")
     assert init.returncode == 0, init.stderr
+    offline = _run_cli("ca", "issue", "--dir", str(made), "--id", "spiffe://cluster.local/vm/db",
+                       "--out", str(tmp_path / "db"))  # fmt: skip
+    assert offline.returncode == 0, offline.stderr  # in the offline ca.db, not the volume's
     (made / "root-1.key").unlink()  # kept offline, as README "deploy" says
     secret = tmp_path / "secret"
     data = secret / "..2026_01_01_00_00_00.000000000"
     data.mkdir(parents=True)
-    for f in made.iterdir():
+    for f in made.iterdir():  # ca.db and crl.pem too: they must not replace the volume's
         (data / f.name).write_bytes(f.read_bytes())
         (data / f.name).chmod(0o440)
         (secret / f.name).symlink_to(Path("..data") / f.name)
     (secret / "..data").symlink_to(data.name)
     secret.chmod(0o1777)
-    ca_root = tmp_path / "emptydir"
-    ca_root.mkdir()
-    ca_root.chmod(0o777)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    volume.chmod(0o2775)  # what fsGroup makes of a fresh volume's root
+    ca_dir = volume / "ca"
     script = keys["command"][2].replace('"/etc/mtls-ca"', repr(str(secret)))
-    script = script.replace('"/var/lib/mtls-ca/ca"', repr(str(ca_root / "ca")))
-    copy = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
+    script = script.replace('"/var/lib/mtls-ca/ca"', repr(str(ca_dir)))
+    assert script != keys["command"][2]
+
+    def start_pod() -> str:
+        copy = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert copy.returncode == 0, copy.stderr
+        info = _run_cli("ca", "info", "--dir", str(ca_dir))
+        assert info.returncode == 0, info.stdout + info.stderr
+        assert "cluster.local" in info.stdout
+        return copy.stdout
+
+    start_pod()
+    client, app = (
+        f"spiffe://cluster.local/ns/mtls-demo/sa/{sa}" for sa in ("demo-client", "demo-app")
     )
-    assert copy.returncode == 0, copy.stderr
-    info = _run_cli("ca", "info", "--dir", str(ca_root / "ca"))
-    assert info.returncode == 0, info.stdout + info.stderr
-    assert "cluster.local" in info.stdout
+    issued = _run_cli("ca", "issue", "--dir", str(ca_dir), "--id", client, "--out",
+                      str(tmp_path / "client"))  # fmt: skip
+    assert issued.returncode == 0, issued.stderr
+    revoked = _run_cli("ca", "revoke", "--dir", str(ca_dir), "--id", app, "--reason",
+                       "keyCompromise")  # fmt: skip
+    assert revoked.returncode == 0, revoked.stderr
+    crl = (ca_dir / "crl.pem").read_bytes()
+    # Between the two starts: the kubelet's fsGroup walk adds group bits, and an old key
+    # (say, a generation removed by rotate-root) is on the volume but no longer in the Secret.
+    for f in ca_dir.iterdir():
+        f.chmod(f.stat().st_mode | 0o660)
+    ca_dir.chmod(0o2770)
+    (ca_dir / "intermediate-9.key").write_bytes(b"old\n")
+    out = start_pod()
+
+    assert "removing intermediate-9.key" in out and "ignoring ca.db" in out
+    assert not (ca_dir / "intermediate-9.key").exists()
+    assert ca_dir.stat().st_mode & 0o777 == 0o700
+    assert (ca_dir / "ca.db").stat().st_mode & 0o777 == 0o600
+    assert (ca_dir / "crl.pem").read_bytes() == crl
+    listing = _run_cli("ca", "list", "--dir", str(ca_dir), "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert [row["identity"] for row in json.loads(listing.stdout)] == [client]
+    again = _run_cli("ca", "issue", "--dir", str(ca_dir), "--id", app, "--out",
+                     str(tmp_path / "app"))  # fmt: skip
+    assert again.returncode != 0 and "revoked" in again.stderr, again.stderr
+
+    # ca serve, with the manifest's flags (paths moved here), serves that directory.
+    (ca,) = pod["containers"]
+    sa_dir = tmp_path / "serviceaccount"
+    sa_dir.mkdir()
+    (sa_dir / "token").write_text("a-token\n")
+    (sa_dir / "ca.crt").write_bytes((made / "root-1.crt").read_bytes())
+    port = free_port()
+    argv = [
+        a.replace("/var/lib/mtls-ca/ca", str(ca_dir)).replace(SA_DIR, str(sa_dir))
+        for a in ca["args"]
+    ]
+    argv[argv.index("--listen") + 1] = f"127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", *argv], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "ca serve never listened"
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=30)[0]
+    assert "created the CA store" not in log, "the store on the volume was used"
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
