@@ -21,7 +21,7 @@ from proxy.server import Master, WorkerProc
 
 from .conftest import Pki
 from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, wait_for
-from .pki import copy_identity, replace_identity
+from .pki import copy_identity, replace_identity, write_identity
 
 
 def _children(pid: int) -> list[int]:
@@ -470,3 +470,48 @@ def test_metrics_dir_of_a_killed_master_is_removed_by_the_next_start(
     finally:
         second.stop()
     assert list(tmpdir.iterdir()) == []
+
+
+def test_sighup_to_a_bad_spiffe_id_keeps_serving_the_old_certificate(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """A reload to a certificate whose URI breaks the SPIFFE grammar (a trailing slash) is
+    refused by the master before any worker sees it: counted, logged, the old certificate
+    still served, /ready 200; a later good reload works; SIGTERM is prompt."""
+    from .test_lifecycle import serial_of, served_serial
+
+    ident = copy_identity(pki.server, tmp_path / "files")
+    bad = write_identity(
+        tmp_path, "bad", pki.inter, [pki.root.cert], "spiffe://test.example/ns/api/sa/api/"
+    )
+    port = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(ident),
+            "MTLS_INBOUND": f"web=127.0.0.1:{port}=127.0.0.1:{echo.port}",
+            "MTLS_WORKERS": "2",
+        },
+        tmp_path / "sc.log",
+    )
+    try:
+        sc.wait_ready()
+        replace_identity(bad, ident)
+        sc.signal(signal.SIGHUP)
+        assert sc.wait_metric("mtls_cert_reloads_total", 1, result="error") >= 1
+        assert sc.get("/ready")[0] == 200
+        status = json.loads(sc.get("/status")[1])
+        assert status["certificate"]["serial"] == format(serial_of(pki.server), "x")
+        assert served_serial(pki, port) == serial_of(pki.server)
+        failed = [e for e in sc.log_events() if e.get("event") == "reload_failed"]
+        assert "trailing slash" in failed[0]["msg"], failed
+        replace_identity(pki.server2, ident)
+        sc.signal(signal.SIGHUP)
+        assert sc.wait_metric("mtls_cert_reloads_total", 1, result="ok") == 1
+        assert wait_for(lambda: served_serial(pki, port) == serial_of(pki.server2))
+        started = time.monotonic()
+        sc.signal(signal.SIGTERM)
+        assert sc.proc.wait(10) == 0
+        assert time.monotonic() - started < 2.0
+        assert "Traceback" not in sc.logs()
+    finally:
+        sc.stop()
