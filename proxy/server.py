@@ -42,6 +42,19 @@ log = logging.getLogger("mtls.server")
 WORKER_STOP_GRACE = 2.0  # seconds a worker gets to exit at a failed start-up before SIGKILL
 
 
+def _older(new: RevocationList, current: RevocationList) -> str | None:
+    """Why `new` may not replace `current` (None: it may): an older list, or one already
+    past its nextUpdate while the current one is not."""
+    if new.this_update and current.this_update and new.this_update < current.this_update:
+        return (
+            f"it is older (thisUpdate {new.this_update.isoformat()}) than the list in use "
+            f"({current.this_update.isoformat()})"
+        )
+    if new.stale and not current.stale:
+        return "it is past its nextUpdate, and the list in use is not"
+    return None
+
+
 @dataclass
 class WorkerProc:
     """One worker process slot: its listening sockets, its process, what it said last."""
@@ -128,9 +141,20 @@ class Master:
                 extra={"fields": {"event": "crl_refused"}},
             )
             return
-        self._show_crl(rl)
+        current = self.revocations
         if pem == self.crl_pem:
+            self._show_crl(rl)
             return
+        if current is not None and (refusal := _older(rl, current)) is not None:
+            # A replayed old list would un-revoke what was revoked since.
+            metrics.CRL_RELOADS.labels("error").inc()
+            log.error(
+                "revocation list refused, keeping the current one: %s",
+                refusal,
+                extra={"fields": {"event": "crl_refused"}},
+            )
+            return
+        self._show_crl(rl)
         metrics.CRL_RELOADS.labels("ok").inc()
         self.crl_pem, self.revocations = pem, rl
         log.info(
@@ -176,6 +200,7 @@ class Master:
             str(s.identity),
             on_update=self._on_ca_update,
             on_crl=self.on_crl,
+            token_file=s.ca_token_file,
             bundle_refresh=s.bundle_refresh,
         )
         self.ca_source = source
@@ -190,12 +215,8 @@ class Master:
             except Exception as exc:
                 log.error("enrolment with %s failed: %r (retrying in %.0fs)", s.ca_url, exc, delay)
             # Cancelled here (SIGTERM) like anywhere else in start-up.
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # the next attempt reads MTLS_CA_TOKEN_FILE again
             delay = min(delay * 2, 60.0)
-            if s.ca_token_file is not None:
-                # A used or expired token is fixed by writing a new one (e.g. a Secret update).
-                with contextlib.suppress(CertError):
-                    source.set_token(read_file(s.ca_token_file, "join token").decode())
         self.apply(material)
         try:
             await source.refresh_crl()  # before serving: revoked peers refused from the start

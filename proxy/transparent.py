@@ -228,15 +228,6 @@ def client_hello_max_version(first: bytes) -> str | None:
 _EXT_PRE_SHARED_KEY = 41
 
 
-def client_hello_offers_psk(first: bytes) -> bool:
-    """Does this ClientHello try to resume a TLS 1.3 session (a pre_shared_key extension)?
-
-    False when it does not, or when `first` does not hold the whole ClientHello. Never raises.
-    """
-    parsed = _client_hello(first)
-    return bool(parsed and parsed[2] and any(t == _EXT_PRE_SHARED_KEY for t, _, _ in parsed[2]))
-
-
 def _normalize(host: str) -> str:
     """Canonical text of an IP address (IPv4-mapped IPv6 -> IPv4, scope id dropped)."""
     try:

@@ -169,9 +169,19 @@ def test_a_forged_crl_is_refused_and_the_last_good_one_kept(
     alice = mesh["alice"]
     assert isinstance(ca, Path) and isinstance(crl, Path) and isinstance(inbound, Sidecar)
     assert isinstance(alice, Identity)
+    before_revoke = crl.read_bytes()
+    # One second apart, so thisUpdate tells the two lists apart (seconds resolution).
+    time.sleep(1.1)
     _ca("revoke", "--dir", str(ca), "--id", str(alice.spiffe_id))
     shutil.copyfile(ca / "crl.pem", crl)
     assert inbound.wait_metric("mtls_crl_revoked_certificates", 1, timeout=10) == 1
+    # Replaying the older list (which does not list alice) is refused: it would un-revoke.
+    errors = inbound.metric("mtls_crl_reloads_total", result="error")
+    crl.write_bytes(before_revoke)
+    assert inbound.wait_metric("mtls_crl_reloads_total", errors + 1, result="error") == errors + 1
+    refused = [e for e in inbound.log_events() if e.get("event") == "crl_refused"]
+    assert "older" in refused[-1]["msg"]
+    assert inbound.metric("mtls_crl_revoked_certificates") == 1
     # A CRL from another CA (same names), then garbage: both refused, alice still revoked.
     other = tmp_path / "other"
     _ca("init", "--dir", str(other), "--trust-domain", "rev.example")

@@ -11,6 +11,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,7 +20,7 @@ from cryptography import x509
 from ..ca.issuer import cert_pem, fingerprint, key_pem, make_csr, new_key, validate_spiffe_id
 from ..ca.memcert import load_cert_chain_from_memory
 from ..errors import CertError
-from ..material import Material, load_material
+from ..material import Material, load_material, read_file
 from ..metrics import CERT_RENEWALS
 
 log = logging.getLogger("mtls.certsource.ca")
@@ -83,6 +84,7 @@ class CaSource:
         *,
         on_update: Callable[[Material], None],
         on_crl: Callable[[bytes], None] | None = None,
+        token_file: Path | None = None,
         bundle_refresh: float = 300.0,
         backoff_cap: float = 60.0,
         request_timeout: float = 10.0,
@@ -100,6 +102,7 @@ class CaSource:
         self._fingerprint = normalize_fingerprint(fingerprint)
         self._on_update = on_update
         self._on_crl = on_crl
+        self._token_file = token_file
         self._wake = asyncio.Event()
         self._bundle_refresh = bundle_refresh
         self._backoff_cap = backoff_cap
@@ -212,7 +215,16 @@ class CaSource:
     # -- operations -----------------------------------------------------------------------
 
     async def enroll(self) -> Material:
-        """Get the first certificate with the join token."""
+        """Get the first certificate with the join token (or service-account token).
+
+        With a token file, the file is read again first: Kubernetes refreshes a projected
+        service-account token in place, and a used join token is fixed by writing a new one.
+        """
+        if self._token_file is not None:
+            try:
+                self.set_token(read_file(self._token_file, "token").decode())
+            except CertError as exc:
+                log.warning("cannot read the token file, using the last token read: %s", exc)
         roots = await self._pin()
         key = new_key()
         body = {"token": self._token, "csr": make_csr(key, self.identity).decode("ascii")}
