@@ -74,7 +74,11 @@ def bind_listener(addr: Address, count: int) -> list[socket.socket]:
     return socks
 
 
-def raise_nofile_limit(needed: int) -> None:
+def raise_nofile_limit(
+    needed: int, setting: str = "MTLS_MAX_CONNECTIONS", per: str = " (2 per proxied connection)"
+) -> int:
+    """Raise the soft open-file limit to the hard one; warn when it stays below `needed`
+    (what `setting` asks for). Returns the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
@@ -83,11 +87,14 @@ def raise_nofile_limit(needed: int) -> None:
             soft = hard
     if soft < needed:
         log.warning(
-            "open-file limit %d is below the %d that MTLS_MAX_CONNECTIONS needs "
-            "(2 per proxied connection): raise it (ulimit -n) or lower MTLS_MAX_CONNECTIONS",
+            "open-file limit %d is below the %d that %s needs%s: raise it (ulimit -n) or lower %s",
             soft,
             needed,
+            setting,
+            per,
+            setting,
         )
+    return soft
 
 
 def drop_privileges(uid: int) -> None:

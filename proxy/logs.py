@@ -67,12 +67,13 @@ class RateLimit:
     def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
         self._clock = clock
-        self._next = 0.0
+        self._next = -float("inf")
         self.suppressed = 0
 
-    def allow(self) -> int | None:
-        """None when this event is to be held back; else how many were held back before it."""
-        now = self._clock()
+    def allow(self, now: float | None = None) -> int | None:
+        """None when this event (at `now`, default: the clock) is to be held back; else how
+        many were held back before it."""
+        now = self._clock() if now is None else now
         if now < self._next:
             self.suppressed += 1
             return None

@@ -24,8 +24,9 @@ from proxy.ca.db import (
     validate_reason,
 )
 from proxy.ca.issuer import issue_leaf, new_key
-from proxy.ca.service import EnrolmentService, RateLimitedLog, is_flat_json_object
+from proxy.ca.service import EnrolmentService, is_flat_json_object
 from proxy.ca.store import CaDir, CaDirError
+from proxy.logs import RateLimit
 from proxy.revocation import load_crls
 
 TD = "corp.example"
@@ -309,11 +310,11 @@ def test_flat_json_check(body: bytes, flat: bool) -> None:
 
 
 def test_rate_limited_log() -> None:
-    limiter = RateLimitedLog(interval=1.0)
+    limiter = RateLimit(interval=1.0)
     # (time, what ready() answers): a line, then held back, then a line reporting how many
     table = [(0.0, 0), (0.1, None), (0.5, None), (0.99, None), (1.0, 3), (1.5, None), (5.0, 1)]
     for now, expected in table:
-        assert limiter.ready(now) == expected, now
+        assert limiter.allow(now) == expected, now
 
 
 def test_the_replaced_intermediate_still_signs_the_crl_of_its_leaves(

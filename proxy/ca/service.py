@@ -21,7 +21,6 @@ import errno
 import json
 import logging
 import re
-import resource
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +31,8 @@ from typing import Any
 from aiohttp import web
 from cryptography import x509
 
+from ..listen import raise_nofile_limit
+from ..logs import RateLimit
 from ..material import leaf_spiffe_id
 from .crl import CRL_REFRESH
 from .db import IdentityRevoked, NonceUsed, serial_hex
@@ -75,42 +76,7 @@ class Limits:
     max_connections: int = 512  # open TLS connections; more are closed at once
 
 
-class RateLimitedLog:
-    """At most one log line per `interval` seconds; the lines held back are counted."""
-
-    def __init__(self, interval: float = 1.0) -> None:
-        self.interval = interval
-        self._last = -float("inf")
-        self.suppressed = 0
-
-    def ready(self, now: float) -> int | None:
-        """None when a line now would be too soon; else how many were held back since."""
-        if now - self._last < self.interval:
-            self.suppressed += 1
-            return None
-        held, self.suppressed, self._last = self.suppressed, 0, now
-        return held
-
-
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-
-
-def raise_nofile_limit(needed: int) -> int:
-    """Raise the soft open-file limit to the hard one; warn when it stays below `needed`."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            log.info("raised the open-file limit from %d to %d", soft, hard)
-            soft = hard
-    if soft < needed:
-        log.warning(
-            "open-file limit %d is below the %d that --max-connections needs: raise it "
-            "(ulimit -n) or lower --max-connections",
-            soft,
-            needed,
-        )
-    return soft
 
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -521,8 +487,8 @@ class ConnectionGuard:
         self.closed_slow = 0
         self.refused_over_limit = 0
         self._timers: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
-        self._slow_log = RateLimitedLog()
-        self._limit_log = RateLimitedLog()
+        self._slow_log = RateLimit()
+        self._limit_log = RateLimit()
 
     def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """A protocol factory for create_server: aiohttp's protocols, guarded."""
@@ -532,7 +498,7 @@ class ConnectionGuard:
         """Count a new connection and start its header deadline; False when over the limit."""
         if self.active >= self.limits.max_connections:
             self.refused_over_limit += 1
-            held = self._limit_log.ready(time.monotonic())
+            held = self._limit_log.allow(time.monotonic())
             if held is not None:
                 log.warning(
                     "connection limit %d reached: closing new connections%s",
@@ -573,7 +539,7 @@ class ConnectionGuard:
     def _expire(self, transport: asyncio.BaseTransport) -> None:
         self._timers.pop(transport, None)
         self.closed_slow += 1
-        held = self._slow_log.ready(time.monotonic())
+        held = self._slow_log.allow(time.monotonic())
         if held is not None:
             peer = transport.get_extra_info("peername")
             log.warning(
@@ -622,7 +588,7 @@ class _GuardedProtocol(asyncio.Protocol):
 
 
 def _resource_error_handler(
-    limiter: RateLimitedLog,
+    limiter: RateLimit,
 ) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
     """An event-loop exception handler: running out of file descriptors (EMFILE on accept)
     is one warning line per second, not a traceback per failed accept."""
@@ -630,7 +596,7 @@ def _resource_error_handler(
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
-            held = limiter.ready(time.monotonic())
+            held = limiter.allow(time.monotonic())
             if held is not None:
                 log.warning(
                     "cannot accept connections: %s%s",
@@ -664,8 +630,8 @@ async def serve(
 ) -> None:
     """Run the service until `stop` is set."""
     loop = asyncio.get_running_loop()
-    loop.set_exception_handler(_resource_error_handler(RateLimitedLog()))
-    raise_nofile_limit(limits.max_connections + 64)
+    loop.set_exception_handler(_resource_error_handler(RateLimit()))
+    raise_nofile_limit(limits.max_connections + 64, "--max-connections", "")
     service = EnrolmentService(
         ca_path,
         leaf_ttl=leaf_ttl,
