@@ -18,22 +18,6 @@ from prometheus_client import multiprocess as _mp
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-# Every rejection reason we classify; also the documented label values.
-REJECT_REASONS = (
-    "not_tls",
-    "no_client_cert",
-    "unknown_ca",
-    "expired_cert",
-    "bad_cert",
-    "peer_not_allowed",
-    "identity_mismatch",
-    "tls_version",
-    "handshake_timeout",
-    "too_many_connections",
-    "loop_detected",
-    "other",
-)
-
 CONNECTIONS = Counter(
     "mtls_connections",
     "Connections proxied, by direction, route and whether the network leg was mTLS or plaintext.",
