@@ -224,6 +224,7 @@ def run_demo(workdir: Path) -> int:
             "mtls_bytes_total",
             "mtls_connections_rejected_total",
             "mtls_peer_connections_total",
+            "mtls_handshakes_total",  # the key exchange: X25519MLKEM768 is post-quantum
             "mtls_cert_expiry_timestamp_seconds",
             "mtls_trust_bundle_roots",
         )

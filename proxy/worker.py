@@ -42,6 +42,7 @@ from .transparent import is_local_destination, local_addresses, original_dst
 log = logging.getLogger("mtls.worker")
 
 SWEEP_INTERVAL = 1.0
+CONFIRM_AFTER = 1.0  # seconds of relaying after which an unanswered outbound TLS leg counts
 FD_RESERVE = 32  # descriptors kept for the event loop, logging, the control pipe, a dial
 
 
@@ -247,7 +248,12 @@ class Worker:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             self.tls.cap_session_lifetime()
+            now = self.loop.time()
             for conn in list(self.conns):
+                if not conn.established and conn.hs_done and now - conn.hs_done >= CONFIRM_AFTER:
+                    # Outbound: a remote that refuses us does so within a round trip; one
+                    # that stayed silent this long accepted (a long upload's bytes count now).
+                    conn.confirm()
                 conn.flush_bytes()
                 if conn.active:
                     conn.active = False

@@ -114,3 +114,23 @@ def test_stunnel_refusing_our_ca_is_a_rejection_only(
         reasons = {e.get("reason") for e in sc.log_events() if e.get("event") == "rejected"}
         assert reasons & {"unknown_ca", "bad_cert"}, reasons
         _outbound_counted_nothing(sc)
+
+
+def test_an_upload_the_remote_never_answers_is_counted_while_open(
+    pki: Pki, tmp_path: Path, eof_app: TcpApp
+) -> None:
+    """A remote that accepts and stays silent (it replies only at the end) is counted within
+    about a second, so a long upload's bytes show while it runs."""
+    inbound, outbound, out_port = _pair(pki, tmp_path, eof_app, pki.client, {})
+    try:
+        with socket.create_connection(("127.0.0.1", out_port), timeout=10) as s:
+            s.sendall(b"u" * 1000)
+            name = "mtls_bytes_total"
+            assert outbound.wait_metric(name, 1000, direction="outbound", flow="out") == 1000
+            assert outbound.metric("mtls_connections_total", direction="outbound") == 1
+            assert outbound.metric("mtls_connections_active", direction="outbound") == 1
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(100) == b"got:1000"
+    finally:
+        inbound.stop()
+        outbound.stop()
