@@ -1201,3 +1201,19 @@ def test_image_install_steps(world_readable_dir: Path) -> None:
         out = proc.communicate(timeout=30)[0]
         echo.close()
     assert proc.returncode == 0, out
+
+
+def test_every_setting_and_metric_is_in_the_readme() -> None:
+    """The README documents every MTLS_* variable the settings know and every metric."""
+    import re
+
+    from proxy.config import known_variables
+
+    text = (REPO / "README.md").read_text()
+    missing = [v for v in known_variables() if f"`{v}`" not in text]
+    assert not missing, f"settings not documented in README.md: {missing}"
+    source = (REPO / "proxy" / "metrics.py").read_text()
+    metrics = set(re.findall(r'"(mtls_[a-z_]+)"', source))
+    assert metrics
+    undocumented = sorted(m for m in metrics if m not in text)
+    assert not undocumented, f"metrics not documented in README.md: {undocumented}"
