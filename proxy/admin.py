@@ -2,21 +2,76 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 from aiohttp import web
 
 from . import __version__, metrics
-from .config import Address
+from .config import Address, Settings
 from .errors import StartupError
 from .listen import bind_listener
 from .logs import BadRequestFilter
+from .material import Material
+from .revocation import RevocationList
+from .routes import Route
+from .shared import ConnectionCounts
 
-if TYPE_CHECKING:
-    from .server import Master
+
+class WorkerView(Protocol):
+    """One worker process slot as /status shows it (proxy.server.WorkerProc)."""
+
+    @property
+    def slot(self) -> int: ...
+
+    @property
+    def proc(self) -> asyncio.subprocess.Process | None: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def restarts(self) -> int: ...
+
+
+class Master(Protocol):
+    """What the admin port reads from and asks of the master (proxy.server.Master)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def started(self) -> float: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def admin_address(self) -> Address: ...
+
+    @property
+    def material(self) -> Material | None: ...
+
+    @property
+    def revocations(self) -> RevocationList | None: ...
+
+    @property
+    def routes(self) -> Sequence[Route]: ...
+
+    @property
+    def workers(self) -> Sequence[WorkerView]: ...
+
+    @property
+    def counts(self) -> ConnectionCounts: ...
+
+    def readiness(self) -> tuple[bool, str]: ...
+
+    def request_drain(self, why: str) -> None: ...
+
 
 MASTER_KEY = web.AppKey("master", object)
 

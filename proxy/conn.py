@@ -17,7 +17,6 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from . import flow as f
-from .errors import PolicyDenied
 from .identity import SpiffeId, spiffe_id_from_der
 from .logs import RateLimit
 from .metrics import handshake_counter
@@ -308,14 +307,18 @@ class Conn:
         resumed = leg.resumed()
         facts = peer_cert(der) if der else None
         self.peer_cert = facts
-        revoked = expired = None
-        if facts is not None:
-            rl = self.host.revocations
-            if rl is not None and is_peer_revoked(rl, facts):
-                revoked = facts.serial_hex
-            if facts.not_after <= time.time():
-                expired = dt.datetime.fromtimestamp(facts.not_after, dt.UTC).isoformat()
+        expired = None
+        if facts is not None and facts.not_after <= time.time():
+            expired = dt.datetime.fromtimestamp(facts.not_after, dt.UTC).isoformat()
+        revoked = self._revoked_serial(facts)
         self._run(f.HandshakeDone(sid, resumed, revoked_serial=revoked, expired_at=expired))
+
+    def _revoked_serial(self, facts: PeerCert | None) -> str | None:
+        """The serial of this peer certificate if the revocation list in use lists it."""
+        rl = self.host.revocations
+        if facts is None or rl is None or not is_peer_revoked(rl, facts):
+            return None
+        return facts.serial_hex
 
     def verify_peer(self, der: bytes) -> int:
         """Inbound, inside the handshake: may this peer certificate connect? 0 (X509_V_OK),
@@ -323,24 +326,15 @@ class Conn:
         kept for the rejection counter and log line."""
         sid = spiffe_id_from_der(der)
         self.flow.peer_id = sid  # a refusal's log line names who was refused
-        facts = peer_cert(der)
-        rl = self.host.revocations
-        if facts is not None and rl is not None and is_peer_revoked(rl, facts):
-            self.denied = (
-                f.Reason.REVOKED,
-                f"{self.flow.who()} presented certificate serial {facts.serial_hex} "
-                f"({sid or 'no SPIFFE ID'}), which is revoked",
-            )
-            return X509_V_ERR_CERT_REVOKED
-        try:
-            self.flow.check_peer(sid)
-        except PolicyDenied as exc:
-            reason = f.Reason(exc.reason)
-            self.denied = (reason, f"{self.flow.who()}: {exc}")
-            if reason is f.Reason.BAD_CERT:
-                return X509_V_ERR_CERT_REJECTED  # alert bad_certificate
-            return X509_V_ERR_APPLICATION_VERIFICATION  # alert handshake_failure
-        return X509_V_OK
+        self.denied = self.flow.judge(sid, self._revoked_serial(peer_cert(der)))
+        if self.denied is None:
+            return X509_V_OK
+        reason = self.denied[0]
+        if reason is f.Reason.REVOKED:
+            return X509_V_ERR_CERT_REVOKED  # alert certificate_revoked
+        if reason is f.Reason.BAD_CERT:
+            return X509_V_ERR_CERT_REJECTED  # alert bad_certificate
+        return X509_V_ERR_APPLICATION_VERIFICATION  # alert handshake_failure
 
     def revoke(self) -> None:
         """A new revocation list lists this connection's peer: cut it (RST), count it."""

@@ -527,27 +527,41 @@ class Flow:
         if self.state not in (State.HANDSHAKE, State.DIALING):
             return []
         self.peer_id = event.peer
-        if event.revoked_serial is not None:
-            return self._reject(
-                Reason.REVOKED,
-                f"{self.who()} presented certificate serial {event.revoked_serial} "
-                f"({event.peer or 'no SPIFFE ID'}), which is revoked",
-            )
-        if event.expired_at is not None:
-            # A resumed session carries the certificate of its first handshake: checked
-            # again here, since resumption skips certificate verification.
-            return self._reject(
-                Reason.EXPIRED_CERT,
-                f"{self.who()} presented a certificate that expired at {event.expired_at} "
-                "(resumed session)",
-            )
-        try:
-            self.check_peer(event.peer)
-        except PolicyDenied as exc:
-            return self._reject(Reason(exc.reason), f"{self.who()}: {exc}")
+        refusal = self.judge(event.peer, event.revoked_serial, event.expired_at)
+        if refusal is not None:
+            return self._reject(*refusal)
         if self.inbound:
             return self._dial_app()
         return self._open()
+
+    def judge(
+        self,
+        peer: SpiffeId | None,
+        revoked_serial: str | None = None,
+        expired_at: str | None = None,
+    ) -> tuple[Reason, str] | None:
+        """Why this peer may not connect (None: it may): its certificate revoked or expired,
+        or the identity policy. Also asked inside the handshake (conn.verify_peer), so the
+        peer gets the refusal as a TLS alert."""
+        if revoked_serial is not None:
+            return (
+                Reason.REVOKED,
+                f"{self.who()} presented certificate serial {revoked_serial} "
+                f"({peer or 'no SPIFFE ID'}), which is revoked",
+            )
+        if expired_at is not None:
+            # A resumed session carries the certificate of its first handshake: checked
+            # again here, since resumption skips certificate verification.
+            return (
+                Reason.EXPIRED_CERT,
+                f"{self.who()} presented a certificate that expired at {expired_at} "
+                "(resumed session)",
+            )
+        try:
+            self.check_peer(peer)
+        except PolicyDenied as exc:
+            return Reason(exc.reason), f"{self.who()}: {exc}"
+        return None
 
     def _handshake_failed(self, event: HandshakeFailed) -> list[Action]:
         if self.state not in (State.HANDSHAKE, State.DIALING, State.SNIFFING):

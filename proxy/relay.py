@@ -20,15 +20,12 @@ import contextlib
 import socket
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from . import tls_ffi
 from .tls import get_session, tls_error, tls_info
 from .tls_ffi import ffi, lib
 from .transparent import sniff
-
-if TYPE_CHECKING:
-    from .conn import Conn
 
 Buf = bytes | bytearray | memoryview
 
@@ -87,12 +84,57 @@ def _owned(data: Buf) -> bytes:
     return data if type(data) is bytes else bytes(data)
 
 
+class LegOwner(Protocol):
+    """What the legs report to and read from the connection they carry (proxy.conn.Conn)."""
+
+    active: bool  # set on every read: the idle sweep resets it
+    bytes_in: int  # application bytes from the network peer
+    bytes_out: int  # application bytes to it
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def established(self) -> bool: ...
+
+    @property
+    def handshake_timeout(self) -> float: ...
+
+    def net_connected(self, leg: NetLeg) -> bool: ...
+
+    def app_connected(self, leg: AppLeg) -> None: ...
+
+    def sniffed(self, tls: bool, first: bytes) -> None: ...
+
+    def closed_before_hello(self, first: bytes) -> None: ...
+
+    def verify_peer(self, der: bytes) -> int: ...
+
+    def handshake_done(self, leg: NetLeg) -> None: ...
+
+    def handshake_failed(self, exc: BaseException) -> None: ...
+
+    def handshake_timed_out(self) -> None: ...
+
+    def net_failed(self, exc: BaseException) -> None: ...
+
+    def confirm(self) -> None: ...
+
+    def hold_from_app(self, data: bytes) -> bool: ...
+
+    def app_eof(self) -> None: ...
+
+    def net_eof(self) -> None: ...
+
+    def leg_lost(self, leg: _Leg, exc: Exception | None) -> None: ...
+
+
 class _Leg(asyncio.BufferedProtocol):
     """What both legs share: the connection, the transport, and backpressure towards the peer."""
 
     __slots__ = ("conn", "peer", "read_blocked", "transport", "write_paused")
 
-    def __init__(self, conn: Conn) -> None:
+    def __init__(self, conn: LegOwner) -> None:
         self.conn = conn
         self.peer: _Leg | None = None
         self.transport: asyncio.Transport | None = None
@@ -165,7 +207,7 @@ class AppLeg(_Leg):
 
     __slots__ = ("prefix",)
 
-    def __init__(self, conn: Conn) -> None:
+    def __init__(self, conn: LegOwner) -> None:
         super().__init__(conn)
         # Bytes to write before anything else (the PROXY v2 header), in the same write as
         # the first payload where there is one.
@@ -249,7 +291,7 @@ class NetLeg(_Leg):
 
     def __init__(
         self,
-        conn: Conn,
+        conn: LegOwner,
         ctx: Any,
         *,
         server_side: bool,
@@ -405,13 +447,12 @@ class NetLeg(_Leg):
     def _handshake_step(self) -> None:
         ssl = self.ssl
         r = lib.SSL_do_handshake(ssl)
-        if r == 1 or not (r < 0 and _SSL_get_error(ssl, r) == _WANT_READ):
-            _VERIFYING.pop(tls_ffi.ssl_id(ssl), None)  # the verify callback is done with it
+        code = _SSL_get_error(ssl, r) if r != 1 else 0
+        if r != 1 and code == _WANT_READ and not self._bio_eof:
+            self._flush()
+            return
+        _VERIFYING.pop(tls_ffi.ssl_id(ssl), None)  # the handshake is over: so is verifying
         if r != 1:
-            code = _SSL_get_error(ssl, r)
-            if code == _WANT_READ and not self._bio_eof:
-                self._flush()
-                return
             exc = tls_error(ssl, code)
             self._flush()  # carries our alert to the peer
             self.state = CLOSED

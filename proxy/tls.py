@@ -6,7 +6,7 @@ import datetime as dt
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -17,8 +17,16 @@ from .errors import CertError
 from .material import Material
 from .tls_ffi import ffi, lib
 
-if TYPE_CHECKING:
-    from .config import Settings
+
+class TlsSettings(Protocol):
+    """What the TLS contexts take from the settings (proxy.config.Settings has them)."""
+
+    @property
+    def min_tls_version(self) -> str: ...
+
+    @property
+    def tls_groups(self) -> Sequence[str]: ...
+
 
 # ECDHE with AEAD ciphers only, for TLS 1.2 when it is enabled (TLS 1.3 suites are all AEAD).
 TLS12_CIPHERS = (
@@ -230,7 +238,7 @@ class TlsState:
         return seconds
 
 
-def tls_state_for(material: Material, settings: Settings) -> TlsState:
+def tls_state_for(material: Material, settings: TlsSettings) -> TlsState:
     """The one check every material passes before it is used, in `check`, in the master
     (before it accepts files, an enrolment, a renewal or a reload) and in each worker: the
     contexts this sidecar's settings build from it. Raises CertError."""
