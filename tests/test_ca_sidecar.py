@@ -3,6 +3,7 @@ root rotation under traffic with zero failed connections."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import subprocess
@@ -84,19 +85,23 @@ def _sidecar_env(ca: CaDir, fp: str, ca_port: int, identity: str) -> dict[str, s
     }
 
 
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[Mesh]:
+@contextlib.contextmanager
+def _mesh(
+    tmp_path: Path, leaf_ttl: str = "8s", inbound_env: dict[str, str] | None = None
+) -> Iterator[Mesh]:
+    """A `ca serve` and a pair enrolled with it (server inbound, client outbound to it)."""
     ca_dir = tmp_path / "ca"
     ca = CaDir.init(ca_dir, TD)
     fp = fingerprint(ca.root(1))
     ca_port = free_port()
-    service = CaService(ca_dir, ca_port, tmp_path / "ca.log", "8s")
+    service = CaService(ca_dir, ca_port, tmp_path / "ca.log", leaf_ttl)
     echo = TcpApp("echo")
     in_port, out_port = free_port(), free_port()
     inbound = Sidecar(
         {
             **_sidecar_env(ca, fp, ca_port, SERVER),
             "MTLS_INBOUND": f"127.0.0.1:{in_port}=127.0.0.1:{echo.port}",
+            **(inbound_env or {}),
         },
         tmp_path / "inbound.log",
     )
@@ -118,6 +123,12 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
         echo.close()
         for sc in (inbound, outbound):
             assert "Traceback" not in sc.logs(), sc.logs()
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    with _mesh(tmp_path) as m:
+        yield m
 
 
 def _client_ctx(mesh: Mesh) -> ssl.SSLContext:
@@ -280,32 +291,9 @@ def test_root_rotation_under_traffic(mesh: Mesh) -> None:
 
 def test_ca_revocation_by_identity_cuts_the_stream_within_one_refresh(tmp_path: Path) -> None:
     """CA mode: `ca revoke --id` reaches the inbound sidecar with its next bundle/CRL fetch
-    (MTLS_BUNDLE_REFRESH), which cuts the revoked client's open stream; renewal is refused."""
-    ca_dir = tmp_path / "ca"
-    ca = CaDir.init(ca_dir, TD)
-    fp = fingerprint(ca.root(1))
-    ca_port = free_port()
-    service = CaService(ca_dir, ca_port, tmp_path / "ca.log", "1h")
-    echo = TcpApp("echo")
-    in_port, out_port = free_port(), free_port()
-    inbound = Sidecar(
-        {
-            **_sidecar_env(ca, fp, ca_port, SERVER),
-            "MTLS_INBOUND": f"127.0.0.1:{in_port}=127.0.0.1:{echo.port}",
-            "MTLS_BUNDLE_REFRESH": "1s",
-        },
-        tmp_path / "inbound.log",
-    )
-    outbound = Sidecar(
-        {
-            **_sidecar_env(ca, fp, ca_port, CLIENT),
-            "MTLS_OUTBOUND": f"127.0.0.1:{out_port}=127.0.0.1:{in_port}@{SERVER}",
-        },
-        tmp_path / "outbound.log",
-    )
-    try:
-        inbound.wait_ready(30)
-        outbound.wait_ready(30)
+    (MTLS_BUNDLE_REFRESH), which cuts the revoked client's open stream."""
+    with _mesh(tmp_path, "1h", {"MTLS_BUNDLE_REFRESH": "1s"}) as mesh:
+        ca_dir, inbound, out_port = mesh.ca_dir, mesh.inbound, mesh.out_port
         s = socket.create_connection(("127.0.0.1", out_port), timeout=10)
         s.sendall(b"ping")
         assert s.recv(4) == b"ping"
@@ -329,8 +317,3 @@ def test_ca_revocation_by_identity_cuts_the_stream_within_one_refresh(tmp_path: 
         assert cut and took < 10.0
         assert inbound.wait_metric("mtls_revoked_connections_closed_total", 1) == 1
         assert inbound.metric("mtls_crl_reloads_total", result="ok") >= 1
-    finally:
-        inbound.stop()
-        outbound.stop()
-        service.stop()
-        echo.close()
