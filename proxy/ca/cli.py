@@ -18,7 +18,9 @@ import logging
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ..config import parse_duration
 from ..errors import ProxyError
@@ -41,29 +43,28 @@ MIN_LEAF_TTL = dt.timedelta(seconds=2)
 MAX_TOKEN_TTL = dt.timedelta(days=30)
 
 
+T = TypeVar("T")
+
+
 class UsageError(ProxyError):
     """Bad command-line input: exit code 2."""
 
 
-def _duration(text: str) -> dt.timedelta:
-    try:
-        return dt.timedelta(seconds=parse_duration(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _arg(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a parser that raises ValueError with a message for a human."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
-def _spiffe_id(text: str) -> str:
-    try:
-        return validate_spiffe_id(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _trust_domain(text: str) -> str:
-    try:
-        return validate_trust_domain(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_duration = _arg(lambda text: dt.timedelta(seconds=parse_duration(text)))
+_spiffe_id = _arg(validate_spiffe_id)
+_trust_domain = _arg(validate_trust_domain)
 
 
 def parse_listen(text: str) -> tuple[str | None, int]:
@@ -108,18 +109,8 @@ def _dns_name(text: str) -> str:
     return name
 
 
-def _reason(text: str) -> str:
-    try:
-        return validate_reason(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _serial(text: str) -> str:
-    try:
-        return parse_serial(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_reason = _arg(validate_reason)
+_serial = _arg(parse_serial)
 
 
 def _positive_int(text: str) -> int:
