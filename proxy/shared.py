@@ -38,6 +38,3 @@ class ConnectionCounts:
     def total(self) -> int:
         """Open connections in all workers."""
         return sum(self._slots)
-
-    def get(self, slot: int) -> int:
-        return int(self._slots[slot])
