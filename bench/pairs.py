@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,6 +242,8 @@ class Sidecar(ProxyKind):
 
     name = "mtls-sidecar"
     label = "mtls-sidecar"
+    # Settings this contender always runs with, over `extra_env`: none, the defaults.
+    forced_env: Mapping[str, str] = {}
 
     def __init__(self) -> None:
         # Extra MTLS_* settings for experiments (`--sidecar-env`); empty means defaults.
@@ -274,6 +276,7 @@ class Sidecar(ProxyKind):
         )
         env["MTLS_OUTBOUND" if side == "client" else "MTLS_INBOUND"] = route
         env.update(self.extra_env)
+        env.update(self.forced_env)
         return env
 
     def _launch(self, ctx: Context, target_port: int, pair: Pair) -> None:
@@ -287,10 +290,30 @@ class Sidecar(ProxyKind):
             ("client", admin_client, client_route),
         ):
             env = self._env(ctx, side, admin, route)
-            pair.procs.append(ctx.procs.start(f"mtls-sidecar-{side}", argv, env=env, cwd=REPO_ROOT))
+            pair.procs.append(ctx.procs.start(f"{self.name}-{side}", argv, env=env, cwd=REPO_ROOT))
         wait_listening([entry, middle, admin_client, admin_server], pair.procs, START_TIMEOUT)
         for admin in (admin_client, admin_server):
             wait_ready(admin, pair, START_TIMEOUT)
+
+
+class SidecarNoReuse(Sidecar):
+    """The same sidecar pair with connection reuse off: one mTLS connection between the
+    sidecars per application connection. Shows what reuse gains (or costs)."""
+
+    name = "mtls-sidecar-noreuse"
+    label = "mtls-sidecar, no reuse"
+    forced_env: Mapping[str, str] = {"MTLS_CONNECTION_REUSE": "false"}
+
+    def unavailable(self) -> str | None:
+        reason = super().unavailable()
+        if reason is not None:
+            return reason
+        from proxy.config import known_variables
+
+        unknown = sorted(set(self.forced_env) - set(known_variables()))
+        if unknown:
+            return f"this sidecar has no {', '.join(unknown)} setting (yet)"
+        return None
 
 
 def wait_ready(admin_port: int, pair: Pair, timeout: float) -> None:
@@ -315,5 +338,8 @@ def wait_ready(admin_port: int, pair: Pair, timeout: float) -> None:
 
 
 SIDECAR = Sidecar()
-ALL_KINDS: list[ProxyKind] = [NoProxy(), Stunnel(), Haproxy(), SIDECAR]
+SIDECAR_NOREUSE = SidecarNoReuse()
+# The contenders that take `--sidecar-env`.
+SIDECARS: list[Sidecar] = [SIDECAR, SIDECAR_NOREUSE]
+ALL_KINDS: list[ProxyKind] = [NoProxy(), Stunnel(), Haproxy(), SIDECAR, SIDECAR_NOREUSE]
 KINDS_BY_NAME = {kind.name: kind for kind in ALL_KINDS}

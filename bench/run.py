@@ -25,7 +25,15 @@ from typing import Any
 
 from bench import report
 from bench.certs import make_certs
-from bench.pairs import ALL_KINDS, KINDS_BY_NAME, SIDECAR, Context, PairCache, ProxyKind
+from bench.pairs import (
+    ALL_KINDS,
+    KINDS_BY_NAME,
+    SIDECAR_NOREUSE,
+    SIDECARS,
+    Context,
+    PairCache,
+    ProxyKind,
+)
 from bench.procs import (
     BenchError,
     Managed,
@@ -51,7 +59,8 @@ def _sidecar_openssl() -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run",
-        description="mtls-sidecar vs stunnel vs haproxy vs no proxy, on loopback.",
+        description="mtls-sidecar (with and without connection reuse) vs stunnel vs haproxy "
+        "vs no proxy, on loopback.",
     )
     names = ",".join(k.name for k in ALL_KINDS)
     defaults = Settings()
@@ -84,7 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra environment for both sidecars (repeatable), e.g. MTLS_WORKERS=1",
+        help="extra environment for every sidecar (both sides, both sidecar contenders; "
+        "repeatable), e.g. MTLS_WORKERS=1",
     )
     args = parser.parse_args(argv)
     args.sidecar_extra = {}
@@ -173,7 +183,7 @@ def _progress(
             extra += f"  WARNING: more than {ERROR_SHARE:.0%} of requests failed"
     value = result[workload.metric]
     print(
-        f"[{rep}] {workload.key:<9} {kind.name:<13} {value:>10.2f} {workload.unit}{extra}"
+        f"[{rep}] {workload.key:<9} {kind.name:<20} {value:>10.2f} {workload.unit}{extra}"
         f"  ({t:.1f} s)",
         flush=True,
     )
@@ -212,7 +222,7 @@ def _measure_all(
                             "error": str(exc),
                         }
                     )
-                    print(f"[{tag}] {workload.key:<9} {kind.name:<13} ERROR {exc}", flush=True)
+                    print(f"[{tag}] {workload.key:<9} {kind.name:<20} ERROR {exc}", flush=True)
                     # Next measurement starts from fresh processes.
                     env.pairs.drop(kind)
                     if workload.key == "bulk":
@@ -247,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     reps = 1 if args.quick else max(1, args.reps)
-    SIDECAR.extra_env = args.sidecar_extra
+    for sidecar in SIDECARS:
+        sidecar.extra_env = args.sidecar_extra
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     logdir = out / "logs"
@@ -330,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             "repetitions": reps,
             "settings": settings.__dict__,
             "sidecar_env": args.sidecar_extra,
+            # What mtls-sidecar-noreuse always runs with, over sidecar_env.
+            "sidecar_noreuse_env": dict(SIDECAR_NOREUSE.forced_env),
         },
         "proxies": [k.name for k in kinds],
         "skipped": skipped,

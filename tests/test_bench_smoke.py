@@ -125,3 +125,29 @@ def test_bench_report_ratios_and_targets() -> None:
     assert met["bulk >= 1.2x stunnel"] is None  # stunnel not measured
     text = report.table(summary, ["haproxy", "mtls-sidecar"])
     assert "1.20x" in text and "ours/haproxy" in text
+
+
+def test_bench_sidecar_env_noreuse_forced(tmp_path: Path) -> None:
+    """`--sidecar-env` reaches both sidecar contenders; the no-reuse one always runs with
+    MTLS_CONNECTION_REUSE=false, whatever the extra environment says."""
+    from bench.certs import make_certs
+    from bench.pairs import ALL_KINDS, SIDECARS, Context, Sidecar, SidecarNoReuse
+    from bench.procs import PortAllocator, ProcessSet
+    from bench.run import parse_args
+
+    assert [k.name for k in ALL_KINDS][-2:] == ["mtls-sidecar", "mtls-sidecar-noreuse"]
+    assert parse_args([]).proxies == [k.name for k in ALL_KINDS]  # run by default
+    assert parse_args(["--only", "mtls-sidecar-noreuse"]).proxies == ["mtls-sidecar-noreuse"]
+    assert {type(s) for s in SIDECARS} == {Sidecar, SidecarNoReuse}
+    ctx = Context(ProcessSet(tmp_path), PortAllocator(), make_certs(tmp_path), tmp_path)
+    extra = {"MTLS_CONNECTION_REUSE": "true", "MTLS_WORKERS": "1"}
+    envs = {}
+    for kind in (Sidecar(), SidecarNoReuse()):
+        kind.extra_env = extra
+        envs[kind.name] = kind._env(ctx, "client", 1, "127.0.0.1:2=127.0.0.1:3")
+    assert envs["mtls-sidecar"]["MTLS_CONNECTION_REUSE"] == "true"
+    assert envs["mtls-sidecar-noreuse"]["MTLS_CONNECTION_REUSE"] == "false"
+    assert {e["MTLS_WORKERS"] for e in envs.values()} == {"1"}
+    assert extra == {"MTLS_CONNECTION_REUSE": "true", "MTLS_WORKERS": "1"}  # not modified
+    without = Sidecar()._env(ctx, "server", 1, "127.0.0.1:2=127.0.0.1:3")
+    assert "MTLS_CONNECTION_REUSE" not in without  # the default contender: defaults
