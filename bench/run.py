@@ -367,7 +367,7 @@ def _report(results: dict[str, Any], out: Path) -> None:
     print()
     print(report.table(summary, proxies))
     if report.SIDECAR in summary:
-        print("\nissue 7 targets (mtls-sidecar, medians):")
+        print()
         print(report.targets_text(summary))
     for what, reason in results["skipped"].items():
         print(f"\nSKIPPED {what}: {reason.splitlines()[0] if reason else ''}")
