@@ -18,9 +18,14 @@ WORKLOADS = {"bulk": "gbit_s", "newconn": "conn_s", "keepalive": "rps", "idle": 
 
 
 def _proxies() -> list[str]:
+    from bench.pairs import SIDECAR_NOREUSE
+
     proxies = ["noproxy", "stunnel"]
     if (REPO / "proxy" / "__main__.py").exists():
         proxies.append("mtls-sidecar")
+        # Once the sidecar has the setting it turns off (until then the contender is skipped).
+        if SIDECAR_NOREUSE.unavailable() is None:
+            proxies.append("mtls-sidecar-noreuse")
     return proxies
 
 
