@@ -17,9 +17,11 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from . import flow as f
+from . import mux
 from .identity import SpiffeId, spiffe_id_from_der
 from .logs import RateLimit
 from .metrics import handshake_counter
+from .pool import FOREIGN_TTL, Carrier, Key, Pool, StreamLeg
 from .proxyproto import CallerInfo, HeaderReader, ProxyHeaderError, caller_from_tls, caller_header
 from .relay import AppLeg, NetLeg, _Leg
 from .revocation import PeerCert, RevocationList, is_peer_revoked, peer_cert
@@ -35,6 +37,25 @@ from .tls_ffi import (
 log = logging.getLogger("mtls.conn")
 _OVERLOAD_LOG = RateLimit(1.0)
 
+# How a refusal of a stream reaches the dialling sidecar (RESET codes), and back.
+_RESET_FOR: dict[f.Reason, int] = {
+    f.Reason.PEER_NOT_ALLOWED: mux.RESET_NOT_ALLOWED,
+    f.Reason.IDENTITY_MISMATCH: mux.RESET_NOT_ALLOWED,
+    f.Reason.NO_CLIENT_CERT: mux.RESET_NOT_ALLOWED,
+    f.Reason.REVOKED: mux.RESET_REVOKED,
+    f.Reason.EXPIRED_CERT: mux.RESET_EXPIRED,
+    f.Reason.TOO_MANY_CONNECTIONS: mux.RESET_LIMIT,
+    f.Reason.BAD_DESTINATION: mux.RESET_BAD_DESTINATION,
+    f.Reason.LOOP_DETECTED: mux.RESET_BAD_DESTINATION,
+}
+_REFUSED_AS: dict[int, tuple[f.Reason, str]] = {
+    mux.RESET_NOT_ALLOWED: (f.Reason.PEER_NOT_ALLOWED, "refused our identity"),
+    mux.RESET_REVOKED: (f.Reason.REVOKED, "says our certificate is revoked"),
+    mux.RESET_EXPIRED: (f.Reason.EXPIRED_CERT, "says our certificate expired"),
+    mux.RESET_LIMIT: (f.Reason.TOO_MANY_CONNECTIONS, "is at its connection limit"),
+    mux.RESET_BAD_DESTINATION: (f.Reason.BAD_DESTINATION, "refused the destination"),
+}
+
 
 class ConnHost(Protocol):
     """What a connection needs from the worker that serves it."""
@@ -43,6 +64,7 @@ class ConnHost(Protocol):
     connect_timeout: float
     tls: TlsState
     revocations: RevocationList | None
+    pool: Pool | None  # outbound pooled connections (None: MTLS_CONNECTION_REUSE=false)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]: ...
 
@@ -65,6 +87,27 @@ class ConnHost(Protocol):
         ...
 
     def knows_plaintext(self, target: tuple[str, int]) -> bool: ...
+
+    def new_carrier(
+        self,
+        leg: NetLeg,
+        route: Route,
+        *,
+        peer_id: SpiffeId | None,
+        peer_facts: PeerCert | None,
+        peername: tuple[str, int] | None,
+        called: tuple[str, int] | None,
+        key: Key | None,
+    ) -> Carrier:
+        """Make `leg`, which negotiated connection reuse, a pooled connection."""
+        ...
+
+    def stream_destination(
+        self, dst: tuple[str, int]
+    ) -> tuple[tuple[str, int] | None, tuple[f.Reason, str] | None]:
+        """Transparent inbound: where a stream naming `dst` goes (our app on loopback), or
+        why it may not go there."""
+        ...
 
     def remember_plaintext(self, target: tuple[str, int]) -> None: ...
 
@@ -125,6 +168,7 @@ class Conn:
         "net",
         "peer_cert",
         "peername",
+        "pool_key",
         "proxied_by",
         "route",
         "started",
@@ -137,7 +181,7 @@ class Conn:
         self.route = route
         self.flow = f.Flow(route.flow_config, host.peer_check(route))
         self.tls = host.tls  # the identity this connection began with, kept to its end
-        self.net: NetLeg | None = None
+        self.net: NetLeg | StreamLeg | None = None
         self.app: AppLeg | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -160,6 +204,7 @@ class Conn:
         self.proxied_by: str | None = None  # the load balancer that sent the PROXY header
         self.peer_cert: PeerCert | None = None  # for revocation checks while open
         self.denied: tuple[f.Reason, str] | None = None  # refused inside the handshake
+        self.pool_key: Key | None = None  # outbound: dialling a pooled connection for this
 
     # --- what the legs report ----------------------------------------------------------
 
@@ -225,7 +270,7 @@ class Conn:
                 return
         self._run(f.Dialled())
 
-    def _proxy_header(self, net: NetLeg) -> bytes:
+    def _proxy_header(self, net: NetLeg | StreamLeg) -> bytes:
         """The PROXY v2 header telling the app who called: address, TLS facts, SPIFFE ID."""
         route = self.route
         src = self.peername or ("0.0.0.0", 0)
@@ -294,6 +339,35 @@ class Conn:
             )
         )
 
+    def stream_accepted(self, stream: StreamLeg) -> None:
+        """Inbound: a stream on a pooled connection carries a new app connection; it is
+        judged like a connection of its own (policy, revocation, destination) but has no
+        handshake of its own."""
+        self.net = stream
+        carrier = stream.carrier
+        route = self.route
+        self.peername = carrier.peername
+        peer = _addr(self.peername) if self.peername is not None else "?"
+        target = route.target
+        forbidden: tuple[f.Reason, str] | None = None
+        if route.transparent:
+            target, forbidden = self.host.stream_destination(stream.info.dst)
+            self.called = stream.info.dst
+        else:
+            self.called = carrier.called
+        refused = self.host.admit(self) if target is not None else None
+        self._run(
+            f.Accepted(
+                peer,
+                target,
+                admitted=refused is None,
+                limit_note=refused or "",
+                forbidden=forbidden,
+            )
+        )
+        if not self.closed:
+            self.sniffed(True, b"")
+
     def sniffed(self, tls: bool, first: bytes) -> None:
         """Inbound: the first bytes said TLS or not."""
         self._run(f.Sniffed(tls, first[:16]), first)
@@ -301,17 +375,140 @@ class Conn:
     def closed_before_hello(self, first: bytes) -> None:
         self._run(f.ClosedBeforeHello(len(first)))
 
-    def handshake_done(self, leg: NetLeg) -> None:
-        der = leg.peer_der()
-        sid: SpiffeId | None = spiffe_id_from_der(der) if der else None
+    def handshake_done(self, leg: NetLeg | StreamLeg) -> None:
+        sid: SpiffeId | None
+        if isinstance(leg, StreamLeg):
+            # The carrier's peer, parsed once for all its streams.
+            sid, facts = leg.carrier.peer_id, leg.carrier.peer_facts
+        else:
+            der = leg.peer_der()
+            sid = spiffe_id_from_der(der) if der else None
+            facts = peer_cert(der) if der else None
         resumed = leg.resumed()
-        facts = peer_cert(der) if der else None
         self.peer_cert = facts
         expired = None
         if facts is not None and facts.not_after <= time.time():
             expired = dt.datetime.fromtimestamp(facts.not_after, dt.UTC).isoformat()
         revoked = self._revoked_serial(facts)
+        if isinstance(leg, NetLeg) and leg.alpn() == mux.ALPN:
+            if self._make_carrier(leg, sid, facts, revoked, expired):
+                return
+        elif self.pool_key is not None:
+            # A peer without connection reuse (another proxy, or reuse turned off there):
+            # one TLS connection per app connection to it for a while.
+            self._dial_done(None, FOREIGN_TTL)
         self._run(f.HandshakeDone(sid, resumed, revoked_serial=revoked, expired_at=expired))
+
+    def _make_carrier(
+        self,
+        leg: NetLeg,
+        sid: SpiffeId | None,
+        facts: PeerCert | None,
+        revoked: str | None,
+        expired: str | None,
+    ) -> bool:
+        """Both sides negotiated connection reuse: make `leg` a pooled connection. Inbound
+        this connection was only its handshake and ends here, unlogged (True); outbound it
+        becomes the carrier's first stream and goes on (False)."""
+        if self.flow.judge(sid, revoked, expired) is not None:
+            if self.pool_key is not None:
+                self._dial_done(None, 0)
+            return False  # refused as any connection: the flow says so
+        route = self.route
+        seconds = self.host.loop.time() - self.hs_started
+        info = leg.tls_info()
+        group, resumed = (info[2] if info else ""), leg.resumed()
+
+        def count_handshake() -> None:
+            route.metrics.handshake.observe(seconds)
+            handshake_counter(route.direction, group, resumed).inc()
+
+        if route.direction == "inbound":
+            count_handshake()
+            self.host.new_carrier(
+                leg,
+                route,
+                peer_id=sid,
+                peer_facts=facts,
+                peername=self.peername,
+                called=self.called,
+                key=None,
+            )
+            # This connection was the carrier's handshake, not an app connection.
+            self.closed = True
+            self.net = None
+            self.host.forget(self)
+            return True
+        target = self.target
+        assert target is not None
+        key: Key = (target[0], target[1], route.expected_peer)
+        carrier = self.host.new_carrier(
+            leg, route, peer_id=sid, peer_facts=facts, peername=target, called=None, key=key
+        )
+        carrier.on_answer = count_handshake  # once the remote answers: it accepted us
+        self.net = carrier.open_stream(self, self._open_info())
+        if self.pool_key is not None:
+            self._dial_done(carrier, 0)
+        else:
+            pool = self.host.pool
+            if pool is not None:
+                pool.add(key, carrier)
+        return False
+
+    def _open_info(self) -> mux.OpenInfo:
+        target = self.target or ("", 0)
+        src = self.peername or ("", 0)
+        return mux.OpenInfo(target, src)
+
+    def _dial_done(self, carrier: Carrier | None, ttl: float) -> None:
+        key, self.pool_key = self.pool_key, None
+        pool = self.host.pool
+        if key is not None and pool is not None:
+            pool.dial_done(key, carrier, self.host.loop.time(), ttl)
+
+    def _try_pool(self, host: str, port: int) -> bool:
+        """Outbound: carry this connection on a pooled connection to (host, port), now or
+        once the one being dialled is up (True); False: dial (and maybe pool) a new one."""
+        pool = self.host.pool
+        if pool is None or self.tls is not self.host.tls:
+            return False
+        key: Key = (host, port, self.route.expected_peer)
+        carrier = pool.take(key)
+        if carrier is not None:
+            self.use_carrier(carrier)
+            return True
+        if pool.foreign(key, self.host.loop.time()):
+            return False
+        if pool.wait(key, self):
+            return True
+        pool.dial_started(key)
+        self.pool_key = key
+        return False
+
+    def use_carrier(self, carrier: Carrier) -> None:
+        """Outbound: open this connection as a stream on `carrier`."""
+        if self.closed:
+            return
+        self.net = carrier.open_stream(self, self._open_info())
+        self.hs_started = self.host.loop.time()
+        self._run(f.Dialled())  # then the stream's "handshake", done at once
+
+    def dial_alone(self) -> None:
+        """Outbound: the pooled connection we waited for did not come; dial our own."""
+        if self.closed or self.target is None:
+            return
+        host, port = self.target
+        self.task = self.host.spawn(self._dial_remote(host, port, True), "dial-remote")
+
+    def stream_refused(self, code: int) -> None:
+        """Outbound: the far sidecar refused our stream (RESET before ACCEPT)."""
+        refusal = _REFUSED_AS.get(code)
+        if refusal is None:
+            self._run(f.Lost(f.Side.NET, True))  # e.g. it could not reach its app
+            return
+        reason, words = refusal
+        name = mux.RESET_NAMES.get(code, str(code))
+        self._run(f.TlsError(reason, f"{self.flow.who()} {words} (stream refused)", name, 0))
 
     def _revoked_serial(self, facts: PeerCert | None) -> str | None:
         """The serial of this peer certificate if the revocation list in use lists it."""
@@ -346,6 +543,8 @@ class Conn:
         self._run(f.Revoked(facts.serial_hex))
 
     def handshake_failed(self, exc: BaseException) -> None:
+        if self.pool_key is not None:
+            self._dial_done(None, 0)  # waiters dial their own (this one may fall back)
         target = self.target
         if target is not None and self.route.direction == "outbound":
             self.tls.sessions.drop(f"{target[0]}:{target[1]}")
@@ -448,7 +647,7 @@ class Conn:
                 assert self.net is not None
                 self.net.start_tls(first)
             case f.AcceptPlaintext():
-                assert self.net is not None
+                assert isinstance(self.net, NetLeg)  # a stream is never plaintext
                 self.net.accept_plaintext(first)
             case f.Warn(event=event, message=message):
                 log.warning(message, extra={"fields": self._fields(event)})
@@ -458,6 +657,8 @@ class Conn:
                 else:
                     if self.app is not None:
                         self.app.pause_reading()  # until the remote is up
+                    if tls and self._try_pool(host, port):
+                        return
                     self.task = self.host.spawn(self._dial_remote(host, port, tls), "dial-remote")
             case f.Fallback(host=host, port=port, message=message):
                 fields = self._fields("plaintext_fallback")
@@ -474,6 +675,8 @@ class Conn:
                 if leg is not None:
                     leg.send_eof()
             case f.Reject(reason=reason, message=message):
+                if isinstance(self.net, StreamLeg):
+                    self.net.reset_code = _RESET_FOR.get(reason, mux.RESET_CANCEL)
                 self.route.metrics.rejected(reason).inc()
                 held: int | None = 0
                 if reason is f.Reason.TOO_MANY_CONNECTIONS:
@@ -489,6 +692,8 @@ class Conn:
                     message += f" ({held} more refused for this since the last line)"
                 log.warning("rejected: %s", message, extra={"fields": fields})
             case f.UpstreamFailed(reason=reason, text=text):
+                if isinstance(self.net, StreamLeg):
+                    self.net.reset_code = mux.RESET_UPSTREAM
                 self.route.metrics.upstream_failure(reason).inc()
                 host, port = self.target or ("?", 0)
                 what = "the app" if self.route.direction == "inbound" else "the remote"
@@ -547,6 +752,7 @@ class Conn:
         assert net is not None and app is not None
         net.peer = app
         app.peer = net
+        app.framed = isinstance(net, StreamLeg)
         net.arm_reset()
         app.arm_reset()
         self.hs_done = self.host.loop.time()
@@ -576,11 +782,12 @@ class Conn:
         m.connections[security].inc()
         m.active.inc()
         if security is f.Security.MTLS and net is not None:
-            m.handshake.observe(self.hs_done - self.hs_started)
             self.host.count_peer(self.route.direction, self.peer_identity)
-            info = net.tls_info()
-            if info is not None:
-                handshake_counter(self.route.direction, info[2], net.resumed()).inc()
+            if isinstance(net, NetLeg):  # a stream's handshake was its carrier's, counted then
+                m.handshake.observe(self.hs_done - self.hs_started)
+                info = net.tls_info()
+                if info is not None:
+                    handshake_counter(self.route.direction, info[2], net.resumed()).inc()
 
     def confirm(self) -> None:
         """Outbound: the remote answered after our handshake, so it accepted us."""
@@ -618,13 +825,20 @@ class Conn:
         net = self.net
         info = net.tls_info() if net is not None and self.established else None
         if net is None or info is None:
-            return {"tls_version": None, "tls_cipher": None, "tls_group": None, "tls_resumed": None}
+            return {
+                "tls_version": None,
+                "tls_cipher": None,
+                "tls_group": None,
+                "tls_resumed": None,
+                "pooled": False,
+            }
         version, cipher, group = info
         return {
             "tls_version": version,
             "tls_cipher": cipher,
             "tls_group": group,
             "tls_resumed": net.resumed(),
+            "pooled": isinstance(net, StreamLeg),
         }
 
     def _finish(self, outcome: str, *, abort: bool, logged: bool) -> None:
@@ -633,6 +847,8 @@ class Conn:
         if not self.established and self.flow_was_open(outcome):
             self._count_open()  # e.g. the remote never replied: still a relayed connection
         self.closed = True
+        if self.pool_key is not None:
+            self._dial_done(None, 0)  # waiters dial their own
         self._stop_header()
         if self.task is not None and not self.task.done():
             self.task.cancel()

@@ -57,6 +57,7 @@ class Reason(StrEnum):
     TOO_MANY_CONNECTIONS = "too_many_connections"
     BAD_PROXY_HEADER = "bad_proxy_header"
     LOOP_DETECTED = "loop_detected"
+    BAD_DESTINATION = "bad_destination"  # a pooled stream named an address not ours
     OTHER = "other"
 
 
@@ -105,6 +106,7 @@ class Accepted:
     destination (None: there is none, or it is this sidecar: a loop). `admitted` is False
     when the connection limit is reached. `plaintext_known`: outbound permissive only, the
     target was seen without mTLS recently, so dial it in plaintext straight away.
+    `forbidden`: a stream on a pooled connection named a destination we refuse, and why.
     """
 
     peer: str
@@ -112,6 +114,7 @@ class Accepted:
     admitted: bool = True
     plaintext_known: bool = False
     limit_note: str = ""
+    forbidden: tuple[Reason, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,6 +474,8 @@ class Flow:
     def _accepted(self, event: Accepted) -> list[Action]:
         self.peer = event.peer
         self.target = event.target
+        if event.forbidden is not None:
+            return self._reject(*event.forbidden)
         if event.target is None:
             if self.inbound:
                 message = f"peer {self.peer}: no original destination"

@@ -84,6 +84,52 @@ HANDSHAKES = Counter(
     ["direction", "group", "resumed"],
 )
 
+POOL_CONNECTIONS = Gauge(
+    "mtls_pool_connections",
+    "Pooled mTLS connections between sidecars (connection reuse), by direction; state=open "
+    "counts all of them, state=idle those carrying no stream right now.",
+    ["direction", "state"],
+    multiprocess_mode="livesum",
+)
+POOL_STREAMS = Counter(
+    "mtls_pool_streams",
+    "Application connections carried as streams on a pooled mTLS connection (no handshake "
+    "of their own), by direction.",
+    ["direction"],
+)
+POOL_STREAMS_PER_CONNECTION = Histogram(
+    "mtls_pool_streams_per_connection",
+    "Streams a pooled mTLS connection carried in its life, observed when it closes.",
+    ["direction"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000, 10000, 100000),
+)
+POOL_RETIRED = Counter(
+    "mtls_pool_retired",
+    "Pooled mTLS connections retired, by direction and why: idle, max_lifetime, rotation "
+    "(our certificate or trust bundle changed), goaway (the peer's did), drain, revoked, "
+    "broken (TCP or TLS error), protocol_error.",
+    ["direction", "reason"],
+)
+
+
+class PoolChildren:
+    """The labelled pool series of one direction."""
+
+    def __init__(self, direction: str) -> None:
+        self.open = POOL_CONNECTIONS.labels(direction, "open")
+        self.idle = POOL_CONNECTIONS.labels(direction, "idle")
+        self.streams = POOL_STREAMS.labels(direction)
+
+
+_pool_children: dict[str, PoolChildren] = {}
+
+
+def pool_gauges(direction: str) -> PoolChildren:
+    children = _pool_children.get(direction)
+    if children is None:
+        children = _pool_children[direction] = PoolChildren(direction)
+    return children
+
 
 class IdentityGauges(Collector):
     """The master's view of its identity: the current certificate's expiry and the trust

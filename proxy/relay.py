@@ -35,6 +35,10 @@ _BATCH_LIMIT = BUF_SIZE - 16 * 1024 - 256
 _BUF = bytearray(BUF_SIZE)
 _VIEW = memoryview(_BUF)
 _PTR = ffi.from_buffer(_BUF)  # the same buffer for OpenSSL: SSL_read and BIO_write use it
+# An app leg whose peer is a stream on a pooled connection reads after room for the frame
+# header (mux.HEADER_SIZE), so the frame goes to SSL_write without a copy.
+FRAME_ROOM = 8
+_FRAMED_VIEW = _VIEW[FRAME_ROOM:]
 
 # Bytes a transport may buffer before the other leg stops reading.
 WRITE_HIGH = 256 * 1024
@@ -176,6 +180,10 @@ class _Leg(asyncio.BufferedProtocol):
     def send_eof(self) -> None:
         raise NotImplementedError
 
+    def send_framed(self, n: int) -> None:
+        """Send `n` bytes read into the shared buffer after FRAME_ROOM bytes (stream legs)."""
+        raise NotImplementedError
+
     def _linger(self, value: bytes) -> None:
         t = self.transport
         sock = t.get_extra_info("socket") if t is not None else None
@@ -205,10 +213,11 @@ class _Leg(asyncio.BufferedProtocol):
 class AppLeg(_Leg):
     """The plaintext leg to or from the local application."""
 
-    __slots__ = ("prefix",)
+    __slots__ = ("framed", "prefix")
 
     def __init__(self, conn: LegOwner) -> None:
         super().__init__(conn)
+        self.framed = False  # the peer is a stream: read after the frame header's room
         # Bytes to write before anything else (the PROXY v2 header), in the same write as
         # the first payload where there is one.
         self.prefix: bytes | None = None
@@ -219,10 +228,17 @@ class AppLeg(_Leg):
         self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         self.conn.app_connected(self)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _FRAMED_VIEW if self.framed else _VIEW
+
     def buffer_updated(self, nbytes: int) -> None:
         conn = self.conn
         conn.active = True
         peer = self.peer
+        if self.framed:
+            if peer is not None:
+                peer.send_framed(nbytes)
+            return
         if peer is None:
             # Not relaying yet (outbound: the remote is still being dialled, or a PROXY
             # header is still coming). uvloop starts reading after connection_made whatever
@@ -486,6 +502,23 @@ class NetLeg(_Leg):
             self.conn.handshake_timed_out()
 
     # --- facts about the TLS session ----------------------------------------------------
+
+    def alpn(self) -> bytes:
+        """The ALPN protocol agreed on (b'' for none, or plaintext)."""
+        return tls_ffi.alpn_selected(self.ssl) if self.ssl is not None else b""
+
+    def write_ptr(self, ptr: Any, n: int) -> Exception | None:
+        """Encrypt `n` bytes at `ptr` and send them (a pooled connection's frames); the
+        TLS error if that failed."""
+        t = self.transport
+        if t is None or t.is_closing() or self.eof_out:
+            return None
+        ssl = self.ssl
+        r = _SSL_write(ssl, ptr, n)
+        if r <= 0:
+            return tls_error(ssl, _SSL_get_error(ssl, r))
+        self._flush()
+        return None
 
     def resumed(self) -> bool:
         """Was this TLS connection resumed from a session ticket?"""

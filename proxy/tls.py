@@ -15,6 +15,7 @@ from OpenSSL import SSL, crypto
 from . import tls_ffi
 from .errors import CertError
 from .material import Material
+from .mux import ALPN
 from .tls_ffi import ffi, lib
 
 
@@ -26,6 +27,9 @@ class TlsSettings(Protocol):
 
     @property
     def tls_groups(self) -> Sequence[str]: ...
+
+    @property
+    def connection_reuse(self) -> bool: ...
 
 
 # ECDHE with AEAD ciphers only, for TLS 1.2 when it is enabled (TLS 1.3 suites are all AEAD).
@@ -242,11 +246,21 @@ def tls_state_for(material: Material, settings: TlsSettings) -> TlsState:
     """The one check every material passes before it is used, in `check`, in the master
     (before it accepts files, an enrolment, a renewal or a reload) and in each worker: the
     contexts this sidecar's settings build from it. Raises CertError."""
-    return build_tls_state(material, settings.min_tls_version, settings.tls_groups)
+    return build_tls_state(
+        material, settings.min_tls_version, settings.tls_groups, reuse=settings.connection_reuse
+    )
+
+
+# The server side's ALPN selection for connection reuse (one for every context).
+_ALPN_SELECT = tls_ffi.alpn_select_callback(ALPN)
 
 
 def build_tls_state(
-    material: Material, min_version: str = "1.3", groups: Sequence[str] = DEFAULT_GROUPS
+    material: Material,
+    min_version: str = "1.3",
+    groups: Sequence[str] = DEFAULT_GROUPS,
+    *,
+    reuse: bool = False,
 ) -> TlsState:
     """Build server and client contexts; raises CertError, leaving nothing half-built.
 
@@ -258,6 +272,11 @@ def build_tls_state(
     # Resumption with client certificates needs a session ID context (any constant).
     server.set_session_id(b"mtls-sidecar")
     client = _base_context(SSL.TLS_CLIENT_METHOD, material, min_version, groups)
+    if reuse:
+        # Connection reuse (pool.py) is negotiated: we offer it as a client and select it as
+        # a server; a peer that does not speak it never sees anything but plain TLS.
+        tls_ffi.set_alpn(_ctx_ptr(client), offer=ALPN)
+        tls_ffi.set_alpn(_ctx_ptr(server), select=_ALPN_SELECT)
     return TlsState(
         material=material,
         server=server,

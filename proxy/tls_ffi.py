@@ -67,6 +67,9 @@ REQUIRED = (
     "X509_STORE_CTX_get_current_cert",
     "X509_STORE_CTX_get_error_depth",
     "X509_STORE_CTX_set_error",
+    "SSL_CTX_set_alpn_protos",
+    "SSL_CTX_set_alpn_select_cb",
+    "SSL_get0_alpn_selected",
 )
 
 VERSION_NUMBER: int = lib.OpenSSL_version_num()
@@ -200,3 +203,47 @@ def ssl_id(ssl: Any) -> int:
 def text(ptr: Any) -> str:
     """A C string from OpenSSL as str ('' for NULL)."""
     return ffi.string(ptr).decode("ascii", "replace") if ptr != NULL else ""
+
+
+def alpn_select_callback(protocol: bytes) -> Any:
+    """An SSL_CTX_set_alpn_select_cb callback that selects `protocol` when the client offers
+    it, and otherwise lets the handshake go on without ALPN (a client that offers other
+    protocols, or none, gets a plain TLS connection). Keep the returned object alive."""
+    ok = lib.SSL_TLSEXT_ERR_OK
+    noack = lib.SSL_TLSEXT_ERR_NOACK
+
+    def callback(ssl: Any, out: Any, outlen: Any, offered: Any, inlen: int, arg: Any) -> int:
+        data = bytes(ffi.buffer(offered, inlen))
+        pos = 0
+        while pos < inlen:
+            n = data[pos]
+            if data[pos + 1 : pos + 1 + n] == protocol:
+                out[0] = offered + pos + 1
+                outlen[0] = n
+                return int(ok)
+            pos += 1 + n
+        return int(noack)
+
+    return ffi.callback(
+        "int(SSL *, unsigned char **, unsigned char *, unsigned char *, unsigned int, void *)",
+        callback,
+    )
+
+
+def set_alpn(ctx_ptr: Any, *, offer: bytes | None = None, select: Any = None) -> None:
+    """Client context: offer the protocol `offer`; server context: select with `select`."""
+    if offer is not None:
+        wire = bytes([len(offer)]) + offer
+        if lib.SSL_CTX_set_alpn_protos(ctx_ptr, wire, len(wire)) != 0:  # 0 is success here
+            errors()
+            raise MemoryError("SSL_CTX_set_alpn_protos failed")
+    if select is not None:
+        lib.SSL_CTX_set_alpn_select_cb(ctx_ptr, select, NULL)
+
+
+def alpn_selected(ssl: Any) -> bytes:
+    """The ALPN protocol the handshake agreed on (b'' for none)."""
+    data = ffi.new("unsigned char **")
+    n = ffi.new("unsigned int *")
+    lib.SSL_get0_alpn_selected(ssl, data, n)
+    return bytes(ffi.buffer(data[0], n[0])) if n[0] else b""

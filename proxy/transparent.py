@@ -262,6 +262,21 @@ def is_local_destination(host: str, port: int, own_ports: set[int], local_addrs:
     return norm in {_normalize(a) for a in local_addrs}
 
 
+def is_local_address(host: str, local_addrs: set[str]) -> bool:
+    """True when `host` is an address of this machine (loopback included, the unspecified
+    address not: nobody dials it): where a pooled stream may lead in transparent mode."""
+    norm = _normalize(host)
+    try:
+        ip = ipaddress.ip_address(norm)
+    except ValueError:
+        return False  # a name: a stream must name an address
+    if ip.is_unspecified:
+        return False
+    if ip.is_loopback or host in local_addrs or norm in local_addrs:
+        return True
+    return norm in {_normalize(a) for a in local_addrs}
+
+
 def _hex_ipv6(text: str) -> str:
     return str(ipaddress.IPv6Address(bytes.fromhex(text)))
 

@@ -27,17 +27,19 @@ from . import metrics
 from .config import Settings
 from .conn import Conn
 from .errors import CertError
-from .flow import PeerCheck
+from .flow import PeerCheck, Reason
 from .identity import SpiffeId, parse_spiffe_id
 from .material import load_material
+from .mux import OpenInfo
 from .policy import InboundPolicy, check_outbound
+from .pool import Carrier, Key, Pool, StreamLeg
 from .relay import AppLeg, NetLeg
-from .revocation import CrlRejected, RevocationList, is_peer_revoked, load_crls
+from .revocation import CrlRejected, PeerCert, RevocationList, is_peer_revoked, load_crls
 from .routes import Route
 from .shared import ConnectionCounts
 from .tasks import Tasks
 from .tls import TlsState, tls_state_for
-from .transparent import is_local_destination, local_addresses, original_dst
+from .transparent import is_local_address, is_local_destination, local_addresses, original_dst
 
 log = logging.getLogger("mtls.worker")
 
@@ -87,6 +89,13 @@ class Worker:
         self.drained = asyncio.Event()
         self.own_ports = {s.getsockname()[1] for _, s in listeners} | {settings.admin_listen.port}
         self._local_addrs: set[str] | None = None
+        # Connection reuse: the outbound pool, and every pooled connection (both directions).
+        self.pool: Pool | None = (
+            Pool(settings.pool_max_streams, settings.pool_idle_timeout, settings.pool_max_lifetime)
+            if settings.connection_reuse
+            else None
+        )
+        self.carriers: set[Carrier] = set()
 
     # --- material ------------------------------------------------------------------------
 
@@ -103,9 +112,15 @@ class Worker:
             except ValueError as exc:
                 raise CertError(f"certificate identity: {exc}") from None
         policy = InboundPolicy(self.settings.allow_peers, domain)
+        rotated = self.tls is not None
         self.tls = state
         self.trust_domain = domain
         self.policy = policy
+        if rotated:
+            # Pooled connections were made with the old certificate and trust bundle: they
+            # take no new streams (the peer is told), and close once their streams end.
+            for carrier in list(self.carriers):
+                carrier.retire("rotation")
 
     def set_crl(self, pem: bytes) -> None:
         """A revocation list from the master (which checked it): new handshakes with a
@@ -121,6 +136,9 @@ class Worker:
         ]
         for conn in cut:
             conn.revoke()
+        for carrier in list(self.carriers):
+            if carrier.peer_facts is not None and is_peer_revoked(rl, carrier.peer_facts):
+                carrier.fail(ConnectionResetError("peer certificate revoked"), reason="revoked")
         if cut:
             log.warning(
                 "closed %d open connection(s) whose peer certificate was revoked",
@@ -218,6 +236,64 @@ class Worker:
     def remember_plaintext(self, target: tuple[str, int]) -> None:
         self._plaintext_until[target] = time.monotonic() + self.settings.plaintext_fallback_ttl
 
+    # --- connection reuse ----------------------------------------------------------------
+
+    def new_carrier(
+        self,
+        leg: NetLeg,
+        route: Route,
+        *,
+        peer_id: SpiffeId | None,
+        peer_facts: PeerCert | None,
+        peername: tuple[str, int] | None,
+        called: tuple[str, int] | None,
+        key: Key | None,
+    ) -> Carrier:
+        carrier = Carrier(
+            self,
+            leg,
+            outbound=route.direction == "outbound",
+            route=route,
+            peer_id=peer_id,
+            peer_facts=peer_facts,
+            peername=peername,
+            called=called,
+            key=key,
+            pool=self.pool if route.direction == "outbound" else None,
+        )
+        self.carriers.add(carrier)
+        if self.draining:
+            carrier.retire("drain")
+        return carrier
+
+    def carrier_stream(self, carrier: Carrier, sid: int, info: OpenInfo) -> None:
+        conn = Conn(self, carrier.route)
+        stream = StreamLeg(carrier, conn, sid, info)
+        carrier.accept_stream(stream)
+        conn.stream_accepted(stream)
+
+    def carrier_closed(self, carrier: Carrier) -> None:
+        self.carriers.discard(carrier)
+
+    def stream_destination(
+        self, dst: tuple[str, int]
+    ) -> tuple[tuple[str, int] | None, tuple[Reason, str] | None]:
+        host, port = dst
+        if self._local_addrs is None:
+            self._local_addrs = local_addresses()
+        if not is_local_address(host, self._local_addrs):
+            return None, (
+                Reason.BAD_DESTINATION,
+                f"a pooled stream named {host}:{port}, which is not an address of this host "
+                "(streams are only forwarded to the local app)",
+            )
+        if port in self.own_ports:
+            return None, (
+                Reason.LOOP_DETECTED,
+                f"a pooled stream named {host}:{port}, a port of this sidecar",
+            )
+        return ("127.0.0.1", port), None
+
     # --- serving -------------------------------------------------------------------------
 
     def _factory(self, route: Route) -> Any:
@@ -249,6 +325,9 @@ class Worker:
             await asyncio.sleep(SWEEP_INTERVAL)
             self.tls.cap_session_lifetime()
             now = self.loop.time()
+            s = self.settings
+            for carrier in list(self.carriers):
+                carrier.sweep(now, s.pool_idle_timeout, s.pool_max_lifetime)
             for conn in list(self.conns):
                 if not conn.established and conn.hs_done and now - conn.hs_done >= CONFIRM_AFTER:
                     # Outbound: a remote that refuses us does so within a round trip; one
@@ -274,6 +353,8 @@ class Worker:
         self.draining = True
         for server in self.servers:
             server.close()
+        for carrier in list(self.carriers):
+            carrier.retire("drain")  # no new streams; the peer is told
         if self.conns:
             log.info("draining %d open connection(s), up to %ss", len(self.conns), timeout)
             with contextlib.suppress(TimeoutError):
@@ -283,6 +364,8 @@ class Worker:
             conn.drain_timeout()
         if left:
             log.warning("drain timeout: cut %d connection(s)", len(left))
+        for carrier in list(self.carriers):
+            carrier.close("drain")
 
 
 # --- the worker process ----------------------------------------------------------------------

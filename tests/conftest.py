@@ -86,6 +86,8 @@ def start_pair(
     server: Identity | None = None,
     inbound_env: dict[str, str] | None = None,
     in_port: int | None = None,
+    client: Identity | None = None,
+    outbound_env: dict[str, str] | None = None,
 ) -> Pair:
     """Start and wait for a pair of sidecars in front of the app on `app_port`: the app's
     client connects to `out_port` (client identity), carried over mTLS to `in_port` (server
@@ -102,8 +104,9 @@ def start_pair(
     )
     outbound = Sidecar(
         {
-            **identity_env(pki.client),
+            **identity_env(client or pki.client),
             "MTLS_OUTBOUND": f"app=127.0.0.1:{out_port}=127.0.0.1:{in_port}@{TD}/server",
+            **(outbound_env or {}),
         },
         tmp / "outbound.log",
     )

@@ -566,6 +566,79 @@ def _dial(host: str, port: int, payload: bytes, timeout: float) -> dict[str, Any
     return result
 
 
+class MuxClient:
+    """Speaks `mtls-sidecar/1` (README "Wire format") to an inbound sidecar: a client of our
+    own, written from the documented format rather than from proxy/mux.py."""
+
+    def __init__(self, host: str, port: int, cert: str, key: str, ca: str) -> None:
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.load_verify_locations(ca)
+        ctx.load_cert_chain(cert, key)
+        ctx.set_alpn_protocols(["mtls-sidecar/1"])
+        raw = socket.create_connection((host, port), timeout=10)
+        self.sock = ctx.wrap_socket(raw)
+        self.alpn = self.sock.selected_alpn_protocol()
+        self.buf = b""
+
+    def send(self, kind: int, sid: int, payload: bytes = b"") -> None:
+        self.sock.sendall(struct.pack("!II", kind << 24 | len(payload), sid) + payload)
+
+    def open(self, sid: int, host: str, port: int) -> None:
+        def addr(h: str, p: int) -> bytes:
+            return bytes([len(h)]) + h.encode() + p.to_bytes(2, "big")
+
+        self.send(1, sid, addr(host, port) + addr("10.9.9.9", 4242))
+
+    def frame(self) -> tuple[int, int, bytes]:
+        while len(self.buf) < 8:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("connection closed")
+            self.buf += data
+        word, sid = struct.unpack("!II", self.buf[:8])
+        n = word & 0xFFFFFF
+        while len(self.buf) < 8 + n:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("connection closed")
+            self.buf += data
+        payload, self.buf = self.buf[8 : 8 + n], self.buf[8 + n :]
+        return word >> 24, sid, payload
+
+    def until(self, kind: int, sid: int) -> bytes:
+        while True:
+            got_kind, got_sid, payload = self.frame()
+            if (got_kind, got_sid) == (kind, sid):
+                return payload
+
+
+def _mux_probe(host: str, port: int, tls: list[str], other: str) -> dict[str, Any]:
+    """Over one pooled connection to `host:port`: a stream to that destination (echoed?), one
+    to `other` (another host), one to the sidecar's own admin port; what came back for each."""
+    c = MuxClient(host, port, *tls)
+    out: dict[str, Any] = {"alpn": c.alpn}
+    c.open(1, host, port)
+    c.send(3, 1, b"hello over a stream")  # DATA
+    out["accept"] = c.frame()[:2] == (2, 1)
+    got = b""
+    while len(got) < 19:
+        kind, sid, payload = c.frame()
+        if (kind, sid) == (3, 1):
+            got += payload
+    out["echo"] = got.decode()
+    c.send(4, 1)  # EOF
+    c.until(4, 1)
+    c.open(3, other, port)
+    out["other_host"] = c.until(5, 3).hex()  # RESET code
+    c.open(5, host, 15000)
+    out["own_port"] = c.until(5, 5).hex()
+    c.sock.close()
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.netns")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -578,9 +651,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     dial.add_argument("port", type=int)
     dial.add_argument("payload_hex")
     dial.add_argument("--timeout", type=float, default=15.0)
+    probe = sub.add_parser("mux-probe")
+    probe.add_argument("host")
+    probe.add_argument("port", type=int)
+    probe.add_argument("cert")
+    probe.add_argument("key")
+    probe.add_argument("ca")
+    probe.add_argument("other")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         _serve(args.port, args.log, args.marker.encode())
+        return 0
+    if args.cmd == "mux-probe":
+        tls = [args.cert, args.key, args.ca]
+        print(json.dumps(_mux_probe(args.host, args.port, tls, args.other)))
         return 0
     print(json.dumps(_dial(args.host, args.port, bytes.fromhex(args.payload_hex), args.timeout)))
     return 0

@@ -353,6 +353,8 @@ async def _main(
             "MTLS_WORKERS": "2",
             "MTLS_MAX_CONNECTIONS": max_conns,
             "MTLS_LOG_LEVEL": "warning",
+            # Pooled connections are let go soon after the load, so fds return to baseline.
+            "MTLS_POOL_IDLE_TIMEOUT": "2s",
         },
         work / "inbound.log",
     )
@@ -363,6 +365,8 @@ async def _main(
             "MTLS_WORKERS": "2",
             "MTLS_MAX_CONNECTIONS": max_conns,
             "MTLS_LOG_LEVEL": "warning",
+            # Pooled connections are let go soon after the load, so fds return to baseline.
+            "MTLS_POOL_IDLE_TIMEOUT": "2s",
         },
         work / "outbound.log",
     )
@@ -449,9 +453,10 @@ async def _main(
         # Let every connection the load opened be closed and counted.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if (
-                inbound.metric("mtls_connections_active") == 0
-                and outbound.metric("mtls_connections_active") == 0
+            if all(
+                sc.metric("mtls_connections_active") == 0
+                and sc.metric("mtls_pool_connections", state="open") == 0
+                for sc in (inbound, outbound)
             ):
                 break
             await asyncio.sleep(0.5)

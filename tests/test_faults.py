@@ -21,7 +21,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ import pytest
 from .conftest import Pki, start_pair
 from .harness import (
     ROOT,
+    ScriptedApp,
     Sidecar,
     TcpApp,
     base_env,
@@ -245,38 +245,6 @@ def test_unreadable_key_file(pki: Pki) -> None:
 
 
 # --- the app: slow, resetting ------------------------------------------------------------------
-
-
-class ScriptedApp:
-    """A TCP app whose handler is a function of the accepted socket."""
-
-    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = int(self.sock.getsockname()[1])
-        self.handler = handler
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        try:
-            self.handler(conn)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_slow_app_is_proxied_within_idle_timeout(pki: Pki, tmp_path: Path) -> None:

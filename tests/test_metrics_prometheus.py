@@ -131,10 +131,10 @@ def test_exact_byte_totals_and_coverage(setup: Setup) -> None:
         time.sleep(0.5)
         rec = prom.query("mtls:encryption_coverage:ratio_rate5m")
     assert rec and all(float(r["value"][1]) == 1.0 for r in rec), rec
-    # both workers of each sidecar carried some of them: the total really is a sum
-    for sc in (setup.inbound, setup.outbound):
-        pids = {e["pid"] for e in sc.log_events() if e.get("event") == "conn_closed"}
-        assert len(pids) == 2, pids
+    # both workers of the outbound sidecar carried some of them: the total really is a sum
+    # (the inbound side may get both workers' pooled connections on one of its own workers)
+    pids = {e["pid"] for e in setup.outbound.log_events() if e.get("event") == "conn_closed"}
+    assert len(pids) == 2, pids
 
 
 def test_rejections_by_reason_in_prometheus(setup: Setup, pki: Pki) -> None:

@@ -43,9 +43,12 @@ def rejected_events(sc: Sidecar, reason: str) -> list[dict[str, object]]:
 
 
 class Pair:
-    def __init__(self, inbound: Sidecar, outbound: Sidecar, ports: dict[str, int]) -> None:
+    def __init__(
+        self, inbound: Sidecar, outbound: Sidecar, plain: Sidecar, ports: dict[str, int]
+    ) -> None:
         self.inbound = inbound
         self.outbound = outbound
+        self.plain = plain  # an outbound sidecar with MTLS_CONNECTION_REUSE=false
         self.ports = ports
 
 
@@ -63,6 +66,7 @@ def pair(
         "out_eof": free_port(),
         "out_wrong": free_port(),
         "out_v6": free_port("::1"),
+        "plain_eof": free_port(),
         "dead_app": free_port(),
     }
     app6 = TcpApp("echo", host="::1")
@@ -92,15 +96,27 @@ def pair(
         },
         d / "outbound.log",
     )
+    # Connection reuse off on this one side: one TLS connection per app connection, as
+    # with any peer that is not one of ours (handshakes, resumption, their metrics).
+    plain = Sidecar(
+        {
+            **identity_env(pki.client),
+            "MTLS_OUTBOUND": f"eof=127.0.0.1:{p['plain_eof']}=localhost:{p['in_eof']}@{TD}/server",
+            "MTLS_CONNECTION_REUSE": "false",
+        },
+        d / "plain.log",
+    )
     try:
         inbound.wait_ready()
         outbound.wait_ready()
-        yield Pair(inbound, outbound, p)
+        plain.wait_ready()
+        yield Pair(inbound, outbound, plain, p)
     finally:
         assert inbound.stop() == 0
         assert outbound.stop() == 0
+        assert plain.stop() == 0
         app6.close()
-        for sc in (inbound, outbound):
+        for sc in (inbound, outbound, plain):
             assert "Traceback" not in sc.logs(), sc.logs()
 
 
@@ -374,12 +390,12 @@ def test_too_many_connections(pki: Pki, echo: TcpApp, tmp_path: Path) -> None:
 def test_tls_sessions_are_resumed(pair: Pair) -> None:
     """After the first connection to an upstream, handshakes resume (both workers' tickets)."""
     for i in range(6):
-        assert exchange(pair.ports["out_eof"], b"r%d" % i) == b"got:2"
+        assert exchange(pair.ports["plain_eof"], b"r%d" % i) == b"got:2"
     assert wait_for(
         lambda: (
             sum(
                 1
-                for e in pair.outbound.log_events()
+                for e in pair.plain.log_events()
                 if e.get("event") == "conn_closed"
                 and e.get("route") == "eof"
                 and e.get("tls_resumed")
@@ -396,17 +412,18 @@ def test_tls_sessions_are_resumed(pair: Pair) -> None:
 
 
 def test_post_quantum_key_exchange_is_shown_in_metrics_and_logs(pair: Pair) -> None:
-    """Our two sidecars agree on X25519MLKEM768 and say so per connection and in a counter."""
+    """Our two sidecars agree on X25519MLKEM768 and say so per connection and in a counter
+    (one TLS connection per app connection here: reuse is off at the outbound side)."""
     before = {
         (sc, resumed): sc.metric(
             "mtls_handshakes_total", group="X25519MLKEM768", resumed=resumed, direction=d
         )
-        for sc, d in ((pair.inbound, "inbound"), (pair.outbound, "outbound"))
+        for sc, d in ((pair.inbound, "inbound"), (pair.plain, "outbound"))
         for resumed in ("yes", "no")
     }
     for i in range(3):
-        assert exchange(pair.ports["out_eof"], b"pq%d" % i) == b"got:3"
-    for sc, d in ((pair.inbound, "inbound"), (pair.outbound, "outbound")):
+        assert exchange(pair.ports["plain_eof"], b"pq%d" % i) == b"got:3"
+    for sc, d in ((pair.inbound, "inbound"), (pair.plain, "outbound")):
         want = before[(sc, "yes")] + before[(sc, "no")] + 3
 
         def done(sc: Sidecar = sc, d: str = d, want: float = want) -> bool:
@@ -416,7 +433,7 @@ def test_post_quantum_key_exchange_is_shown_in_metrics_and_logs(pair: Pair) -> N
         assert wait_for(done), sc.metrics()
         # the second and third connections resume with the ticket the one before left
         assert sc.metric("mtls_handshakes_total", resumed="yes", direction=d) >= 2
-    for sc in (pair.inbound, pair.outbound):
+    for sc in (pair.inbound, pair.plain):
         lines = [
             e
             for e in sc.log_events()

@@ -453,6 +453,35 @@ def test_loop_to_own_capture_port_is_refused(mesh: Mesh, show_logs: None) -> Non
     assert a.proc.poll() is None
 
 
+def test_pooled_streams_go_to_local_addresses_only(mesh: Mesh, show_logs: None) -> None:
+    """A client of our own on C speaks the reuse wire format to B's app port (redirected to
+    B's sidecar): a stream to B's address is served; one naming C's address, or B's admin
+    port, is refused and counted (never an open relay)."""
+    b = mesh.sidecar("b")
+    before = {
+        r: b.metric("mtls_connections_rejected_total", reason=r)
+        for r in ("bad_destination", "loop_detected")
+    }
+    ident = mesh.idents["a"]
+    argv = [sys.executable, "-m", "tests.netns", "mux-probe", mesh.lab["b"].v4, str(APP_B),
+            ident["MTLS_CERT_FILE"], ident["MTLS_KEY_FILE"], ident["MTLS_TRUST_BUNDLE_FILE"],
+            mesh.lab["c"].v4]  # fmt: skip
+    proc = mesh.lab.run("c", argv, timeout=40)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got == {
+        "alpn": "mtls-sidecar/1",
+        "accept": True,
+        "echo": "hello over a stream",
+        "other_host": "05",  # RESET bad_destination
+        "own_port": "05",
+    }
+    for reason in ("bad_destination", "loop_detected"):
+        assert delta(before[reason], b, "mtls_connections_rejected_total", 1, reason=reason) == 1
+    served = [e for e in b.log_events() if e.get("event") == "conn_closed" and e.get("pooled")]
+    assert served and served[-1]["target"] == f"127.0.0.1:{APP_B}"
+
+
 def test_nft_backend_meshed_to_meshed(pki: Pki, tmp_path: Path) -> None:
     """The same interception with `iptables --apply --nft` (one inet table, IPv4 and IPv6)."""
     with build_mesh(pki, tmp_path, ["a", "b"], ["--nft"]) as m:

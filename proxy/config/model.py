@@ -89,6 +89,8 @@ DURATION_FIELDS = frozenset(
         "idle_timeout",
         "drain_timeout",
         "bundle_refresh",
+        "pool_idle_timeout",
+        "pool_max_lifetime",
     }
 )
 PORT_LIST_FIELDS = frozenset({"exclude_inbound_ports", "exclude_outbound_ports"})
@@ -194,6 +196,22 @@ class Settings(BaseModel):
         default_factory=lambda: ["X25519MLKEM768", "X25519", "P-256"],
         description="Key-exchange groups, preferred first.",
         examples=["X25519MLKEM768,X25519,P-256"],
+    )
+
+    # Connection reuse between sidecars (pool.py, README "Connection reuse")
+    connection_reuse: Bool = Field(
+        True,
+        description="Carry many app connections per mTLS connection between two sidecars.",
+        examples=["true"],
+    )
+    pool_max_streams: Annotated[int, _int(1, 100000)] = Field(
+        100, description="App connections at once on one pooled connection.", examples=["100"]
+    )
+    pool_idle_timeout: Duration = Field(
+        300.0, description="A pooled connection without streams closes after this.", examples=["5m"]
+    )
+    pool_max_lifetime: Duration = Field(
+        3600.0, description="A pooled connection takes no new streams after this.", examples=["1h"]
     )
 
     # Telling the app who called (PROXY protocol v2)

@@ -1,0 +1,756 @@
+"""Connection reuse: pooled mTLS connections between two sidecars, each carrying many streams.
+
+A *carrier* is one mTLS connection on which both ends negotiated ALPN `mtls-sidecar/1`
+(mux.py has the wire format). Each application connection is then a *stream* on a carrier:
+no handshake of its own, and no TLS state of its own while it is idle. A `StreamLeg` is the
+network leg of such a connection; to the connection (conn.Conn) it looks like a network leg
+whose handshake completes at once with the carrier's peer.
+
+The outbound side keeps a `Pool` of carriers per (host, port, expected identity); the
+inbound side keeps the carriers its listeners accepted. Either side retires a carrier when
+its own certificate or trust bundle changes (GOAWAY: no new streams, open ones finish);
+the outbound side also after MTLS_POOL_IDLE_TIMEOUT without streams and
+MTLS_POOL_MAX_LIFETIME of age. A carrier that breaks ends only its own streams (each as a
+reset); new connections get another carrier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from . import metrics, mux
+from .identity import SpiffeId
+from .relay import _BUF, _PTR, Buf, LegOwner, NetLeg, _Leg
+from .revocation import PeerCert
+from .tls import TlsError
+from .tls_ffi import ffi
+
+log = logging.getLogger("mtls.pool")
+
+_pack_header = mux.HEADER.pack_into
+_HEADER_SIZE = mux.HEADER_SIZE
+_DATA_WORD = mux.DATA << 24
+_WINDOW_SIZE = mux.WINDOW_SIZE
+_UPDATE_AT = mux.WINDOW_UPDATE_AT
+
+# A carrier that was told to go away but whose peer keeps it open after its streams ended
+# is closed by us after this long (the peer had time to see our GOAWAY).
+GOAWAY_GRACE = 5.0
+# An upstream that answered without our ALPN (another proxy, or reuse off there) gets one TLS
+# connection per app connection, without waiting for a pooled one, for this long.
+FOREIGN_TTL = 60.0
+
+
+class StreamOwner(LegOwner, Protocol):
+    """What a stream reports to the connection it carries, beyond a network leg's reports."""
+
+    def stream_refused(self, code: int) -> None:
+        """The far side refused the stream (a RESET before ACCEPT) with this RESET_* code."""
+
+
+class CarrierHost(Protocol):
+    """What a carrier needs from the worker."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def carrier_stream(self, carrier: Carrier, sid: int, info: mux.OpenInfo) -> None:
+        """Inbound: the peer opened stream `sid`; make its connection."""
+
+    def carrier_closed(self, carrier: Carrier) -> None: ...
+
+
+class StreamLeg(_Leg):
+    """The network leg of one application connection carried on a carrier."""
+
+    __slots__ = (
+        "accepted",
+        "carrier",
+        "consumed",
+        "ended",
+        "eof_in",
+        "eof_out",
+        "held",
+        "info",
+        "reset_code",
+        "sid",
+        "started",
+        "window",
+    )
+
+    conn: StreamOwner
+
+    def __init__(self, carrier: Carrier, conn: StreamOwner, sid: int, info: mux.OpenInfo) -> None:
+        super().__init__(conn)
+        self.carrier = carrier
+        self.sid = sid
+        self.info = info
+        self.window = _WINDOW_SIZE  # bytes we may still send before the far side credits more
+        self.consumed = 0  # bytes handed to our app since we last credited the far side
+        self.held: bytearray | None = None  # DATA that came before the app leg was up
+        self.eof_in = False
+        self.eof_out = False
+        self.ended = False
+        self.started = False
+        self.accepted = False
+        self.reset_code = mux.RESET_CANCEL
+
+    # --- what a connection asks of a network leg ---------------------------------------
+
+    def start_tls(self, first: bytes = b"") -> None:
+        """The carrier's handshake is this stream's: done already."""
+        self.conn.handshake_done(self)  # type: ignore[arg-type]  # conn.Conn takes either leg
+
+    def resumed(self) -> bool:
+        return self.carrier.leg.resumed()
+
+    def tls_info(self) -> tuple[str, str, str] | None:
+        return self.carrier.tls_info
+
+    def peer_der(self) -> bytes | None:
+        return self.carrier.peer_der
+
+    def arm_reset(self) -> None:
+        """Nothing to arm: if this process dies the carrier's TCP connection is reset, and
+        with it every stream."""
+
+    def start(self) -> None:
+        """Both legs are up: relay. Inbound, tell the far side its app is reached."""
+        self.started = True
+        carrier = self.carrier
+        if carrier.outbound:
+            return
+        carrier.queue(mux.frame(mux.ACCEPT, self.sid))
+        held = self.held
+        if held:
+            self.held = None
+            self._deliver(held)
+        if self.eof_in:
+            self.conn.net_eof()
+
+    def send(self, data: Buf) -> None:
+        if self.ended or self.eof_out:
+            return
+        n = len(data)
+        if not n:
+            return
+        self.conn.bytes_out += n
+        self.carrier.send_data(self.sid, data)
+        self._sent(n)
+
+    def send_framed(self, n: int) -> None:
+        """Send the `n` bytes the app leg read into the shared buffer after the header's room."""
+        if self.ended or self.eof_out:
+            return
+        self.conn.bytes_out += n
+        self.carrier.send_data_in_place(self.sid, n)
+        self._sent(n)
+
+    def _sent(self, n: int) -> None:
+        self.window -= n
+        if self.window <= 0 and not self.write_paused:
+            self.pause_writing()  # the app leg stops reading until the far side credits us
+
+    def send_eof(self) -> None:
+        if self.ended or self.eof_out:
+            return
+        self.eof_out = True
+        self.carrier.queue(mux.frame(mux.EOF, self.sid))
+
+    def pause_reading(self) -> None:
+        self.read_blocked = True  # our app reads slowly: stop crediting the far side
+
+    def resume_reading(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.write_paused:
+            return
+        self.read_blocked = False
+        if self.consumed and not self.ended:
+            self._credit()
+
+    def close(self, abort: bool = False) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        carrier = self.carrier
+        if abort or not self.accepted_or_started():
+            carrier.queue(mux.frame(mux.RESET, self.sid, bytes([self.reset_code])))
+        elif not self.eof_out:
+            self.eof_out = True
+            carrier.queue(mux.frame(mux.EOF, self.sid))
+        carrier.forget(self)
+
+    def accepted_or_started(self) -> bool:
+        return self.accepted if self.carrier.outbound else self.started
+
+    # --- what the carrier hands on ------------------------------------------------------
+
+    def on_data(self, data: memoryview) -> None:
+        if self.ended or self.eof_in:
+            return
+        if not self.started or self.peer is None:
+            if self.held is None:
+                self.held = bytearray()
+            self.held += data
+            return
+        self._deliver(data)
+
+    def _deliver(self, data: Buf) -> None:
+        conn = self.conn
+        conn.active = True
+        n = len(data)
+        conn.bytes_in += n
+        assert self.peer is not None
+        self.peer.send(data)
+        self.consumed += n
+        if self.consumed >= _UPDATE_AT and not self.read_blocked:
+            self._credit()
+
+    def _credit(self) -> None:
+        self.carrier.queue(mux.frame(mux.WINDOW, self.sid, mux.encode_window(self.consumed)))
+        self.consumed = 0
+
+    def on_frame(self, kind: int, payload: bytes) -> None:
+        if self.ended:
+            return
+        if kind == mux.WINDOW:
+            self.window += mux.decode_window(payload)
+            if self.write_paused and self.window > 0 and not self.carrier.write_blocked:
+                self.resume_writing()
+        elif kind == mux.EOF:
+            if self.eof_in:
+                return
+            self.eof_in = True
+            if self.started:
+                self.conn.net_eof()
+        elif kind == mux.ACCEPT:
+            if self.carrier.outbound and not self.accepted:
+                self.accepted = True
+                self.conn.confirm()
+        elif kind == mux.RESET:
+            code = mux.decode_reset(payload)
+            self.ended = True
+            self.carrier.forget(self)
+            if self.carrier.outbound and not self.accepted and code != mux.RESET_CANCEL:
+                self.conn.stream_refused(code)
+            else:
+                self.conn.leg_lost(self, ConnectionResetError(f"stream reset by peer ({code})"))
+        elif kind == mux.OPEN:
+            raise mux.MuxError(f"OPEN for stream {self.sid}, which is open")
+
+    def carrier_lost(self, exc: Exception) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.carrier.outbound and not self.accepted and isinstance(exc, TlsError):
+            # With TLS 1.3 the far side judges our certificate after our handshake is
+            # done: a refusal (an alert) ends the carrier before any stream was accepted.
+            self.conn.net_failed(exc)
+            return
+        self.conn.leg_lost(self, exc)
+
+    def block(self, blocked: bool) -> None:
+        """The carrier's TCP buffer filled (True) or drained: stop or resume our app."""
+        if blocked:
+            if not self.write_paused:
+                self.pause_writing()
+        elif self.write_paused and self.window > 0:
+            self.resume_writing()
+
+
+class Carrier:
+    """One pooled mTLS connection: the owner of its TLS leg, and the sink of its frames."""
+
+    __slots__ = (
+        "_flush_handle",
+        "_gauges",
+        "active",
+        "bytes_in",
+        "bytes_out",
+        "called",
+        "closed",
+        "created",
+        "demux",
+        "direction",
+        "goaway_at",
+        "host",
+        "idle_since",
+        "key",
+        "leg",
+        "next_sid",
+        "on_answer",
+        "out",
+        "outbound",
+        "peer_der",
+        "peer_facts",
+        "peer_id",
+        "peername",
+        "pool",
+        "retiring",
+        "route",
+        "streams",
+        "tls_info",
+        "total",
+        "write_blocked",
+        "write_paused",
+    )
+
+    def __init__(
+        self,
+        host: CarrierHost,
+        leg: NetLeg,
+        *,
+        outbound: bool,
+        route: Any,
+        peer_id: SpiffeId | None,
+        peer_facts: PeerCert | None,
+        peername: tuple[str, int] | None,
+        called: tuple[str, int] | None = None,
+        key: tuple[str, int, str | None] | None = None,
+        pool: Pool | None = None,
+    ) -> None:
+        self.host = host
+        self.leg = leg
+        self.outbound = outbound
+        self.direction = "outbound" if outbound else "inbound"
+        self.route = route
+        self.peer_id = peer_id
+        self.peer_facts = peer_facts
+        self.peer_der = leg.peer_der()
+        self.tls_info = leg.tls_info()
+        self.peername = peername
+        self.called = called
+        self.key = key
+        self.pool = pool
+        self.streams: dict[int, StreamLeg] = {}
+        self.next_sid = 1
+        self.total = 0
+        self.closed = False
+        self.retiring = False
+        self.write_blocked = False
+        self.write_paused = False  # what NetLeg asks of its peer leg: we never stop it
+        self.active = True
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.created = host.loop.time()
+        self.idle_since: float | None = self.created
+        self.goaway_at: float | None = None
+        self.out: bytearray | None = None  # control frames waiting for the next flush
+        self._flush_handle: asyncio.Handle | None = None
+        self._gauges = metrics.pool_gauges(self.direction)
+        self.demux = mux.Demuxer(self)
+        # Outbound: called at the far side's first frame, which says it accepted us (with TLS
+        # 1.3 it judges our certificate after our side of the handshake is done).
+        self.on_answer: Callable[[], None] | None = None
+        self._gauges.open.inc()
+        self._gauges.idle.inc()
+        # From now on the TLS leg reports to us, and hands us what it decrypts.
+        leg.conn = self
+        leg.peer = self  # type: ignore[assignment]  # a sink for decrypted bytes, like a leg
+        leg.start()
+
+    # --- streams ------------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        return not self.closed and not self.retiring
+
+    def open_stream(self, conn: StreamOwner, info: mux.OpenInfo) -> StreamLeg:
+        """Outbound: a new stream for `conn`; its OPEN goes out with the next write."""
+        sid = self.next_sid
+        self.next_sid += 1
+        if self.next_sid > mux.MAX_STREAM_ID:
+            self.retire("stream ids used up")
+        stream = StreamLeg(self, conn, sid, info)
+        self._add(stream)
+        self.queue(mux.frame(mux.OPEN, sid, mux.encode_open(info)))
+        if self.write_blocked:
+            stream.block(True)
+        return stream
+
+    def _add(self, stream: StreamLeg) -> None:
+        if not self.streams:
+            self.idle_since = None
+            self._gauges.idle.dec()
+        self.streams[stream.sid] = stream
+        self.total += 1
+        self._gauges.streams.inc()
+
+    def forget(self, stream: StreamLeg) -> None:
+        if self.streams.pop(stream.sid, None) is None:
+            return
+        if not self.streams:
+            self.idle_since = self.host.loop.time()
+            if not self.closed:
+                self._gauges.idle.inc()
+                if self.retiring and self.outbound:
+                    self.host.loop.call_soon(self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if not self.streams and not self.closed:
+            self.close()
+
+    # --- writing ------------------------------------------------------------------------
+
+    def queue(self, data: bytes) -> None:
+        """A control frame: written with the next DATA frame, or at the end of this turn of
+        the event loop (many frames of one turn go out in one TLS record)."""
+        if self.closed:
+            return
+        if self.out is None:
+            self.out = bytearray(data)
+            if self._flush_handle is None:
+                self._flush_handle = self.host.loop.call_soon(self._flush_queued)
+        else:
+            self.out += data
+
+    def _flush_queued(self) -> None:
+        self._flush_handle = None
+        out = self.out
+        if out is not None and not self.closed:
+            self.out = None
+            self._write(out, len(out))
+
+    def send_data(self, sid: int, data: Buf) -> None:
+        n = len(data)
+        out = self.out
+        if out is None:
+            out = bytearray()
+        else:
+            self.out = None
+        out += mux.header(mux.DATA, n, sid)
+        out += data
+        self._write(out, len(out))
+
+    def send_data_in_place(self, sid: int, n: int) -> None:
+        """DATA whose payload sits in the shared buffer after `HEADER_SIZE` bytes of room."""
+        if self.out is not None:
+            out, self.out = self.out, None
+            out += mux.header(mux.DATA, n, sid)
+            out += memoryview(_BUF)[_HEADER_SIZE : _HEADER_SIZE + n]
+            self._write(out, len(out))
+            return
+        _pack_header(_BUF, 0, _DATA_WORD | n, sid)
+        self._write_ptr(_PTR, n + _HEADER_SIZE)
+
+    def _write(self, data: Buf, n: int) -> None:
+        if self.closed:
+            return
+        self._write_ptr(ffi.from_buffer(data), n)
+
+    def _write_ptr(self, ptr: Any, n: int) -> None:
+        if self.closed:
+            return
+        exc = self.leg.write_ptr(ptr, n)
+        if exc is not None:
+            self.fail(exc)
+
+    # --- what the TLS leg reports (LegOwner) --------------------------------------------
+
+    @property
+    def established(self) -> bool:
+        return True
+
+    @property
+    def handshake_timeout(self) -> float:
+        return 0.0
+
+    def send(self, data: memoryview) -> None:
+        """Decrypted bytes from the TLS leg: frames."""
+        if self.on_answer is not None:
+            on_answer, self.on_answer = self.on_answer, None
+            on_answer()
+        try:
+            self.demux.feed(data)
+        except mux.MuxError as exc:
+            log.warning(
+                "closing a pooled connection with %s: %s",
+                self._who(),
+                exc,
+                extra={"fields": {"event": "pool_protocol_error", "direction": self.direction}},
+            )
+            self.fail(ConnectionResetError(f"protocol error: {exc}"), reason="protocol_error")
+
+    def on_data(self, sid: int, data: memoryview) -> None:
+        stream = self.streams.get(sid)
+        if stream is not None:
+            stream.on_data(data)
+        elif sid >= self.next_sid and not self.outbound:
+            raise mux.MuxError(f"DATA for stream {sid}, which was never opened")
+        else:
+            # A stream that ended here: its data is dropped, and the sender told, as TCP
+            # answers data for a closed socket with a reset.
+            self.queue(mux.frame(mux.RESET, sid, bytes([mux.RESET_UNKNOWN_STREAM])))
+
+    def on_frame(self, kind: int, sid: int, payload: bytes) -> None:
+        if kind == mux.GOAWAY:
+            self._goaway_received()
+            return
+        stream = self.streams.get(sid)
+        if stream is not None:
+            stream.on_frame(kind, payload)
+            return
+        if kind != mux.OPEN:
+            return  # about a stream that ended here already
+        if self.outbound:
+            raise mux.MuxError("the accepting side opened a stream")
+        if sid < self.next_sid:
+            raise mux.MuxError(f"OPEN for stream {sid}, not above {self.next_sid - 1}")
+        self.next_sid = sid + 1
+        self.host.carrier_stream(self, sid, mux.decode_open(payload))
+
+    def accept_stream(self, stream: StreamLeg) -> None:
+        """Inbound: take in a stream the worker made for an OPEN."""
+        self._add(stream)
+        if self.write_blocked:
+            stream.block(True)
+
+    def pause_reading(self) -> None:
+        """The TLS leg's TCP buffer is full: every stream's app stops reading."""
+        self.write_blocked = True
+        for stream in list(self.streams.values()):
+            stream.block(True)
+
+    def resume_reading(self) -> None:
+        self.write_blocked = False
+        for stream in list(self.streams.values()):
+            stream.block(False)
+
+    def net_eof(self) -> None:
+        """The peer closed the carrier (close_notify or FIN)."""
+        self.close(reason="peer_closed")
+
+    def net_failed(self, exc: BaseException) -> None:
+        self.fail(exc)
+
+    def leg_lost(self, leg: _Leg, exc: Exception | None) -> None:
+        if not self.closed:
+            self.fail(exc or ConnectionResetError("pooled connection closed"))
+
+    def confirm(self) -> None:
+        pass
+
+    # The handshake is over before a leg is handed to a carrier: nothing of it is left.
+    def net_connected(self, leg: NetLeg) -> bool:
+        return False
+
+    def app_connected(self, leg: Any) -> None:
+        pass
+
+    def sniffed(self, tls: bool, first: bytes) -> None:
+        pass
+
+    def closed_before_hello(self, first: bytes) -> None:
+        pass
+
+    def verify_peer(self, der: bytes) -> int:
+        return 0
+
+    def handshake_done(self, leg: NetLeg) -> None:
+        pass
+
+    def handshake_failed(self, exc: BaseException) -> None:
+        self.fail(exc)
+
+    def handshake_timed_out(self) -> None:
+        pass
+
+    def hold_from_app(self, data: bytes) -> bool:
+        return True
+
+    def app_eof(self) -> None:
+        pass
+
+    # --- retiring and closing -----------------------------------------------------------
+
+    def retire(self, why: str) -> None:
+        """No new streams; close once the open ones end. Inbound, the peer is told
+        (GOAWAY) so it stops opening streams here."""
+        if self.retiring or self.closed:
+            return
+        self.retiring = True
+        metrics.POOL_RETIRED.labels(self.direction, why).inc()
+        if self.pool is not None:
+            self.pool.remove(self)
+        if not self.outbound:
+            self.goaway_at = self.host.loop.time()
+            self.queue(mux.frame(mux.GOAWAY, 0))
+        elif not self.streams:
+            self.close()
+
+    def _goaway_received(self) -> None:
+        if self.outbound:
+            self.retire("goaway")
+
+    def sweep(self, now: float, idle_timeout: float, max_lifetime: float) -> None:
+        """Once a second (the worker's sweep): idle and age limits."""
+        if self.closed:
+            return
+        if self.outbound:
+            if not self.retiring and now - self.created >= max_lifetime:
+                self.retire("max_lifetime")
+            idle = self.idle_since
+            if (
+                not self.streams
+                and idle is not None
+                and (self.retiring or now - idle >= idle_timeout)
+            ):
+                if not self.retiring:
+                    metrics.POOL_RETIRED.labels(self.direction, "idle").inc()
+                self.close()
+            return
+        # Inbound: the dialling side closes idle carriers; a peer that vanished without a
+        # FIN is let go after twice its idle time, and a retired one after the grace.
+        if self.streams or self.idle_since is None:
+            return
+        if self.goaway_at is not None and now - self.goaway_at >= GOAWAY_GRACE:
+            self.close()
+        elif now - self.idle_since >= 2 * idle_timeout:
+            metrics.POOL_RETIRED.labels(self.direction, "idle").inc()
+            self.close()
+
+    def close(self, reason: str = "closed") -> None:
+        """End the carrier: open streams end as resets; close_notify, then FIN."""
+        if self.closed:
+            return
+        self._flush_queued()
+        self._end(ConnectionResetError(f"pooled connection {reason}"))
+        self.leg.send_eof()
+        self.leg.close()
+
+    def fail(self, exc: BaseException, reason: str = "broken") -> None:
+        """The carrier broke: its streams end as resets, the TCP connection is reset."""
+        if self.closed:
+            return
+        if not self.retiring:
+            metrics.POOL_RETIRED.labels(self.direction, reason).inc()
+        self._end(exc if isinstance(exc, Exception) else ConnectionResetError(str(exc)))
+        self.leg.close(abort=True)
+
+    def _end(self, exc: Exception) -> None:
+        self.closed = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self.out = None
+        if self.pool is not None:
+            self.pool.remove(self)
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for stream in streams:
+            stream.carrier_lost(exc)
+        g = self._gauges
+        g.open.dec()
+        if self.idle_since is not None:
+            g.idle.dec()
+        metrics.POOL_STREAMS_PER_CONNECTION.labels(self.direction).observe(self.total)
+        self.host.carrier_closed(self)
+        self.leg.peer = None
+
+    def _who(self) -> str:
+        p = self.peername
+        return f"{p[0]}:{p[1]}" if p else "?"
+
+
+Key = tuple[str, int, str | None]
+
+
+class PoolWaiter(Protocol):
+    """An outbound connection waiting for a carrier that is being dialled."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def use_carrier(self, carrier: Carrier) -> None: ...
+
+    def dial_alone(self) -> None: ...
+
+
+class Pool:
+    """The outbound side's carriers, by (host, port, expected identity)."""
+
+    def __init__(self, max_streams: int, idle_timeout: float, max_lifetime: float) -> None:
+        self.max_streams = max_streams
+        self.idle_timeout = idle_timeout
+        self.max_lifetime = max_lifetime
+        self.carriers: dict[Key, list[Carrier]] = {}
+        self.dialing: dict[Key, list[PoolWaiter]] = {}
+        self._foreign: dict[Key, float] = {}
+
+    def take(self, key: Key) -> Carrier | None:
+        """The least busy carrier for `key` with room for one more stream."""
+        best: Carrier | None = None
+        for carrier in self.carriers.get(key, ()):
+            n = len(carrier.streams)
+            if (
+                n < self.max_streams
+                and carrier.available
+                and (best is None or n < len(best.streams))
+            ):
+                best = carrier
+        return best
+
+    def wait(self, key: Key, waiter: PoolWaiter) -> bool:
+        """If a carrier for `key` is being dialled with room, queue `waiter` on it (True)."""
+        waiters = self.dialing.get(key)
+        if waiters is None or len(waiters) + 1 >= self.max_streams:
+            return False
+        waiters.append(waiter)
+        return True
+
+    def dial_started(self, key: Key) -> None:
+        self.dialing.setdefault(key, [])
+
+    def foreign(self, key: Key, now: float) -> bool:
+        """Did this upstream recently answer without our ALPN (a foreign peer)?"""
+        until = self._foreign.get(key)
+        if until is None:
+            return False
+        if until < now:
+            del self._foreign[key]
+            return False
+        return True
+
+    def dial_done(self, key: Key, carrier: Carrier | None, now: float, ttl: float) -> None:
+        """The dial for `key` ended: with a carrier, or without (failed, or a foreign peer,
+        remembered for `ttl` seconds when `ttl` > 0). Waiters get the carrier or dial alone."""
+        waiters = self.dialing.pop(key, [])
+        if carrier is not None:
+            self.carriers.setdefault(key, []).append(carrier)
+        elif ttl > 0:
+            self._foreign[key] = now + ttl
+        for waiter in waiters:
+            if waiter.closed:
+                continue
+            chosen = self.take(key) if carrier is not None else None
+            if chosen is not None:
+                waiter.use_carrier(chosen)
+            else:
+                waiter.dial_alone()
+
+    def add(self, key: Key, carrier: Carrier) -> None:
+        self.carriers.setdefault(key, []).append(carrier)
+
+    def remove(self, carrier: Carrier) -> None:
+        key = carrier.key
+        if key is None:
+            return
+        group = self.carriers.get(key)
+        if group is not None and carrier in group:
+            group.remove(carrier)
+            if not group:
+                del self.carriers[key]
+
+    def all(self) -> list[Carrier]:
+        return [c for group in self.carriers.values() for c in group]
+
+    def retire_all(self, why: str) -> None:
+        for carrier in self.all():
+            carrier.retire(why)
+
+
+def reset_reason(code: int) -> str:
+    """The name of a RESET code, for log lines."""
+    return mux.RESET_NAMES.get(code, f"code {code}")
