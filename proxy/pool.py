@@ -88,7 +88,7 @@ class StreamLeg(_Leg):
         self.sid = sid
         self.info = info
         self.window = _WINDOW_SIZE  # bytes we may still send before the far side credits more
-        self.consumed = 0  # bytes handed to our app since we last credited the far side
+        self.consumed = 0  # bytes handed to our app's transport, not yet credited back
         self.held: bytearray | None = None  # DATA that came before the app leg was up
         self.eof_in = False
         self.eof_out = False
@@ -160,7 +160,7 @@ class StreamLeg(_Leg):
         self.carrier.queue(mux.frame(mux.EOF, self.sid))
 
     def pause_reading(self) -> None:
-        self.read_blocked = True  # our app reads slowly: stop crediting the far side
+        self.read_blocked = True  # our app reads slowly: its buffer holds back the credit
 
     def resume_reading(self) -> None:
         peer = self.peer
@@ -168,7 +168,7 @@ class StreamLeg(_Leg):
             return
         self.read_blocked = False
         if self.consumed and not self.ended:
-            self._credit()
+            self._credit(1)
 
     def close(self, abort: bool = False) -> None:
         if self.ended:
@@ -205,12 +205,22 @@ class StreamLeg(_Leg):
         assert self.peer is not None
         self.peer.send(data)
         self.consumed += n
-        if self.consumed >= _UPDATE_AT and not self.read_blocked:
-            self._credit()
+        if self.consumed >= _UPDATE_AT:
+            self._credit(_UPDATE_AT // 2)
 
-    def _credit(self) -> None:
-        self.carrier.queue(mux.frame(mux.WINDOW, self.sid, mux.encode_window(self.consumed)))
-        self.consumed = 0
+    def _credit(self, minimum: int) -> None:
+        """Give the far side back the window of what our app's transport has passed on to
+        the kernel (what it still buffers stays uncredited), if that is `minimum` or more.
+        So the far side may have WINDOW_SIZE bytes in flight or buffered here, no more, and
+        credit flows while the app keeps up, instead of after each pause of its transport."""
+        peer = self.peer
+        t = peer.transport if peer is not None else None
+        buffered = t.get_write_buffer_size() if t is not None else 0
+        give = self.consumed - buffered
+        if give < minimum:
+            return
+        self.carrier.queue(mux.frame(mux.WINDOW, self.sid, mux.encode_window(give)))
+        self.consumed -= give
 
     def on_frame(self, kind: int, payload: bytes) -> None:
         if self.ended:
