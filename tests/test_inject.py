@@ -274,6 +274,7 @@ def test_bad_annotation_is_a_clear_error(annotations: dict[str, str], expected: 
         ({P + "min-tls-version": "1.2"}, "MTLS_MIN_TLS_VERSION", "1.2"),
         ({P + "drain-timeout": "5s"}, "MTLS_DRAIN_TIMEOUT", "5s"),
         ({P + "idle-timeout": "10m"}, "MTLS_IDLE_TIMEOUT", "10m"),
+        ({P + "connection-reuse": "false"}, "MTLS_CONNECTION_REUSE", "false"),
         ({P + "max-connections": "100"}, "MTLS_MAX_CONNECTIONS", "100"),
         ({P + "ca-url": "https://ca.example:8443"}, "MTLS_CA_URL", "https://ca.example:8443"),
         ({P + "trust-domain": "corp.example"}, "MTLS_IDENTITY",

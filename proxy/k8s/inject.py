@@ -71,6 +71,7 @@ ANNOTATION_VARS: dict[str, str] = {
     "workers": "MTLS_WORKERS",
     "drain-timeout": "MTLS_DRAIN_TIMEOUT",
     "idle-timeout": "MTLS_IDLE_TIMEOUT",
+    "connection-reuse": "MTLS_CONNECTION_REUSE",
     "max-connections": "MTLS_MAX_CONNECTIONS",
     "log-level": "MTLS_LOG_LEVEL",
     "log-format": "MTLS_LOG_FORMAT",
