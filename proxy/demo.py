@@ -225,6 +225,8 @@ def run_demo(workdir: Path) -> int:
             "mtls_connections_rejected_total",
             "mtls_peer_connections_total",
             "mtls_handshakes_total",  # the key exchange: X25519MLKEM768 is post-quantum
+            "mtls_pool_streams_total",  # app connections carried on a pooled connection
+            "mtls_pool_connections",
             "mtls_cert_expiry_timestamp_seconds",
             "mtls_trust_bundle_roots",
         )
