@@ -120,7 +120,7 @@ def test_a_slow_reader_does_not_stall_the_other_streams(
                 pushed += stuck.send(chunk)
             except BlockingIOError:
                 time.sleep(0.05)
-        assert pushed > 4 * 1024 * 1024  # A's window (and the buffers behind it) filled up
+        assert pushed > 1024 * 1024  # A's window (and the buffers behind it) filled up
         payload = bytes(range(256)) * (8 * 4096)
         t0 = time.monotonic()
         assert exchange(out_port, payload, timeout=20) == payload
@@ -284,6 +284,39 @@ def test_identity_rotation_retires_the_pool_without_dropping_a_stream(
         assert outbound.wait_metric("mtls_pool_connections", 0, state="open") == 0
         assert exchange(out_port, b"third") == b"third"
         assert outbound.metric("mtls_handshakes_total", direction="outbound") == 3
+    finally:
+        assert inbound.stop() == 0
+        assert outbound.stop() == 0
+
+
+def test_pooled_connections_are_let_go_when_idle_and_retired_when_old(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    pool = {"MTLS_POOL_IDLE_TIMEOUT": "2s", "MTLS_POOL_MAX_LIFETIME": "3s"}
+    inbound, outbound, _, out_port = start_pair(pki, tmp_path, echo.port, outbound_env=pool)
+    try:
+        assert exchange(out_port, b"one") == b"one"
+        assert outbound.metric("mtls_pool_connections", state="open") == 1
+        # idle for 2 s: closed by the outbound side, and so at the inbound side too
+        assert outbound.wait_metric("mtls_pool_retired_total", 1, timeout=6, reason="idle") == 1
+        assert outbound.wait_metric("mtls_pool_connections", 0, state="open") == 0
+        assert inbound.wait_metric("mtls_pool_connections", 0, state="open") == 0
+        # a busy one is retired at 3 s of age: the stream open then goes on, new ones move
+        held = socket.create_connection(("127.0.0.1", out_port))
+        held.settimeout(10)
+        deadline = time.monotonic() + 4.5
+        while time.monotonic() < deadline:
+            held.sendall(b"busy")
+            assert held.recv(100) == b"busy"
+            time.sleep(0.2)
+        assert outbound.metric("mtls_pool_retired_total", reason="max_lifetime") == 1
+        assert exchange(out_port, b"two") == b"two"
+        held.sendall(b"last")
+        assert held.recv(100) == b"last"
+        held.close()
+        assert outbound.metric("mtls_handshakes_total", direction="outbound") == 3
+        assert all(e["outcome"] == "ok" for e in _closed(outbound))
+        assert outbound.metric("mtls_pool_streams_per_connection_count") >= 1
     finally:
         assert inbound.stop() == 0
         assert outbound.stop() == 0
