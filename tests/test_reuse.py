@@ -120,7 +120,7 @@ def test_a_slow_reader_does_not_stall_the_other_streams(
                 pushed += stuck.send(chunk)
             except BlockingIOError:
                 time.sleep(0.05)
-        assert pushed > 1024 * 1024  # A's window (and the buffers behind it) filled up
+        assert pushed > 4 * 1024 * 1024  # A's window (and the buffers behind it) filled up
         payload = bytes(range(256)) * (8 * 4096)
         t0 = time.monotonic()
         assert exchange(out_port, payload, timeout=20) == payload
