@@ -214,6 +214,14 @@ def test_outbound_identity_refusal_names_the_remote() -> None:
     )
 
 
+def test_a_pooled_stream_to_a_forbidden_destination_is_refused_with_its_reason() -> None:
+    flow = inbound()
+    why = (Reason.BAD_DESTINATION, "a pooled stream named 192.0.2.1:80, not ours")
+    actions = run(flow, Accepted("10.0.0.7:5123", None, forbidden=why))
+    assert actions[0] == Reject(*why)
+    assert flow.done
+
+
 def test_loop_detected_both_ways() -> None:
     a = run(inbound(), Accepted("p:1", None))
     assert a[0] == Reject(Reason.LOOP_DETECTED, "peer p:1: no original destination")
