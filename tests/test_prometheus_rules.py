@@ -40,6 +40,12 @@ METRICS = {
     "mtls_crl_next_update_timestamp_seconds",
     "mtls_crl_revoked_certificates",
     "mtls_revoked_connections_closed_total",
+    "mtls_pool_connections",
+    "mtls_pool_streams_total",
+    "mtls_pool_streams_per_connection_bucket",
+    "mtls_pool_streams_per_connection_sum",
+    "mtls_pool_streams_per_connection_count",
+    "mtls_pool_retired_total",
     "up",
 }
 PROMQL_KEYWORDS = {
