@@ -42,6 +42,9 @@ GOAWAY_GRACE = 5.0
 # An upstream that answered without our ALPN (another proxy, or reuse off there) gets one TLS
 # connection per app connection, without waiting for a pooled one, for this long.
 FOREIGN_TTL = 60.0
+# DATA frames smaller than this wait for the end of the event loop's turn and go out together;
+# larger ones (bulk) go out at once, with whatever waits before them.
+CORK_BELOW = 16 * 1024
 
 
 class StreamOwner(LegOwner, Protocol):
@@ -423,8 +426,24 @@ class Carrier:
             self.out = None
             self._write(out, len(out))
 
+    def _cork(self, sid: int, data: Buf) -> None:
+        """A small DATA frame: written with the others of this turn of the event loop, so the
+        messages of many streams cost one TLS record and one send() (keep-alive traffic)."""
+        if self.closed:
+            return
+        out = self.out
+        if out is None:
+            out = self.out = bytearray()
+            if self._flush_handle is None:
+                self._flush_handle = self.host.loop.call_soon(self._flush_queued)
+        out += mux.header(mux.DATA, len(data), sid)
+        out += data
+
     def send_data(self, sid: int, data: Buf) -> None:
         n = len(data)
+        if n < CORK_BELOW:
+            self._cork(sid, data)
+            return
         out = self.out
         if out is None:
             out = bytearray()
@@ -436,12 +455,13 @@ class Carrier:
 
     def send_data_in_place(self, sid: int, n: int) -> None:
         """DATA whose payload sits in the shared buffer after `HEADER_SIZE` bytes of room."""
-        if self.out is not None:
-            out, self.out = self.out, None
-            out += mux.header(mux.DATA, n, sid)
-            out += memoryview(_BUF)[_HEADER_SIZE : _HEADER_SIZE + n]
-            self._write(out, len(out))
+        if n < CORK_BELOW:
+            self._cork(sid, memoryview(_BUF)[_HEADER_SIZE : _HEADER_SIZE + n])
             return
+        if self.out is not None:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+            self._flush_queued()  # what waits goes first, on its own: no copy of a big frame
         _pack_header(_BUF, 0, _DATA_WORD | n, sid)
         self._write_ptr(_PTR, n + _HEADER_SIZE)
 
@@ -752,15 +772,3 @@ class Pool:
             group.remove(carrier)
             if not group:
                 del self.carriers[key]
-
-    def all(self) -> list[Carrier]:
-        return [c for group in self.carriers.values() for c in group]
-
-    def retire_all(self, why: str) -> None:
-        for carrier in self.all():
-            carrier.retire(why)
-
-
-def reset_reason(code: int) -> str:
-    """The name of a RESET code, for log lines."""
-    return mux.RESET_NAMES.get(code, f"code {code}")
