@@ -57,7 +57,7 @@ FRAME_NAMES = {
 }
 
 WINDOW_SIZE = 4 << 20  # bytes in flight per stream and direction
-WINDOW_UPDATE_AT = WINDOW_SIZE // 4  # credit back once this much was handed to the app
+WINDOW_UPDATE_AT = WINDOW_SIZE // 2  # credit back once this much was handed to the app
 MAX_CONTROL_PAYLOAD = 1024  # OPEN, RESET, WINDOW: anything longer is a protocol error
 
 # RESET codes: why a stream ended.
