@@ -78,14 +78,17 @@ _VERIFY_CALLBACK = tls_ffi.verify_callback(_decide)
 _from_buffer = ffi.from_buffer
 
 
-def _owned(data: Buf) -> bytes:
-    """`data` as bytes the transport may keep.
+def _owned(data: Buf) -> bytes | bytearray:
+    """`data` as something the transport may keep.
 
     uvloop keeps a reference to the part of a write the kernel did not take, without copying
     it: a view of the shared read buffer would be overwritten by the next read (of any
     connection) before it is sent. One copy per read batch is the price of sharing the buffer.
+    A bytearray is passed on as it is: whoever sends one gives it up (held bytes, a merged
+    batch), and never touches it again.
     """
-    return data if type(data) is bytes else bytes(data)
+    t = type(data)
+    return data if t is bytes or t is bytearray else bytes(data)  # type: ignore[return-value]
 
 
 class LegOwner(Protocol):
