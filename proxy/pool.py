@@ -380,7 +380,7 @@ class Carrier:
         sid = self.next_sid
         self.next_sid += 1
         if self.next_sid > mux.MAX_STREAM_ID:
-            self.retire("stream ids used up")
+            self.retire("stream_ids")  # 2**31 streams opened on it
         stream = StreamLeg(self, conn, sid, info)
         self._add(stream)
         self.queue(mux.frame(mux.OPEN, sid, mux.encode_open(info)))
