@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any, Protocol
 
 from . import flow as f
@@ -416,13 +417,7 @@ class Conn:
             return False  # refused as any connection: the flow says so
         route = self.route
         seconds = self.host.loop.time() - self.hs_started
-        info = leg.tls_info()
-        group, resumed = (info[2] if info else ""), leg.resumed()
-
-        def count_handshake() -> None:
-            route.metrics.handshake.observe(seconds)
-            handshake_counter(route.direction, group, resumed).inc()
-
+        count_handshake = partial(self._count_handshake, leg, seconds)
         if route.direction == "inbound":
             count_handshake()
             self.host.new_carrier(
@@ -441,7 +436,7 @@ class Conn:
             return True
         target = self.target
         assert target is not None
-        key: Key = (target[0], target[1], route.expected_peer)
+        key = self._key(*target)
         carrier = self.host.new_carrier(
             leg, route, peer_id=sid, peer_facts=facts, peername=target, called=None, key=key
         )
@@ -454,6 +449,10 @@ class Conn:
             if pool is not None:
                 pool.add(key, carrier)
         return False
+
+    def _key(self, host: str, port: int) -> Key:
+        """Pooled connections to (host, port) for this route's expected identity."""
+        return (host, port, self.route.expected_peer)
 
     def _open_info(self) -> mux.OpenInfo:
         target = self.target or ("", 0)
@@ -472,7 +471,7 @@ class Conn:
         pool = self.host.pool
         if pool is None or self.tls is not self.host.tls:
             return False
-        key: Key = (host, port, self.route.expected_peer)
+        key = self._key(host, port)
         carrier = pool.take(key)
         if carrier is not None:
             self.use_carrier(carrier)
@@ -784,10 +783,14 @@ class Conn:
         if security is f.Security.MTLS and net is not None:
             self.host.count_peer(self.route.direction, self.peer_identity)
             if isinstance(net, NetLeg):  # a stream's handshake was its carrier's, counted then
-                m.handshake.observe(self.hs_done - self.hs_started)
-                info = net.tls_info()
-                if info is not None:
-                    handshake_counter(self.route.direction, info[2], net.resumed()).inc()
+                self._count_handshake(net, self.hs_done - self.hs_started)
+
+    def _count_handshake(self, leg: NetLeg, seconds: float) -> None:
+        """One real TLS handshake: its duration, key-exchange group and resumption."""
+        self.route.metrics.handshake.observe(seconds)
+        info = leg.tls_info()
+        if info is not None:
+            handshake_counter(self.route.direction, info[2], leg.resumed()).inc()
 
     def confirm(self) -> None:
         """Outbound: the remote answered after our handshake, so it accepted us."""

@@ -176,14 +176,12 @@ class StreamLeg(_Leg):
     def close(self, abort: bool = False) -> None:
         if self.ended:
             return
-        self.ended = True
-        carrier = self.carrier
         if abort or not self.accepted_or_started():
-            carrier.queue(mux.frame(mux.RESET, self.sid, bytes([self.reset_code])))
-        elif not self.eof_out:
-            self.eof_out = True
-            carrier.queue(mux.frame(mux.EOF, self.sid))
-        carrier.forget(self)
+            self.carrier.queue(mux.frame(mux.RESET, self.sid, bytes([self.reset_code])))
+        else:
+            self.send_eof()
+        self.ended = True
+        self.carrier.forget(self)
 
     def accepted_or_started(self) -> bool:
         return self.accepted if self.carrier.outbound else self.started
@@ -230,8 +228,7 @@ class StreamLeg(_Leg):
             return
         if kind == mux.WINDOW:
             self.window += mux.decode_window(payload)
-            if self.write_paused and self.window > 0 and not self.carrier.write_blocked:
-                self.resume_writing()
+            self._resume_if_clear()
         elif kind == mux.EOF:
             if self.eof_in:
                 return
@@ -269,7 +266,12 @@ class StreamLeg(_Leg):
         if blocked:
             if not self.write_paused:
                 self.pause_writing()
-        elif self.write_paused and self.window > 0:
+        else:
+            self._resume_if_clear()
+
+    def _resume_if_clear(self) -> None:
+        """Let our app be read again once both the window and the carrier have room."""
+        if self.write_paused and self.window > 0 and not self.carrier.write_blocked:
             self.resume_writing()
 
 
@@ -412,35 +414,40 @@ class Carrier:
 
     # --- writing ------------------------------------------------------------------------
 
+    def _waiting(self) -> bytearray:
+        """The frames waiting for the end of this turn of the event loop (the buffer made,
+        and its flush scheduled, if there is none yet)."""
+        out = self.out
+        if out is None:
+            out = self.out = bytearray()
+            if self._flush_handle is None:
+                self._flush_handle = self.host.loop.call_soon(self._flush_queued)
+        return out
+
     def queue(self, data: bytes) -> None:
         """A control frame: written with the next DATA frame, or at the end of this turn of
         the event loop (many frames of one turn go out in one TLS record)."""
-        if self.closed:
-            return
-        if self.out is None:
-            self.out = bytearray(data)
-            if self._flush_handle is None:
-                self._flush_handle = self.host.loop.call_soon(self._flush_queued)
-        else:
-            self.out += data
+        if not self.closed:
+            self._waiting().extend(data)
 
     def _flush_queued(self) -> None:
         self._flush_handle = None
         out = self.out
         if out is not None and not self.closed:
             self.out = None
-            self._write(out, len(out))
+            self._write(out)
+
+    def _flush_now(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush_queued()
 
     def _cork(self, sid: int, data: Buf) -> None:
         """A small DATA frame: written with the others of this turn of the event loop, so the
         messages of many streams cost one TLS record and one send() (keep-alive traffic)."""
         if self.closed:
             return
-        out = self.out
-        if out is None:
-            out = self.out = bytearray()
-            if self._flush_handle is None:
-                self._flush_handle = self.host.loop.call_soon(self._flush_queued)
+        out = self._waiting()
         out += mux.header(mux.DATA, len(data), sid)
         out += data
 
@@ -456,7 +463,7 @@ class Carrier:
             self.out = None
         out += mux.header(mux.DATA, n, sid)
         out += data
-        self._write(out, len(out))
+        self._write(out)
 
     def send_data_in_place(self, sid: int, n: int) -> None:
         """DATA whose payload sits in the shared buffer after `HEADER_SIZE` bytes of room."""
@@ -464,16 +471,13 @@ class Carrier:
             self._cork(sid, memoryview(_BUF)[_HEADER_SIZE : _HEADER_SIZE + n])
             return
         if self.out is not None:
-            if self._flush_handle is not None:
-                self._flush_handle.cancel()
-            self._flush_queued()  # what waits goes first, on its own: no copy of a big frame
+            self._flush_now()  # what waits goes first, on its own: no copy of a big frame
         _pack_header(_BUF, 0, _DATA_WORD | n, sid)
         self._write_ptr(_PTR, n + _HEADER_SIZE)
 
-    def _write(self, data: Buf, n: int) -> None:
-        if self.closed:
-            return
-        self._write_ptr(ffi.from_buffer(data), n)
+    def _write(self, data: Buf) -> None:
+        if not self.closed:
+            self._write_ptr(ffi.from_buffer(data), len(data))
 
     def _write_ptr(self, ptr: Any, n: int) -> None:
         if self.closed:
@@ -672,7 +676,7 @@ class Carrier:
         """End the carrier: open streams end as resets; close_notify, then FIN."""
         if self.closed:
             return
-        self._flush_queued()
+        self._flush_now()
         self._end(ConnectionResetError(f"pooled connection {reason}"))
         self.leg.send_eof()
         self.leg.close()
