@@ -5,14 +5,10 @@ stream that names another host is in test_transparent_proof.py (it needs the red
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import signal
 import socket
 import struct
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,9 +16,7 @@ import pytest
 from .conftest import TD, Pki, start_pair
 from .harness import ScriptedApp, Sidecar, TcpApp, exchange, free_port, identity_env, wait_for
 from .pki import Identity, copy_identity, replace_identity, write_identity
-
-HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
-STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
+from .test_proxyproto_readers import _binary, _foreground
 
 
 def _closed(sc: Sidecar) -> list[dict[str, object]]:
@@ -163,27 +157,9 @@ def test_reuse_off_on_either_side_means_one_tls_connection_per_app_connection(
             assert outbound.stop() == 0
 
 
-@contextlib.contextmanager
-def _daemon(cmd: list[str], log: Path, port: int) -> Iterator[None]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        assert wait_for(lambda: _listening(port), timeout=10), log.read_text()
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _foreign_server(kind: str, pki: Pki, tmp: Path, app_port: int, port: int) -> list[str]:
     ident: Identity = pki.server
     if kind == "stunnel":
-        assert STUNNEL is not None
         conf = tmp / "stunnel.conf"
         conf.write_text(
             f"foreground = yes\npid =\n[s]\naccept = 127.0.0.1:{port}\n"
@@ -191,8 +167,7 @@ def _foreign_server(kind: str, pki: Pki, tmp: Path, app_port: int, port: int) ->
             f"CAfile = {ident.bundle}\nverifyChain = yes\nrequireCert = yes\n"
             "sslVersionMin = TLSv1.3\n"
         )
-        return [STUNNEL, str(conf)]
-    assert HAPROXY is not None
+        return [_binary("stunnel4"), str(conf)]
     pem_file = tmp / "server.pem"
     pem_file.write_bytes(ident.cert.read_bytes() + ident.key.read_bytes())
     conf = tmp / "haproxy.cfg"
@@ -203,7 +178,7 @@ def _foreign_server(kind: str, pki: Pki, tmp: Path, app_port: int, port: int) ->
         " verify required ssl-min-ver TLSv1.3 alpn h2,http/1.1\n"
         f"    default_backend b\nbackend b\n    server app 127.0.0.1:{app_port}\n"
     )
-    return [HAPROXY, "-db", "-f", str(conf)]
+    return [_binary("haproxy"), "-db", "-f", str(conf)]
 
 
 @pytest.mark.parametrize("kind", ["stunnel", "haproxy"])
@@ -212,11 +187,9 @@ def test_foreign_peers_get_one_plain_tls_connection_per_app_connection(
 ) -> None:
     """Our outbound offers reuse; stunnel and haproxy (here with ALPN of its own) never
     select it: each app connection is its own TLS tunnel, half-close and bytes as ever."""
-    if (STUNNEL if kind == "stunnel" else HAPROXY) is None:
-        pytest.skip(f"{kind} is not installed")
     port, out_port = free_port(), free_port()
     cmd = _foreign_server(kind, pki, tmp_path, eof_app.port, port)
-    with _daemon(cmd, tmp_path / f"{kind}.log", port):
+    with _foreground(cmd, tmp_path / f"{kind}.log", port):
         sc = Sidecar(
             {
                 **identity_env(pki.client),
