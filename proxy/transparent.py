@@ -250,16 +250,12 @@ def is_local_destination(host: str, port: int, own_ports: set[int], local_addrs:
     """
     if port not in own_ports:
         return False
-    norm = _normalize(host)
+    if host in local_addrs or is_local_address(host, local_addrs):
+        return True
     try:
-        ip = ipaddress.ip_address(norm)
+        return ipaddress.ip_address(_normalize(host)).is_unspecified  # 0.0.0.0 reaches us too
     except ValueError:
-        return host in local_addrs
-    if ip.is_loopback or ip.is_unspecified:
-        return True
-    if host in local_addrs or norm in local_addrs:
-        return True
-    return norm in {_normalize(a) for a in local_addrs}
+        return False
 
 
 def is_local_address(host: str, local_addrs: set[str]) -> bool:

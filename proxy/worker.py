@@ -206,10 +206,14 @@ class Worker:
             return None
         return host, port
 
-    def _is_self(self, host: str, port: int) -> bool:
+    def _addresses(self) -> set[str]:
+        """This host's addresses, read once."""
         if self._local_addrs is None:
             self._local_addrs = local_addresses()
-        return is_local_destination(host, port, self.own_ports, self._local_addrs)
+        return self._local_addrs
+
+    def _is_self(self, host: str, port: int) -> bool:
+        return is_local_destination(host, port, self.own_ports, self._addresses())
 
     def original_target(
         self, route: Route, transport: asyncio.BaseTransport
@@ -279,9 +283,7 @@ class Worker:
         self, dst: tuple[str, int]
     ) -> tuple[tuple[str, int] | None, tuple[Reason, str] | None]:
         host, port = dst
-        if self._local_addrs is None:
-            self._local_addrs = local_addresses()
-        if not is_local_address(host, self._local_addrs):
+        if not is_local_address(host, self._addresses()):
             return None, (
                 Reason.BAD_DESTINATION,
                 f"a pooled stream named {host}:{port}, which is not an address of this host "

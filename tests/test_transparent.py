@@ -27,6 +27,7 @@ from proxy.transparent import (
     client_hello_max_version,
     decode_sockaddr_in,
     decode_sockaddr_in6,
+    is_local_address,
     is_local_destination,
     local_addresses,
     original_dst,
@@ -475,3 +476,24 @@ def test_original_dst_real_redirect_in_netns(netns: str, backend: list[str]) -> 
     assert result["dual_v4"]["sockname"] == ["::ffff:127.0.0.1", 15001]
     assert result["dual_v4"]["original_dst"] == ["10.99.0.2", 8080]
     assert result["dual_v6"]["original_dst"] == ["fd00:99::2", 8443]
+
+
+@pytest.mark.parametrize(
+    ("host", "local", "expected"),
+    [
+        ("10.0.0.5", {"10.0.0.5"}, True),
+        ("10.0.0.6", {"10.0.0.5"}, False),
+        ("127.0.0.1", set(), True),
+        ("::1", set(), True),
+        ("0.0.0.0", set(), False),  # nobody dials it: a stream naming it is refused
+        ("::", set(), False),
+        ("::ffff:10.0.0.5", {"10.0.0.5"}, True),
+        ("fd00:0:0:0:0:0:0:5", {"fd00::5"}, True),
+        ("fd00::6", {"fd00::5"}, False),
+        ("not-an-ip", {"not-an-ip"}, False),  # a stream must name an address
+        ("192.0.2.10", set(), False),
+    ],
+)
+def test_is_local_address(host: str, local: set[str], expected: bool) -> None:
+    """Where a pooled stream may lead in transparent mode: this host's own addresses."""
+    assert is_local_address(host, local) is expected
