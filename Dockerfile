@@ -13,7 +13,10 @@
 # It runs on the OpenSSL that the `cryptography` wheel bundles (4.x, via pyOpenSSL), so the
 # image gets X25519MLKEM768 from pip; the build checks that binding (proxy/tls_ffi.py).
 
-FROM python:3.11-slim-bookworm AS build
+# BASE_IMAGE: any Debian bookworm image with Python 3.11 as `python` and its venv module; the
+# tests build one from Debian packages (debootstrap) where no registry can be reached.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
@@ -27,7 +30,8 @@ RUN python -m venv /opt/mtls-sidecar \
     && /opt/mtls-sidecar/bin/mtls-sidecar --help >/dev/null \
     && /opt/mtls-sidecar/bin/python -c "import proxy.tls_ffi as t; print(t.VERSION_TEXT)"
 
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+ARG BASE_IMAGE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="mtls-sidecar" \
@@ -36,7 +40,7 @@ LABEL org.opencontainers.image.title="mtls-sidecar" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.vendor="mtls-sidecar" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.11-slim-bookworm"
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 # iptables/nftables for the transparent-mode init container; the proxy user and group (1337);
 # the CA directory owned by it, so a named volume mounted there starts out writable for
 # `mtls-sidecar ca init` (compose example).

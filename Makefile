@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-APT_PKGS := openssl curl iproute2 iptables nftables tcpdump stunnel4 haproxy prometheus sslscan procps util-linux wrk iperf3 nginx
+APT_PKGS := openssl curl iproute2 iptables nftables tcpdump stunnel4 haproxy prometheus sslscan procps util-linux wrk iperf3 nginx docker.io docker-compose debootstrap
 BENCH_APT :=
 
 .PHONY: all venv apt test lint unit demo bench soak image clean certs clean-certs
