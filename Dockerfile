@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # mtls-sidecar container image: `make image` (docker build -t mtls-sidecar:dev .).
 #
 # Two stages: `build` turns the source into a wheel and installs it with its dependencies into
@@ -59,9 +58,11 @@ USER 1337:1337
 WORKDIR /tmp
 EXPOSE 15000
 STOPSIGNAL SIGTERM
-# GET /live on the admin port (MTLS_ADMIN_LISTEN, default 127.0.0.1:15000; a wildcard address
-# is probed on loopback). urlopen raises on a refused connection or a non-2xx status: exit 1.
+# GET /ready on the admin port (MTLS_ADMIN_LISTEN, default 127.0.0.1:15000; a wildcard address
+# is probed on loopback). Docker has no readiness, so "healthy" must mean "can serve": a valid
+# certificate loaded and every listener up, not merely "the process answers" (/live).
+# urlopen raises on a refused connection or a non-2xx status (/ready is 503 until then): exit 1.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os,urllib.request as u;h,_,p=os.environ.get('MTLS_ADMIN_LISTEN','127.0.0.1:15000').rpartition(':');h=h.strip('[]');h={'':'127.0.0.1','0.0.0.0':'127.0.0.1','::':'::1'}.get(h,h);h='['+h+']' if ':' in h else h;u.urlopen('http://'+h+':'+p+'/live',timeout=2)"]
+    CMD ["python", "-c", "import os,urllib.request as u;h,_,p=os.environ.get('MTLS_ADMIN_LISTEN','127.0.0.1:15000').rpartition(':');h=h.strip('[]');h={'':'127.0.0.1','0.0.0.0':'127.0.0.1','::':'::1'}.get(h,h);h='['+h+']' if ':' in h else h;u.urlopen('http://'+h+':'+p+'/ready',timeout=2)"]
 ENTRYPOINT ["mtls-sidecar"]
 CMD ["run"]

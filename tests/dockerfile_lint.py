@@ -84,16 +84,29 @@ def parse(text: str) -> list[Instruction]:
     return out
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
 def stages(instructions: list[Instruction]) -> list[Stage]:
-    """Group instructions by build stage (ARGs before the first FROM are dropped)."""
+    """Group instructions by build stage. ARGs before the first FROM are the global build
+    arguments: a FROM that names one (`FROM ${BASE_IMAGE}`) gets its default, the image a plain
+    `docker build` uses; one without a default stays a variable (and DF001 flags it)."""
     result: list[Stage] = []
+    defaults: dict[str, str] = {}
     for ins in instructions:
         if ins.keyword == "FROM":
             words = [w for w in ins.args.split() if not w.startswith("--")]
             alias = words[2] if len(words) >= 3 and words[1].lower() == "as" else None
-            result.append(Stage(words[0], alias, ins.line, []))
+            image = _VARIABLE.sub(
+                lambda m: defaults.get(m.group(1) or m.group(2), m.group(0)), words[0]
+            )
+            result.append(Stage(image, alias, ins.line, []))
         elif result:
             result[-1].instructions.append(ins)
+        elif ins.keyword == "ARG":
+            name, sep, value = ins.args.partition("=")
+            if sep:
+                defaults[name.strip()] = value.strip().strip('"')
     return result
 
 

@@ -923,10 +923,13 @@ def test_compose_file_references_exist() -> None:
 
 
 def test_compose_sidecars_explicit_mode_and_scraped() -> None:
-    services = _compose()["services"]
+    data = _compose()
+    services = data["services"]
     prom = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
     job = next(j for j in prom["scrape_configs"] if j["job_name"] == "mtls-sidecar")
     targets = {t for sc in job["static_configs"] for t in sc["targets"]}
+    # Compose v1 (docker-compose 1.29) refuses the Compose Spec's top-level `name:`.
+    assert set(data) <= {"services", "volumes", "networks", "x-sidecar", "x-pod"}, set(data)
     for name, svc in _compose_sidecars():
         env = svc["environment"]
         assert "MTLS_TRANSPARENT" not in env, name
@@ -935,16 +938,36 @@ def test_compose_sidecars_explicit_mode_and_scraped() -> None:
         assert env["MTLS_CA_URL"].startswith("https://ca:"), name
         assert str(svc["user"]).split(":")[0] == str(PROXY_UID), name
         assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"], name
+        # Docker's grace period outlasts the drain, or `docker stop` kills mid-drain.
+        drain = float(env["MTLS_DRAIN_TIMEOUT"].rstrip("s"))
+        assert float(str(svc["stop_grace_period"]).rstrip("s")) > drain, name
+        # The sidecar and its app join a pod-like holder of the network namespace, so either
+        # can restart without taking the other's network away.
+        mode = svc["network_mode"]
+        assert mode.startswith("service:"), name
+        pod = mode.split(":", 1)[1]
+        assert services[pod].get("restart") == "unless-stopped", pod
         host, _, port = env["MTLS_ADMIN_LISTEN"].rpartition(":")
         assert ipaddress.ip_address(host or "0.0.0.0").is_unspecified, name
-        assert f"{name}:{port}" in targets, f"prometheus.yml does not scrape {name}"
-        # The app shares the sidecar's network namespace and listens on loopback only.
-        apps = [s for s in services.values() if s.get("network_mode") == f"service:{name}"]
-        assert len(apps) == 1, name
-    # setup.sh writes every variable the compose file needs.
+        assert f"{pod}:{port}" in targets, f"prometheus.yml does not scrape {name} ({pod})"
+        apps = [
+            n
+            for n, s in services.items()
+            if s.get("network_mode") == f"service:{pod}" and n != name
+        ]
+        assert len(apps) == 1, (name, apps)
+    # The CA writes its store (ca.db, crl.pem) into its volume, and its certificate names the
+    # host the sidecars dial.
+    ca = services["ca"]
+    assert all(not v.endswith(":ro") for v in ca["volumes"]), ca["volumes"]
+    command = ca["command"]
+    assert command[command.index("--dns") + 1] == "ca"
+    # setup.sh writes every variable the compose file requires (${VAR:?...}).
     setup = (COMPOSE.parent / "setup.sh").read_text()
-    for var in set(_INTERPOLATION.findall(COMPOSE.read_text())):
-        assert re.search(rf"^{var}=", setup, re.MULTILINE), f"setup.sh does not write {var}"
+    required = set(re.findall(r"\$\{(\w+):\?", COMPOSE.read_text()))
+    assert required
+    for var in required:
+        assert re.search(rf"echo \"{var}=", setup), f"setup.sh does not write {var}"
 
 
 # --- Dockerfile --------------------------------------------------------------------------------
@@ -1049,7 +1072,7 @@ class _Health(http.server.BaseHTTPRequestHandler):
     status = 200
 
     def do_GET(self) -> None:
-        self.send_response(self.status if self.path == "/live" else 404)
+        self.send_response(self.status if self.path == "/ready" else 404)
         self.end_headers()
 
     def log_message(self, format: str, *args: object) -> None:
@@ -1067,7 +1090,7 @@ def health_server() -> Iterator[http.server.ThreadingHTTPServer]:
 
 
 def test_healthcheck_command_works(health_server: http.server.ThreadingHTTPServer) -> None:
-    """The HEALTHCHECK's python -c, run for real: 0 on 200 from /live, non-zero otherwise,
+    """The HEALTHCHECK's python -c, run for real: 0 on 200 from /ready, non-zero otherwise,
     with MTLS_ADMIN_LISTEN in each address form (a wildcard is probed on loopback)."""
     cmd = dockerfile_lint.healthcheck_command(DOCKERFILE.read_text())
     assert cmd and cmd[0] == "python" and cmd[1] == "-c"

@@ -1,16 +1,40 @@
 #!/bin/sh
 # One-time setup for the compose example: build the image, create the CA in the ca-data volume
-# (kept if it exists), and write .env beside docker-compose.yml with the CA root fingerprint
-# and one join token per sidecar. Re-run it to issue fresh tokens (they expire after 30 days;
-# a sidecar needs its token again only when it restarts and re-enrols).
+# (kept if it exists), and write .env beside docker-compose.yml with the project name, the CA
+# root fingerprint and one join token per sidecar. Re-run it to issue fresh tokens (they expire
+# after 30 days; a join token enrols once, so a sidecar needs a new one whenever it restarts:
+# re-run this, then `up -d` recreates the sidecars with the new tokens).
+#
+# Works with Compose v2 (`docker compose`) and v1 (`docker-compose`); COMPOSE=... picks one.
+# Environment: COMPOSE_PROJECT_NAME (default mtls-sidecar-demo), BASE_IMAGE (the build's base).
 set -eu
 cd "$(dirname "$0")"
-dc() { docker compose --profile setup "$@"; }
+
+if [ -z "${COMPOSE:-}" ]; then
+  if docker compose version >/dev/null 2>&1; then COMPOSE="docker compose"
+  elif command -v docker-compose >/dev/null 2>&1; then COMPOSE="docker-compose"
+  else echo "setup.sh: neither 'docker compose' nor 'docker-compose' found" >&2; exit 1
+  fi
+fi
+# The project name names the CA volume (<project>_ca-data): keep the one .env already has.
+if [ -z "${COMPOSE_PROJECT_NAME:-}" ] && [ -f .env ]; then
+  COMPOSE_PROJECT_NAME=$(sed -n 's/^COMPOSE_PROJECT_NAME=//p' .env)
+fi
+COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-mtls-sidecar-demo}
+export COMPOSE_PROJECT_NAME
+
+# Compose interpolates every service before it runs one, and the sidecars' ${...:?} guards
+# stop it while .env is not written yet: give those variables placeholders for the setup runs
+# (ca-init uses none of them; the environment wins over .env).
+dc() {
+  MTLS_CA_FINGERPRINT=setup WEB_JOIN_TOKEN=setup CLIENT_JOIN_TOKEN=setup \
+    $COMPOSE --profile setup "$@"
+}
 
 dc build ca-init
 if dc run --rm --no-deps -T --entrypoint python ca-init \
     -c "import os,sys; sys.exit(0 if os.listdir('/var/lib/mtls-ca') else 1)"; then
-  echo "CA exists in volume ca-data: keeping it"
+  echo "CA exists in volume ${COMPOSE_PROJECT_NAME}_ca-data: keeping it"
 else
   dc run --rm --no-deps -T ca-init
 fi
@@ -36,9 +60,11 @@ web=$(token spiffe://compose.local/web)
 client=$(token spiffe://compose.local/client)
 
 umask 077
-cat > .env <<ENV
-MTLS_CA_FINGERPRINT=$fp
-WEB_JOIN_TOKEN=$web
-CLIENT_JOIN_TOKEN=$client
-ENV
-echo "wrote $(pwd)/.env; now: docker compose -f $(pwd)/docker-compose.yml up -d"
+{
+  echo "COMPOSE_PROJECT_NAME=$COMPOSE_PROJECT_NAME"
+  if [ -n "${BASE_IMAGE:-}" ]; then echo "BASE_IMAGE=$BASE_IMAGE"; fi
+  echo "MTLS_CA_FINGERPRINT=$fp"
+  echo "WEB_JOIN_TOKEN=$web"
+  echo "CLIENT_JOIN_TOKEN=$client"
+} > .env
+echo "wrote $(pwd)/.env; now: $COMPOSE -f $(pwd)/docker-compose.yml up -d"
