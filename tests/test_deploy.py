@@ -1,6 +1,6 @@
 """Deploy artifacts: Kubernetes manifests, the compose example and the Dockerfile.
 
-CI has no Kubernetes cluster and no Docker engine, so this checks what can be checked offline:
+The offline half (the real runs: tests/test_deploy_compose.py and the emulated pods):
 schemas (kubernetes-validate, strict), the sidecar pod contract (native sidecar, probes,
 privileges), cross-references between files, the Dockerfile rules and its healthcheck, the
 image's install steps, and `mtls-sidecar check` on the exact env of every manifest.
