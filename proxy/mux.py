@@ -57,6 +57,11 @@ FRAME_NAMES = {
 }
 
 WINDOW_SIZE = 4 << 20  # bytes in flight per stream and direction
+# A sender stops reading its app once its window is used up, so the read in flight when it
+# ran out (up to 1 MiB) may overshoot the window: the receiver allows that much more, and
+# closes the connection when a peer sends beyond it (a protocol error, `flow_control`).
+WINDOW_SLACK = 1 << 20
+RECEIVE_LIMIT = WINDOW_SIZE + WINDOW_SLACK
 WINDOW_UPDATE_AT = WINDOW_SIZE // 2  # credit back once this much was handed to the app
 MAX_CONTROL_PAYLOAD = 1024  # OPEN, RESET, WINDOW: anything longer is a protocol error
 
@@ -85,7 +90,16 @@ _WINDOW = struct.Struct("!I")
 
 
 class MuxError(ValueError):
-    """The peer broke the wire format: the whole connection is closed."""
+    """The peer broke the wire format: the whole connection is closed. `reason` is the
+    label it is counted under (mtls_pool_retired_total)."""
+
+    reason = "protocol_error"
+
+
+class WindowExceeded(MuxError):
+    """The peer sent more DATA on a stream than the window we credited allows."""
+
+    reason = "flow_control"
 
 
 def header(kind: int, length: int, sid: int) -> bytes:

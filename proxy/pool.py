@@ -35,6 +35,7 @@ _HEADER_SIZE = mux.HEADER_SIZE
 _DATA_WORD = mux.DATA << 24
 _WINDOW_SIZE = mux.WINDOW_SIZE
 _UPDATE_AT = mux.WINDOW_UPDATE_AT
+_RECEIVE_LIMIT = mux.RECEIVE_LIMIT
 
 # A carrier that was told to go away but whose peer keeps it open after its streams ended
 # is closed by us after this long (the peer had time to see our GOAWAY).
@@ -77,6 +78,7 @@ class StreamLeg(_Leg):
         "eof_out",
         "held",
         "info",
+        "receivable",
         "reset_code",
         "sid",
         "started",
@@ -92,6 +94,9 @@ class StreamLeg(_Leg):
         self.info = info
         self.window = _WINDOW_SIZE  # bytes we may still send before the far side credits more
         self.consumed = 0  # bytes handed to our app's transport, not yet credited back
+        # DATA bytes the far side may still send before we credit more: received but
+        # uncredited bytes (held, or in our app's transport) never exceed the window.
+        self.receivable = _RECEIVE_LIMIT
         self.held: bytearray | None = None  # DATA that came before the app leg was up
         self.eof_in = False
         self.eof_out = False
@@ -189,6 +194,12 @@ class StreamLeg(_Leg):
     # --- what the carrier hands on ------------------------------------------------------
 
     def on_data(self, data: memoryview | bytearray) -> None:
+        left = self.receivable - len(data)
+        if left < 0:
+            raise mux.WindowExceeded(
+                f"stream {self.sid} sent {-left} byte(s) beyond its flow-control window"
+            )
+        self.receivable = left
         if self.ended or self.eof_in:
             return
         if not self.started or self.peer is None:
@@ -222,6 +233,7 @@ class StreamLeg(_Leg):
             return
         self.carrier.queue(mux.frame(mux.WINDOW, self.sid, mux.encode_window(give)))
         self.consumed -= give
+        self.receivable += give
 
     def on_frame(self, kind: int, payload: bytes) -> None:
         if self.ended:
@@ -509,9 +521,15 @@ class Carrier:
                 "closing a pooled connection with %s: %s",
                 self._who(),
                 exc,
-                extra={"fields": {"event": "pool_protocol_error", "direction": self.direction}},
+                extra={
+                    "fields": {
+                        "event": "pool_protocol_error",
+                        "direction": self.direction,
+                        "reason": exc.reason,
+                    }
+                },
             )
-            self.fail(ConnectionResetError(f"protocol error: {exc}"), reason="protocol_error")
+            self.fail(ConnectionResetError(f"protocol error: {exc}"), reason=exc.reason)
 
     def on_data(self, sid: int, data: memoryview) -> None:
         # A batch often holds the end of one DATA frame and the start of the next of the same

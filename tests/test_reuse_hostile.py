@@ -1,0 +1,168 @@
+"""Connection reuse as an authenticated but hostile peer (a leaf of our trust domain) uses it:
+a stream that ignores its flow-control window, carriers beyond the connection limits, a
+silent (frozen) peer, streams opened after GOAWAY or to excluded ports, and frames that break
+the stream rules. Each one is refused, counted, and leaves everyone else served."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import TD, Pki
+from .harness import ScriptedApp, Sidecar, free_port, identity_env
+from .netns import MuxClient
+
+OPEN, ACCEPT, DATA, EOF, RESET, WINDOW, GOAWAY = range(1, 8)
+
+
+def _frame(kind: int, sid: int, payload: bytes = b"") -> bytes:
+    return struct.pack("!II", kind << 24 | len(payload), sid) + payload
+
+
+def _client(pki: Pki, port: int) -> MuxClient:
+    ident = pki.client
+    c = MuxClient("127.0.0.1", port, str(ident.cert), str(ident.key), str(ident.bundle))
+    assert c.alpn == "mtls-sidecar/1"
+    return c
+
+
+@contextlib.contextmanager
+def _inbound(
+    pki: Pki, tmp: Path, app_port: int, env: dict[str, str] | None = None, **kw: object
+) -> Iterator[tuple[Sidecar, int]]:
+    port = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"app=127.0.0.1:{port}=127.0.0.1:{app_port}",
+            **(env or {}),
+        },
+        tmp / "inbound.log",
+        **kw,  # type: ignore[arg-type]
+    )
+    try:
+        sc.wait_ready()
+        yield sc, port
+    finally:
+        assert sc.stop() == 0
+        assert "Traceback" not in sc.logs()
+
+
+class _Sink:
+    """An app that accepts and never reads, until the test ends."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.app = ScriptedApp(self._hold)
+
+    def _hold(self, conn: socket.socket) -> None:
+        self.done.wait(60)
+
+    def close(self) -> None:
+        self.done.set()
+        self.app.close()
+
+
+def test_a_stream_that_overruns_its_window_closes_the_pooled_connection(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """The peer pushes DATA at an app that does not read, ignoring the 4 MiB stream window:
+    the sidecar closes the pooled connection (protocol error, counted) instead of buffering
+    whatever comes."""
+    sink = _Sink()
+    try:
+        with _inbound(pki, tmp_path, sink.app.port) as (sc, port):
+            c = _client(pki, port)
+            c.open(1, "127.0.0.1", sink.app.port)
+            chunk = _frame(DATA, 1, b"w" * 65536)
+            sent = 0
+            with pytest.raises(OSError):  # reset (or closed) long before 64 MiB went
+                c.sock.settimeout(20)
+                while sent < 64 << 20:
+                    c.sock.sendall(chunk)
+                    sent += 65536
+            assert sent < 32 << 20, sent
+            name = "mtls_pool_retired_total"
+            assert sc.wait_metric(name, 1, direction="inbound", reason="flow_control") == 1
+            lines = [e for e in sc.log_events() if e.get("event") == "pool_protocol_error"]
+            assert len(lines) == 1 and "window" in lines[0]["msg"], lines
+    finally:
+        sink.close()
+
+
+class _HostileInbound:
+    """A TLS server that selects `mtls-sidecar/1` and answers each OPEN with ACCEPT and then
+    DATA without end, ignoring the window our outbound side credits."""
+
+    def __init__(self, pki: Pki) -> None:
+        import ssl
+
+        ident = pki.server
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(ident.cert), str(ident.key))
+        ctx.load_verify_locations(str(ident.bundle))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.set_alpn_protocols(["mtls-sidecar/1"])
+        self.ctx = ctx
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = int(self.sock.getsockname()[1])
+        self.pushed = 0
+        self.stopped = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            raw, _ = self.sock.accept()
+            conn = self.ctx.wrap_socket(raw, server_side=True)
+            head = b""
+            while len(head) < 8:
+                head += conn.recv(8 - len(head))
+            sid = struct.unpack("!II", head)[1]
+            conn.sendall(_frame(ACCEPT, sid))
+            chunk = _frame(DATA, sid, b"h" * 65536)
+            conn.settimeout(20)
+            while self.pushed < 64 << 20:
+                conn.sendall(chunk)
+                self.pushed += 65536
+        except OSError:
+            pass
+        finally:
+            self.stopped.set()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_hostile_inbound_that_overruns_the_window_loses_its_pooled_connection(
+    pki: Pki, tmp_path: Path
+) -> None:
+    server = _HostileInbound(pki)
+    out_port = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(pki.client),
+            "MTLS_OUTBOUND": f"127.0.0.1:{out_port}=127.0.0.1:{server.port}@{TD}/server",
+        },
+        tmp_path / "outbound.log",
+    )
+    try:
+        sc.wait_ready()
+        with socket.create_connection(("127.0.0.1", out_port)) as app:
+            app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            app.sendall(b"request")  # and never read the answer
+            assert server.stopped.wait(30)
+            assert server.pushed < 32 << 20, server.pushed
+            name = "mtls_pool_retired_total"
+            assert sc.wait_metric(name, 1, direction="outbound", reason="flow_control") == 1
+    finally:
+        server.close()
+        assert sc.stop() == 0
+    assert "Traceback" not in sc.logs()
