@@ -70,10 +70,11 @@ class Worker:
         self.max_conns = settings.max_connections
         self.counts = counts
         self.slot = slot
-        # Each proxied connection needs two file descriptors; refuse (counted, logged) before
-        # the process runs out, rather than let the event loop drop connections silently.
+        # Each proxied connection needs two file descriptors, a pooled connection one (its
+        # streams are counted as connections); refuse (counted, logged) before the process
+        # runs out, rather than let the event loop drop connections silently.
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.fd_capacity = max(1, (soft - FD_RESERVE - len(listeners)) // 2)
+        self.fd_budget = max(2, soft - FD_RESERVE - len(listeners))
         self.conns: set[Conn] = set()
         self.tasks = Tasks(log)
         self.servers: list[asyncio.AbstractServer] = []
@@ -151,25 +152,32 @@ class Worker:
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return self.tasks.spawn(coro, name)
 
+    def open_count(self) -> int:
+        """What this worker holds open: connections (a pooled stream is one) and pooled
+        connections themselves, each one against MTLS_MAX_CONNECTIONS."""
+        return len(self.conns) + len(self.carriers)
+
+    def _publish_count(self) -> None:
+        if self.counts is not None:
+            self.counts.set(self.slot, self.open_count())
+
     def admit(self, conn: Conn) -> str | None:
         counts = self.counts
-        total = counts.total() if counts is not None else len(self.conns)
+        total = counts.total() if counts is not None else self.open_count()
         if total >= self.max_conns:
             return f"MTLS_MAX_CONNECTIONS={self.max_conns} open across all workers"
-        if len(self.conns) >= self.fd_capacity:
+        if 2 * (len(self.conns) + 1) + len(self.carriers) > self.fd_budget:
             return (
-                f"the open-file limit of this worker allows {self.fd_capacity} proxied "
-                "connections (raise ulimit -n)"
+                f"the open-file limit of this worker leaves {self.fd_budget} descriptors for "
+                "connections (two each, one per pooled connection; raise ulimit -n)"
             )
         self.conns.add(conn)
-        if counts is not None:
-            counts.set(self.slot, len(self.conns))
+        self._publish_count()
         return None
 
     def forget(self, conn: Conn) -> None:
         self.conns.discard(conn)
-        if self.counts is not None:
-            self.counts.set(self.slot, len(self.conns))
+        self._publish_count()
         if self.draining and not self.conns:
             self.drained.set()
 
@@ -266,6 +274,7 @@ class Worker:
             pool=self.pool if route.direction == "outbound" else None,
         )
         self.carriers.add(carrier)
+        self._publish_count()
         if self.draining:
             carrier.retire("drain")
         return carrier
@@ -278,6 +287,7 @@ class Worker:
 
     def carrier_closed(self, carrier: Carrier) -> None:
         self.carriers.discard(carrier)
+        self._publish_count()
 
     def stream_destination(
         self, dst: tuple[str, int]

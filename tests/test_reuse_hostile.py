@@ -6,6 +6,7 @@ the stream rules. Each one is refused, counted, and leaves everyone else served.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import struct
 import threading
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import TD, Pki
-from .harness import ScriptedApp, Sidecar, free_port, identity_env
+from .harness import ScriptedApp, Sidecar, TcpApp, free_port, identity_env, wait_for
 from .netns import MuxClient
 
 OPEN, ACCEPT, DATA, EOF, RESET, WINDOW, GOAWAY = range(1, 8)
@@ -41,6 +42,7 @@ def _inbound(
         {
             **identity_env(pki.server),
             "MTLS_INBOUND": f"app=127.0.0.1:{port}=127.0.0.1:{app_port}",
+            "MTLS_DRAIN_TIMEOUT": "3s",
             **(env or {}),
         },
         tmp / "inbound.log",
@@ -166,3 +168,89 @@ def test_a_hostile_inbound_that_overruns_the_window_loses_its_pooled_connection(
         server.close()
         assert sc.stop() == 0
     assert "Traceback" not in sc.logs()
+
+
+def _refused(pki: Pki, port: int) -> bool:
+    """Is a new pooled connection to `port` refused (closed before or in its handshake)?"""
+    try:
+        c = _client(pki, port)
+    except (OSError, EOFError):
+        return True
+    c.sock.settimeout(5)
+    try:  # TLS 1.3: our handshake may complete before the server's verdict arrives
+        c.open(1, "127.0.0.1", 1)
+        c.until(RESET, 1)
+    except (OSError, EOFError):
+        return True
+    finally:
+        c.sock.close()
+    return False
+
+
+def test_pooled_connections_and_their_streams_count_in_max_connections(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """With MTLS_MAX_CONNECTIONS=4: three idle pooled connections and one stream fill it;
+    a stream on another of them is refused with `too_many_connections` (RESET code 6), and so
+    is a fourth pooled connection."""
+    env = {"MTLS_MAX_CONNECTIONS": "4"}
+    with _inbound(pki, tmp_path, echo.port, env) as (sc, port):
+        carriers = [_client(pki, port) for _ in range(3)]
+        first = carriers[0]
+        first.open(1, "127.0.0.1", echo.port)
+        first.send(DATA, 1, b"ping")
+        assert first.until(ACCEPT, 1) == b""
+        assert first.until(DATA, 1) == b"ping"
+        assert wait_for(lambda: json.loads(sc.get("/status")[1])["counts"]["open"] == 4)
+        second = carriers[1]
+        second.open(1, "127.0.0.1", echo.port)
+        assert second.until(RESET, 1) == bytes([6])
+        assert _refused(pki, port)
+        name = "mtls_connections_rejected_total"
+        assert sc.wait_metric(name, 2, reason="too_many_connections") == 2
+        carriers.pop().sock.close()  # one pooled connection less: room for one stream
+        assert wait_for(lambda: json.loads(sc.get("/status")[1])["counts"]["open"] == 3)
+        second.open(3, "127.0.0.1", echo.port)
+        second.send(DATA, 3, b"pong")
+        assert second.until(DATA, 3) == b"pong"
+        for c in carriers:
+            c.sock.close()
+
+
+def test_pooled_connections_count_against_the_open_file_limit(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """Under `ulimit -n 96`, 100 idle pooled connections: those beyond what the descriptors
+    allow are refused, counted and logged, never reset silently; once they are gone a good
+    client is served."""
+    prefix = ["prlimit", "--nofile=96:96", "--"]
+    with _inbound(pki, tmp_path, echo.port, prefix=prefix) as (sc, port):
+        held: list[MuxClient] = []
+        refused = 0
+        for _ in range(100):
+            try:
+                c = _client(pki, port)
+            except (OSError, EOFError):
+                refused += 1
+                continue
+            held.append(c)
+        assert len(held) > 20 and refused > 0, (len(held), refused)
+        name = "mtls_connections_rejected_total"
+        assert sc.wait_metric(name, refused, reason="too_many_connections") == refused
+        lines = [e for e in sc.log_events() if e.get("reason") == "too_many_connections"]
+        assert lines and "open-file limit" in lines[0]["msg"]
+        for c in held:
+            c.sock.close()
+        assert wait_for(lambda: json.loads(sc.get("/status")[1])["counts"]["open"] == 0)
+        assert exchange_pooled(pki, port, echo.port, b"after") == b"after"
+
+
+def exchange_pooled(pki: Pki, port: int, app_port: int, payload: bytes) -> bytes:
+    c = _client(pki, port)
+    try:
+        c.sock.settimeout(10)
+        c.open(1, "127.0.0.1", app_port)
+        c.send(DATA, 1, payload)
+        return c.until(DATA, 1)
+    finally:
+        c.sock.close()
