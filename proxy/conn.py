@@ -509,6 +509,19 @@ class Conn:
         name = mux.RESET_NAMES.get(code, str(code))
         self._run(f.TlsError(reason, f"{self.flow.who()} {words} (stream refused)", name, 0))
 
+    def stream_unanswered(self, seconds: float) -> None:
+        """Outbound: the far sidecar answered our stream neither way in time. Refused as a
+        handshake timeout would be (nothing was relayed), the app's connection cut."""
+        self._run(
+            f.TlsError(
+                f.Reason.HANDSHAKE_TIMEOUT,
+                f"{self.flow.who()} did not answer a new stream on its pooled connection "
+                f"within {seconds:g}s",
+                "no answer",
+                0,
+            )
+        )
+
     def _revoked_serial(self, facts: PeerCert | None) -> str | None:
         """The serial of this peer certificate if the revocation list in use lists it."""
         rl = self.host.revocations
@@ -798,7 +811,11 @@ class Conn:
             self._count_open()
 
     def flow_was_open(self, outcome: str) -> bool:
-        """Did this connection relay, and end other than by a refusal?"""
+        """Did this connection relay, and end other than by a refusal? A stream the far
+        sidecar never answered (ACCEPT) did not."""
+        net = self.net
+        if isinstance(net, StreamLeg) and net.carrier.outbound and not net.accepted:
+            return False
         return self.hs_done > 0 and not outcome.startswith(
             (f.Outcome.REJECTED, f.Outcome.UPSTREAM_FAILED)
         )

@@ -17,7 +17,9 @@ reset); new connections get another carrier.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -46,6 +48,31 @@ FOREIGN_TTL = 60.0
 # DATA frames smaller than this wait for the end of the event loop's turn and go out together;
 # larger ones (bulk) go out at once, with whatever waits before them.
 CORK_BELOW = 16 * 1024
+# A peer that stops answering is found out two ways. The kernel: TCP keepalive probes after
+# 10 s without traffic, every 5 s, and TCP_USER_TIMEOUT closes a connection whose sent data
+# stays unacknowledged for 20 s (packets dropped, host gone). The peer itself (a frozen
+# process's kernel still acknowledges): a stream not answered (ACCEPT or RESET) within the
+# route's handshake timeout fails as `handshake_timeout`, and if nothing at all came from the
+# peer since the stream was opened, the carrier is closed as unresponsive.
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 2
+USER_TIMEOUT_MS = 20_000
+
+
+def _set_liveness(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+
+
+class Unresponsive(ConnectionError):
+    """The carrier's peer answered nothing within a stream's answer timeout."""
 
 
 class StreamOwner(LegOwner, Protocol):
@@ -53,6 +80,9 @@ class StreamOwner(LegOwner, Protocol):
 
     def stream_refused(self, code: int) -> None:
         """The far side refused the stream (a RESET before ACCEPT) with this RESET_* code."""
+
+    def stream_unanswered(self, seconds: float) -> None:
+        """The far side answered the stream neither with ACCEPT nor RESET in `seconds`."""
 
 
 class CarrierHost(Protocol):
@@ -76,12 +106,14 @@ class StreamLeg(_Leg):
         "ended",
         "eof_in",
         "eof_out",
+        "heard_mark",
         "held",
         "info",
         "receivable",
         "reset_code",
         "sid",
         "started",
+        "timer",
         "window",
     )
 
@@ -104,6 +136,40 @@ class StreamLeg(_Leg):
         self.started = False
         self.accepted = False
         self.reset_code = mux.RESET_CANCEL
+        # Outbound: waiting for the far side's answer (ACCEPT or RESET) while this is set.
+        self.timer: asyncio.TimerHandle | None = None
+        self.heard_mark = 0
+
+    def wait_answer(self) -> None:
+        """Outbound: the answer must come within the connection's handshake timeout."""
+        carrier = self.carrier
+        self.heard_mark = carrier.heard
+        carrier.unanswered += 1
+        self.timer = carrier.host.loop.call_later(
+            self.conn.handshake_timeout, self._answer_timed_out
+        )
+
+    def _answered(self) -> None:
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+            self.carrier.unanswered -= 1
+
+    def _answer_timed_out(self) -> None:
+        if self.timer is None:
+            return
+        self.timer = None
+        carrier = self.carrier
+        carrier.unanswered -= 1
+        if self.ended:
+            return
+        seconds = self.conn.handshake_timeout
+        if carrier.heard != self.heard_mark:
+            # The peer is alive (it sent something since), only this stream is stuck.
+            self.conn.stream_unanswered(seconds)
+        else:
+            carrier.unresponsive(seconds)
 
     # --- what a connection asks of a network leg ---------------------------------------
 
@@ -181,6 +247,7 @@ class StreamLeg(_Leg):
     def close(self, abort: bool = False) -> None:
         if self.ended:
             return
+        self._answered()
         if abort or not self.accepted_or_started():
             self.carrier.queue(mux.frame(mux.RESET, self.sid, bytes([self.reset_code])))
         else:
@@ -250,9 +317,11 @@ class StreamLeg(_Leg):
         elif kind == mux.ACCEPT:
             if self.carrier.outbound and not self.accepted:
                 self.accepted = True
+                self._answered()
                 self.conn.confirm()
         elif kind == mux.RESET:
             code = mux.decode_reset(payload)
+            self._answered()
             self.ended = True
             self.carrier.forget(self)
             if self.carrier.outbound and not self.accepted and code != mux.RESET_CANCEL:
@@ -265,12 +334,17 @@ class StreamLeg(_Leg):
     def carrier_lost(self, exc: Exception) -> None:
         if self.ended:
             return
+        self._answered()
         self.ended = True
-        if self.carrier.outbound and not self.accepted and isinstance(exc, TlsError):
-            # With TLS 1.3 the far side judges our certificate after our handshake is
-            # done: a refusal (an alert) ends the carrier before any stream was accepted.
-            self.conn.net_failed(exc)
-            return
+        if self.carrier.outbound and not self.accepted:
+            if isinstance(exc, TlsError):
+                # With TLS 1.3 the far side judges our certificate after our handshake is
+                # done: a refusal (an alert) ends the carrier before any stream was accepted.
+                self.conn.net_failed(exc)
+                return
+            if isinstance(exc, Unresponsive):
+                self.conn.stream_unanswered(self.conn.handshake_timeout)
+                return
         self.conn.leg_lost(self, exc)
 
     def block(self, blocked: bool) -> None:
@@ -304,6 +378,8 @@ class Carrier:
         "demux",
         "direction",
         "goaway_at",
+        "heard",
+        "heard_mark",
         "host",
         "idle_since",
         "key",
@@ -320,8 +396,10 @@ class Carrier:
         "retiring",
         "route",
         "streams",
+        "suspect",
         "tls_info",
         "total",
+        "unanswered",
         "write_blocked",
         "write_paused",
     )
@@ -376,6 +454,14 @@ class Carrier:
         # Outbound: called at the far side's first frame, which says it accepted us (with TLS
         # 1.3 it judges our certificate after our side of the handshake is done).
         self.on_answer: Callable[[], None] | None = None
+        # Liveness: `heard` counts the batches of bytes the peer sent; `unanswered` the
+        # outbound streams waiting for their ACCEPT. A carrier with a stream waiting that
+        # heard nothing for a whole sweep is `suspect`: no new streams go to it.
+        self.heard = 0
+        self.heard_mark = 0
+        self.unanswered = 0
+        self.suspect = False
+        _set_liveness(leg.transport.get_extra_info("socket") if leg.transport else None)
         self._gauges.open.inc()
         self._gauges.idle.inc()
         # From now on the TLS leg reports to us, and hands us what it decrypts.
@@ -387,7 +473,7 @@ class Carrier:
 
     @property
     def available(self) -> bool:
-        return not self.closed and not self.retiring
+        return not self.closed and not self.retiring and not self.suspect
 
     def open_stream(self, conn: StreamOwner, info: mux.OpenInfo) -> StreamLeg:
         """Outbound: a new stream for `conn`; its OPEN goes out with the next write."""
@@ -397,6 +483,7 @@ class Carrier:
             self.retire("stream_ids")  # 2**31 streams opened on it
         stream = StreamLeg(self, conn, sid, info)
         self._add(stream)
+        stream.wait_answer()
         self.queue(mux.frame(mux.OPEN, sid, mux.encode_open(info)))
         if self.write_blocked:
             stream.block(True)
@@ -510,6 +597,7 @@ class Carrier:
 
     def send(self, data: memoryview) -> None:
         """Decrypted bytes from the TLS leg: frames."""
+        self.heard += 1
         if self.on_answer is not None:
             on_answer, self.on_answer = self.on_answer, None
             on_answer()
@@ -663,11 +751,27 @@ class Carrier:
         if self.outbound:
             self.retire("goaway")
 
+    def unresponsive(self, seconds: float) -> None:
+        """A stream's answer did not come and nothing else did either: the peer is gone or
+        frozen. Close the carrier; its streams still waiting fail as handshake timeouts."""
+        if self.closed:
+            return
+        log.warning(
+            "closing the pooled connection to %s: no answer to a new stream within %gs",
+            self._who(),
+            seconds,
+            extra={"fields": {"event": "pool_unresponsive", "direction": self.direction}},
+        )
+        self.fail(Unresponsive(f"no answer within {seconds:g}s"), reason="unresponsive")
+
     def sweep(self, now: float, idle_timeout: float, max_lifetime: float) -> None:
-        """Once a second (the worker's sweep): idle and age limits."""
+        """Once a second (the worker's sweep): idle and age limits, liveness."""
         if self.closed:
             return
         if self.outbound:
+            heard = self.heard
+            self.suspect = bool(self.unanswered) and heard == self.heard_mark
+            self.heard_mark = heard
             if not self.retiring and now - self.created >= max_lifetime:
                 self.retire("max_lifetime")
             idle = self.idle_since

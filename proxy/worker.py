@@ -341,9 +341,15 @@ class Worker:
             for carrier in list(self.carriers):
                 carrier.sweep(now, s.pool_idle_timeout, s.pool_max_lifetime)
             for conn in list(self.conns):
-                if not conn.established and conn.hs_done and now - conn.hs_done >= CONFIRM_AFTER:
+                if (
+                    not conn.established
+                    and conn.hs_done
+                    and now - conn.hs_done >= CONFIRM_AFTER
+                    and not isinstance(conn.net, StreamLeg)
+                ):
                     # Outbound: a remote that refuses us does so within a round trip; one
                     # that stayed silent this long accepted (a long upload's bytes count now).
+                    # A stream waits for its ACCEPT instead.
                     conn.confirm()
                 conn.flush_bytes()
                 if conn.active:

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import struct
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import TD, Pki
+from .conftest import TD, Pki, start_pair
 from .harness import ScriptedApp, Sidecar, TcpApp, free_port, identity_env, wait_for
 from .netns import MuxClient
 
@@ -254,3 +258,86 @@ def exchange_pooled(pki: Pki, port: int, app_port: int, payload: bytes) -> bytes
         return c.until(DATA, 1)
     finally:
         c.sock.close()
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its children (the sidecar's master and workers)."""
+    out = [pid]
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _app_result(port: int, payload: bytes, timeout: float) -> bytes | str:
+    """What an app connection through `port` got back: the reply, or the error's name."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while data := s.recv(65536):
+                got += data
+            return got
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def test_a_frozen_inbound_sidecar_fails_new_streams_in_time_and_uncounted(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """The inbound sidecar is stopped (SIGSTOP): its kernel still ACKs, so only an answer
+    proves it alive. A new app connection on the pooled connection fails within the handshake
+    timeout (counted as `handshake_timeout`, never as relayed), the pooled connection is
+    closed (`unresponsive`), the next one fails the same way on a fresh dial, and after
+    SIGCONT app connections work again on a new pooled connection."""
+    one = {"MTLS_WORKERS": "1"}
+    out_env = {**one, "MTLS_HANDSHAKE_TIMEOUT": "2s"}
+    inbound, outbound, in_port, out_port = start_pair(
+        pki, tmp_path, echo.port, inbound_env=one, outbound_env=out_env
+    )
+    frozen = _process_tree(inbound.proc.pid)
+    try:
+        assert _app_result(out_port, b"warm", 10) == b"warm"
+        assert outbound.wait_metric("mtls_connections_total", 1, direction="outbound") == 1
+
+        # both ends of the pooled connection run TCP keepalive (the kernel's liveness check;
+        # ss shows the retransmit timer instead while data is unacknowledged)
+        def keepalive_timers() -> list[str]:
+            where = f"( sport = :{in_port} or dport = :{in_port} )"
+            return subprocess.run(
+                ["ss", "-tnoH", "state", "established", where],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.splitlines()
+
+        lines = wait_for(
+            lambda: (t := keepalive_timers()) and all("timer:(keepalive" in x for x in t) and t
+        )
+        assert lines and len(lines) == 2, keepalive_timers()
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        for _ in range(2):
+            t0 = time.monotonic()
+            got = _app_result(out_port, b"hello", 15)
+            assert got in (b"", "ConnectionResetError"), got
+            assert time.monotonic() - t0 < 10  # the 2 s handshake timeout, not minutes
+        name = "mtls_connections_rejected_total"
+        assert outbound.wait_metric(name, 2, reason="handshake_timeout") == 2
+        assert outbound.metric("mtls_pool_retired_total", reason="unresponsive") == 1
+        # two sweeps later still nothing relayed was counted for them
+        assert outbound.wait_metric("mtls_pool_connections", 0, state="open") == 0
+        assert outbound.metric("mtls_connections_total", direction="outbound") == 1
+        line = [e for e in outbound.log_events() if e.get("event") == "pool_unresponsive"]
+        assert len(line) == 1, line
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+    try:
+        assert wait_for(lambda: _app_result(out_port, b"back", 10) == b"back", timeout=20)
+        assert outbound.metric("mtls_connections_total", direction="outbound") == 2
+    finally:
+        assert inbound.stop() == 0
+        assert outbound.stop() == 0
