@@ -48,6 +48,7 @@ _RESET_FOR: dict[f.Reason, int] = {
     f.Reason.TOO_MANY_CONNECTIONS: mux.RESET_LIMIT,
     f.Reason.BAD_DESTINATION: mux.RESET_BAD_DESTINATION,
     f.Reason.LOOP_DETECTED: mux.RESET_BAD_DESTINATION,
+    f.Reason.GOING_AWAY: mux.RESET_GOING_AWAY,
 }
 _REFUSED_AS: dict[int, tuple[f.Reason, str]] = {
     mux.RESET_NOT_ALLOWED: (f.Reason.PEER_NOT_ALLOWED, "refused our identity"),
@@ -55,6 +56,7 @@ _REFUSED_AS: dict[int, tuple[f.Reason, str]] = {
     mux.RESET_EXPIRED: (f.Reason.EXPIRED_CERT, "says our certificate expired"),
     mux.RESET_LIMIT: (f.Reason.TOO_MANY_CONNECTIONS, "is at its connection limit"),
     mux.RESET_BAD_DESTINATION: (f.Reason.BAD_DESTINATION, "refused the destination"),
+    mux.RESET_GOING_AWAY: (f.Reason.GOING_AWAY, "had told us to go away (GOAWAY)"),
 }
 
 
@@ -356,6 +358,12 @@ class Conn:
             self.called = stream.info.dst
         else:
             self.called = carrier.called
+        if carrier.going_away(self.host.loop.time()):
+            forbidden = (
+                f.Reason.GOING_AWAY,
+                f"peer {peer} opened a stream on a pooled connection we had told to go away "
+                "(GOAWAY)",
+            )
         refused = self.host.admit(self) if target is not None else None
         self._run(
             f.Accepted(

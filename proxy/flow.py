@@ -58,6 +58,7 @@ class Reason(StrEnum):
     BAD_PROXY_HEADER = "bad_proxy_header"
     LOOP_DETECTED = "loop_detected"
     BAD_DESTINATION = "bad_destination"  # a pooled stream named an address not ours
+    GOING_AWAY = "going_away"  # a pooled stream opened after we sent GOAWAY
     OTHER = "other"
 
 

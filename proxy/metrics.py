@@ -108,8 +108,8 @@ POOL_RETIRED = Counter(
     "Pooled mTLS connections retired, by direction and why: idle, max_lifetime, rotation "
     "(our certificate or trust bundle changed), goaway (the peer's did), drain, revoked, "
     "broken (TCP or TLS error), protocol_error, flow_control (the peer sent beyond a stream's "
-    "window), unresponsive (a new stream got no answer, nor anything else), stream_ids "
-    "(2**31 streams opened on it).",
+    "window), untrusted (the new trust bundle no longer trusts the peer), unresponsive (a new "
+    "stream got no answer, nor anything else), stream_ids (2**31 streams opened on it).",
     ["direction", "reason"],
 )
 

@@ -74,6 +74,7 @@ RESET_UPSTREAM = 4  # the far side could not reach its app
 RESET_BAD_DESTINATION = 5  # transparent mode: the stream named an address the far side refuses
 RESET_LIMIT = 6  # the far side is at its connection limit
 RESET_UNKNOWN_STREAM = 7  # DATA for a stream the far side no longer knows
+RESET_GOING_AWAY = 8  # opened on a connection the far side had told to go away (GOAWAY)
 RESET_NAMES = {
     RESET_CANCEL: "cancel",
     RESET_NOT_ALLOWED: "not_allowed",
@@ -83,6 +84,7 @@ RESET_NAMES = {
     RESET_BAD_DESTINATION: "bad_destination",
     RESET_LIMIT: "too_many_connections",
     RESET_UNKNOWN_STREAM: "unknown_stream",
+    RESET_GOING_AWAY: "going_away",
 }
 
 _PORT = struct.Struct("!H")

@@ -20,15 +20,17 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
+
+from cryptography import x509
 
 from . import metrics, mux
 from .identity import SpiffeId
 from .relay import _BUF, _PTR, Buf, LegOwner, NetLeg, _Leg
 from .revocation import PeerCert
-from .tls import TlsError
-from .tls_ffi import ffi
+from .tls import TlsError, chain_anchored
+from .tls_ffi import ffi, peer_chain_ders
 
 log = logging.getLogger("mtls.pool")
 
@@ -42,6 +44,9 @@ _RECEIVE_LIMIT = mux.RECEIVE_LIMIT
 # A carrier that was told to go away but whose peer keeps it open after its streams ended
 # is closed by us after this long (the peer had time to see our GOAWAY).
 GOAWAY_GRACE = 5.0
+# After our GOAWAY, an OPEN is refused (RESET_GOING_AWAY) once this long has passed: one sent
+# before the peer could have read our GOAWAY crossed it on the wire and is still served.
+GOAWAY_OPEN_GRACE = 1.0
 # An upstream that answered without our ALPN (another proxy, or reuse off there) gets one TLS
 # connection per app connection, without waiting for a pooled one, for this long.
 FOREIGN_TTL = 60.0
@@ -746,6 +751,20 @@ class Carrier:
             self.queue(mux.frame(mux.GOAWAY, 0))
         elif not self.streams:
             self.close()
+
+    def going_away(self, now: float) -> bool:
+        """Inbound: did we tell the peer to go away long enough ago that its new streams
+        are refused?"""
+        at = self.goaway_at
+        return at is not None and now - at >= GOAWAY_OPEN_GRACE
+
+    def trusted_by(self, roots: Sequence[x509.Certificate]) -> bool:
+        """Does the peer's certificate chain still end at one of these trust roots?"""
+        leg = self.leg
+        if leg.ssl is None or self.peer_der is None:
+            return False
+        ders = [self.peer_der, *peer_chain_ders(leg.ssl)]
+        return chain_anchored(ders, roots)
 
     def _goaway_received(self) -> None:
         if self.outbound:

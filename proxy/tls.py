@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 
@@ -298,6 +299,30 @@ def tls_info(ssl: Any) -> tuple[str, str, str]:
         tls_ffi.text(lib.SSL_CIPHER_get_name(cipher)) if cipher != ffi.NULL else "",
         group_label(tls_ffi.text(lib.SSL_get0_group_name(ssl))),
     )
+
+
+def chain_anchored(ders: Sequence[bytes], roots: Sequence[x509.Certificate]) -> bool:
+    """Does this peer chain (leaf first, as sent, DER) end at one of `roots`: the last
+    certificate is a root, or is directly issued by one (signature checked)? Asked of open
+    pooled connections when the trust bundle changes."""
+    root_ders = {r.public_bytes(serialization.Encoding.DER) for r in roots}
+    if any(d in root_ders for d in ders):
+        return True
+    if not ders:
+        return False
+    try:
+        top = x509.load_der_x509_certificate(ders[-1])
+    except ValueError:
+        return False
+    for root in roots:
+        if root.subject != top.issuer:
+            continue
+        try:
+            top.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
 
 
 # --- classifying handshake failures -------------------------------------------------------

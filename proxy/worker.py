@@ -113,15 +113,30 @@ class Worker:
             except ValueError as exc:
                 raise CertError(f"certificate identity: {exc}") from None
         policy = InboundPolicy(self.settings.allow_peers, domain)
-        rotated = self.tls is not None
+        old = self.tls
         self.tls = state
         self.trust_domain = domain
         self.policy = policy
-        if rotated:
+        if old is not None:
             # Pooled connections were made with the old certificate and trust bundle: they
-            # take no new streams (the peer is told), and close once their streams end.
+            # take no new streams (the peer is told), and close once their streams end. One
+            # whose peer the new bundle no longer trusts is closed now, with its streams.
+            roots = state.material.roots
+            check = old.material.bundle_pem != state.material.bundle_pem
+            untrusted = 0
             for carrier in list(self.carriers):
-                carrier.retire("rotation")
+                if check and not carrier.trusted_by(roots):
+                    untrusted += 1
+                    carrier.fail(ConnectionResetError("peer no longer trusted"), "untrusted")
+                else:
+                    carrier.retire("rotation")
+            if untrusted:
+                log.warning(
+                    "closed %d pooled connection(s) whose peer the new trust bundle no longer "
+                    "trusts",
+                    untrusted,
+                    extra={"fields": {"event": "pool_untrusted_closed", "count": untrusted}},
+                )
 
     def set_crl(self, pem: bytes) -> None:
         """A revocation list from the master (which checked it): new handshakes with a

@@ -22,6 +22,7 @@ import pytest
 from .conftest import TD, Pki, start_pair
 from .harness import ScriptedApp, Sidecar, TcpApp, free_port, identity_env, wait_for
 from .netns import MuxClient
+from .pki import copy_identity, pem, replace_identity
 
 OPEN, ACCEPT, DATA, EOF, RESET, WINDOW, GOAWAY = range(1, 8)
 
@@ -341,3 +342,93 @@ def test_a_frozen_inbound_sidecar_fails_new_streams_in_time_and_uncounted(
     finally:
         assert inbound.stop() == 0
         assert outbound.stop() == 0
+
+
+def _stream_answer(c: MuxClient, sid: int, port: int) -> tuple[int, bytes]:
+    """Open stream `sid` and return its answer: (ACCEPT, b"") or (RESET, code)."""
+    c.open(sid, "127.0.0.1", port)
+    while True:
+        kind, got_sid, payload = c.frame()
+        if got_sid == sid and kind in (ACCEPT, RESET):
+            return kind, payload
+
+
+def test_after_our_goaway_new_streams_are_refused(pki: Pki, tmp_path: Path, echo: TcpApp) -> None:
+    """A rotation sends GOAWAY; a peer that goes on opening streams on the old pooled
+    connection is refused (RESET code 8, `going_away`) once the GOAWAY has had time to
+    arrive (1 s for one that crossed it on the wire); the stream open across it finishes."""
+    ident = copy_identity(pki.server, tmp_path / "server-files")
+    port = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(ident),
+            "MTLS_INBOUND": f"app=127.0.0.1:{port}=127.0.0.1:{echo.port}",
+            "MTLS_DRAIN_TIMEOUT": "3s",
+        },
+        tmp_path / "inbound.log",
+    )
+    try:
+        sc.wait_ready()
+        c = _client(pki, port)
+        c.sock.settimeout(10)
+        assert _stream_answer(c, 1, echo.port) == (ACCEPT, b"")
+        replace_identity(pki.server2, ident)
+        sc.signal(signal.SIGHUP)
+        c.until(GOAWAY, 0)
+        sid, deadline = 3, time.monotonic() + 5
+        answer = _stream_answer(c, sid, echo.port)
+        while answer[0] == ACCEPT and time.monotonic() < deadline:
+            sid += 2
+            answer = _stream_answer(c, sid, echo.port)
+        assert answer == (RESET, bytes([8])), answer
+        assert _stream_answer(c, sid + 2, echo.port) == (RESET, bytes([8]))
+        name = "mtls_connections_rejected_total"
+        assert sc.wait_metric(name, 2, reason="going_away") == 2
+        c.send(DATA, 1, b"still here")  # the stream open across the GOAWAY goes on
+        assert c.until(DATA, 1) == b"still here"
+        c.sock.close()
+    finally:
+        assert sc.stop() == 0
+    assert "Traceback" not in sc.logs()
+
+
+def test_a_pooled_connection_whose_peer_is_no_longer_trusted_is_closed(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """The trust bundle loses a root (say, a compromised CA removed): the pooled connection of
+    a peer authenticated under it is closed at once (`untrusted`), with its streams; one of a
+    peer still trusted only gets GOAWAY and its stream goes on."""
+    ident = copy_identity(pki.server, tmp_path / "server-files")
+    ident.bundle.write_bytes(pem(pki.root.cert) + pem(pki.other_root.cert))
+    port = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(ident),
+            "MTLS_INBOUND": f"app=127.0.0.1:{port}=127.0.0.1:{echo.port}",
+            "MTLS_DRAIN_TIMEOUT": "3s",
+        },
+        tmp_path / "inbound.log",
+    )
+    try:
+        sc.wait_ready()
+        good = _client(pki, port)
+        other = pki.other_ca
+        bad = MuxClient("127.0.0.1", port, str(other.cert), str(other.key), str(other.bundle))
+        for c in (good, bad):
+            c.sock.settimeout(10)
+            assert _stream_answer(c, 1, echo.port) == (ACCEPT, b"")
+        tmp = ident.bundle.with_suffix(".tmp")
+        tmp.write_bytes(pem(pki.root.cert))
+        os.replace(tmp, ident.bundle)
+        sc.signal(signal.SIGHUP)
+        assert sc.wait_metric("mtls_pool_retired_total", 1, reason="untrusted") == 1
+        with pytest.raises((OSError, EOFError)):
+            while True:
+                bad.frame()
+        good.until(GOAWAY, 0)
+        good.send(DATA, 1, b"trusted still")
+        assert good.until(DATA, 1) == b"trusted still"
+        good.sock.close()
+    finally:
+        assert sc.stop() == 0
+    assert "Traceback" not in sc.logs()

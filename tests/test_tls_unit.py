@@ -323,3 +323,30 @@ def test_classify(exc: BaseException, label: str) -> None:
 )
 def test_speaks_no_tls(exc: BaseException, no_tls: bool) -> None:
     assert speaks_no_tls(exc) is no_tls
+
+
+def test_chain_anchored_follows_the_trust_roots() -> None:
+    """A pooled connection's peer chain (leaf, intermediate) ends at a root of the bundle, or
+    no longer does after that root was removed; a root of the same name but another key does
+    not count (the signature is checked)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from proxy.tls import chain_anchored
+
+    from .pki import make_intermediate, make_leaf, make_root
+
+    def der(c: Any) -> bytes:
+        return bytes(c.public_bytes(serialization.Encoding.DER))
+
+    root = make_root("Root A")
+    inter = make_intermediate(root)
+    leaf, _ = make_leaf(inter, "spiffe://td.example/a")
+    other = make_root("Root B")
+    impostor = make_root("Root A")  # same name, another key
+    chain = [der(leaf), der(inter.cert)]
+    assert chain_anchored(chain, [other.cert, root.cert])
+    assert not chain_anchored(chain, [other.cert])
+    assert not chain_anchored(chain, [impostor.cert])
+    assert chain_anchored([der(leaf), der(inter.cert), der(root.cert)], [root.cert])
+    assert not chain_anchored([der(leaf)], [root.cert])  # the intermediate was not sent
+    assert not chain_anchored([], [root.cert])
