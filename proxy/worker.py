@@ -89,6 +89,7 @@ class Worker:
         self.draining = False
         self.drained = asyncio.Event()
         self.own_ports = {s.getsockname()[1] for _, s in listeners} | {settings.admin_listen.port}
+        self.excluded_inbound = frozenset(settings.exclude_inbound_ports)
         self._local_addrs: set[str] | None = None
         # Connection reuse: the outbound pool, and every pooled connection (both directions).
         self.pool: Pool | None = (
@@ -318,6 +319,14 @@ class Worker:
             return None, (
                 Reason.LOOP_DETECTED,
                 f"a pooled stream named {host}:{port}, a port of this sidecar",
+            )
+        if port in self.excluded_inbound:
+            # Not captured: a connection from outside never reaches what listens there (on
+            # loopback, say), so a stream may not either.
+            return None, (
+                Reason.BAD_DESTINATION,
+                f"a pooled stream named {host}:{port}, a port excluded from interception "
+                "(MTLS_EXCLUDE_INBOUND_PORTS)",
             )
         return ("127.0.0.1", port), None
 

@@ -478,6 +478,26 @@ def test_pooled_streams_go_to_local_addresses_only(mesh: Mesh, show_logs: None) 
     }
     for reason in ("bad_destination", "loop_detected"):
         assert delta(before[reason], b, "mtls_connections_rejected_total", 1, reason=reason) == 1
+
+
+def test_pooled_streams_do_not_reach_excluded_inbound_ports(mesh: Mesh, show_logs: None) -> None:
+    """A port in MTLS_EXCLUDE_INBOUND_PORTS is not captured: raw TCP to it from outside never
+    reaches a service bound to loopback there, and neither may a stream naming 127.0.0.1 at
+    that port (refused as `bad_destination`, counted)."""
+    excluded = 7799
+    b = mesh.sidecar("b", MTLS_EXCLUDE_INBOUND_PORTS=str(excluded))
+    before = b.metric("mtls_connections_rejected_total", reason="bad_destination")
+    ident = mesh.idents["a"]
+    argv = [sys.executable, "-m", "tests.netns", "mux-probe", mesh.lab["b"].v4, str(APP_B),
+            ident["MTLS_CERT_FILE"], ident["MTLS_KEY_FILE"], ident["MTLS_TRUST_BUNDLE_FILE"],
+            mesh.lab["c"].v4, "--excluded", str(excluded)]  # fmt: skip
+    proc = mesh.lab.run("c", argv, timeout=40)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["excluded"] == "05", got  # RESET bad_destination, not dialled
+    name = "mtls_connections_rejected_total"
+    assert delta(before, b, name, 2, reason="bad_destination") == 2  # other host + excluded
+    assert any("MTLS_EXCLUDE_INBOUND_PORTS" in str(e.get("msg")) for e in b.log_events()), b.logs()
     served = [e for e in b.log_events() if e.get("event") == "conn_closed" and e.get("pooled")]
     assert served and served[-1]["target"] == f"127.0.0.1:{APP_B}"
 
