@@ -112,6 +112,13 @@ POOL_RETIRED = Counter(
     "stream got no answer, nor anything else), stream_ids (2**31 streams opened on it).",
     ["direction", "reason"],
 )
+POOL_STREAM_ERRORS = Counter(
+    "mtls_pool_stream_errors",
+    "Streams on pooled mTLS connections that the peer ended by breaking a stream rule of the "
+    "wire format, by direction and reason: data_after_eof (we reset the stream), "
+    "unknown_reset_code (a RESET with a code the format does not define).",
+    ["direction", "reason"],
+)
 
 
 class PoolChildren:

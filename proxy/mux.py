@@ -75,6 +75,7 @@ RESET_BAD_DESTINATION = 5  # transparent mode: the stream named an address the f
 RESET_LIMIT = 6  # the far side is at its connection limit
 RESET_UNKNOWN_STREAM = 7  # DATA for a stream the far side no longer knows
 RESET_GOING_AWAY = 8  # opened on a connection the far side had told to go away (GOAWAY)
+RESET_PROTOCOL = 9  # the stream broke a rule of this format (e.g. DATA after its EOF)
 RESET_NAMES = {
     RESET_CANCEL: "cancel",
     RESET_NOT_ALLOWED: "not_allowed",
@@ -85,6 +86,7 @@ RESET_NAMES = {
     RESET_LIMIT: "too_many_connections",
     RESET_UNKNOWN_STREAM: "unknown_stream",
     RESET_GOING_AWAY: "going_away",
+    RESET_PROTOCOL: "protocol_error",
 }
 
 _PORT = struct.Struct("!H")

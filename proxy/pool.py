@@ -27,6 +27,7 @@ from cryptography import x509
 
 from . import metrics, mux
 from .identity import SpiffeId
+from .logs import RateLimit
 from .relay import _BUF, _PTR, Buf, LegOwner, NetLeg, _Leg
 from .revocation import PeerCert
 from .tls import TlsError, chain_anchored
@@ -74,6 +75,33 @@ def _set_liveness(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+
+
+# One line a second per kind of stream-level protocol error, however many a peer sends.
+_STREAM_ERROR_LOG: dict[str, RateLimit] = {}
+
+
+def _stream_error(direction: str, reason: str, message: str) -> None:
+    metrics.POOL_STREAM_ERRORS.labels(direction, reason).inc()
+    limit = _STREAM_ERROR_LOG.get(reason)
+    if limit is None:
+        limit = _STREAM_ERROR_LOG[reason] = RateLimit(1.0)
+    held = limit.allow()
+    if held is None:
+        return
+    if held:
+        message += f" ({held} more since the last line)"
+    log.warning(
+        message,
+        extra={
+            "fields": {
+                "event": "pool_stream_error",
+                "direction": direction,
+                "reason": reason,
+                "held_back": held or None,
+            }
+        },
+    )
 
 
 class Unresponsive(ConnectionError):
@@ -272,7 +300,10 @@ class StreamLeg(_Leg):
                 f"stream {self.sid} sent {-left} byte(s) beyond its flow-control window"
             )
         self.receivable = left
-        if self.ended or self.eof_in:
+        if self.ended:
+            return
+        if self.eof_in:
+            self._broke("data_after_eof", "DATA after its EOF")
             return
         if not self.started or self.peer is None:
             if self.held is None:
@@ -280,6 +311,18 @@ class StreamLeg(_Leg):
             self.held += data
             return
         self._deliver(data)
+
+    def _broke(self, reason: str, what: str) -> None:
+        """The far side broke a stream rule: reset the stream (RESET_PROTOCOL), count it."""
+        carrier = self.carrier
+        _stream_error(
+            carrier.direction,
+            reason,
+            f"resetting stream {self.sid} of the pooled connection with {carrier._who()}: {what}",
+        )
+        self.reset_code = mux.RESET_PROTOCOL
+        self.close(abort=True)
+        self.conn.leg_lost(self, ConnectionResetError(f"protocol error: {what}"))
 
     def _deliver(self, data: Buf) -> None:
         conn = self.conn
@@ -326,6 +369,13 @@ class StreamLeg(_Leg):
                 self.conn.confirm()
         elif kind == mux.RESET:
             code = mux.decode_reset(payload)
+            if code not in mux.RESET_NAMES:
+                _stream_error(
+                    self.carrier.direction,
+                    "unknown_reset_code",
+                    f"stream {self.sid} of the pooled connection with {self.carrier._who()} "
+                    f"was reset with code {code}, which the format does not define",
+                )
             self._answered()
             self.ended = True
             self.carrier.forget(self)
@@ -648,7 +698,7 @@ class Carrier:
         stream = self.streams.get(sid)
         if stream is not None:
             stream.on_data(data)
-        elif sid >= self.next_sid and not self.outbound:
+        elif sid >= self.next_sid or not sid:
             raise mux.MuxError(f"DATA for stream {sid}, which was never opened")
         else:
             # A stream that ended here: its data is dropped, and the sender told, as TCP
@@ -665,6 +715,10 @@ class Carrier:
             stream.on_frame(kind, payload)
             return
         if kind != mux.OPEN:
+            if sid >= self.next_sid or not sid:
+                raise mux.MuxError(
+                    f"{mux.FRAME_NAMES[kind]} for stream {sid}, which was never opened"
+                )
             return  # about a stream that ended here already
         if self.outbound:
             raise mux.MuxError("the accepting side opened a stream")

@@ -432,3 +432,34 @@ def test_a_pooled_connection_whose_peer_is_no_longer_trusted_is_closed(
     finally:
         assert sc.stop() == 0
     assert "Traceback" not in sc.logs()
+
+
+def test_stream_rule_breaches_are_counted_protocol_errors(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """DATA after the peer's own EOF resets that stream (RESET code 9, counted); a RESET with
+    a code the format does not define is counted; both leave the pooled connection serving.
+    A frame for a stream that was never opened closes the whole pooled connection."""
+    with _inbound(pki, tmp_path, echo.port) as (sc, port):
+        c = _client(pki, port)
+        c.sock.settimeout(10)
+        assert _stream_answer(c, 1, echo.port) == (ACCEPT, b"")
+        c.sock.sendall(_frame(EOF, 1) + _frame(DATA, 1, b"after eof"))  # one TLS record
+        assert c.until(RESET, 1) == bytes([9])
+        name = "mtls_pool_stream_errors_total"
+        assert sc.wait_metric(name, 1, direction="inbound", reason="data_after_eof") == 1
+        assert _stream_answer(c, 3, echo.port) == (ACCEPT, b"")
+        c.send(RESET, 3, bytes([200]))
+        assert sc.wait_metric(name, 1, direction="inbound", reason="unknown_reset_code") == 1
+        assert _stream_answer(c, 5, echo.port) == (ACCEPT, b"")
+        c.send(DATA, 5, b"still served")
+        assert c.until(DATA, 5) == b"still served"
+        c.send(WINDOW, 99, (65536).to_bytes(4, "big"))  # stream 99 was never opened
+        with pytest.raises((OSError, EOFError)):
+            while True:
+                c.frame()
+        retired = "mtls_pool_retired_total"
+        assert sc.wait_metric(retired, 1, direction="inbound", reason="protocol_error") == 1
+        lines = [e for e in sc.log_events() if e.get("event") == "pool_protocol_error"]
+        assert any("never opened" in str(e["msg"]) for e in lines), lines
+
