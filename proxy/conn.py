@@ -37,6 +37,8 @@ from .tls_ffi import (
 
 log = logging.getLogger("mtls.conn")
 _OVERLOAD_LOG = RateLimit(1.0)
+# Refused streams cost a peer a few bytes each: one line a second per reason says it.
+_STREAM_REFUSAL_LOG: dict[f.Reason, RateLimit] = {}
 
 # How a refusal of a stream reaches the dialling sidecar (RESET codes), and back.
 _RESET_FOR: dict[f.Reason, int] = {
@@ -399,14 +401,22 @@ class Conn:
         if facts is not None and facts.not_after <= time.time():
             expired = dt.datetime.fromtimestamp(facts.not_after, dt.UTC).isoformat()
         revoked = self._revoked_serial(facts)
+        if isinstance(leg, StreamLeg):
+            note = "a new stream on the pooled connection it opened before"
+        else:
+            note = "resumed session" if resumed else ""
         if isinstance(leg, NetLeg) and leg.alpn() == mux.ALPN:
-            if self._make_carrier(leg, sid, facts, revoked, expired):
+            if self._make_carrier(leg, sid, facts, revoked, expired, note):
                 return
         elif self.pool_key is not None:
             # A peer without connection reuse (another proxy, or reuse turned off there):
             # one TLS connection per app connection to it for a while.
             self._dial_done(None, FOREIGN_TTL)
-        self._run(f.HandshakeDone(sid, resumed, revoked_serial=revoked, expired_at=expired))
+        self._run(
+            f.HandshakeDone(
+                sid, resumed, revoked_serial=revoked, expired_at=expired, expired_note=note
+            )
+        )
 
     def _make_carrier(
         self,
@@ -415,11 +425,12 @@ class Conn:
         facts: PeerCert | None,
         revoked: str | None,
         expired: str | None,
+        note: str,
     ) -> bool:
         """Both sides negotiated connection reuse: make `leg` a pooled connection. Inbound
         this connection was only its handshake and ends here, unlogged (True); outbound it
         becomes the carrier's first stream and goes on (False)."""
-        if self.flow.judge(sid, revoked, expired) is not None:
+        if self.flow.judge(sid, revoked, expired, note) is not None:
             if self.pool_key is not None:
                 self._dial_done(None, 0)
             return False  # refused as any connection: the flow says so
@@ -699,9 +710,16 @@ class Conn:
                     self.net.reset_code = _RESET_FOR.get(reason, mux.RESET_CANCEL)
                 self.route.metrics.rejected(reason).inc()
                 held: int | None = 0
+                limit: RateLimit | None = None
                 if reason is f.Reason.TOO_MANY_CONNECTIONS:
                     # Overload must not also flood the log: one line a second says it.
-                    held = _OVERLOAD_LOG.allow()
+                    limit = _OVERLOAD_LOG
+                elif isinstance(self.net, StreamLeg):
+                    limit = _STREAM_REFUSAL_LOG.get(reason)
+                    if limit is None:
+                        limit = _STREAM_REFUSAL_LOG[reason] = RateLimit(1.0)
+                if limit is not None:
+                    held = limit.allow()
                     if held is None:
                         return
                 fields = self._fields("rejected")

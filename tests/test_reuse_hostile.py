@@ -6,6 +6,7 @@ the stream rules. Each one is refused, counted, and leaves everyone else served.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ import pytest
 from .conftest import TD, Pki, start_pair
 from .harness import ScriptedApp, Sidecar, TcpApp, free_port, identity_env, wait_for
 from .netns import MuxClient
-from .pki import copy_identity, pem, replace_identity
+from .pki import copy_identity, pem, replace_identity, write_identity
 
 OPEN, ACCEPT, DATA, EOF, RESET, WINDOW, GOAWAY = range(1, 8)
 
@@ -463,3 +464,42 @@ def test_stream_rule_breaches_are_counted_protocol_errors(
         lines = [e for e in sc.log_events() if e.get("event") == "pool_protocol_error"]
         assert any("never opened" in str(e["msg"]) for e in lines), lines
 
+
+def test_a_flood_of_refused_streams_is_counted_exactly_but_logged_once_a_second(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """The peer's certificate expires while its pooled connection is open; it goes on opening
+    streams. Each is refused (RESET code 3) and counted as `expired_cert`, but the log gets
+    about one line a second saying how many were held back, and the line does not call the
+    pooled connection a resumed session."""
+    with _inbound(pki, tmp_path, echo.port) as (sc, port):
+        now = dt.datetime.now(dt.UTC)
+        not_after = now + dt.timedelta(seconds=3)
+        client = write_identity(
+            tmp_path / "short",
+            "short",
+            pki.inter,
+            [pki.root.cert],
+            f"{TD}/client",
+            not_before=now - dt.timedelta(minutes=1),
+            not_after=not_after,
+        )
+        c = MuxClient("127.0.0.1", port, str(client.cert), str(client.key), str(client.bundle))
+        c.sock.settimeout(10)
+        assert _stream_answer(c, 1, echo.port) == (ACCEPT, b"")
+        c.send(RESET, 1, bytes([0]))
+        # Wait for the certificate to expire (a clock, not a state to poll).
+        time.sleep(max(0.0, (not_after - dt.datetime.now(dt.UTC)).total_seconds() + 0.5))
+        n = 2000
+        addr = bytes([9]) + b"127.0.0.1" + echo.port.to_bytes(2, "big")
+        open_frames = b"".join(_frame(OPEN, sid, addr + addr) for sid in range(3, 3 + 2 * n, 2))
+        c.sock.sendall(open_frames)
+        codes = [c.until(RESET, sid) for sid in range(3, 3 + 2 * n, 2)]
+        assert set(codes) == {bytes([3])}
+        name = "mtls_connections_rejected_total"
+        assert sc.wait_metric(name, n, reason="expired_cert") == n
+        lines = [e for e in sc.log_events() if e.get("reason") == "expired_cert"]
+        assert 1 <= len(lines) <= 5, len(lines)
+        assert all("resumed session" not in e["msg"] for e in lines), lines[0]
+        assert "pooled connection" in lines[0]["msg"], lines[0]
+        c.sock.close()
