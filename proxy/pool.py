@@ -104,6 +104,18 @@ def _stream_error(direction: str, reason: str, message: str) -> None:
     )
 
 
+# Intermediates seen in pooled peers' chains: a resumed session brings no chain, only the
+# leaf, so these complete it when a trust bundle change asks where it leads. Bounded.
+_INTERMEDIATES: dict[bytes, None] = {}
+_MAX_INTERMEDIATES = 64
+
+
+def _remember_chain(ssl: Any) -> None:
+    for der in peer_chain_ders(ssl):
+        if der not in _INTERMEDIATES and len(_INTERMEDIATES) < _MAX_INTERMEDIATES:
+            _INTERMEDIATES[der] = None
+
+
 class Unresponsive(ConnectionError):
     """The carrier's peer answered nothing within a stream's answer timeout."""
 
@@ -517,6 +529,8 @@ class Carrier:
         self.unanswered = 0
         self.suspect = False
         _set_liveness(leg.transport.get_extra_info("socket") if leg.transport else None)
+        if leg.ssl is not None and not leg.resumed():
+            _remember_chain(leg.ssl)
         self._gauges.open.inc()
         self._gauges.idle.inc()
         # From now on the TLS leg reports to us, and hands us what it decrypts.
@@ -818,7 +832,7 @@ class Carrier:
         if leg.ssl is None or self.peer_der is None:
             return False
         ders = [self.peer_der, *peer_chain_ders(leg.ssl)]
-        return chain_anchored(ders, roots)
+        return chain_anchored(ders, roots, tuple(_INTERMEDIATES))
 
     def _goaway_received(self) -> None:
         if self.outbound:

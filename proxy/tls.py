@@ -301,10 +301,27 @@ def tls_info(ssl: Any) -> tuple[str, str, str]:
     )
 
 
-def chain_anchored(ders: Sequence[bytes], roots: Sequence[x509.Certificate]) -> bool:
-    """Does this peer chain (leaf first, as sent, DER) end at one of `roots`: the last
-    certificate is a root, or is directly issued by one (signature checked)? Asked of open
-    pooled connections when the trust bundle changes."""
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def chain_anchored(
+    ders: Sequence[bytes],
+    roots: Sequence[x509.Certificate],
+    known: Sequence[bytes] = (),
+) -> bool:
+    """Does this peer chain (leaf first, as sent, DER) end at one of `roots`: a certificate of
+    it is a root, or its last one is directly issued by one (signature checked)? Asked of
+    open pooled connections when the trust bundle changes.
+
+    A resumed session has no chain but the leaf: `known` intermediates (DER, seen in other
+    peers' chains) then complete it, each link's signature checked."""
     root_ders = {r.public_bytes(serialization.Encoding.DER) for r in roots}
     if any(d in root_ders for d in ders):
         return True
@@ -312,16 +329,16 @@ def chain_anchored(ders: Sequence[bytes], roots: Sequence[x509.Certificate]) -> 
         return False
     try:
         top = x509.load_der_x509_certificate(ders[-1])
+        extra = [x509.load_der_x509_certificate(d) for d in known]
     except ValueError:
         return False
-    for root in roots:
-        if root.subject != top.issuer:
-            continue
-        try:
-            top.verify_directly_issued_by(root)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return True
+    for _ in range(len(extra) + 1):
+        if any(_issued_by(top, root) for root in roots):
+            return True
+        nxt = next((c for c in extra if c != top and _issued_by(top, c)), None)
+        if nxt is None:
+            return False
+        top = nxt
     return False
 
 

@@ -393,12 +393,24 @@ def test_after_our_goaway_new_streams_are_refused(pki: Pki, tmp_path: Path, echo
     assert "Traceback" not in sc.logs()
 
 
+def _resumed(first: MuxClient, port: int) -> MuxClient:
+    """Another pooled connection of the same peer, resumed from `first`'s session ticket."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    c = object.__new__(MuxClient)
+    c.sock = first.sock.context.wrap_socket(raw, session=first.sock.session)
+    c.alpn = c.sock.selected_alpn_protocol()
+    c.buf = b""
+    assert c.sock.session_reused
+    return c
+
+
 def test_a_pooled_connection_whose_peer_is_no_longer_trusted_is_closed(
     pki: Pki, tmp_path: Path, echo: TcpApp
 ) -> None:
     """The trust bundle loses a root (say, a compromised CA removed): the pooled connection of
     a peer authenticated under it is closed at once (`untrusted`), with its streams; one of a
-    peer still trusted only gets GOAWAY and its stream goes on."""
+    peer still trusted only gets GOAWAY and its stream goes on. The same for pooled
+    connections resumed from a session ticket (they carry no certificate chain)."""
     ident = copy_identity(pki.server, tmp_path / "server-files")
     ident.bundle.write_bytes(pem(pki.root.cert) + pem(pki.other_root.cert))
     port = free_port()
@@ -418,18 +430,24 @@ def test_a_pooled_connection_whose_peer_is_no_longer_trusted_is_closed(
         for c in (good, bad):
             c.sock.settimeout(10)
             assert _stream_answer(c, 1, echo.port) == (ACCEPT, b"")
+        good2, bad2 = _resumed(good, port), _resumed(bad, port)
+        for c in (good2, bad2):
+            c.sock.settimeout(10)
+            assert _stream_answer(c, 1, echo.port) == (ACCEPT, b"")
         tmp = ident.bundle.with_suffix(".tmp")
         tmp.write_bytes(pem(pki.root.cert))
         os.replace(tmp, ident.bundle)
         sc.signal(signal.SIGHUP)
-        assert sc.wait_metric("mtls_pool_retired_total", 1, reason="untrusted") == 1
-        with pytest.raises((OSError, EOFError)):
-            while True:
-                bad.frame()
-        good.until(GOAWAY, 0)
-        good.send(DATA, 1, b"trusted still")
-        assert good.until(DATA, 1) == b"trusted still"
-        good.sock.close()
+        assert sc.wait_metric("mtls_pool_retired_total", 2, reason="untrusted") == 2
+        for c in (bad, bad2):
+            with pytest.raises((OSError, EOFError)):
+                while True:
+                    c.frame()
+        for c in (good, good2):
+            c.until(GOAWAY, 0)
+            c.send(DATA, 1, b"trusted still")
+            assert c.until(DATA, 1) == b"trusted still"
+            c.sock.close()
     finally:
         assert sc.stop() == 0
     assert "Traceback" not in sc.logs()
