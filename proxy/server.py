@@ -25,13 +25,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from . import metrics
+from . import control, metrics
 from .certsource.files import CrlFile, FileSource
 from .config import Address, Settings
 from .errors import CertError, ProxyError, StartupError
 from .listen import bind_listener, drop_privileges, raise_nofile_limit
 from .material import Material, read_file
-from .revocation import CrlRejected, RevocationList, load_crls
+from .revocation import CrlRejected, RevocationList, compact, load_crls, merge
 from .routes import Route, routes_for
 from .shared import ConnectionCounts
 from .tasks import Tasks
@@ -40,19 +40,6 @@ from .tls import tls_state_for
 log = logging.getLogger("mtls.server")
 
 WORKER_STOP_GRACE = 2.0  # seconds a worker gets to exit at a failed start-up before SIGKILL
-
-
-def _older(new: RevocationList, current: RevocationList) -> str | None:
-    """Why `new` may not replace `current` (None: it may): an older list, or one already
-    past its nextUpdate while the current one is not."""
-    if new.this_update and current.this_update and new.this_update < current.this_update:
-        return (
-            f"it is older (thisUpdate {new.this_update.isoformat()}) than the list in use "
-            f"({current.this_update.isoformat()})"
-        )
-    if new.stale and not current.stale:
-        return "it is past its nextUpdate, and the list in use is not"
-    return None
 
 
 @dataclass
@@ -85,8 +72,9 @@ class Master:
         self.files: FileSource | None = None
         self.crl_file: CrlFile | None = None
         self.ca_source: Any = None  # certsource.ca.CaSource in CA mode
-        self.crl_pem: bytes | None = None
+        self.crl_pem: bytes | None = None  # the last revocation list input seen
         self.revocations: RevocationList | None = None
+        self.crl_frame: bytes | None = None  # the list in force, as the workers get it
         self.counts = ConnectionCounts.create(settings.workers)
 
     # --- tasks ---------------------------------------------------------------------------
@@ -121,18 +109,20 @@ class Master:
             "key": m.key_pem.decode(),
             "bundle": m.bundle_pem.decode(),
             "origin": m.origin,
-            "crl": self.crl_pem.decode() if self.crl_pem is not None else None,
         }
 
     def on_crl(self, pem: bytes) -> None:
         """A revocation list arrived (CA fetch, MTLS_CRL_FILE): check it against the issuers
-        we trust, all or nothing; hand a good one to the workers, which refuse its revoked
-        peers and close their open connections."""
+        we trust, all or nothing; compare it CA by CA with the list in force (a CRL never
+        goes backwards, a trusted CA's CRL never disappears: refused parts are counted and
+        logged, the last accepted CRL of that CA kept); hand the result to the workers,
+        which refuse its revoked peers and close their open connections."""
         material = self.material
         if material is None:
             return
+        started = time.monotonic()
         try:
-            rl = load_crls(pem, material.issuers)
+            new = load_crls(pem, material.issuers)
         except CrlRejected as exc:
             metrics.CRL_RELOADS.labels("error").inc()
             log.error(
@@ -142,29 +132,36 @@ class Master:
             )
             return
         current = self.revocations
-        if pem == self.crl_pem:
-            self._show_crl(rl)
+        if pem == self.crl_pem and current is not None:
+            self._show_crl(current)  # the same input again: already decided
             return
-        if current is not None and (refusal := _older(rl, current)) is not None:
-            # A replayed old list would un-revoke what was revoked since.
+        self.crl_pem = pem
+        merged = merge(current, new, material.issuers)
+        for why in merged.refused:
+            # A replayed old list, or one without a CA's CRL, would un-revoke certificates.
             metrics.CRL_RELOADS.labels("error").inc()
             log.error(
-                "revocation list refused, keeping the current one: %s",
-                refusal,
-                extra={"fields": {"event": "crl_refused"}},
+                "revocation list refused: %s", why, extra={"fields": {"event": "crl_refused"}}
             )
+        if not merged.changed:
+            if current is not None:
+                self._show_crl(current)
             return
+        rl = merged.result
         self._show_crl(rl)
         metrics.CRL_RELOADS.labels("ok").inc()
-        self.crl_pem, self.revocations = pem, rl
+        self.revocations = rl
+        headers, payload = compact(rl)
+        self.crl_frame = control.encode({"op": "crl", "issuers": headers}, payload)
         log.info(
-            "revocation list loaded: %d revoked certificate(s), next update %s",
+            "revocation list loaded: %d revoked certificate(s), next update %s (%.2fs)",
             len(rl),
             rl.next_update.isoformat() if rl.next_update else "not given",
+            time.monotonic() - started,
             extra={"fields": {"event": "crl_loaded", "stale": rl.stale}},
         )
         for w in self.workers:
-            self._send(w, {"op": "crl", "pem": pem.decode()})
+            self._send_frame(w, self.crl_frame)
 
     def _show_crl(self, rl: RevocationList) -> None:
         this, nxt = rl.this_update, rl.next_update
@@ -258,11 +255,15 @@ class Master:
     # --- workers -------------------------------------------------------------------------
 
     def _send(self, w: WorkerProc, msg: dict[str, Any]) -> None:
+        self._send_frame(w, control.encode(msg))
+
+    def _send_frame(self, w: WorkerProc, frame: bytes) -> None:
+        """One length-prefixed frame to the worker's stdin (proxy/control.py): any size."""
         proc = w.proc
         if proc is None or proc.stdin is None or proc.returncode is not None:
             return
         with contextlib.suppress(ConnectionError, RuntimeError):
-            proc.stdin.write((json.dumps(msg) + "\n").encode())
+            proc.stdin.write(frame)
 
     async def _start_worker(self, w: WorkerProc) -> None:
         fds = [s.fileno() for s in w.socks]
@@ -284,13 +285,19 @@ class Master:
             pass_fds=[*fds, counts.fd],
         )
         self.spawn(self._read_worker(w, w.proc), f"worker-{w.slot}-replies")
+        if self.crl_frame is not None:
+            self._send_frame(w, self.crl_frame)  # first: in force before the worker serves
         if self.material is not None:
             self._send(w, self._material_msg())
 
     async def _read_worker(self, w: WorkerProc, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         while True:
-            line = await proc.stdout.readline()
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # a line over the reader's limit: not one of ours
+                log.error("worker %d wrote an overlong line to the control channel", w.slot)
+                continue
             if not line:
                 return
             try:

@@ -23,7 +23,7 @@ from typing import Any
 
 from prometheus_client import Counter as _Counter
 
-from . import metrics
+from . import control, metrics
 from .config import Settings
 from .conn import Conn
 from .errors import CertError
@@ -34,7 +34,7 @@ from .mux import OpenInfo
 from .policy import InboundPolicy, check_outbound
 from .pool import Carrier, Key, Pool, StreamLeg
 from .relay import AppLeg, NetLeg
-from .revocation import CrlRejected, PeerCert, RevocationList, is_peer_revoked, load_crls
+from .revocation import PeerCert, RevocationList, from_compact, is_peer_revoked
 from .routes import Route
 from .shared import ConnectionCounts
 from .tasks import Tasks
@@ -122,14 +122,27 @@ class Worker:
             for carrier in list(self.carriers):
                 carrier.retire("rotation")
 
-    def set_crl(self, pem: bytes) -> None:
-        """A revocation list from the master (which checked it): new handshakes with a
-        listed peer are refused, open connections with one are closed now."""
+    async def load_revocations(self, headers: list[dict[str, Any]], payload: bytes) -> None:
+        """A revocation list from the master (which checked the CRLs), as revoked serials:
+        built a slice at a time between other work (a 600,000-entry list holds the event
+        loop a few ms at a time, never the whole build), then made current at once."""
+        build = from_compact(headers, payload)
         try:
-            rl = load_crls(pem, self.tls.material.issuers)
-        except CrlRejected as exc:
-            log.error("revocation list refused, keeping the current one: %s", exc)
+            while True:
+                try:
+                    next(build)
+                except StopIteration as done:
+                    rl: RevocationList = done.value
+                    break
+                await asyncio.sleep(0)
+        except ValueError as exc:
+            log.error("revocation list from the master unusable, keeping the current one: %s", exc)
             return
+        self.set_revocations(rl)
+
+    def set_revocations(self, rl: RevocationList) -> None:
+        """New handshakes with a listed peer are refused, open connections with one are
+        closed now."""
         self.revocations = rl
         cut = [
             c for c in self.conns if c.peer_cert is not None and is_peer_revoked(rl, c.peer_cert)
@@ -374,23 +387,31 @@ class Worker:
 
 
 def _send(msg: dict[str, Any]) -> None:
+    # Replies are short JSON lines (an error text is cut to fit the master's line reader).
+    if isinstance(msg.get("error"), str):
+        msg["error"] = msg["error"][:2000]
     sys.stdout.write(json.dumps(msg) + "\n")
     sys.stdout.flush()
 
 
 async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> None:
-    """Read the master's commands from stdin until it closes."""
+    """Read the master's commands from stdin (length-prefixed frames, proxy/control.py)
+    until it closes."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 24)
+    reader = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     serving = False
     while True:
-        line = await reader.readline()
-        if not line:
+        try:
+            frame = await control.read(reader)
+        except ValueError as exc:
+            log.error("unreadable message from the master, ignored: %s", exc)
+            continue
+        if frame is None:
             log.info("master went away: draining")
             stop.set()
             return
-        msg = json.loads(line)
+        msg, payload = frame
         op = msg.get("op")
         if op == "material":
             try:
@@ -405,16 +426,16 @@ async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> N
             except (CertError, ValueError, KeyError) as exc:
                 _send({"op": "material_error", "error": str(exc)})
                 continue
-            if msg.get("crl"):
-                worker.set_crl(str(msg["crl"]).encode())
             if not serving:
+                # The master sends the revocation list (if any) before the first material:
+                # by now it is in force, so no revoked peer gets through at start-up.
                 await worker.serve()
                 serving = True
                 _send({"op": "ready", "pid": os.getpid()})
             else:
                 _send({"op": "material_ok", "serial": material.serial_hex})
         elif op == "crl":
-            worker.set_crl(str(msg.get("pem", "")).encode())
+            await worker.load_revocations(list(msg.get("issuers", [])), payload)
         elif op == "drain":
             stop.set()
             return
