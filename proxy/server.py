@@ -29,7 +29,7 @@ from . import control, metrics
 from .certsource.files import CrlFile, FileSource
 from .config import Address, Settings
 from .errors import CertError, ProxyError, StartupError
-from .listen import bind_listener, drop_privileges, raise_nofile_limit
+from .listen import bind_listener, drop_privileges, raise_nofile_limit, relisten
 from .material import Material, read_file
 from .revocation import CrlRejected, RevocationList, compact, load_crls, merge
 from .routes import Route, routes_for
@@ -40,6 +40,15 @@ from .tls import tls_state_for
 log = logging.getLogger("mtls.server")
 
 WORKER_STOP_GRACE = 2.0  # seconds a worker gets to exit at a failed start-up before SIGKILL
+
+
+def _stop_listening(socks: list[socket.socket]) -> None:
+    """Shut listening sockets down: no longer listening in any process that holds a copy, so
+    a new client is refused rather than queued (a worker shuts its own down at drain after
+    taking what was queued; these are the ones no worker will)."""
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass
@@ -266,6 +275,7 @@ class Master:
             proc.stdin.write(frame)
 
     async def _start_worker(self, w: WorkerProc) -> None:
+        w.socks = [relisten(s) for s in w.socks]  # a worker that drained ended its listeners
         fds = [s.fileno() for s in w.socks]
         w.ready = False
         w.refused = None
@@ -339,7 +349,10 @@ class Master:
             delay = min(delay * 2, 30.0)
             if self.draining:
                 return
-            await self._start_worker(w)
+            try:
+                await self._start_worker(w)
+            except (StartupError, OSError) as exc:
+                log.error("worker %d could not be restarted (retrying): %s", w.slot, exc)
 
     def _mark_dead(self, pid: int) -> None:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -377,7 +390,15 @@ class Master:
         if not self.draining:
             log.info("%s: draining", why)
             self.draining = True
+            self._stop_orphan_listeners()
             self.stop.set()
+
+    def _stop_orphan_listeners(self) -> None:
+        """The listeners of a worker that is dead (and is not restarted while draining) have
+        no one to end them: end them now, or the kernel queues clients nobody will accept."""
+        for w in self.workers:
+            if w.proc is None or w.proc.returncode is not None:
+                _stop_listening(w.socks)
 
     def _procs(self) -> list[asyncio.subprocess.Process]:
         return [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
@@ -388,6 +409,7 @@ class Master:
         self.draining = True
         for w in self.workers:
             self._send(w, {"op": "drain"})
+        self._stop_orphan_listeners()
         procs = self._procs()
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -401,6 +423,8 @@ class Master:
                     with contextlib.suppress(ProcessLookupError):
                         p.kill()
             await asyncio.gather(*(p.wait() for p in procs))
+        for w in self.workers:
+            _stop_listening(w.socks)  # a worker killed before it could
 
     def _bind(self) -> list[list[socket.socket]]:
         socks_per_route = []

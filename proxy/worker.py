@@ -77,6 +77,7 @@ class Worker:
         self.conns: set[Conn] = set()
         self.tasks = Tasks(log)
         self.servers: list[asyncio.AbstractServer] = []
+        self._listening: list[tuple[Route, socket.socket]] = []  # dups, for _stop_listening
         self.tls: TlsState = None  # type: ignore[assignment]  # set before serving
         self.policy: InboundPolicy = None  # type: ignore[assignment]
         self.trust_domain = settings.effective_trust_domain
@@ -327,6 +328,8 @@ class Worker:
 
     async def serve(self) -> None:
         for route, sock in self.listeners:
+            # Our own handle on the listening socket, to end its listening at drain (below).
+            self._listening.append((route, sock.dup()))
             server = await self.loop.create_server(
                 self._factory(route), sock=sock, backlog=4096, start_serving=True
             )
@@ -363,11 +366,41 @@ class Worker:
                         )
                         conn.idle_timeout()
 
+    async def _stop_listening(self) -> None:
+        """End every listener of this worker for good: stop the loop accepting, take what
+        the kernel has queued already (served like any connection), then shut the socket
+        down. Closing our descriptor alone is not enough: the master keeps a copy of each
+        listener (to hand it to a restarted worker), so the socket would stay LISTEN, the
+        kernel would complete handshakes nobody accepts, and those clients would be reset
+        with nothing when the sidecar exits. A shut-down socket is no longer listening in
+        any process: a new client is refused (connection refused) from then on."""
+        for server in self.servers:
+            server.close()
+        queued: list[tuple[Route, socket.socket]] = []
+        for route, sock in self._listening:
+            sock.setblocking(False)
+            queued += [(route, conn) for conn in _accept_queued(route, sock)]
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._listening.clear()
+        if queued:
+            log.info(
+                "draining: serving %d connection(s) queued before the listeners closed", len(queued)
+            )
+        await asyncio.gather(*(self._adopt(route, conn) for route, conn in queued))
+
+    async def _adopt(self, route: Route, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self._factory(route), sock=conn)
+        except OSError as exc:
+            log.warning("a connection queued at drain could not be served: %s", exc)
+            conn.close()
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let open connections finish, cut what is left after `timeout`."""
         self.draining = True
-        for server in self.servers:
-            server.close()
+        await self._stop_listening()
         for carrier in list(self.carriers):
             carrier.retire("drain")  # no new streams; the peer is told
         if self.conns:
@@ -381,6 +414,21 @@ class Worker:
             log.warning("drain timeout: cut %d connection(s)", len(left))
         for carrier in list(self.carriers):
             carrier.close("drain")
+
+
+def _accept_queued(route: Route, sock: socket.socket) -> list[socket.socket]:
+    """The connections the kernel has completed on a (non-blocking) listening socket."""
+    out: list[socket.socket] = []
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return out
+        except OSError as exc:  # out of descriptors: what is left is reset at shutdown
+            log.error("draining %s: cannot accept its queued connections: %s", route.name, exc)
+            return out
+        conn.setblocking(False)
+        out.append(conn)
 
 
 # --- the worker process ----------------------------------------------------------------------
