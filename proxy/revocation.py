@@ -457,7 +457,7 @@ def compact(rl: RevocationList) -> tuple[list[dict[str, str | int]], bytes]:
 
 
 def from_compact(
-    headers: Sequence[Mapping[str, object]], payload: bytes, step: int = COMPACT_STEP
+    headers: Sequence[object], payload: bytes, step: int = COMPACT_STEP
 ) -> Generator[None, None, RevocationList]:
     """Rebuild what `compact` made, `step` serials at a time: the caller resumes the
     generator from its event loop until it returns the list (ValueError on a bad form)."""
@@ -466,7 +466,9 @@ def from_compact(
     at = 0
     from_bytes = int.from_bytes
     for h in headers:
-        issuer, width, count = h["issuer"], h["width"], h["count"]
+        if not isinstance(h, Mapping):
+            raise ValueError("malformed revocation list header")
+        issuer, width, count = h.get("issuer"), h.get("width"), h.get("count")
         if not (isinstance(issuer, str) and isinstance(width, int) and isinstance(count, int)):
             raise ValueError("malformed revocation list header")
         if width < 1 or count < 0 or at + width * count > len(payload):

@@ -327,6 +327,8 @@ def test_a_bad_compact_form_is_a_value_error() -> None:
         (headers, payload[:-1]),
         (headers, payload + b"\0"),
         ([{**headers[0], "width": "2"}], payload),
+        ([{"issuer": "30"}], b""),
+        (["not a mapping"], b""),
     ):
         with pytest.raises(ValueError):
             list(from_compact(bad_headers, bad_payload))
