@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
@@ -346,3 +347,50 @@ def test_an_oversized_crl_file_is_refused_before_it_is_read(tmp_path: Path) -> N
     path.write_bytes(b"small")
     CrlFile(path, on_crl=got.append).load()
     assert got == [b"small"]
+
+
+def test_an_oversized_crl_from_the_ca_is_refused_while_downloading(
+    pki: dict[str, Issuer],
+) -> None:
+    """GET /v1/crl stops reading past MAX_CRL_BYTES and refuses with the reason."""
+    from aiohttp import web
+
+    from proxy.certsource.ca import CaRefused, CaSource
+
+    sent = 0
+
+    async def crl(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        chunk = b"#" * (1 << 20)
+        try:
+            for _ in range(MAX_CRL_BYTES // len(chunk) + 8):
+                await resp.write(chunk)
+                sent += len(chunk)
+        except (ConnectionError, RuntimeError):
+            pass  # the client went away: what the test wants
+        return resp
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/v1/crl", crl)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        got: list[bytes] = []
+        # Plain HTTP and the roots preset: only the size check is under test here.
+        source = CaSource(f"https://127.0.0.1:{port}", "t", "ab" * 32, WEB, on_update=print)
+        source.url = f"http://127.0.0.1:{port}"
+        source._ca_roots = pki["root"].cert.public_bytes(serialization.Encoding.PEM)
+        source._on_crl = got.append
+        try:
+            with pytest.raises(CaRefused, match="more than the 64 MiB accepted"):
+                await source.refresh_crl()
+        finally:
+            await runner.cleanup()
+        assert got == []
+
+    asyncio.run(main())
