@@ -112,8 +112,12 @@ class RevocationList:
 
     @property
     def stale(self) -> bool:
-        """True when any CRL was past its nextUpdate when loaded."""
-        return any(c.stale for c in self.crls)
+        """True when any CRL is past its nextUpdate (now, not when it was loaded: the same
+        list fetched again is not parsed again)."""
+        nxt = self.next_update
+        return any(c.stale for c in self.crls) or (
+            nxt is not None and nxt < dt.datetime.now(dt.UTC)
+        )
 
     def __len__(self) -> int:
         return sum(len(s) for s in self._index.values())

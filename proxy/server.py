@@ -84,6 +84,8 @@ class Master:
         self.crl_pem: bytes | None = None  # the last revocation list input seen
         self.revocations: RevocationList | None = None
         self.crl_frame: bytes | None = None  # the list in force, as the workers get it
+        self._crl_inbox: bytes | None = None  # the latest list received, not yet taken
+        self._crl_task: asyncio.Task[None] | None = None
         self.counts = ConnectionCounts.create(settings.workers)
 
     # --- tasks ---------------------------------------------------------------------------
@@ -121,17 +123,41 @@ class Master:
         }
 
     def on_crl(self, pem: bytes) -> None:
-        """A revocation list arrived (CA fetch, MTLS_CRL_FILE): check it against the issuers
-        we trust, all or nothing; compare it CA by CA with the list in force (a CRL never
-        goes backwards, a trusted CA's CRL never disappears: refused parts are counted and
-        logged, the last accepted CRL of that CA kept); hand the result to the workers,
-        which refuse its revoked peers and close their open connections."""
+        """A revocation list arrived (CA fetch, MTLS_CRL_FILE): take it in the background
+        (`_take_crl`), the latest input first; `crl_settled` waits for that."""
+        self._crl_inbox = pem
+        if self._crl_task is None or self._crl_task.done():
+            self._crl_task = self.spawn(self._take_crls(), "crl-load")
+
+    async def crl_settled(self) -> None:
+        """Wait until every revocation list received so far is taken (or refused)."""
+        while self._crl_task is not None and not self._crl_task.done():
+            await asyncio.wait({self._crl_task})
+
+    async def _take_crls(self) -> None:
+        while (pem := self._crl_inbox) is not None:
+            self._crl_inbox = None  # one arriving meanwhile is the next (older ones skipped)
+            await self._take_crl(pem)
+
+    async def _take_crl(self, pem: bytes) -> None:
+        """Check a list against the issuers we trust, all or nothing (in a thread: a
+        600,000-entry list takes 1-2 s, and the admin port keeps answering); compare it CA
+        by CA with the list in force (a CRL never goes backwards, a trusted CA's CRL never
+        disappears: refused parts are counted and logged, the last accepted CRL of that CA
+        kept); hand the result to the workers, which refuse its revoked peers and close
+        their open connections."""
         material = self.material
         if material is None:
             return
+        current = self.revocations
+        if pem == self.crl_pem and current is not None:
+            # The same input again (a CA fetch every MTLS_BUNDLE_REFRESH): already decided,
+            # and not parsed again.
+            self._show_crl(current)
+            return
         started = time.monotonic()
         try:
-            new = load_crls(pem, material.issuers)
+            new = await asyncio.to_thread(load_crls, pem, material.issuers)
         except CrlRejected as exc:
             metrics.CRL_RELOADS.labels("error").inc()
             log.error(
@@ -141,9 +167,6 @@ class Master:
             )
             return
         current = self.revocations
-        if pem == self.crl_pem and current is not None:
-            self._show_crl(current)  # the same input again: already decided
-            return
         self.crl_pem = pem
         merged = merge(current, new, material.issuers)
         for why in merged.refused:
@@ -157,10 +180,10 @@ class Master:
                 self._show_crl(current)
             return
         rl = merged.result
+        headers, payload = await asyncio.to_thread(compact, rl)
         self._show_crl(rl)
         metrics.CRL_RELOADS.labels("ok").inc()
         self.revocations = rl
-        headers, payload = compact(rl)
         self.crl_frame = control.encode({"op": "crl", "issuers": headers}, payload)
         log.info(
             "revocation list loaded: %d revoked certificate(s), next update %s (%.2fs)",
@@ -485,6 +508,7 @@ class Master:
             self.spawn(self.files.run(), "file-watcher")
             if self.crl_file is not None:
                 self.spawn(self.crl_file.run(), "crl-watcher")
+        await self.crl_settled()  # the revocation list is in force before anyone is served
         await self.start_workers(socks_per_route)
         await self.wait_ready()
         self.serving = True
