@@ -223,8 +223,17 @@ def _annotations(template: Mapping[str, Any]) -> dict[str, str]:
     return dict((template.get("metadata") or {}).get("annotations") or {})
 
 
-def _ours(annotations: Mapping[str, str]) -> dict[str, str]:
-    return {k[len(PREFIX) :]: str(v) for k, v in annotations.items() if k.startswith(PREFIX)}
+def _ours(annotations: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for k, v in annotations.items():
+        if not isinstance(k, str) or not k.startswith(PREFIX):
+            continue
+        if isinstance(v, (dict, list)):
+            # Annotation values are strings; never render a structure (it may be huge).
+            kind = type(v).__name__
+            raise ValueError(f"annotation {k}: the value must be a string, not a {kind}")
+        out[k[len(PREFIX) :]] = str(v)
+    return out
 
 
 def _inject_template(
