@@ -3,11 +3,16 @@ pathological YAML (deep nesting, alias bombs), deeply nested JSON, slow clients.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import os
 import resource
+import ssl
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +21,20 @@ import yaml
 from proxy.k8s import inject as inj
 from proxy.k8s.cli import inject_main
 from proxy.k8s.webhook import review_answer
-from tests.test_inject import REPO, P, _cli, _deployment, _pod, _review
+from tests.test_ca_store_service import _closed_after
+from tests.test_inject import (
+    REPO,
+    P,
+    _cli,
+    _deployment,
+    _pod,
+    _post,
+    _ready,
+    _review,
+    _run,
+    _start_injector,
+    _stop,
+)
 
 # --- Windows pods -----------------------------------------------------------------------------
 
@@ -132,3 +150,117 @@ def test_an_annotation_must_be_a_string_not_a_structure() -> None:
     dep = _deployment({P + "inbound": [":8443=127.0.0.1:8080"]})  # type: ignore[dict-item]
     with pytest.raises(inj.InjectError, match=r"annotation mtls-sidecar.io/inbound: .*a string"):
         inj.inject(dep)
+
+
+# --- the webhook: nesting, slow and excess connections ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded_injector(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[subprocess.Popen[str], str, ssl.SSLContext]]:
+    """The injector with short limits, serving a certificate of our own CA."""
+    tmp = tmp_path_factory.mktemp("guarded-injector")
+    for args in (
+        ["ca", "init", "--dir", str(tmp / "ca"), "--trust-domain", "cluster.local"],
+        ["ca", "issue", "--dir", str(tmp / "ca"), "--id",
+         "spiffe://cluster.local/ns/mtls-system/sa/mtls-injector", "--dns", "localhost",
+         "--ttl", "1d", "--out", str(tmp / "injector")],
+    ):  # fmt: skip
+        made = _run(*args)
+        assert made.returncode == 0, made.stderr
+    proc, url = _start_injector(
+        tmp / "injector.crt",
+        tmp / "injector.key",
+        "--header-timeout", "1s",
+        "--body-timeout", "1s",
+        "--max-connections", "8",
+    )  # fmt: skip
+    ctx = ssl.create_default_context(cafile=str(tmp / "injector.bundle.pem"))
+    try:
+        yield proc, url, ctx
+    finally:
+        _stop(proc)
+
+
+def _port(url: str) -> int:
+    return int(url.rpartition(":")[2])
+
+
+def test_deeply_nested_json_is_a_400(
+    guarded_injector: tuple[subprocess.Popen[str], str, ssl.SSLContext],
+) -> None:
+    _, url, ctx = guarded_injector
+    deep: Any = {"name": "x"}
+    for _ in range(150):
+        deep = {"a": [deep]}
+    pod = _pod()
+    pod["spec"]["containers"][0]["x-deep"] = deep
+    for body in (
+        b"[" * 32000 + b"]" * 32000,
+        b'{"apiVersion": ' + b"{" * 30000,
+        json.dumps(_review(pod)).encode(),
+    ):
+        status, answer = _post(url, ctx, body)
+        assert status == 400, (status, answer)
+        assert "nested more than 100 levels deep" in answer["error"], answer
+    # Still serving.
+    status, review = _post(url, ctx, json.dumps(_review(_pod())).encode())
+    assert status == 200 and review["response"]["allowed"] is True
+
+
+def test_slow_and_excess_connections_are_closed(
+    guarded_injector: tuple[subprocess.Popen[str], str, ssl.SSLContext],
+) -> None:
+    proc, url, ctx = guarded_injector
+    port = _port(url)
+    no_verify = ssl.create_default_context()
+    no_verify.check_hostname = False
+    no_verify.verify_mode = ssl.CERT_NONE
+
+    async def slow() -> tuple[list[float], float]:
+        conns = []
+        for _ in range(5):
+            r, w = await asyncio.open_connection("127.0.0.1", port, ssl=no_verify)
+            conns.append((r, w, time.monotonic()))
+        times = await asyncio.gather(*(_closed_after(r, w, t) for r, w, t in conns))
+        for _, w, _ in conns:
+            w.close()
+        # A connection that never starts TLS is closed after the same timeout.
+        t0 = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 15) == b""
+        writer.close()
+        return list(times), time.monotonic() - t0
+
+    times, raw = asyncio.run(slow())
+    assert all(t < 6 for t in times), times
+    assert raw < 6, raw
+
+    async def excess() -> None:
+        held = [await asyncio.open_connection("127.0.0.1", port, ssl=no_verify) for _ in range(8)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=no_verify)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        for _, w in held:
+            w.close()
+            await w.wait_closed()
+
+    asyncio.run(excess())
+    deadline = time.monotonic() + 10
+    while not _ready(url, ctx):  # the held connections are released as their close arrives
+        assert time.monotonic() < deadline, "the injector did not serve again"
+    log = _log_lines(proc)
+    assert any("no complete request within 1s" in line for line in log), log
+    assert any("connection limit 8 reached" in line for line in log), log
+    assert not any("Traceback" in line for line in log)
+
+
+def _log_lines(proc: subprocess.Popen[str]) -> list[str]:
+    """What the injector logged so far (stderr is a pipe: read what is there)."""
+    assert proc.stderr is not None
+    os.set_blocking(proc.stderr.fileno(), False)
+    try:
+        return proc.stderr.readlines()
+    finally:
+        os.set_blocking(proc.stderr.fileno(), True)

@@ -326,7 +326,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .k8s import JwksSource, KeysUnavailable, SaVerifier
-    from .service import DEFAULT_SERVER_NAMES, Limits, serve
+    from ..httpguard import Limits
+    from .service import DEFAULT_SERVER_NAMES, serve
 
     logging.basicConfig(
         level=args.log_level,

@@ -17,22 +17,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import errno
 import json
 import logging
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from cryptography import x509
 
+from ..httpguard import ConnectionGuard, Handler, Limits, start_guarded
 from ..listen import raise_nofile_limit
-from ..logs import RateLimit
 from ..material import leaf_spiffe_id
 from .crl import CRL_REFRESH
 from .db import IdentityRevoked, NonceUsed, serial_hex
@@ -63,20 +60,8 @@ DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 # The handler checks validity times itself; no other endpoint uses client certificates.
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000
 _RECHECK_SECONDS = 30.0
+DEFAULT_LIMITS = Limits()
 _CRL_RECHECK_SECONDS = 2.0  # how often a `ca revoke` from another process is looked for
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a client without credentials can hold of the service."""
-
-    header_timeout: float = 10.0  # from connection (or end of last response) to full headers
-    body_timeout: float = 10.0  # to read a whole request body
-    handshake_timeout: float = 10.0  # TLS handshake
-    max_connections: int = 512  # open TLS connections; more are closed at once
-
-
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -90,9 +75,6 @@ def is_flat_json_object(body: bytes) -> bool:
     """
     rest = _STRING.sub(b'""', body)
     return rest.count(b"{") <= 1 and rest.count(b"[") == 0
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Refused(Exception):
@@ -124,7 +106,7 @@ class EnrolmentService:
         leaf_ttl: dt.timedelta = LEAF_TTL,
         server_names: tuple[str, ...] = DEFAULT_SERVER_NAMES,
         sa_verifier: SaVerifier | None = None,
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.ca_path = ca_path
         self.leaf_ttl = leaf_ttl
@@ -429,17 +411,6 @@ class EnrolmentService:
         return web.Response(body=pem, content_type="application/x-pem-file")
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        guard = self.guard
-        transport = request.transport
-        if guard is not None and transport is not None:
-            guard.request_started(transport)
-        try:
-            return await self._handle(request, handler)
-        finally:
-            if guard is not None and transport is not None:
-                guard.request_done(transport)
-
     async def _handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
@@ -462,151 +433,15 @@ class EnrolmentService:
         )
         return web.json_response({"error": message}, status=status)
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+    def app(self, guard: ConnectionGuard | None = None) -> web.Application:
+        """The service's routes; with `guard`, its header deadline around every request."""
+        middlewares = [guard.middleware] if guard is not None else []
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[*middlewares, self._handle])
         app.router.add_post("/v1/enroll", self.enroll)
         app.router.add_post("/v1/renew", self.renew)
         app.router.add_get("/v1/bundle", self.bundle)
         app.router.add_get("/v1/crl", self.crl)
         return app
-
-    guard: ConnectionGuard | None = None
-
-
-class ConnectionGuard:
-    """Per-connection limits around aiohttp's protocol: a connection limit, and a deadline
-    for each request's headers (from connection, or from the end of the previous request).
-
-    aiohttp has no header timeout of its own: without one, a client sending a byte every few
-    seconds holds a connection (and a file descriptor) for ever.
-    """
-
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.active = 0
-        self.closed_slow = 0
-        self.refused_over_limit = 0
-        self._timers: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
-        self._slow_log = RateLimit()
-        self._limit_log = RateLimit()
-
-    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        """A protocol factory for create_server: aiohttp's protocols, guarded."""
-        return lambda: _GuardedProtocol(self, factory())
-
-    def admit(self, transport: asyncio.BaseTransport) -> bool:
-        """Count a new connection and start its header deadline; False when over the limit."""
-        if self.active >= self.limits.max_connections:
-            self.refused_over_limit += 1
-            held = self._limit_log.allow(time.monotonic())
-            if held is not None:
-                log.warning(
-                    "connection limit %d reached: closing new connections%s",
-                    self.limits.max_connections,
-                    f" ({held} more since the last line)" if held else "",
-                )
-            return False
-        self.active += 1
-        self._arm(transport)
-        return True
-
-    def release(self, transport: asyncio.BaseTransport) -> None:
-        """A connection admitted before has closed."""
-        self.active -= 1
-        self._disarm(transport)
-
-    def request_started(self, transport: asyncio.BaseTransport) -> None:
-        """Headers are in: the body has its own timeout (in the handler)."""
-        self._disarm(transport)
-
-    def request_done(self, transport: asyncio.BaseTransport) -> None:
-        """The next request's headers are due within the header timeout."""
-        if not transport.is_closing():
-            self._arm(transport)
-
-    def _arm(self, transport: asyncio.BaseTransport) -> None:
-        self._disarm(transport)
-        loop = asyncio.get_running_loop()
-        self._timers[transport] = loop.call_later(
-            self.limits.header_timeout, self._expire, transport
-        )
-
-    def _disarm(self, transport: asyncio.BaseTransport) -> None:
-        timer = self._timers.pop(transport, None)
-        if timer is not None:
-            timer.cancel()
-
-    def _expire(self, transport: asyncio.BaseTransport) -> None:
-        self._timers.pop(transport, None)
-        self.closed_slow += 1
-        held = self._slow_log.allow(time.monotonic())
-        if held is not None:
-            peer = transport.get_extra_info("peername")
-            log.warning(
-                "closed a connection from %s: no complete request within %gs%s",
-                peer[0] if peer else "?",
-                self.limits.header_timeout,
-                f" ({held} more since the last line)" if held else "",
-            )
-        if isinstance(transport, asyncio.Transport):
-            transport.abort()
-
-
-class _GuardedProtocol(asyncio.Protocol):
-    """Passes every event to aiohttp's protocol, after ConnectionGuard's checks."""
-
-    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
-        self.guard = guard
-        self.inner = inner
-        self.transport: asyncio.BaseTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self.guard.admit(transport):
-            if isinstance(transport, asyncio.Transport):
-                transport.abort()
-            return
-        self.transport = transport
-        self.inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is None:
-            return  # refused over the limit: aiohttp never saw it
-        self.guard.release(self.transport)
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
-def _resource_error_handler(
-    limiter: RateLimit,
-) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
-    """An event-loop exception handler: running out of file descriptors (EMFILE on accept)
-    is one warning line per second, not a traceback per failed accept."""
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
-            held = limiter.allow(time.monotonic())
-            if held is not None:
-                log.warning(
-                    "cannot accept connections: %s%s",
-                    exc.strerror or exc,
-                    f" ({held} more since the last line)" if held else "",
-                )
-            return
-        loop.default_exception_handler(context)
-
-    return handler
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -626,11 +461,9 @@ async def serve(
     server_names: tuple[str, ...] = DEFAULT_SERVER_NAMES,
     stop: asyncio.Event,
     sa_verifier: SaVerifier | None = None,
-    limits: Limits = Limits(),
+    limits: Limits = DEFAULT_LIMITS,
 ) -> None:
     """Run the service until `stop` is set."""
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(_resource_error_handler(RateLimit()))
     raise_nofile_limit(limits.max_connections + 64, "--max-connections", "")
     service = EnrolmentService(
         ca_path,
@@ -639,23 +472,9 @@ async def serve(
         sa_verifier=sa_verifier,
         limits=limits,
     )
-    guard = ConnectionGuard(limits)
-    service.guard = guard
-    runner = web.AppRunner(
-        service.app(),
-        access_log=None,
-        shutdown_timeout=2.0,
-        keepalive_timeout=limits.header_timeout,
-    )
-    await runner.setup()
-    assert runner.server is not None
-    server = await loop.create_server(
-        guard.wrap(runner.server),
-        host,
-        port,
-        ssl=service.ssl_context,
-        ssl_handshake_timeout=limits.handshake_timeout,
-        backlog=256,
+    guard = ConnectionGuard(limits, log)
+    runner, server = await start_guarded(
+        service.app(guard), guard, host=host, port=port, ssl_context=service.ssl_context
     )
 
     async def recheck() -> None:
