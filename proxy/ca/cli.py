@@ -325,8 +325,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .k8s import JwksSource, KeysUnavailable, SaVerifier
     from ..httpguard import Limits
+    from .k8s import JwksSource, KeysUnavailable, SaVerifier
     from .service import DEFAULT_SERVER_NAMES, serve
 
     logging.basicConfig(
@@ -455,7 +455,15 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
             )
             for row in rows:
                 print(f"  serial={row.serial} not_after={_when(row.not_after)}")
-        ca.write_crl(store)
+        try:
+            ca.write_crl(store)
+        except (OSError, StoreError) as exc:
+            reason = exc if isinstance(exc, StoreError) else exc.strerror or exc
+            raise ProxyError(
+                f"the revocation is recorded, but {args.dir / 'crl.pem'} was not written "
+                f"({reason}); a running ca serve publishes the new CRL at /v1/crl as soon as "
+                "it can make one"
+            ) from None
     finally:
         store.close()
     print(f"CRL written to {args.dir / 'crl.pem'}; a running ca serve publishes it at /v1/crl")

@@ -10,6 +10,8 @@ Endpoints (HTTPS; clients pin the root by its sha256 fingerprint):
 Every refusal is one log line and a JSON {"error": ...} with a meaningful status; every
 issuance is recorded in the store (ca.db) and is one log line with serial, identity, expiry
 and requester. Slow or excess connections are closed (header/body timeouts, a limit).
+Store calls run in a thread pool, never in the event loop; a storage fault is a 503 with
+Retry-After, and /v1/bundle and /v1/crl never wait for the store's lock.
 """
 
 from __future__ import annotations
@@ -17,22 +19,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import re
 import ssl
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from cryptography import x509
 
 from ..httpguard import ConnectionGuard, Handler, Limits, start_guarded
 from ..listen import raise_nofile_limit
+from ..logs import RateLimit
 from ..material import leaf_spiffe_id
 from .crl import CRL_REFRESH
-from .db import IdentityRevoked, NonceUsed, serial_hex
+from .db import CaStore, IdentityRevoked, NonceUsed, StoreUnavailable, serial_hex
 from .issuer import (
     LEAF_TTL,
     CsrRejected,
@@ -48,10 +54,11 @@ from .issuer import (
 )
 from .k8s import SaTokenRejected, SaVerifier, looks_like_jwt
 from .memcert import load_cert_chain_from_memory
-from .store import CaDir
+from .store import CaDir, CaDirError
 from .tokens import TokenRejected, verify_token
 
 log = logging.getLogger("mtls.ca")
+T = TypeVar("T")
 
 MAX_BODY = 64 * 1024
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -61,6 +68,12 @@ DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000
 _RECHECK_SECONDS = 30.0
 DEFAULT_LIMITS = Limits()
+STORE_THREADS = 4
+# A store call that has not started within this is refused (503): with the store stuck, a
+# queue of waiting requests must not grow without end.
+STORE_QUEUE_WAIT = 5.0
+CRL_WAIT = 1.0  # GET /v1/crl waits this long for a fresh CRL, then serves the last one
+RETRY_AFTER = 5  # seconds, in the Retry-After of every 503
 _CRL_RECHECK_SECONDS = 2.0  # how often a `ca revoke` from another process is looked for
 
 
@@ -114,12 +127,29 @@ class EnrolmentService:
         self.sa_verifier = sa_verifier
         self.limits = limits
         ca = CaDir.open(ca_path)
-        self.store = ca.store()
-        if self.store.created:
-            log.info("created the CA store %s (issuance log, revocations, used tokens)", ca_path)
+        # Store calls run in these threads (each with its own SQLite connection), never in
+        # the event loop: a writer holding the lock, or a slow disk, holds up only them.
+        self._executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="ca-store")
+        self.store = CaStore.for_dir(ca_path, connect=False)
+        try:
+            self.store.ensure_open()
+        except StoreUnavailable as exc:
+            log.error(
+                "%s; enrolment and renewal answer 503 until it can be used, /v1/bundle and "
+                "/v1/crl are served",
+                exc,
+            )
+        else:
+            if self.store.created:
+                log.info(
+                    "created the CA store %s (issuance log, revocations, used tokens)", ca_path
+                )
         self._crl_pem = b""
         self._crl_revision = -1
         self._crl_made = 0.0
+        self._crl_error: str | None = None
+        self._crl_job: asyncio.Future[bytes] | None = None
+        self._fault_log = RateLimit()
         self._stamp = ca.state_stamp()
         self._load(ca)
         self.ssl_context = self._new_ssl_context()
@@ -127,6 +157,13 @@ class EnrolmentService:
         self._server_gen = 0
         self._install_server_cert()
         self.refresh_crl()
+        if not self._crl_pem:
+            try:
+                self._crl_pem = ca.crl_pem()
+            except CaDirError as exc:
+                log.error("no CRL to serve until one can be made: %s", exc)
+            else:
+                log.warning("serving the CRL last written to crl.pem until a new one can be made")
 
     # -- material -------------------------------------------------------------------------
 
@@ -222,13 +259,52 @@ class EnrolmentService:
                 self._crl_made = time.monotonic()
                 log.info("CRL updated (store revision %d)", revision)
         except Exception as exc:
-            log.error("making the CRL failed (%s); serving the previous one", exc)
+            # Retried every few seconds: say it once per distinct failure, and when it ends.
+            if str(exc) != self._crl_error:
+                log.error("making the CRL failed (%s); serving the previous one", exc)
+            self._crl_error = str(exc)
+        else:
+            if self._crl_error is not None:
+                log.info("making the CRL works again")
+            self._crl_error = None
         return self._crl_pem
+
+    async def refresh_crl_async(self, *, wait: float | None = None) -> bytes:
+        """refresh_crl in the store's threads, one at a time; wait for it at most `wait`
+        seconds (None: until done), then answer the newest CRL there is."""
+        job = self._crl_job
+        if job is None or job.done():
+            loop = asyncio.get_running_loop()
+            job = self._crl_job = loop.run_in_executor(self._executor, self.refresh_crl)
+        if wait is None:
+            await asyncio.shield(job)
+        else:
+            await asyncio.wait({job}, timeout=wait)
+        return self._crl_pem
+
+    async def _in_store(self, call: Callable[[], T]) -> T:
+        """Run `call` (store work) in the store's threads. A call still waiting for a thread
+        after STORE_QUEUE_WAIT is refused (StoreUnavailable) without touching the store."""
+        deadline = time.monotonic() + STORE_QUEUE_WAIT
+
+        def job() -> T:
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(
+                    self.store.path, f"too many requests waited over {STORE_QUEUE_WAIT:g}s for it"
+                )
+            return call()
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
+
+    def close(self) -> None:
+        """Wait for running store calls, then close the store's connections."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
 
     # -- issuing --------------------------------------------------------------------------
 
-    def _check_not_revoked(self, identity: str) -> None:
-        found = self.store.identity_revocation(identity)
+    async def _check_not_revoked(self, identity: str) -> None:
+        found = await self._in_store(lambda: self.store.identity_revocation(identity))
         if found is not None:
             when = dt.datetime.fromtimestamp(found[0], dt.UTC).isoformat()
             raise Refused(
@@ -237,7 +313,7 @@ class EnrolmentService:
                 "ca unrevoke lets it enrol again",
             )
 
-    def _answer(
+    async def _answer(
         self,
         request: web.Request,
         csr: x509.CertificateSigningRequest,
@@ -250,12 +326,15 @@ class EnrolmentService:
         public_key = check_public_key(csr.public_key())
         issuer = self.issuer
         try:
-            leaf = self.store.issue(
-                lambda: issue_leaf(issuer, public_key, spiffe_id=identity, ttl=self.leaf_ttl),
-                requester=requester,
-                issuer_gen=self.ca.state.issuer,
-                issuer=issuer.cert,
-                nonce=nonce,
+            leaf = await self._in_store(
+                functools.partial(
+                    self.store.issue,
+                    lambda: issue_leaf(issuer, public_key, spiffe_id=identity, ttl=self.leaf_ttl),
+                    requester=requester,
+                    issuer_gen=self.ca.state.issuer,
+                    issuer=issuer.cert,
+                    nonce=nonce,
+                )
             )
         except NonceUsed:
             raise Refused(401, f"token for {identity} was already used") from None
@@ -325,10 +404,10 @@ class EnrolmentService:
         if trust_domain_of(claims.identity) != self.trust_domain:
             raise Refused(403, f"token names {claims.identity}, outside {self.trust_domain}")
         csr = self._check_csr(body["csr"], claims.identity)
-        self._check_not_revoked(claims.identity)
+        await self._check_not_revoked(claims.identity)
         # The store claims the nonce in the transaction that records the certificate: one
         # token, one certificate, across restarts and across processes.
-        return self._answer(
+        return await self._answer(
             request,
             csr,
             claims.identity,
@@ -351,11 +430,11 @@ class EnrolmentService:
         except SaTokenRejected as exc:
             raise Refused(exc.status, str(exc)) from None
         csr = self._check_csr(body["csr"], claims.identity)
-        self._check_not_revoked(claims.identity)
+        await self._check_not_revoked(claims.identity)
         # Not single-use: kubelet hands the same projected token to a restarted container.
-        return self._answer(request, csr, claims.identity, "enroll", claims.requester())
+        return await self._answer(request, csr, claims.identity, "enroll", claims.requester())
 
-    def _renewing_identity(self, request: web.Request) -> tuple[str, str]:
+    async def _renewing_identity(self, request: web.Request) -> tuple[str, str]:
         transport = request.transport
         ssl_object = transport.get_extra_info("ssl_object") if transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -385,18 +464,18 @@ class EnrolmentService:
             raise Refused(401, "client certificate has no single spiffe:// URI SAN")
         if trust_domain_of(identity) != self.trust_domain:
             raise Refused(403, f"client identity {identity} is outside {self.trust_domain}")
-        self._check_not_revoked(identity)
+        await self._check_not_revoked(identity)
         serial = serial_hex(cert.serial_number)
-        if self.store.is_serial_revoked(serial):
+        if await self._in_store(lambda: self.store.is_serial_revoked(serial)):
             raise Refused(403, f"client certificate serial={serial} ({identity}) is revoked")
         return identity, serial
 
     async def renew(self, request: web.Request) -> web.Response:
         self.maybe_reload()
-        identity, serial = self._renewing_identity(request)
+        identity, serial = await self._renewing_identity(request)
         body = await self._read_json(request, ("csr",))
         csr = self._check_csr(body["csr"], identity)
-        return self._answer(request, csr, identity, "renew", f"renewal of serial={serial}")
+        return await self._answer(request, csr, identity, "renew", f"renewal of serial={serial}")
 
     async def bundle(self, request: web.Request) -> web.Response:
         self.maybe_reload()
@@ -405,7 +484,9 @@ class EnrolmentService:
     async def crl(self, request: web.Request) -> web.Response:
         """GET /v1/crl: every intermediate's CRL, then the intermediates, PEM."""
         self.maybe_reload()
-        pem = self.refresh_crl()
+        # A fresh CRL when it can be had at once (a revocation just made shows at once);
+        # else, the last one: a writer holding the store's lock never holds up this answer.
+        pem = await self.refresh_crl_async(wait=CRL_WAIT)
         if not pem:
             raise Refused(503, "no CRL could be made yet (the CA log says why)")
         return web.Response(body=pem, content_type="application/x-pem-file")
@@ -414,6 +495,8 @@ class EnrolmentService:
     async def _handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
+        except StoreUnavailable as exc:
+            return self._store_fault(request, exc)
         except Refused as exc:
             status, message = exc.status, exc.message
         except web.HTTPException as exc:
@@ -431,7 +514,26 @@ class EnrolmentService:
             status,
             message,
         )
-        return web.json_response({"error": message}, status=status)
+        headers = {"Retry-After": str(RETRY_AFTER)} if status == 503 else None
+        return web.json_response({"error": message}, status=status, headers=headers)
+
+    def _store_fault(self, request: web.Request, exc: StoreUnavailable) -> web.Response:
+        """503 + Retry-After; one log line a second at most (every client meets the fault)."""
+        held = self._fault_log.allow(time.monotonic())
+        if held is not None:
+            log.warning(
+                "refused %s %s from %s: status=503 %s%s",
+                request.method,
+                request.path,
+                request.remote,
+                exc,
+                f" ({held} more since the last line)" if held else "",
+            )
+        return web.json_response(
+            {"error": f"the CA cannot use its store now: {exc.cause}; retry later"},
+            status=503,
+            headers={"Retry-After": str(RETRY_AFTER)},
+        )
 
     def app(self, guard: ConnectionGuard | None = None) -> web.Application:
         """The service's routes; with `guard`, its header deadline around every request."""
@@ -485,7 +587,7 @@ async def serve(
             if ticks * _CRL_RECHECK_SECONDS >= _RECHECK_SECONDS:
                 ticks = 0
                 service.maybe_reload()
-            service.refresh_crl()
+            await service.refresh_crl_async()
 
     task = asyncio.create_task(recheck(), name="ca-service-recheck")
     log.info(
@@ -504,4 +606,4 @@ async def serve(
             await task
         server.close()
         await runner.cleanup()
-        service.store.close()
+        await asyncio.to_thread(service.close)
