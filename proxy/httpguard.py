@@ -169,6 +169,12 @@ def resource_error_handler(
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
+        callback = getattr(context.get("handle"), "_callback", None)
+        if isinstance(exc, ValueError) and getattr(callback, "__name__", "") == "_start_serving":
+            # After EMFILE, asyncio retries accept() from a timer that outlives server.close():
+            # at shutdown it finds the listening socket closed. Nothing is lost.
+            log.debug("accept retry after the listener was closed: %s", exc)
+            return
         if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
             held = limiter.allow(time.monotonic())
             if held is not None:

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import ipaddress
 import json
 import logging
@@ -458,7 +459,11 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
         try:
             ca.write_crl(store)
         except (OSError, StoreError) as exc:
-            reason = exc if isinstance(exc, StoreError) else exc.strerror or exc
+            reason: object = exc
+            if isinstance(exc, OSError):
+                reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "read-only"}.get(
+                    exc.errno or 0, exc.strerror or exc
+                )
             raise ProxyError(
                 f"the revocation is recorded, but {args.dir / 'crl.pem'} was not written "
                 f"({reason}); a running ca serve publishes the new CRL at /v1/crl as soon as "

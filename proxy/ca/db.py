@@ -262,6 +262,11 @@ class CaStore:
         """For SQLite's vaguer errors (cannot open, I/O error): is the disk full or
         read-only? None when neither."""
         try:
+            os.close(os.open(os.devnull, os.O_RDONLY))
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                return "no file descriptor is left to open it (the open-file limit)"
+        try:
             st = os.statvfs(self.path.parent)
         except OSError:
             return None
@@ -352,6 +357,10 @@ class CaStore:
                     self._connections.remove(db)
             with contextlib.suppress(sqlite3.Error):
                 db.close()
+
+    def release(self) -> None:
+        """Close this thread's connection (a thread that is done with the store)."""
+        self._drop()
 
     def close(self) -> None:
         """Close every connection (the last one to close folds the WAL back into ca.db)."""

@@ -68,7 +68,8 @@ DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000
 _RECHECK_SECONDS = 30.0
 DEFAULT_LIMITS = Limits()
-STORE_THREADS = 4
+# SQLite has one writer at a time: two threads let a read go by a write that waits for the lock.
+STORE_THREADS = 2
 # A store call that has not started within this is refused (503): with the store stuck, a
 # queue of waiting requests must not grow without end.
 STORE_QUEUE_WAIT = 5.0
@@ -164,6 +165,7 @@ class EnrolmentService:
                 log.error("no CRL to serve until one can be made: %s", exc)
             else:
                 log.warning("serving the CRL last written to crl.pem until a new one can be made")
+        self.store.release()  # from here on, only the store's threads use it
 
     # -- material -------------------------------------------------------------------------
 
