@@ -1,5 +1,6 @@
 """Limits for our small aiohttp HTTPS services (`ca serve`, `injector`): a connection cap, a
-deadline for each request's headers, and quiet handling of running out of file descriptors.
+deadline for each request's headers, and quiet handling of running out of file descriptors
+and of malformed requests.
 
 aiohttp has no header timeout of its own: without one, a client sending a byte every few
 seconds holds a connection (and a file descriptor) for ever.
@@ -18,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .logs import RateLimit
+from .logs import BadRequestFilter, RateLimit
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -202,6 +203,10 @@ async def start_guarded(
     the app). The caller closes the server and cleans up the runner."""
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(resource_error_handler(RateLimit(), guard.log))
+    # Malformed requests (garbage, oversized headers): one warning line a second, no traceback.
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestFilter) for f in server_log.filters):
+        server_log.addFilter(BadRequestFilter(guard.log.name))
     runner = web.AppRunner(
         app,
         access_log=None,

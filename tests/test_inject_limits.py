@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import resource
+import socket
 import ssl
 import subprocess
 import sys
@@ -264,3 +265,26 @@ def _log_lines(proc: subprocess.Popen[str]) -> list[str]:
         return proc.stderr.readlines()
     finally:
         os.set_blocking(proc.stderr.fileno(), True)
+
+
+def test_malformed_http_is_a_400_and_one_line(
+    guarded_injector: tuple[subprocess.Popen[str], str, ssl.SSLContext],
+) -> None:
+    proc, url, ctx = guarded_injector
+    for payload in (
+        b"GARBAGE\x00\x01 / HTTP/1.1\r\n\r\n",
+        b"POST /inject HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
+    ):
+        with (
+            socket.create_connection(("127.0.0.1", _port(url)), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(payload)
+            assert tls.recv(100).startswith(b"HTTP/1.0 400"), payload[:20]
+    deadline = time.monotonic() + 10
+    log: list[str] = []
+    while not any("bad HTTP request" in line for line in log):
+        assert time.monotonic() < deadline, log
+        log += _log_lines(proc)
+        time.sleep(0.05)  # polling the log, the observable state
+    assert not any("Traceback" in line for line in log), log
