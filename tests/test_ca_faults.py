@@ -110,32 +110,31 @@ def _unavailable(reply: Reply, cause: str) -> None:
 def test_a_held_write_lock_blocks_no_reader_and_enrolment_gets_503(tmp_path: Path) -> None:
     ca_dir, _ = _init_ca(tmp_path)
     server = _start(ca_dir, tmp_path / "ca.log")
-    body = _enrol_body(server)
-    holder = sqlite3.connect(ca_dir / "ca.db", timeout=0, isolation_level=None)
     try:
-        holder.execute("BEGIN EXCLUSIVE")
+        body = _enrol_body(server)
+        with contextlib.closing(
+            sqlite3.connect(ca_dir / "ca.db", timeout=0, isolation_level=None)
+        ) as holder:
+            holder.execute("BEGIN EXCLUSIVE")
 
-        async def scenario() -> tuple[Reply, list[Reply]]:
-            enrol = asyncio.create_task(_request(server, "POST", "/v1/enroll", body))
-            reads: list[Reply] = []
-            while not enrol.done():  # reads all the while the enrolment waits for the lock
-                for path in ("/v1/bundle", "/v1/crl"):
-                    reads.append(await _request(server, "GET", path))
-            return await enrol, reads
+            async def scenario() -> tuple[Reply, list[Reply]]:
+                enrol = asyncio.create_task(_request(server, "POST", "/v1/enroll", body))
+                reads: list[Reply] = []
+                while not enrol.done():  # reads all the while the enrolment waits for the lock
+                    for path in ("/v1/bundle", "/v1/crl"):
+                        reads.append(await _request(server, "GET", path))
+                return await enrol, reads
 
-        enrolled, reads = asyncio.run(scenario())
-        _unavailable(enrolled, "write lock")
-        assert enrolled.seconds < 20, enrolled
-        assert len(reads) >= 4 and all(r.status == 200 for r in reads), reads
-        slowest = max(r.seconds for r in reads)
-        assert slowest < 1.5, [round(r.seconds, 2) for r in reads]
-        # The CLI waits as long, then says so in one line.
-        revoked = _ca("revoke", "--dir", str(ca_dir), "--id", WEB)
-        _assert_one_line_failure(revoked, "write lock")
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-    try:
+            enrolled, reads = asyncio.run(scenario())
+            _unavailable(enrolled, "write lock")
+            assert enrolled.seconds < 20, enrolled
+            assert len(reads) >= 4 and all(r.status == 200 for r in reads), reads
+            slowest = max(r.seconds for r in reads)
+            assert slowest < 1.5, [round(r.seconds, 2) for r in reads]
+            # The CLI waits as long, then says so in one line.
+            revoked = _ca("revoke", "--dir", str(ca_dir), "--id", WEB)
+            _assert_one_line_failure(revoked, "write lock")
+            holder.execute("ROLLBACK")
         # The lock gone, the same token works: nothing was consumed by the refusal.
         assert asyncio.run(_request(server, "POST", "/v1/enroll", body)).status == 200
     finally:
