@@ -348,9 +348,22 @@ class CaSource:
                 log.warning("enrolment failed: %s; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            except CertError:
+            except CertError as exc:
+                # Refused (a used join token, a token for another identity...): the sidecar
+                # stays up, not ready with its expired certificate, and tries again; a token
+                # file is read again at each attempt (Kubernetes refreshes projected tokens,
+                # and an operator fixes a used join token by writing a new one).
                 CERT_RENEWALS.labels(result="error").inc()
-                raise
+                failures += 1
+                delay = min(self._backoff_cap, BACKOFF_BASE * 2 ** (failures - 1))
+                log.error(
+                    "enrolment of %s refused: %s; the sidecar needs a new token; retrying in %.1fs",
+                    self.identity,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
             CERT_RENEWALS.labels(result="ok").inc()
             return material
 
@@ -359,8 +372,9 @@ class CaSource:
 
         Renewal failures are retried with exponential backoff (capped at `backoff_cap`), but
         never scheduled past the current certificate's expiry. Once it has expired, the
-        sidecar enrols again with its token; if the CA refuses (a used token), CertError is
-        raised: the sidecar needs a new token.
+        sidecar enrols again with its token; if the CA refuses (a used token), that is logged
+        and retried with the same backoff (the sidecar needs a new token: a token file is read
+        again at each attempt), never a dead renewal task.
         """
         material = self._material or await self._enroll_until_done()
         renew_at = self.renew_at(material)
