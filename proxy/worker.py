@@ -29,7 +29,7 @@ from .conn import Conn
 from .errors import CertError
 from .flow import PeerCheck, Reason
 from .identity import SpiffeId, parse_spiffe_id
-from .material import load_material
+from .material import load_material, with_federation
 from .mux import OpenInfo
 from .policy import InboundPolicy, check_outbound
 from .pool import Carrier, Key, Pool, StreamLeg
@@ -303,7 +303,12 @@ class Worker:
 
             def inbound() -> NetLeg:
                 tls = self.tls
-                return NetLeg(Conn(self, route), tls.server_ptr, server_side=True)
+                return NetLeg(
+                    Conn(self, route),
+                    tls.server_ptr,
+                    server_side=True,
+                    domains=tls.material.checks_domains,
+                )
 
             return inbound
 
@@ -400,6 +405,12 @@ async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> N
                     msg["bundle"].encode(),
                     msg.get("origin", "master"),
                 )
+                if msg.get("federated") or msg.get("domain_bound"):
+                    material = with_federation(
+                        material,
+                        {td: str(pem).encode() for td, pem in msg.get("federated", {}).items()},
+                        domain_bound=bool(msg.get("domain_bound")),
+                    )
                 state = tls_state_for(material, settings)
                 worker.set_tls(state)
             except (CertError, ValueError, KeyError) as exc:
