@@ -513,7 +513,7 @@ class Master:
             await federation.fetch_first()
             self.spawn(federation.watch_files(), "bundle-file-watcher")
             for td, url in federation.endpoints():
-                self.spawn(federation.follow_endpoint(td, url, s.bundle_refresh), f"bundle-{td}")
+                self.spawn(federation.follow_endpoint(td, url), f"bundle-{td}")
         if s.identity_source == "spiffe":
             await self.obtain_from_spiffe()
         elif self.files is None:

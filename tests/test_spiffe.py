@@ -5,11 +5,13 @@ real TLS peers of two trust domains with separate roots."""
 from __future__ import annotations
 
 import base64
+import http.server
 import json
 import shutil
 import socket
 import ssl
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +20,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from .harness import Sidecar, TcpApp, free_port, wait_for
-from .pki import Issuer, key_pem, make_intermediate, make_leaf, make_root, pem
+from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, wait_for
+from .pki import Issuer, key_pem, make_intermediate, make_leaf, make_root, pem, write_identity
 from .workload_api import WorkloadApi, WorkloadState
 
 A = "a.example"
@@ -276,3 +278,168 @@ def jwks(certs: list[x509.Certificate], refresh: int | None = None) -> bytes:
     if refresh is not None:
         doc["spiffe_refresh_hint"] = refresh
     return json.dumps(doc).encode()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def try_exchange(port: int) -> bytes:
+    try:
+        return exchange(port, b"hello")
+    except OSError:
+        return b""
+
+
+def test_federated_bundle_file_outbound(short_dir: Path, echo: TcpApp) -> None:
+    """A sidecar of domain B (files) dials one of domain A (Workload API) with A's bundle
+    from a SPIFFE bundle file (JWKS, watched): A's chain verified against that file only,
+    on the outbound side; a bad file keeps the last good bundle."""
+    a, b = domain(A), domain(B)
+    sock = short_dir / "agent.sock"
+    api = WorkloadApi(sock, WorkloadState(f"spiffe://{A}/web", a.issuer, [a.root.cert]))
+    api.set_federated({B: [b.root.cert]})
+    api.start()
+    in_port, out_port = free_port(), free_port()
+    sa = spiffe_sidecar(
+        sock, short_dir / "a.log", in_port, echo, MTLS_ALLOW_PEERS=f"spiffe://{B}/partner"
+    )
+    b_id = write_identity(short_dir, "b", b.issuer, [b.root.cert], f"spiffe://{B}/partner")
+    a_bundle = short_dir / "a.json"
+    a_bundle.write_bytes(jwks([a.root.cert]))
+    sb = Sidecar(
+        {
+            **identity_env(b_id),
+            "MTLS_FEDERATED_BUNDLES": f"{A}={a_bundle}",
+            "MTLS_OUTBOUND": f"127.0.0.1:{out_port}=127.0.0.1:{in_port}@spiffe://{A}/web",
+        },
+        short_dir / "b.log",
+    )
+    try:
+        sa.wait_ready()
+        sb.wait_ready()
+        assert exchange(out_port, b"hello") == b"hello"
+        assert sb.metric("mtls_trust_domain_bundle_roots", trust_domain=A) == 1
+
+        # A's bundle file now names another root: A's sidecar no longer verifies.
+        other = domain(A)
+        updated = sb.metric("mtls_trust_domain_bundle_updated_timestamp_seconds", trust_domain=A)
+        write_atomic(a_bundle, jwks([other.root.cert]))
+        assert wait_for(
+            lambda: (
+                sb.metric("mtls_trust_domain_bundle_updated_timestamp_seconds", trust_domain=A)
+                > updated
+            )
+        ), sb.logs()
+        assert wait_for(lambda: try_exchange(out_port) == b""), sb.logs()
+        assert wait_for(
+            lambda: (
+                sb.metric(
+                    "mtls_connections_rejected_total", direction="outbound", reason="unknown_ca"
+                )
+                >= 1
+            )
+        ), sb.logs()
+
+        # Garbage: refused and counted, the bundle in use stays (still the other root).
+        errors = sb.metric("mtls_trust_bundle_updates_total", trust_domain=A, result="error")
+        write_atomic(a_bundle, b'{"keys": "no"}')
+        assert wait_for(
+            lambda: (
+                sb.metric("mtls_trust_bundle_updates_total", trust_domain=A, result="error")
+                > errors
+            )
+        ), sb.logs()
+
+        # Both roots (an overlap, as in a root rotation): A verifies again.
+        write_atomic(a_bundle, jwks([other.root.cert, a.root.cert]))
+        assert wait_for(lambda: try_exchange(out_port) == b"hello"), sb.logs()
+        assert sb.metric("mtls_trust_domain_bundle_roots", trust_domain=A) == 2
+        assert sb.metric("mtls_trust_domain_bundle_roots", trust_domain=B) == 1
+    finally:
+        sa.stop()
+        sb.stop()
+        api.stop()
+    for sc in (sa, sb):
+        assert "Traceback" not in sc.logs(), sc.logs()
+
+
+class BundleEndpoint:
+    """An https_web SPIFFE bundle endpoint: HTTPS with a Web PKI style certificate."""
+
+    def __init__(self, d: Path, body: bytes) -> None:
+        self.body = body
+        self.fetches = 0
+        web = make_root("test web root")
+        cert, key = make_leaf(web, None, dns=("localhost",))
+        (d / "web.crt").write_bytes(pem(cert))
+        (d / "web.key").write_bytes(key_pem(key))
+        self.ca_file = d / "web-root.pem"
+        self.ca_file.write_bytes(pem(web.cert))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(d / "web.crt", d / "web.key")
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                endpoint.fetches += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(endpoint.body)))
+                self.end_headers()
+                self.wfile.write(endpoint.body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}/bundle"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_federated_bundle_endpoint(short_dir: Path, echo: TcpApp) -> None:
+    """A trust domain's bundle from its bundle endpoint (https_web), fetched again on its
+    refresh hint: a root rotation there reaches the sidecar with no restart."""
+    a, b = domain(A), domain(B)
+    endpoint = BundleEndpoint(short_dir, jwks([b.root.cert], refresh=1))
+    a_id = write_identity(short_dir, "a", a.issuer, [a.root.cert], f"spiffe://{A}/web")
+    in_port = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(a_id),
+            "MTLS_FEDERATED_BUNDLES": f"{B}={endpoint.url}",
+            "MTLS_INBOUND": f"127.0.0.1:{in_port}=127.0.0.1:{echo.port}",
+            "MTLS_ALLOW_PEERS": f"spiffe://{B}/partner",
+            # https_web: the endpoint's certificate is checked against the Web PKI roots,
+            # here the test's (OpenSSL reads SSL_CERT_FILE).
+            "SSL_CERT_FILE": str(endpoint.ca_file),
+        },
+        short_dir / "a.log",
+    )
+    trust = [a.root.cert]
+    try:
+        sc.wait_ready()
+        b_peer = client(short_dir, "b", b.issuer, f"spiffe://{B}/partner", trust)
+        assert roundtrip(in_port, b_peer) == b"ping"
+        b2 = domain(B)
+        endpoint.body = jwks([b2.root.cert], refresh=1)
+        b2_peer = client(short_dir, "b2", b2.issuer, f"spiffe://{B}/partner", trust)
+        assert wait_for(lambda: refused(in_port, b2_peer) == "", 20), sc.logs()
+        assert "UNKNOWN_CA" in refused(in_port, b_peer).upper()
+        assert sc.metric("mtls_trust_bundle_updates_total", trust_domain=B, result="ok") == 2
+    finally:
+        sc.stop()
+        endpoint.close()
+    assert "Traceback" not in sc.logs(), sc.logs()

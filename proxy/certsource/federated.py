@@ -55,6 +55,7 @@ class Federation:
         self._times: dict[str, float] = {}  # td -> when its roots last changed
         self._own: tuple[str, bytes] | None = None  # our domain's bundle, for its age
         self._signatures: dict[str, tuple[int, int, int, int] | None] = {}
+        self._next_fetch: dict[str, float] = {}  # td -> seconds until its endpoint's next fetch
 
     # --- joining -------------------------------------------------------------------------
 
@@ -193,10 +194,14 @@ class Federation:
             roots, hint = roots_from_jwks(data, f"bundle from {url} ({td})")
         except (aiohttp.ClientError, TimeoutError, BundleError) as exc:
             self._refused(td, BundleError(f"fetching {url}: {exc}"))
-            return min(self._refresh, 30.0)
-        if self._set(self._configured, td, to_pem(roots), url):
-            self._on_change()
-        return max(MIN_REFRESH, min(self._refresh, float(hint) if hint else self._refresh))
+            wait = min(self._refresh, 30.0)
+        else:
+            if self._set(self._configured, td, to_pem(roots), url):
+                self._on_change()
+            # The bundle's spiffe_refresh_hint, when it asks for more often than we would.
+            wait = max(MIN_REFRESH, min(self._refresh, float(hint) if hint else self._refresh))
+        self._next_fetch[td] = wait
+        return wait
 
     async def fetch_first(self) -> None:
         """Fetch every endpoint once (start-up: before serving, so partners connect at once)."""
@@ -206,9 +211,9 @@ class Federation:
         async with aiohttp.ClientSession() as session:
             await asyncio.gather(*(self.fetch(session, td, url) for td, url in endpoints))
 
-    async def follow_endpoint(self, td: str, url: str, first_wait: float) -> None:
-        """Fetch one endpoint again and again."""
-        wait = first_wait
+    async def follow_endpoint(self, td: str, url: str) -> None:
+        """Fetch one endpoint again and again (after `fetch_first`)."""
+        wait = self._next_fetch.get(td, self._refresh)
         async with aiohttp.ClientSession() as session:
             while True:
                 await asyncio.sleep(wait)
