@@ -138,7 +138,7 @@ class Material:
             "issuer": self.leaf.issuer.rfc4514_string(),
             "trust_bundle_roots": len(self.roots),
             "origin": self.origin,
-            **({"trust_domains": self.describe_domains()} if self.federated else {}),
+            **({"trust_domains": self.describe_domains()} if self.checks_domains else {}),
         }
 
     def describe_domains(self, now: float | None = None) -> dict[str, dict[str, object]]:

@@ -119,7 +119,8 @@ def test_identity_from_the_workload_api(short_dir: Path, echo: TcpApp) -> None:
     sock = short_dir / "agent.sock"
     api = WorkloadApi(sock, WorkloadState(f"spiffe://{A}/web", a.issuer, [a.root.cert]))
     in_port = free_port()
-    sc = spiffe_sidecar(sock, short_dir / "sidecar.log", in_port, echo)
+    # Two workers: the master forks the second while its gRPC client runs.
+    sc = spiffe_sidecar(sock, short_dir / "sidecar.log", in_port, echo, MTLS_WORKERS="2")
     try:
         # No agent yet: alive, not ready, and it says why.
         def not_ready() -> str | None:
@@ -140,6 +141,15 @@ def test_identity_from_the_workload_api(short_dir: Path, echo: TcpApp) -> None:
         assert serial_of(sc) == format(api.state.serial, "x")
         assert sc.metric("mtls_identity_source_info", source="spiffe") == 1
         assert sc.metric("mtls_workload_api_connected") == 1
+        st = status(sc)
+        assert st["identity_source"] == "spiffe"
+        assert st["workload_api"] == {"socket": f"unix://{sock}", "connected": True, "updates": 1}
+        cert0 = st["certificate"]
+        assert isinstance(cert0, dict)
+        assert api.state.not_after is not None
+        assert cert0["not_after"] == api.state.not_after.isoformat()
+        assert cert0["trust_domains"][A]["roots"] == 1
+        assert cert0["trust_domains"][A]["age_seconds"] >= 0
 
         peer = client(short_dir, "client", a.issuer, f"spiffe://{A}/client", [a.root.cert])
         assert roundtrip(in_port, peer) == b"ping"

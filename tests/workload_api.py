@@ -9,6 +9,7 @@ serves again on the same socket, as an agent restart does.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -38,6 +39,7 @@ class WorkloadState:
     federated: dict[str, list[x509.Certificate]] = field(default_factory=dict)
     version: int = 0
     serial: int = 0
+    not_after: dt.datetime | None = None
     response: Any = None
 
 
@@ -66,6 +68,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                 st.issuer = issuer
             cert, key = make_leaf(st.issuer, st.spiffe_id)
             st.serial = cert.serial_number
+            st.not_after = cert.not_valid_after_utc
             svid = workload_pb2.X509SVID(
                 spiffe_id=st.spiffe_id,
                 x509_svid=der([cert, *st.issuer.chain]),

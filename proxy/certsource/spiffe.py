@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+# The master forks (and execs) worker processes while this gRPC client runs: gRPC's fork
+# handlers would run in the child between fork and exec and can crash it there. Nothing
+# gRPC is used in a forked child, so they are turned off (read when grpc is imported).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# gRPC's C core logs to stderr in its own format; what matters is logged here, as JSON.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 from cryptography.hazmat.primitives import serialization
