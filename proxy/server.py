@@ -103,10 +103,8 @@ class Master:
     def validate(self, material: Material) -> None:
         """The one check every material passes before the master takes it (files, CA,
         renewal, reload): the workers build their contexts with the same code."""
-        tls_state_for(self._federated(material), self.settings)
-
-    def _federated(self, material: Material) -> Material:
-        return self.federation.combine(material) if self.federation is not None else material
+        federation = self.federation
+        tls_state_for(federation.preview(material) if federation else material, self.settings)
 
     def on_bundles_changed(self) -> None:
         """A federated trust domain's bundle changed: hand the workers the new set."""
@@ -117,7 +115,8 @@ class Master:
         """Make `material` (with the federated bundles in use) current here and in every
         worker."""
         self.own = material
-        material = self._federated(material)
+        if self.federation is not None:
+            material = self.federation.combine(material)
         self.material = material
         metrics.IDENTITY.set(material.identity, material.not_after.timestamp(), len(material.roots))
         log.info(

@@ -87,10 +87,11 @@ class Federation:
         )
         return combined
 
-    def preview(self, material: Material, workload: dict[str, bytes]) -> Material:
-        """What `combine` would make of `material` with these Workload API bundles (DER),
-        changing nothing: the check of an update before it is taken."""
-        bundles = {**self._der_to_pem(workload), **self._configured}
+    def preview(self, material: Material, workload: dict[str, bytes] | None = None) -> Material:
+        """What `combine` would make of `material` (with these Workload API bundles, DER,
+        if given), changing nothing: the check of new material before it is taken."""
+        current = self._workload if workload is None else self._der_to_pem(workload)
+        bundles = {**current, **self._configured}
         return with_federation(material, bundles, domain_bound=self.domain_bound)
 
     @staticmethod
