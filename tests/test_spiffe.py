@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, wait_for
 from .pki import Issuer, key_pem, make_intermediate, make_leaf, make_root, pem, write_identity
@@ -180,6 +182,16 @@ def test_identity_from_the_workload_api(short_dir: Path, echo: TcpApp) -> None:
         held.sendall(b"three")
         assert held.recv(100) == b"three"
         held.close()
+
+        # The agent pushes a new bundle for our own domain (a second root, as in a root
+        # rotation): in use at once, peers of the new root accepted.
+        a2 = domain(A)
+        api.set_bundle([a.root.cert, a2.root.cert])
+        assert wait_for(lambda: sc.metric("mtls_trust_domain_bundle_roots", trust_domain=A) == 2), (
+            sc.logs()
+        )
+        peer2 = client(short_dir, "client2", a2.issuer, f"spiffe://{A}/client", [a.root.cert])
+        assert roundtrip(in_port, peer2) == b"ping"
 
         # An update that cannot be used (an empty bundle): refused whole, the SVID in use
         # stays, counted.
@@ -453,3 +465,27 @@ def test_federated_bundle_endpoint(short_dir: Path, echo: TcpApp) -> None:
         sc.stop()
         endpoint.close()
     assert "Traceback" not in sc.logs(), sc.logs()
+
+
+def test_workload_api_server_requires_the_security_header(short_dir: Path) -> None:
+    """The test agent, like SPIRE's, refuses a call without `workload.spiffe.io: true`:
+    `api.refused == 0` in the tests above means the sidecar sent it on every call."""
+    a = domain(A)
+    sock = short_dir / "agent.sock"
+    api = WorkloadApi(sock, WorkloadState(f"spiffe://{A}/web", a.issuer, [a.root.cert]))
+    api.start()
+    try:
+        with grpc.insecure_channel(f"unix://{sock}") as channel:
+            stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)  # type: ignore[no-untyped-call]
+            with pytest.raises(grpc.RpcError) as err:
+                next(iter(stub.FetchX509SVID(workload_pb2.X509SVIDRequest())))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            call = stub.FetchX509SVID(
+                workload_pb2.X509SVIDRequest(), metadata=(("workload.spiffe.io", "true"),)
+            )
+            first = next(iter(call))
+            assert first.svids[0].spiffe_id == f"spiffe://{A}/web"
+            call.cancel()
+        assert api.refused == 1
+    finally:
+        api.stop()
