@@ -226,4 +226,3 @@ def test_workload_api_response() -> None:
         parse_response(response("spiffe://a.example/web", b=b"junk"), "test", None)
     with pytest.raises(CertError, match="no X509-SVID"):
         parse_response(workload_pb2.X509SVIDResponse(), "test", None)
-
