@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import os
 import shutil
+import signal
 import socket
 import ssl
 import tempfile
@@ -279,6 +281,21 @@ def test_federated_trust_domains(short_dir: Path, echo: TcpApp) -> None:
             sc.metric("mtls_trust_domain_bundle_updated_timestamp_seconds", trust_domain=A)
             == a_updated
         )
+
+        # A worker that dies is started again (forked while the gRPC client runs) and gets
+        # the federated bundles with the SVID.
+        workers = status(sc)["workers"]
+        assert isinstance(workers, list)
+        os.kill(int(workers[0]["pid"]), signal.SIGKILL)
+
+        def restarted() -> bool:
+            w = status(sc)["workers"]
+            assert isinstance(w, list)
+            return bool(w[0]["restarts"] == 1 and w[0]["ready"] and sc.get("/ready")[0] == 200)
+
+        assert wait_for(restarted, 30), sc.logs()
+        assert roundtrip(in_port, b2_peer) == b"ping"
+        assert "UNKNOWN_CA" in refused(in_port, b_forged).upper()
     finally:
         sc.stop()
         api.stop()
