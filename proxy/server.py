@@ -1,9 +1,11 @@
 """The master process: binds listeners, holds the identity, runs workers, reloads and drains.
 
 Start-up, step by step:
-  1. obtain identity material (files, or enrolment with the CA) and check it builds contexts;
+  1. obtain identity material (files) and check it builds contexts; read federated bundle files;
   2. bind every listener (one SO_REUSEPORT socket per worker), raise the open-file limit;
-  3. start the admin server; drop privileges if asked;
+  3. start the admin server; drop privileges if asked; fetch federated bundle endpoints; in
+     CA mode enrol, in spiffe mode wait for the first SVID from the Workload API (/ready
+     says why not until then);
   4. start the workers, hand them the material, wait until each one serves.
 Shutdown (SIGTERM/SIGINT or POST /drain): /ready turns false, workers stop accepting and
 finish open connections up to MTLS_DRAIN_TIMEOUT, then the master exits 0.
