@@ -70,10 +70,11 @@ class Worker:
         self.max_conns = settings.max_connections
         self.counts = counts
         self.slot = slot
-        # Each proxied connection needs two file descriptors; refuse (counted, logged) before
-        # the process runs out, rather than let the event loop drop connections silently.
+        # Each proxied connection needs two file descriptors, a pooled connection one (its
+        # streams are counted as connections); refuse (counted, logged) before the process
+        # runs out, rather than let the event loop drop connections silently.
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.fd_capacity = max(1, (soft - FD_RESERVE - len(listeners)) // 2)
+        self.fd_budget = max(2, soft - FD_RESERVE - len(listeners))
         self.conns: set[Conn] = set()
         self.tasks = Tasks(log)
         self.servers: list[asyncio.AbstractServer] = []
@@ -88,6 +89,7 @@ class Worker:
         self.draining = False
         self.drained = asyncio.Event()
         self.own_ports = {s.getsockname()[1] for _, s in listeners} | {settings.admin_listen.port}
+        self.excluded_inbound = frozenset(settings.exclude_inbound_ports)
         self._local_addrs: set[str] | None = None
         # Connection reuse: the outbound pool, and every pooled connection (both directions).
         self.pool: Pool | None = (
@@ -112,15 +114,30 @@ class Worker:
             except ValueError as exc:
                 raise CertError(f"certificate identity: {exc}") from None
         policy = InboundPolicy(self.settings.allow_peers, domain)
-        rotated = self.tls is not None
+        old = self.tls
         self.tls = state
         self.trust_domain = domain
         self.policy = policy
-        if rotated:
+        if old is not None:
             # Pooled connections were made with the old certificate and trust bundle: they
-            # take no new streams (the peer is told), and close once their streams end.
+            # take no new streams (the peer is told), and close once their streams end. One
+            # whose peer the new bundle no longer trusts is closed now, with its streams.
+            roots = state.material.roots
+            check = old.material.bundle_pem != state.material.bundle_pem
+            untrusted = 0
             for carrier in list(self.carriers):
-                carrier.retire("rotation")
+                if check and not carrier.trusted_by(roots):
+                    untrusted += 1
+                    carrier.fail(ConnectionResetError("peer no longer trusted"), "untrusted")
+                else:
+                    carrier.retire("rotation")
+            if untrusted:
+                log.warning(
+                    "closed %d pooled connection(s) whose peer the new trust bundle no longer "
+                    "trusts",
+                    untrusted,
+                    extra={"fields": {"event": "pool_untrusted_closed", "count": untrusted}},
+                )
 
     def set_crl(self, pem: bytes) -> None:
         """A revocation list from the master (which checked it): new handshakes with a
@@ -151,25 +168,32 @@ class Worker:
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return self.tasks.spawn(coro, name)
 
+    def open_count(self) -> int:
+        """What this worker holds open: connections (a pooled stream is one) and pooled
+        connections themselves, each one against MTLS_MAX_CONNECTIONS."""
+        return len(self.conns) + len(self.carriers)
+
+    def _publish_count(self) -> None:
+        if self.counts is not None:
+            self.counts.set(self.slot, self.open_count())
+
     def admit(self, conn: Conn) -> str | None:
         counts = self.counts
-        total = counts.total() if counts is not None else len(self.conns)
+        total = counts.total() if counts is not None else self.open_count()
         if total >= self.max_conns:
             return f"MTLS_MAX_CONNECTIONS={self.max_conns} open across all workers"
-        if len(self.conns) >= self.fd_capacity:
+        if 2 * (len(self.conns) + 1) + len(self.carriers) > self.fd_budget:
             return (
-                f"the open-file limit of this worker allows {self.fd_capacity} proxied "
-                "connections (raise ulimit -n)"
+                f"the open-file limit of this worker leaves {self.fd_budget} descriptors for "
+                "connections (two each, one per pooled connection; raise ulimit -n)"
             )
         self.conns.add(conn)
-        if counts is not None:
-            counts.set(self.slot, len(self.conns))
+        self._publish_count()
         return None
 
     def forget(self, conn: Conn) -> None:
         self.conns.discard(conn)
-        if self.counts is not None:
-            self.counts.set(self.slot, len(self.conns))
+        self._publish_count()
         if self.draining and not self.conns:
             self.drained.set()
 
@@ -266,6 +290,7 @@ class Worker:
             pool=self.pool if route.direction == "outbound" else None,
         )
         self.carriers.add(carrier)
+        self._publish_count()
         if self.draining:
             carrier.retire("drain")
         return carrier
@@ -278,6 +303,7 @@ class Worker:
 
     def carrier_closed(self, carrier: Carrier) -> None:
         self.carriers.discard(carrier)
+        self._publish_count()
 
     def stream_destination(
         self, dst: tuple[str, int]
@@ -293,6 +319,14 @@ class Worker:
             return None, (
                 Reason.LOOP_DETECTED,
                 f"a pooled stream named {host}:{port}, a port of this sidecar",
+            )
+        if port in self.excluded_inbound:
+            # Not captured: a connection from outside never reaches what listens there (on
+            # loopback, say), so a stream may not either.
+            return None, (
+                Reason.BAD_DESTINATION,
+                f"a pooled stream named {host}:{port}, a port excluded from interception "
+                "(MTLS_EXCLUDE_INBOUND_PORTS)",
             )
         return ("127.0.0.1", port), None
 
@@ -336,9 +370,15 @@ class Worker:
             for carrier in list(self.carriers):
                 carrier.sweep(now, s.pool_idle_timeout, s.pool_max_lifetime)
             for conn in list(self.conns):
-                if not conn.established and conn.hs_done and now - conn.hs_done >= CONFIRM_AFTER:
+                if (
+                    not conn.established
+                    and conn.hs_done
+                    and now - conn.hs_done >= CONFIRM_AFTER
+                    and not isinstance(conn.net, StreamLeg)
+                ):
                     # Outbound: a remote that refuses us does so within a round trip; one
                     # that stayed silent this long accepted (a long upload's bytes count now).
+                    # A stream waits for its ACCEPT instead.
                     conn.confirm()
                 conn.flush_bytes()
                 if conn.active:
