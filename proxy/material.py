@@ -97,6 +97,17 @@ class Material:
         when there is more than our own bundle to tell apart (or it is made strict)."""
         return bool(self.federated) or self.domain_bound
 
+    def roots_for(self, trust_domain: str) -> tuple[x509.Certificate, ...]:
+        """The roots that may vouch for a peer of `trust_domain` (see `trust`): ours for
+        our domain, a federated domain's own, none for other domains when `domain_bound`
+        (ours, as before federation, otherwise)."""
+        if trust_domain == self.trust_domain:
+            return self.roots
+        federated = self.federated_roots.get(trust_domain)
+        if federated is not None:
+            return federated
+        return () if self.domain_bound else self.roots
+
     @functools.cached_property
     def trust(self) -> TrustDomains:
         """Which roots vouch for which trust domain's peers (checked on every handshake)."""

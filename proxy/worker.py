@@ -122,10 +122,16 @@ class Worker:
             # Pooled connections were made with the old certificate and trust bundle: they
             # take no new streams (the peer is told), and close once their streams end. One
             # whose peer the new bundle no longer trusts is closed now, with its streams.
-            roots = state.material.roots
-            check = old.material.bundle_pem != state.material.bundle_pem
+            new = state.material
+            check = (old.material.bundle_pem, old.material.federated) != (
+                new.bundle_pem,
+                new.federated,
+            )
             untrusted = 0
             for carrier in list(self.carriers):
+                # With federation a peer is judged by its own trust domain's roots only.
+                peer = carrier.peer_id
+                roots = new.roots_for(peer.trust_domain) if peer is not None else new.roots
                 if check and not carrier.trusted_by(roots):
                     untrusted += 1
                     carrier.fail(ConnectionResetError("peer no longer trusted"), "untrusted")

@@ -362,6 +362,20 @@ def test_federated_bundle_file_outbound(short_dir: Path, echo: TcpApp) -> None:
         assert exchange(out_port, b"hello") == b"hello"
         assert sb.metric("mtls_trust_domain_bundle_roots", trust_domain=A) == 1
 
+        # A's own bundle rotates (the agent adds a root): the pooled connection from B is
+        # judged by B's roots, so it is retired, not cut, and its open stream goes on.
+        held = socket.create_connection(("127.0.0.1", out_port), timeout=5)
+        held.sendall(b"one")
+        assert held.recv(100) == b"one"
+        api.set_bundle([a.root.cert, domain(A).root.cert])
+        assert wait_for(
+            lambda: sa.metric("mtls_trust_domain_bundle_roots", trust_domain=A) == 2
+        ), sa.logs()
+        held.sendall(b"two")
+        assert held.recv(100) == b"two"
+        held.close()
+        assert sa.metric("mtls_pool_retired_total", reason="untrusted") == 0
+
         # A's bundle file now names another root: A's sidecar no longer verifies.
         other = domain(A)
         updated = sb.metric("mtls_trust_domain_bundle_updated_timestamp_seconds", trust_domain=A)
