@@ -368,9 +368,9 @@ def test_federated_bundle_file_outbound(short_dir: Path, echo: TcpApp) -> None:
         held.sendall(b"one")
         assert held.recv(100) == b"one"
         api.set_bundle([a.root.cert, domain(A).root.cert])
-        assert wait_for(
-            lambda: sa.metric("mtls_trust_domain_bundle_roots", trust_domain=A) == 2
-        ), sa.logs()
+        assert wait_for(lambda: sa.metric("mtls_trust_domain_bundle_roots", trust_domain=A) == 2), (
+            sa.logs()
+        )
         held.sendall(b"two")
         assert held.recv(100) == b"two"
         held.close()
