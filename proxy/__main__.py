@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -83,8 +84,27 @@ def check(env: Mapping[str, str]) -> int:
             print(f"mtls-sidecar: invalid identity files: {exc}", file=sys.stderr)
             return 2
         out["certificate"] = material.describe()
+    if not _federated_files_ok(settings):
+        return 2
     print(json.dumps(out, indent=2, default=str))
     return 0
+
+
+def _federated_files_ok(settings: Settings) -> bool:
+    """`check`: each MTLS_FEDERATED_BUNDLES file must be a usable bundle (as `run` reads it).
+    Bundle endpoints are fetched only by `run`."""
+    from .federation import BundleError, roots_from_file
+
+    ok = True
+    for td, source in settings.federated_bundles:
+        if "://" in source:
+            continue
+        try:
+            roots_from_file(Path(source).read_bytes(), f"trust bundle file {source} ({td})")
+        except (OSError, BundleError) as exc:
+            print(f"mtls-sidecar: MTLS_FEDERATED_BUNDLES: {exc}", file=sys.stderr)
+            ok = False
+    return ok
 
 
 METRICS_DIR_PREFIX = "mtls-metrics-"

@@ -91,6 +91,18 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(status=200 if ok else 503, text=why + "\n")
 
 
+def _workload_api(m: Master) -> dict[str, object] | None:
+    """MTLS_IDENTITY_SOURCE=spiffe: the Workload API stream's state (None otherwise)."""
+    source = getattr(m, "spiffe_source", None)
+    if source is None:
+        return None
+    return {
+        "socket": source.target,
+        "connected": source.connected,
+        "updates": source.updates,
+    }
+
+
 async def status(request: web.Request) -> web.Response:
     m = _master(request)
     ok, why = m.readiness()
@@ -105,6 +117,7 @@ async def status(request: web.Request) -> web.Response:
         "admin_listen": str(m.admin_address),
         "certificate": m.material.describe() if m.material is not None else None,
         "revocation": _revocation(m),
+        "workload_api": _workload_api(m),
         "routes": [
             {
                 "direction": r.direction,

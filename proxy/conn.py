@@ -32,6 +32,7 @@ from .tls_ffi import (
     X509_V_ERR_APPLICATION_VERIFICATION,
     X509_V_ERR_CERT_REJECTED,
     X509_V_ERR_CERT_REVOKED,
+    X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
     X509_V_OK,
 )
 
@@ -548,12 +549,21 @@ class Conn:
             return None
         return facts.serial_hex
 
-    def verify_peer(self, der: bytes) -> int:
-        """Inbound, inside the handshake: may this peer certificate connect? 0 (X509_V_OK),
-        or the X509 error whose TLS alert tells the peer why not. The reason and message are
-        kept for the rejection counter and log line."""
+    def verify_peer(self, der: bytes, anchor: bytes | None = None) -> int:
+        """Inside the handshake: may this peer certificate connect? 0 (X509_V_OK), or the
+        X509 error whose TLS alert tells the peer why not. The reason and message are kept
+        for the rejection counter and log line. With federated trust domains (`anchor` is
+        the root its chain ends at) both directions check that the root is one of the peer's
+        own trust domain; inbound also judges policy and revocation here."""
         sid = spiffe_id_from_der(der)
         self.flow.peer_id = sid  # a refusal's log line names who was refused
+        if anchor is not None:
+            wrong = self.tls.material.trust.check(sid, anchor)
+            if wrong is not None:
+                self.denied = (f.Reason.UNKNOWN_CA, f"{self.flow.who()} {wrong}")
+                return X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY  # alert unknown_ca
+        if self.route.direction != "inbound":
+            return X509_V_OK  # outbound: the identity is judged once the handshake is done
         self.denied = self.flow.judge(sid, self._revoked_serial(peer_cert(der)))
         if self.denied is None:
             return X509_V_OK
@@ -775,6 +785,7 @@ class Conn:
                 session=cache.get(key) if ctx is not None else None,
                 # Each connection leaves its newest ticket for the next ones.
                 on_session=(lambda s: cache.put(key, s)) if ctx is not None else None,
+                domains=ctx is not None and state.material.checks_domains,
             )
 
         try:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -13,7 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .errors import CertError
-from .identity import svid_spiffe_id
+from .federation import BundleError, TrustDomains, roots_from_file, to_pem, trust_domains
+from .identity import parse_spiffe_id, svid_spiffe_id
 
 
 def _now() -> dt.datetime:
@@ -70,6 +72,48 @@ class Material:
     leaf: x509.Certificate = field(repr=False)
     roots: tuple[x509.Certificate, ...] = field(repr=False)
     identity: str
+    # SPIFFE federation: other trust domains' bundles (PEM), each vouching only for its own
+    # domain's peers; `domain_bound` makes that rule strict for every domain (see
+    # federation.TrustDomains). Set through `with_federation`.
+    federated: tuple[tuple[str, bytes], ...] = ()
+    domain_bound: bool = False
+    bundle_times: tuple[tuple[str, float], ...] = field(default=(), compare=False)
+
+    @functools.cached_property
+    def federated_roots(self) -> dict[str, tuple[x509.Certificate, ...]]:
+        """{trust domain: its roots} of the federated bundles."""
+        return {
+            td: tuple(roots_from_file(pem, f"trust bundle of {td}")) for td, pem in self.federated
+        }
+
+    @functools.cached_property
+    def trust_domain(self) -> str:
+        """Our trust domain: the one of our own SPIFFE ID."""
+        return parse_spiffe_id(self.identity).trust_domain
+
+    @property
+    def checks_domains(self) -> bool:
+        """Must each peer's chain be checked against its own trust domain's roots? Only
+        when there is more than our own bundle to tell apart (or it is made strict)."""
+        return bool(self.federated) or self.domain_bound
+
+    def roots_for(self, trust_domain: str) -> tuple[x509.Certificate, ...]:
+        """The roots that may vouch for a peer of `trust_domain` (see `trust`): ours for
+        our domain, a federated domain's own, none for other domains when `domain_bound`
+        (ours, as before federation, otherwise)."""
+        if trust_domain == self.trust_domain:
+            return self.roots
+        federated = self.federated_roots.get(trust_domain)
+        if federated is not None:
+            return federated
+        return () if self.domain_bound else self.roots
+
+    @functools.cached_property
+    def trust(self) -> TrustDomains:
+        """Which roots vouch for which trust domain's peers (checked on every handshake)."""
+        return trust_domains(
+            self.trust_domain, self.roots, self.federated_roots, strict=self.domain_bound
+        )
 
     @functools.cached_property
     def leaf_der(self) -> bytes:
@@ -105,7 +149,54 @@ class Material:
             "issuer": self.leaf.issuer.rfc4514_string(),
             "trust_bundle_roots": len(self.roots),
             "origin": self.origin,
+            **({"trust_domains": self.describe_domains()} if self.checks_domains else {}),
         }
+
+    def describe_domains(self, now: float | None = None) -> dict[str, dict[str, object]]:
+        """Each trust domain's bundle: its roots and, when known, when it last changed."""
+        now = _now().timestamp() if now is None else now
+        times = dict(self.bundle_times)
+        out: dict[str, dict[str, object]] = {}
+        for td, roots in [(self.trust_domain, self.roots), *self.federated_roots.items()]:
+            entry: dict[str, object] = {"roots": len(roots), "own": td == self.trust_domain}
+            if td in times:
+                entry["updated"] = dt.datetime.fromtimestamp(times[td], dt.UTC).isoformat()
+                entry["age_seconds"] = round(max(0.0, now - times[td]), 3)
+            out[td] = entry
+        return out
+
+
+def with_federation(
+    material: Material,
+    bundles: Mapping[str, bytes],
+    *,
+    domain_bound: bool,
+    times: Mapping[str, float] | None = None,
+) -> Material:
+    """`material` with these federated bundles (PEM or SPIFFE JSON per trust domain), all
+    checked: raise CertError naming the bad one. Our own trust domain's entry is ignored
+    (our bundle comes from the identity source only)."""
+    own = parse_spiffe_id(material.identity).trust_domain
+    federated: list[tuple[str, bytes]] = []
+    for td in sorted(bundles):
+        if td == own:
+            continue
+        try:
+            pem = to_pem_bundle(bundles[td], f"trust bundle of {td}")
+        except BundleError as exc:
+            raise CertError(str(exc)) from None
+        federated.append((td, pem))
+    return replace(
+        material,
+        federated=tuple(federated),
+        domain_bound=domain_bound,
+        bundle_times=tuple(sorted((times or {}).items())),
+    )
+
+
+def to_pem_bundle(data: bytes, what: str) -> bytes:
+    """A bundle (SPIFFE JSON or PEM) as PEM roots; raises BundleError."""
+    return to_pem(roots_from_file(data, what))
 
 
 def load_material(

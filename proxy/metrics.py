@@ -72,6 +72,18 @@ CRL_RELOADS = Counter(
     "its signature check is refused and the last good one kept.",
     ["result"],
 )
+BUNDLE_UPDATES = Counter(
+    "mtls_trust_bundle_updates",
+    "Trust bundles received per trust domain (SPIFFE federation: Workload API, bundle file, "
+    "bundle endpoint), by result: a bad one is refused and the domain keeps its last good one.",
+    ["trust_domain", "result"],
+)
+WORKLOAD_API_ERRORS = Counter(
+    "mtls_workload_api_errors",
+    "Failed or broken FetchX509SVID streams with the SPIFFE Workload API, by gRPC status "
+    "code (unavailable: the agent is down or restarting); the stream is opened again.",
+    ["code"],
+)
 REVOKED_CLOSED = Counter(
     "mtls_revoked_connections_closed",
     "Open connections closed because a new revocation list lists their peer's certificate.",
@@ -150,6 +162,21 @@ class IdentityGauges(Collector):
         self._expiry: tuple[str, float] | None = None
         self._roots: int | None = None
         self._crl: tuple[float | None, float | None, int] | None = None
+        self._source: str | None = None
+        self._domains: dict[str, tuple[int, float | None]] = {}
+        self._workload_api: bool | None = None
+
+    def set_source(self, source: str) -> None:
+        """The identity source in use (files, ca, spiffe)."""
+        self._source = source
+
+    def set_domains(self, domains: dict[str, tuple[int, float | None]]) -> None:
+        """Each trust domain's bundle in use: (roots, unix time it last changed or None)."""
+        self._domains = dict(domains)
+
+    def set_workload_api(self, connected: bool) -> None:
+        """Whether the FetchX509SVID stream with the Workload API is open right now."""
+        self._workload_api = connected
 
     def set_crl(self, this_update: float | None, next_update: float | None, revoked: int) -> None:
         """The revocation list in use: its oldest thisUpdate, earliest nextUpdate, entries."""
@@ -195,6 +222,37 @@ class IdentityGauges(Collector):
         yield this
         yield nxt
         yield entries
+        source = GaugeMetricFamily(
+            "mtls_identity_source_info",
+            "Where the sidecar's identity comes from (files, ca, spiffe): always 1.",
+            labels=["source"],
+        )
+        if self._source is not None:
+            source.add_metric([self._source], 1)
+        yield source
+        domain_roots = GaugeMetricFamily(
+            "mtls_trust_domain_bundle_roots",
+            "CA certificates in each trust domain's bundle in use (our own and federated ones).",
+            labels=["trust_domain"],
+        )
+        updated = GaugeMetricFamily(
+            "mtls_trust_domain_bundle_updated_timestamp_seconds",
+            "Unix time each trust domain's bundle last changed (its age is time() minus this).",
+            labels=["trust_domain"],
+        )
+        for td, (count, when) in sorted(self._domains.items()):
+            domain_roots.add_metric([td], count)
+            if when is not None:
+                updated.add_metric([td], when)
+        yield domain_roots
+        yield updated
+        connected = GaugeMetricFamily(
+            "mtls_workload_api_connected",
+            "1 while the FetchX509SVID stream with the SPIFFE Workload API is open, else 0.",
+        )
+        if self._workload_api is not None:
+            connected.add_metric([], 1 if self._workload_api else 0)
+        yield connected
 
 
 IDENTITY = IdentityGauges()

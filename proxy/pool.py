@@ -785,7 +785,7 @@ class Carrier:
     def closed_before_hello(self, first: bytes) -> None:
         pass
 
-    def verify_peer(self, der: bytes) -> int:
+    def verify_peer(self, der: bytes, anchor: bytes | None = None) -> int:
         return 0
 
     def handshake_done(self, leg: NetLeg) -> None:

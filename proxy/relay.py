@@ -69,12 +69,15 @@ _NULL = ffi.NULL
 _VERIFYING: dict[int, NetLeg] = {}
 
 
-def _decide(ssl_id: int, der: bytes) -> int:
+def _decide(ssl_id: int, der: bytes, anchor: bytes | None) -> int:
     leg = _VERIFYING.get(ssl_id)
-    return leg.conn.verify_peer(der) if leg is not None else tls_ffi.X509_V_OK
+    return leg.conn.verify_peer(der, anchor) if leg is not None else tls_ffi.X509_V_OK
 
 
 _VERIFY_CALLBACK = tls_ffi.verify_callback(_decide)
+# With federated trust domains: the callback also hands over the root each chain ends at,
+# which must belong to the peer's own trust domain (Material.trust).
+_VERIFY_DOMAINS_CALLBACK = tls_ffi.verify_callback(_decide, anchor=True)
 _from_buffer = ffi.from_buffer
 
 
@@ -115,7 +118,7 @@ class LegOwner(Protocol):
 
     def closed_before_hello(self, first: bytes) -> None: ...
 
-    def verify_peer(self, der: bytes) -> int: ...
+    def verify_peer(self, der: bytes, anchor: bytes | None = None) -> int: ...
 
     def handshake_done(self, leg: NetLeg) -> None: ...
 
@@ -296,6 +299,7 @@ class NetLeg(_Leg):
         "_bio_in",
         "_bio_out",
         "_ctx",
+        "_domains",
         "_session",
         "eof_in",
         "eof_out",
@@ -316,10 +320,14 @@ class NetLeg(_Leg):
         server_side: bool,
         session: Any = None,
         on_session: Callable[[Any], None] | None = None,
+        domains: bool = False,
     ) -> None:
         """`ctx` is an SSL_CTX* (TlsState.server_ptr/client_ptr), or None for plaintext;
-        `session` an SSL_SESSION* to resume (client side), handed over to this leg."""
+        `session` an SSL_SESSION* to resume (client side), handed over to this leg.
+        `domains`: the peer's chain must end at a root of its own trust domain (federation);
+        the connection's `verify_peer` gets that root, on the client side too."""
         super().__init__(conn)
+        self._domains = domains
         self.server_side = server_side
         self._ctx = ctx
         self._session = session
@@ -396,7 +404,7 @@ class NetLeg(_Leg):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        if self.ssl is not None and self.server_side:
+        if self.ssl is not None:
             _VERIFYING.pop(tls_ffi.ssl_id(self.ssl), None)
         state = self.state
         self.state = CLOSED
@@ -450,10 +458,13 @@ class NetLeg(_Leg):
             lib.SSL_set_accept_state(ssl)
             # The peer's identity is judged inside the handshake, so a refusal reaches it as
             # a TLS alert (certificate_revoked, handshake_failure) rather than a bare close.
-            tls_ffi.set_verify(ssl, _VERIFY_CALLBACK)
+            tls_ffi.set_verify(ssl, _VERIFY_DOMAINS_CALLBACK if self._domains else _VERIFY_CALLBACK)
             _VERIFYING[tls_ffi.ssl_id(ssl)] = self
         else:
             lib.SSL_set_connect_state(ssl)
+            if self._domains:
+                tls_ffi.set_verify(ssl, _VERIFY_DOMAINS_CALLBACK)
+                _VERIFYING[tls_ffi.ssl_id(ssl)] = self
             session = self._session
             self._session = None
             if session is not None:
@@ -688,7 +699,7 @@ class NetLeg(_Leg):
 
     def close(self, abort: bool = False) -> None:
         ssl = self.ssl
-        if ssl is not None and self.server_side:
+        if ssl is not None:
             _VERIFYING.pop(tls_ffi.ssl_id(ssl), None)
         if ssl is not None and not self.server_side and not self.eof_out:
             # Freed without close_notify, OpenSSL would flag the session as not resumable;

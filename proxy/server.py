@@ -1,9 +1,11 @@
 """The master process: binds listeners, holds the identity, runs workers, reloads and drains.
 
 Start-up, step by step:
-  1. obtain identity material (files, or enrolment with the CA) and check it builds contexts;
+  1. obtain identity material (files) and check it builds contexts; read federated bundle files;
   2. bind every listener (one SO_REUSEPORT socket per worker), raise the open-file limit;
-  3. start the admin server; drop privileges if asked;
+  3. start the admin server; drop privileges if asked; fetch federated bundle endpoints; in
+     CA mode enrol, in spiffe mode wait for the first SVID from the Workload API (/ready
+     says why not until then);
   4. start the workers, hand them the material, wait until each one serves.
 Shutdown (SIGTERM/SIGINT or POST /drain): /ready turns false, workers stop accepting and
 finish open connections up to MTLS_DRAIN_TIMEOUT, then the master exits 0.
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import control, metrics
+from .certsource.federated import Federation
 from .certsource.files import CrlFile, FileSource
 from .config import Address, Settings
 from .errors import CertError, ProxyError, StartupError
@@ -81,6 +84,9 @@ class Master:
         self.files: FileSource | None = None
         self.crl_file: CrlFile | None = None
         self.ca_source: Any = None  # certsource.ca.CaSource in CA mode
+        self.spiffe_source: Any = None  # certsource.spiffe.SpiffeSource in spiffe mode
+        self.federation: Federation | None = None  # other trust domains' bundles
+        self.own: Material | None = None  # the identity source's material, before federation
         self.crl_pem: bytes | None = None  # the last revocation list input seen
         self.revocations: RevocationList | None = None
         self.crl_frame: bytes | None = None  # the list in force, as the workers get it
@@ -98,10 +104,20 @@ class Master:
     def validate(self, material: Material) -> None:
         """The one check every material passes before the master takes it (files, CA,
         renewal, reload): the workers build their contexts with the same code."""
-        tls_state_for(material, self.settings)
+        federation = self.federation
+        tls_state_for(federation.preview(material) if federation else material, self.settings)
+
+    def on_bundles_changed(self) -> None:
+        """A federated trust domain's bundle changed: hand the workers the new set."""
+        if self.own is not None:
+            self.apply(self.own)
 
     def apply(self, material: Material) -> None:
-        """Make `material` current here and in every worker."""
+        """Make `material` (with the federated bundles in use) current here and in every
+        worker."""
+        self.own = material
+        if self.federation is not None:
+            material = self.federation.combine(material)
         self.material = material
         metrics.IDENTITY.set(material.identity, material.not_after.timestamp(), len(material.roots))
         log.info(
@@ -120,6 +136,8 @@ class Master:
             "key": m.key_pem.decode(),
             "bundle": m.bundle_pem.decode(),
             "origin": m.origin,
+            "federated": {td: pem.decode() for td, pem in m.federated},
+            "domain_bound": m.domain_bound,
         }
 
     def on_crl(self, pem: bytes) -> None:
@@ -205,10 +223,14 @@ class Master:
         """Reload files (and MTLS_CRL_FILE); keep the old identity if the new one is bad. In
         CA mode, fetch the bundle and the CRL now."""
         if self.files is None:
+            if self.federation is not None:
+                self.federation.load_files()
             if self.ca_source is not None:
                 log.info("%s: fetching the trust bundle and revocation list from the CA", why)
                 self.ca_source.refresh_now()
             return True
+        if self.federation is not None:
+            self.federation.load_files()
         ok = self.files.reload(why)
         if self.crl_file is not None:
             self.crl_file.load()
@@ -252,6 +274,36 @@ class Master:
         except CertError as exc:
             log.warning("fetching the revocation list failed (retried with the bundle): %s", exc)
         self.spawn(source.run(), "ca-renewal")
+
+    async def obtain_from_spiffe(self) -> None:
+        """Follow the Workload API; start-up goes on once the first SVID is in use (/ready
+        says "no certificate yet" until then)."""
+        from .certsource.spiffe import SpiffeSource, WorkloadApiUpdate
+
+        s = self.settings
+        assert s.spiffe_endpoint_socket is not None
+        federation = self.federation
+        assert federation is not None
+
+        def validate(update: WorkloadApiUpdate) -> None:
+            # The whole update or nothing: its federated bundles are judged with it.
+            tls_state_for(federation.preview(update.material, update.federated), s)
+
+        def on_update(update: WorkloadApiUpdate) -> None:
+            federation.set_workload_bundles(update.federated)
+            if self.own is not None:
+                metrics.CERT_RELOADS.labels("ok").inc()
+            self.apply(update.material)
+
+        source = SpiffeSource(
+            s.spiffe_endpoint_socket,
+            validate=validate,
+            on_update=on_update,
+            identity=str(s.identity) if s.identity is not None else None,
+        )
+        self.spiffe_source = source
+        self.spawn(source.run(), "spiffe-workload-api")
+        await source.first.wait()
 
     def _on_ca_update(self, material: Material) -> None:
         try:
@@ -474,6 +526,15 @@ class Master:
     async def _start(self) -> None:
         """Start-up, steps 1-4 (see the module docstring)."""
         s = self.settings
+        metrics.IDENTITY.set_source(s.identity_source)
+        if s.federated_bundles or s.identity_source == "spiffe":
+            self.federation = Federation(
+                s.federated_bundles,
+                on_change=self.on_bundles_changed,
+                refresh=s.bundle_refresh,
+                domain_bound=s.identity_source == "spiffe",
+            )
+            self.federation.load_files()
         if s.identity_source == "files":
             assert s.cert_file and s.key_file and s.trust_bundle_file
             self.files = FileSource(
@@ -502,7 +563,15 @@ class Master:
                 f"exempt MTLS_PROXY_UID={s.proxy_uid}; run as uid {s.proxy_uid} or start as "
                 "root with MTLS_DROP_PRIVILEGES=true"
             )
-        if self.files is None:
+        federation = self.federation
+        if federation is not None:
+            await federation.fetch_first()
+            self.spawn(federation.watch_files(), "bundle-file-watcher")
+            for td, url in federation.endpoints():
+                self.spawn(federation.follow_endpoint(td, url), f"bundle-{td}")
+        if s.identity_source == "spiffe":
+            await self.obtain_from_spiffe()
+        elif self.files is None:
             await self.obtain_from_ca()
         else:
             self.spawn(self.files.run(), "file-watcher")

@@ -168,6 +168,17 @@ def _base_context(
             store.add_cert(crypto.X509.from_cryptography(root))
     except crypto.Error as exc:
         raise CertError(f"cannot use trust bundle: {exc}") from None
+    # Federated trust domains' roots join the store, so OpenSSL can verify their peers'
+    # chains; which root may vouch for which trust domain is checked in the verify
+    # callback (Material.trust), never left to the shared store.
+    for td, roots in material.federated_roots.items():
+        for root in roots:
+            try:
+                store.add_cert(crypto.X509.from_cryptography(root))
+            except crypto.Error as exc:
+                if "already in hash table" in str(exc):
+                    continue  # the same root in two bundles: stored once, judged per domain
+                raise CertError(f"cannot use the trust bundle of {td}: {exc}") from None
     # Certificate and key from memory: the key never touches a file.
     try:
         chain = x509.load_pem_x509_certificates(material.chain_pem)

@@ -71,8 +71,10 @@ REQUIRED = (
     "SSL_CTX_set_alpn_select_cb",
     "SSL_get0_alpn_selected",
     "SSL_get_peer_cert_chain",
+    "X509_STORE_CTX_get1_chain",
     "sk_X509_num",
     "sk_X509_value",
+    "sk_X509_free",
 )
 
 VERSION_NUMBER: int = lib.OpenSSL_version_num()
@@ -179,15 +181,34 @@ X509_V_ERR_CERT_REVOKED = 23
 X509_V_ERR_CERT_REJECTED = 28
 X509_V_ERR_APPLICATION_VERIFICATION = 50
 
-PeerDecision = Callable[[int, bytes], int]
-"""(SSL* as an int, the peer leaf's DER) -> X509_V_OK to accept, or an X509_V_ERR_* code."""
+X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY = 20  # alert unknown_ca
+
+PeerDecision = Callable[[int, bytes, bytes | None], int]
+"""(SSL* as an int, the peer leaf's DER, the DER of the trust anchor its verified chain ends
+at) -> X509_V_OK to accept, or an X509_V_ERR_* code."""
 
 
-def verify_callback(decide: PeerDecision) -> Any:
+def _anchor_der(store: Any) -> bytes | None:
+    """The last certificate of the chain OpenSSL built and verified: the trust anchor."""
+    chain = lib.X509_STORE_CTX_get1_chain(store)
+    if chain == NULL:
+        return None
+    try:
+        n = lib.sk_X509_num(chain)
+        return _der(lib.sk_X509_value(chain, n - 1)) if n > 0 else None
+    finally:
+        for i in range(lib.sk_X509_num(chain)):
+            lib.X509_free(lib.sk_X509_value(chain, i))
+        lib.sk_X509_free(chain)
+
+
+def verify_callback(decide: PeerDecision, *, anchor: bool = False) -> Any:
     """An SSL_set_verify callback that, once OpenSSL has verified the chain, asks `decide`
     about the leaf: refused inside the handshake, so OpenSSL sends the peer the alert for the
     error code (CERT_REVOKED -> certificate_revoked, APPLICATION_VERIFICATION ->
-    handshake_failure). Keep the returned object alive as long as it is installed."""
+    handshake_failure). With `anchor`, `decide` also gets the root the verified chain ends
+    at (per-trust-domain checks), else None. Keep the returned object alive as long as it
+    is installed."""
 
     def callback(ok: int, store: Any) -> int:
         if not ok or lib.X509_STORE_CTX_get_error_depth(store) != 0:
@@ -195,7 +216,8 @@ def verify_callback(decide: PeerDecision) -> Any:
         try:
             ssl = lib.X509_STORE_CTX_get_ex_data(store, lib.SSL_get_ex_data_X509_STORE_CTX_idx())
             der = _der(lib.X509_STORE_CTX_get_current_cert(store))
-            code = decide(int(ffi.cast("uintptr_t", ssl)), der) if der else X509_V_OK
+            root = _anchor_der(store) if anchor else None
+            code = decide(int(ffi.cast("uintptr_t", ssl)), der, root) if der else X509_V_OK
         except Exception:  # a callback must not raise into OpenSSL: refuse instead
             code = X509_V_ERR_APPLICATION_VERIFICATION
         if code == X509_V_OK:

@@ -29,7 +29,7 @@ from .conn import Conn
 from .errors import CertError
 from .flow import PeerCheck, Reason
 from .identity import SpiffeId, parse_spiffe_id
-from .material import load_material
+from .material import load_material, with_federation
 from .mux import OpenInfo
 from .policy import InboundPolicy, check_outbound
 from .pool import Carrier, Key, Pool, StreamLeg
@@ -123,10 +123,16 @@ class Worker:
             # Pooled connections were made with the old certificate and trust bundle: they
             # take no new streams (the peer is told), and close once their streams end. One
             # whose peer the new bundle no longer trusts is closed now, with its streams.
-            roots = state.material.roots
-            check = old.material.bundle_pem != state.material.bundle_pem
+            new = state.material
+            check = (old.material.bundle_pem, old.material.federated) != (
+                new.bundle_pem,
+                new.federated,
+            )
             untrusted = 0
             for carrier in list(self.carriers):
+                # With federation a peer is judged by its own trust domain's roots only.
+                peer = carrier.peer_id
+                roots = new.roots_for(peer.trust_domain) if peer is not None else new.roots
                 if check and not carrier.trusted_by(roots):
                     untrusted += 1
                     carrier.fail(ConnectionResetError("peer no longer trusted"), "untrusted")
@@ -351,7 +357,12 @@ class Worker:
 
             def inbound() -> NetLeg:
                 tls = self.tls
-                return NetLeg(Conn(self, route), tls.server_ptr, server_side=True)
+                return NetLeg(
+                    Conn(self, route),
+                    tls.server_ptr,
+                    server_side=True,
+                    domains=tls.material.checks_domains,
+                )
 
             return inbound
 
@@ -509,6 +520,12 @@ async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> N
                     msg["bundle"].encode(),
                     msg.get("origin", "master"),
                 )
+                if msg.get("federated") or msg.get("domain_bound"):
+                    material = with_federation(
+                        material,
+                        {td: str(pem).encode() for td, pem in msg.get("federated", {}).items()},
+                        domain_bound=bool(msg.get("domain_bound")),
+                    )
                 state = tls_state_for(material, settings)
                 worker.set_tls(state)
             except (CertError, ValueError, KeyError) as exc:

@@ -127,6 +127,7 @@ UNIT_MODULES = frozenset(
         "test_ca_issuer",
         "test_tls_unit",
         "test_config_entrypoints",
+        "test_federation",
     }
 )
 

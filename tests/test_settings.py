@@ -436,7 +436,7 @@ def test_good_values(var: str, text: str, attr: str, expected: object) -> None:
 
 BAD_VALUES: list[tuple[str, str, str]] = [
     # variable, text, fragment of the message
-    ("MTLS_IDENTITY_SOURCE", "file", "must be one of files, ca; got 'file'"),
+    ("MTLS_IDENTITY_SOURCE", "file", "must be one of files, ca, spiffe; got 'file'"),
     ("MTLS_CA_URL", "http://ca:1", "https://"),
     ("MTLS_CA_FINGERPRINT", "abc", "64 hex digits"),
     ("MTLS_IDENTITY", "corp.example/x", "does not start with 'spiffe://'"),

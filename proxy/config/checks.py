@@ -31,9 +31,23 @@ def file_problems(settings: Settings, bad: Collection[str] = ()) -> list[ConfigP
     """
     if settings.identity_source == "files":
         names = ["cert_file", "key_file", "trust_bundle_file", "crl_file"]
+    elif settings.identity_source == "spiffe":
+        names = []
     else:
         names = ["ca_token_file"]
     problems: list[ConfigProblem] = []
+    if env_var("federated_bundles") not in bad:
+        for td, source in settings.federated_bundles:
+            if "://" in source:
+                continue
+            if (problem := file_problem(Path(source))) is not None:
+                problems.append(
+                    ConfigProblem(
+                        env_var("federated_bundles"),
+                        f"bundle of {td}: {problem}",
+                        example_of("federated_bundles"),
+                    )
+                )
     for name in names:
         path: Path | None = getattr(settings, name)
         if env_var(name) in bad or path is None:

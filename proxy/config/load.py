@@ -25,6 +25,9 @@ RULE_FIELDS = (
 )
 """The Settings fields the interception rules (`mtls-sidecar iptables`) are made from."""
 
+SPIFFE_ENDPOINT_SOCKET = "SPIFFE_ENDPOINT_SOCKET"
+"""The SPIFFE spec's variable: MTLS_SPIFFE_ENDPOINT_SOCKET's default."""
+
 RULE_VARIABLES = frozenset(env_var(name) for name in RULE_FIELDS)
 """The MTLS_* variables `mtls-sidecar iptables` reads."""
 
@@ -36,6 +39,10 @@ def _texts(env: Mapping[str, str]) -> dict[str, str]:
         value = env.get(env_var(name))
         if value is not None and value.strip():
             texts[name] = value
+    # The SPIFFE spec's own variable, as SPIRE's tooling and py-spiffe read it.
+    spiffe_socket = env.get(SPIFFE_ENDPOINT_SOCKET)
+    if "spiffe_endpoint_socket" not in texts and spiffe_socket and spiffe_socket.strip():
+        texts["spiffe_endpoint_socket"] = spiffe_socket
     return texts
 
 
@@ -104,6 +111,15 @@ def cross_problems(s: Settings, bad: Collection[str] = ()) -> list[ConfigProblem
         for name in ("cert_file", "key_file", "trust_bundle_file"):
             if ok(name) and getattr(s, name) is None:
                 add(name, "required when MTLS_IDENTITY_SOURCE=files")
+    elif s.identity_source == "spiffe":
+        if ok("spiffe_endpoint_socket") and s.spiffe_endpoint_socket is None:
+            add(
+                "spiffe_endpoint_socket",
+                "required when MTLS_IDENTITY_SOURCE=spiffe (or set SPIFFE_ENDPOINT_SOCKET)",
+            )
+        for name in ("cert_file", "key_file", "trust_bundle_file", "crl_file", "ca_url"):
+            if ok(name) and getattr(s, name) is not None:
+                add(name, "not used with MTLS_IDENTITY_SOURCE=spiffe (the Workload API gives it)")
     else:
         for name in ("ca_url", "ca_fingerprint", "identity"):
             if ok(name) and getattr(s, name) is None:
@@ -131,6 +147,16 @@ def cross_problems(s: Settings, bad: Collection[str] = ()) -> list[ConfigProblem
             f"is {s.trust_domain} but MTLS_IDENTITY {s.identity} is in trust domain "
             f"{s.identity.trust_domain}",
         )
+
+    if ok("federated_bundles", "trust_domain", "identity"):
+        own = s.effective_trust_domain
+        for td, _ in s.federated_bundles:
+            if td == own:
+                add(
+                    "federated_bundles",
+                    f"names {td}, this sidecar's own trust domain: its bundle comes from the "
+                    "identity source",
+                )
 
     if ok("inbound", "outbound", "transparent") and not (s.inbound or s.outbound or s.transparent):
         add("inbound", "nothing to do: set MTLS_INBOUND, MTLS_OUTBOUND or MTLS_TRANSPARENT=true")

@@ -21,10 +21,12 @@ from .parse import (
     parse_choice,
     parse_cidrs,
     parse_duration,
+    parse_federated_bundles,
     parse_fingerprint,
     parse_int,
     parse_path,
     parse_port_list,
+    parse_spiffe_socket,
 )
 from .routes import InboundRoute, OutboundRoute, parse_inbound, parse_outbound
 
@@ -106,7 +108,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=False)
 
     # Identity
-    identity_source: Annotated[Literal["files", "ca"], _choice("files", "ca")] = Field(
+    identity_source: Annotated[
+        Literal["files", "ca", "spiffe"], _choice("files", "ca", "spiffe")
+    ] = Field(
         "files", description="Where the sidecar's certificate comes from.", examples=["files"]
     )
     cert_file: OptPath = Field(
@@ -146,6 +150,17 @@ class Settings(BaseModel):
         None,
         description="SPIFFE ID to enrol as.",
         examples=["spiffe://corp.example/ns/shop/sa/web"],
+    )
+    spiffe_endpoint_socket: Annotated[Path | None, _text(parse_spiffe_socket)] = Field(
+        None,
+        description="The SPIFFE Workload API socket (default: SPIFFE_ENDPOINT_SOCKET).",
+        examples=["unix:///run/spire/sockets/agent.sock"],
+    )
+    federated_bundles: Annotated[list[tuple[str, str]], _text(parse_federated_bundles)] = Field(
+        default_factory=list,
+        description="TRUST_DOMAIN=PATH|https://URL, comma-separated: SPIFFE bundles of other "
+        "trust domains (files watched, endpoints fetched every MTLS_BUNDLE_REFRESH).",
+        examples=["partner.example=/etc/mtls/partner.bundle.json"],
     )
     trust_domain: Annotated[str | None, _text(lambda text: parse_trust_domain(text.strip()))] = (
         Field(

@@ -311,3 +311,61 @@ def parse_path(text: str) -> Path:
     if "\0" in text:
         raise ValueError("a file path may not contain a NUL character")
     return Path(text.strip())
+
+
+def parse_spiffe_socket(text: str) -> Path:
+    """The Workload API socket as SPIFFE_ENDPOINT_SOCKET writes it: 'unix:///path',
+    'unix:/path' or a plain absolute path (TCP endpoints are not supported)."""
+    value = text.strip()
+    if "\0" in value:
+        raise ValueError("a socket path may not contain a NUL character")
+    if value.startswith("unix://"):
+        rest = value[len("unix://") :]
+        if not rest.startswith("/"):
+            raise ValueError(
+                "unix:// needs an absolute path (unix:///run/spire/agent.sock), "
+                f"got {short_text(text)}"
+            )
+        value = rest
+    elif value.startswith("unix:"):
+        value = value[len("unix:") :]
+    elif "://" in value or value.startswith("tcp:"):
+        raise ValueError(
+            f"only Unix socket endpoints are supported (unix:///path), got {short_text(text)}"
+        )
+    if not value.startswith("/"):
+        raise ValueError(f"the socket path must be absolute, got {short_text(text)}")
+    return Path(value)
+
+
+def parse_federated_bundles(text: str) -> list[tuple[str, str]]:
+    """MTLS_FEDERATED_BUNDLES: 'TRUST_DOMAIN=SOURCE,...', SOURCE a SPIFFE bundle file path or
+    a bundle endpoint URL (https://..., the https_web profile). Each trust domain once."""
+    from ..identity import parse_trust_domain
+
+    out: list[tuple[str, str]] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        td_text, sep, source = item.partition("=")
+        if not sep or not source.strip():
+            raise ValueError(
+                f"expected TRUST_DOMAIN=PATH or TRUST_DOMAIN=https://URL, got {short_text(item)}"
+            )
+        td = parse_trust_domain(td_text.strip().removeprefix("spiffe://"))
+        source = source.strip()
+        if "://" in source:
+            if not source.lower().startswith("https://"):
+                raise ValueError(
+                    f"bundle endpoint for {td} must be an https:// URL (https_web profile), "
+                    f"got {short_text(source)}"
+                )
+        elif "\0" in source:
+            raise ValueError("a file path may not contain a NUL character")
+        if any(td == seen for seen, _ in out):
+            raise ValueError(f"trust domain {td} is listed twice")
+        out.append((td, source))
+    if not out:
+        raise ValueError("no TRUST_DOMAIN=SOURCE pair given")
+    return out

@@ -19,6 +19,8 @@ def _jsonable(name: str, value: object) -> object:
         return format_duration(value) if name in DURATION_FIELDS else value
     if isinstance(value, SecretStr):
         return "***"
+    if name == "federated_bundles" and isinstance(value, list):
+        return ",".join(f"{td}={source}" for td, source in value)
     if name in PORT_LIST_FIELDS and isinstance(value, list):
         return format_port_list(value)
     if isinstance(value, list):
