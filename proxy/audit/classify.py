@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 Kind = Literal["tls", "proxy", "http1", "h2", "other", "none"]
-Class = Literal["tls", "plaintext", "empty"]
+Class = Literal["tls", "plaintext", "empty", "unknown"]
+"""`unknown`: the auditor did not see the connection begin (it started before the agent)."""
 
 PROXY_V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

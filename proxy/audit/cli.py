@@ -1,0 +1,69 @@
+"""`mtls-sidecar audit`: parse the flags, load the workload map, run the agent."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..config.parse import parse_address, parse_duration
+from ..errors import ProxyError
+from .tracker import Limits
+from .workloads import MapError, parse_map
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="mtls-sidecar audit",
+        description="The wire auditor: classify every TCP connection crossing this node.",
+    )
+    p.add_argument("--listen", required=True, help="admin address: /metrics /ready /connections")
+    p.add_argument("--workloads", type=Path, help="static IP -> workload map (YAML)")
+    p.add_argument("--nflog-group", type=int, default=27)
+    p.add_argument("--packets", type=int, default=8, help="packets per direction logged")
+    p.add_argument("--head-bytes", type=int, default=2048, help="payload bytes kept per side")
+    p.add_argument("--poll", default="1s", help="conntrack poll interval")
+    p.add_argument("--max-edges", type=int, default=200)
+    p.add_argument("--max-ports", type=int, default=64)
+    p.add_argument("--no-rules", action="store_true", help="the nft rules are installed by others")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", choices=["json", "text"], default="json")
+    args = p.parse_args(list(argv))
+    try:
+        listen = parse_address(args.listen, allow_zero=True)
+        poll = parse_duration(args.poll)
+    except ValueError as exc:
+        print(f"mtls-sidecar audit: {exc}", file=sys.stderr)
+        return 2
+    workloads = {}
+    if args.workloads:
+        try:
+            workloads = parse_map(args.workloads.read_text())
+        except (OSError, MapError) as exc:
+            print(f"mtls-sidecar audit: --workloads {args.workloads}: {exc}", file=sys.stderr)
+            return 2
+    if not 2 <= args.packets <= 64 or not 16 <= args.head_bytes <= 16384:
+        print("mtls-sidecar audit: --packets 2..64, --head-bytes 16..16384", file=sys.stderr)
+        return 2
+    import uvloop
+
+    from ..logs import setup_logging
+    from .agent import Agent, AgentConfig
+
+    setup_logging(args.log_level, args.log_format)
+    config = AgentConfig(
+        listen=listen,
+        group=args.nflog_group,
+        limits=Limits(budget=args.packets, head_bytes=args.head_bytes),
+        poll=poll,
+        workloads=workloads,
+        max_edges=args.max_edges,
+        max_ports=args.max_ports,
+        install_rules=not args.no_rules,
+    )
+    try:
+        return uvloop.run(Agent(config).run())
+    except (ProxyError, OSError) as exc:
+        print(f"mtls-sidecar audit: cannot start: {exc}", file=sys.stderr)
+        return 1
