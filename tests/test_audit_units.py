@@ -146,7 +146,7 @@ def _entry(state: str, ob: int, op: int, rb: int, rp: int) -> nl.CtEntry:
 
 
 def test_tracker_classifies_and_counts_payload() -> None:
-    t = Tracker(Limits(settle=0.5))
+    t = Tracker(Limits(settle=0.5, hold=0))
     t.packet(_seg(A, 40000, B, 80, 100, 0x02, opts=b"\x01" * 20), 0.0)  # SYN: 60 bytes
     t.packet(_seg(B, 80, A, 40000, 500, 0x12, opts=b"\x01" * 20), 0.0)
     t.packet(_seg(A, 40000, B, 80, 101, 0x10), 0.0)
@@ -240,4 +240,22 @@ def test_label_cap() -> None:
 def test_nft_rules_shape() -> None:
     text = nft_rules(27, 8, 2168)
     assert "ct original packets < 8 log group 27 snaplen 2168" in text
-    assert text.count("log group 27") == 4 and 'iifname "lo" return' in text
+    assert text.count("log group 27") == 6 and 'iifname "lo" return' in text
+    assert (
+        "tcp flags & (fin | rst) != 0 log group 27 snaplen 2168 queue-threshold 64 accept" in text
+    )
+
+
+def test_tracker_exact_bytes_from_fins() -> None:
+    """A short connection: its bytes from SYN and FIN sequence numbers, retransmissions (in
+    conntrack's counters) left out."""
+    t = Tracker(Limits(settle=0.0, hold=5.0))
+    t.packet(_seg(A, 40000, B, 80, 2**32 - 1, 0x02), 0.0)  # the sequence space wraps
+    t.packet(_seg(B, 80, A, 40000, 500, 0x12), 0.0)
+    t.packet(_seg(A, 40000, B, 80, 0, 0x18, b"hello"), 0.0)
+    t.packet(_seg(B, 80, A, 40000, 501, 0x18, b"HELLO"), 0.0)
+    t.packet(_seg(A, 40000, B, 80, 5 + 70_000, 0x11), 0.1)  # FIN after 70,005 bytes
+    t.packet(_seg(B, 80, A, 40000, 501 + 5, 0x11), 0.1)
+    (c,) = t.snapshot([_entry("TIME_WAIT", 999_999, 60, 99_999, 30)], 0.2)
+    assert c.new and c.verdict.klass == "plaintext"
+    assert (c.client_bytes, c.server_bytes) == (70_005, 5)

@@ -27,6 +27,7 @@ import pytest
 from .conftest import Pki
 from .harness import parse_metrics, sum_samples
 from .netns import Lab
+from .promserver import PROMETHEUS
 from .test_transparent_proof import APP_B, Mesh, build_mesh, iptables_cli
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
@@ -52,7 +53,8 @@ class Auditor:
         wl.write_text(WORKLOADS)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         argv = [sys.executable, "-m", "proxy", "audit", "--listen", f"127.0.0.1:{AUDIT_PORT}",
-                "--workloads", str(wl), "--poll", "200ms", *(extra or [])]  # fmt: skip
+                "--workloads", str(wl), "--poll", "200ms", "--ignore-ports", "15000",
+                *(extra or [])]  # fmt: skip
         self.proc = lab.popen(lab.bridge_ns, argv, self._log)
         deadline = time.monotonic() + 20
         while self.curl("/ready")[0] != 200:
@@ -131,10 +133,72 @@ class Auditor:
         return int(self.proc.returncode)
 
 
+RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "rules"
+
+
+class NsPrometheus:
+    """A real Prometheus in the wire namespace (the node), scraping the auditor on loopback and
+    the sidecars' admin ports over the bridge, with the auditor's rules evaluated every second."""
+
+    def __init__(self, lab: Lab, workdir: Path) -> None:
+        assert PROMETHEUS is not None, "prometheus missing: `make apt` installs it"
+        self.lab = lab
+        d = workdir / "prometheus"
+        d.mkdir()
+        rules = d / "mtls-audit.yml"
+        text = (RULES / "mtls-audit.yml").read_text()
+        rules.write_text(
+            text.replace("interval: 30s", "interval: 1s").replace("for: 2m", "for: 1s")
+        )
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules)],
+            "scrape_configs": [
+                {"job_name": "mtls-audit",
+                 "static_configs": [{"targets": [f"127.0.0.1:{AUDIT_PORT}"]}]},
+                {"job_name": "mtls-sidecar",
+                 "static_configs": [{"targets": [f"{lab[h].v4}:15000" for h in ("a", "b")]}]},
+            ],
+        }  # fmt: skip
+        (d / "prometheus.yml").write_text(json.dumps(config))
+        self._log = open(d / "prometheus.log", "ab")  # noqa: SIM115 - closed in stop()
+        argv = [PROMETHEUS, f"--config.file={d / 'prometheus.yml'}",
+                f"--storage.tsdb.path={d / 'data'}", "--web.listen-address=127.0.0.1:9090",
+                "--log.level=warn"]  # fmt: skip
+        self.proc = lab.popen(lab.bridge_ns, argv, self._log)
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        proc = self.lab.run(
+            self.lab.bridge_ns,
+            ["curl", "-s", "-m", "5", "--data-urlencode", f"query={expr}",
+             "http://127.0.0.1:9090/api/v1/query"],
+        )  # fmt: skip
+        if proc.returncode != 0 or not proc.stdout:
+            return []
+        body = json.loads(proc.stdout)
+        return list(body["data"]["result"]) if body.get("status") == "success" else []
+
+    def wait(self, expr: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """The result of `expr` once it is not empty."""
+        deadline = time.monotonic() + timeout
+        while not (got := self.query(expr)):
+            assert self.proc.poll() is None, "prometheus exited"
+            assert time.monotonic() < deadline, f"{expr}: still empty after {timeout}s"
+            time.sleep(0.5)
+        return got
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+        self._log.close()
+
+
 class Audited:
-    def __init__(self, mesh: Mesh, auditor: Auditor) -> None:
+    def __init__(self, mesh: Mesh, auditor: Auditor, prom: NsPrometheus) -> None:
         self.mesh = mesh
         self.auditor = auditor
+        self.prom = prom
         self.lab = mesh.lab
 
     def ip(self, host: str) -> str:
@@ -164,13 +228,15 @@ def audited(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audi
         lab.popen("b", [sys.executable, "-m", "tests.netns", "serve", "--port", str(EXCLUDED),
                         "--log", str(workdir / "app-b-excluded.jsonl")], log)  # fmt: skip
         auditor = Auditor(lab, workdir)
+        prom = NsPrometheus(lab, workdir)
         try:
             mesh.sidecar("a", MTLS_ADMIN_LISTEN="0.0.0.0:15000")
             mesh.sidecar(
                 "b", MTLS_ADMIN_LISTEN="0.0.0.0:15000", MTLS_EXCLUDE_INBOUND_PORTS=str(EXCLUDED)
             )
-            yield Audited(mesh, auditor)
+            yield Audited(mesh, auditor, prom)
         finally:
+            prom.stop()
             auditor.stop()
             print(f"--- auditor ---\n{auditor.logs()[-8000:]}")
             print(mesh.report())
@@ -221,6 +287,44 @@ def _within_1pct(got: int, want: int) -> None:
     assert want <= got <= want * 1.01, f"counted {got} bytes for {want} the apps sent"
 
 
+def test_our_mtls_between_sidecars(audited: Audited) -> None:
+    """A -> B:8080 through both sidecars: TLS 1.3 with the post-quantum hybrid group.
+
+    First in the module: the sidecars keep this connection and reuse it for later A -> B
+    streams, so this is the one test that sees it open."""
+    au = audited
+    before = len(au.auditor.connections())
+    payload = secrets.token_bytes(2 * BIG)
+    _dial(au, "a", "b", APP_B, payload)
+    conn = au.auditor.wait_for(_between(au, "a", "b", APP_B), before)
+    assert (conn["class"], conn["protocol"], conn["tls_version"]) == ("tls", "tls", "1.3"), conn
+    assert conn["selected_group"] == "X25519MLKEM768"
+    assert conn["offered_groups"][:3] == ["X25519MLKEM768", "X25519", "P-256"]
+    # The wire carried the app's bytes plus TLS's own (handshake, record headers, tags).
+    _within_1pct(au.auditor.wait_bytes(conn["key"], 2 * len(payload)), 2 * len(payload))
+    assert au.auditor.metric("mtls_audit_tls_key_exchange_total", group="X25519MLKEM768") >= 1
+
+
+ALERT = 'ALERTS{alertname="MtlsAuditDisagrees",alertstate="firing"}'
+
+
+def test_alert_fires_for_plaintext_around_a_sidecar(audited: Audited) -> None:
+    """A real Prometheus scraping the sidecars and the auditor: quiet while every connection
+    is mTLS, MtlsAuditDisagrees firing once plaintext goes around B's sidecar."""
+    au, prom = audited, audited.prom
+    prom.wait("count(up == 1) == 3")
+    _dial(au, "a", "b", APP_B, b"mtls only" * 1000)
+    # Both sides scraped after the mTLS connection, the rules evaluated on them: quiet.
+    prom.wait('mtls_audit_connections_total{class="tls"}')
+    prom.wait("mtls:sidecar_carried_bytes:rate5m > 0")
+    prom.wait("mtls_audit:plaintext_connections:increase10m == 0")
+    assert prom.query(ALERT) == []
+    _dial(au, "c", "b", EXCLUDED, b"GET /around HTTP/1.1\r\nHost: b\r\n\r\n")
+    (alert,) = prom.wait(ALERT)
+    assert alert["metric"]["disagreement"] == "plaintext_not_counted"
+    assert prom.query("mtls:sidecar_plaintext_connections:increase10m")[0]["value"][1] == "0"
+
+
 def test_plaintext_http_around_a_sidecar(audited: Audited) -> None:
     """C (no sidecar) -> B's excluded port: plaintext HTTP the sidecars never saw."""
     au = audited
@@ -244,21 +348,6 @@ def test_plaintext_http_around_a_sidecar(audited: Audited) -> None:
         "mtls_audit_connections_total", src="legacy/default", dst="proof/server",
         dst_port=str(EXCLUDED), protocol="http1",
     ) >= 1  # fmt: skip
-
-
-def test_our_mtls_between_sidecars(audited: Audited) -> None:
-    """A -> B:8080 through both sidecars: TLS 1.3 with the post-quantum hybrid group."""
-    au = audited
-    before = len(au.auditor.connections())
-    payload = secrets.token_bytes(2 * BIG)
-    _dial(au, "a", "b", APP_B, payload)
-    conn = au.auditor.wait_for(_between(au, "a", "b", APP_B), before)
-    assert (conn["class"], conn["protocol"], conn["tls_version"]) == ("tls", "tls", "1.3"), conn
-    assert conn["selected_group"] == "X25519MLKEM768"
-    assert conn["offered_groups"][:3] == ["X25519MLKEM768", "X25519", "P-256"]
-    # The wire carried the app's bytes plus TLS's own (handshake, record headers, tags).
-    _within_1pct(au.auditor.wait_bytes(conn["key"], 2 * len(payload)), 2 * len(payload))
-    assert au.auditor.metric("mtls_audit_tls_key_exchange_total", group="X25519MLKEM768") >= 1
 
 
 def test_foreign_tls_client(audited: Audited) -> None:
@@ -309,4 +398,5 @@ def test_cost_is_per_connection(audited: Audited) -> None:
     _dial(au, "c", "b", EXCLUDED, b"x" * (4 * BIG))
     au.auditor.wait_for(_between(au, "c", "b", EXCLUDED), before)
     handed = au.auditor.metric("mtls_audit_packets_total") - packets
-    assert handed <= 2 * 8, f"{handed} packets handed over for one connection"
+    # 8 per direction at most, plus the FINs (and an RST) logged whenever they come.
+    assert handed <= 2 * 8 + 3, f"{handed} packets handed over for one connection"

@@ -56,16 +56,27 @@ class AgentConfig:
     max_edges: int = 200
     max_ports: int = 64
     install_rules: bool = True
+    ignore_ports: frozenset[int] = frozenset()
+    """Destination ports left out entirely (e.g. the sidecars' admin port, scraped in
+    plaintext by Prometheus): never logged by the kernel, never counted."""
 
 
-def nft_rules(group: int, budget: int, snaplen: int) -> str:
+def nft_rules(
+    group: int, budget: int, snaplen: int, ignore_ports: frozenset[int] = frozenset()
+) -> str:
     """The nftables table: the first `budget` packets of each direction of every TCP
     connection crossing this network namespace (forwarded, bridged with br_netfilter, or to
     and from its own processes), to NFLOG `group`, cut to `snaplen` bytes. Loopback is left
-    out (it never leaves the node)."""
+    out (it never leaves the node). FINs and RSTs are logged whenever they come: their
+    sequence numbers give a short connection's exact payload length."""
     log_stmt = f"log group {group} snaplen {snaplen} queue-threshold 64"
+    skip = ""
+    if ignore_ports:
+        ports = ", ".join(str(p) for p in sorted(ignore_ports))
+        skip = f"    meta l4proto tcp ct original proto-dst {{ {ports} }} return\n"
     rule = (
-        f"meta l4proto tcp ct direction original ct original packets < {budget} {log_stmt}\n"
+        f"tcp flags & (fin | rst) != 0 {log_stmt} accept\n"
+        f"    meta l4proto tcp ct direction original ct original packets < {budget} {log_stmt}\n"
         f"    meta l4proto tcp ct direction reply ct reply packets < {budget} {log_stmt}"
     )
     return (
@@ -73,11 +84,13 @@ def nft_rules(group: int, budget: int, snaplen: int) -> str:
         "  chain prerouting {\n"
         "    type filter hook prerouting priority -150; policy accept;\n"
         '    iifname "lo" return\n'
+        f"{skip}"
         f"    {rule}\n"
         "  }\n"
         "  chain output {\n"
         "    type filter hook output priority -150; policy accept;\n"
         '    oifname "lo" return\n'
+        f"{skip}"
         f"    {rule}\n"
         "  }\n"
         "}\n"
@@ -92,14 +105,19 @@ def _nft(script: str) -> None:
         raise StartupError(f"nft refused the audit rules: {proc.stderr.strip()}")
 
 
-def install_rules(group: int, limits: Limits) -> None:
+def install_rules(group: int, limits: Limits, ignore_ports: frozenset[int]) -> None:
     # Replaced as a whole, so a restart after a crash does not add a second copy.
     script = f"table inet {TABLE}\ndelete table inet {TABLE}\n"
-    _nft(script + nft_rules(group, limits.budget, limits.head_bytes + 120))
+    _nft(script + nft_rules(group, limits.budget, limits.head_bytes + 120, ignore_ports))
 
 
 def remove_rules() -> None:
     subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True, check=False)
+
+
+def _local(e: nl.CtEntry) -> bool:
+    """Loopback connections never cross the wire (the nft rules skip them too)."""
+    return e.src.startswith("127.") or e.src == "::1" or e.dst.startswith("127.") or e.dst == "::1"
 
 
 class Metrics:
@@ -253,7 +271,7 @@ class Agent:
             except nl.Malformed as exc:
                 self._malformed("conntrack", exc)
                 continue
-            if e is not None:
+            if e is not None and e.dport not in self.config.ignore_ports and not _local(e):
                 entries.append(e)
         return entries
 
@@ -352,7 +370,7 @@ class Agent:
             # The socket first: packets logged before anyone listens are lost.
             self.sock = self.open_nflog()
             if self.config.install_rules:
-                install_rules(self.config.group, self.config.limits)
+                install_rules(self.config.group, self.config.limits, self.config.ignore_ports)
             loop.add_reader(self.sock.fileno(), self.on_readable)
             self.ready = True
             log.info(

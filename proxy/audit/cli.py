@@ -26,6 +26,11 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--poll", default="1s", help="conntrack poll interval")
     p.add_argument("--max-edges", type=int, default=200)
     p.add_argument("--max-ports", type=int, default=64)
+    p.add_argument(
+        "--ignore-ports",
+        default="",
+        help="comma-separated destination ports never audited (e.g. 15000, the admin port)",
+    )
     p.add_argument("--no-rules", action="store_true", help="the nft rules are installed by others")
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -33,6 +38,9 @@ def main(argv: Sequence[str]) -> int:
     try:
         listen = parse_address(args.listen, allow_zero=True)
         poll = parse_duration(args.poll)
+        ignore = frozenset(int(p) for p in args.ignore_ports.split(",") if p.strip())
+        if any(not 0 < p < 65536 for p in ignore):
+            raise ValueError("--ignore-ports: ports are 1-65535")
     except ValueError as exc:
         print(f"mtls-sidecar audit: {exc}", file=sys.stderr)
         return 2
@@ -61,6 +69,7 @@ def main(argv: Sequence[str]) -> int:
         max_edges=args.max_edges,
         max_ports=args.max_ports,
         install_rules=not args.no_rules,
+        ignore_ports=ignore,
     )
     try:
         return uvloop.run(Agent(config).run())

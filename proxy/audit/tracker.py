@@ -6,9 +6,12 @@ counters and its TCP state. A connection is classified once both directions are 
 (sent payload, or used up the kernel's packet budget, or the connection is closing), and from
 then on every snapshot adds the bytes it grew by.
 
-Bytes: conntrack counts IP packets, headers included. The payload is that minus one IP+TCP
-header per counted packet (GSO super-packets are counted once, with one header), the header
-length taken from the connection's own packets (SYNs carry 8 more option bytes).
+Bytes: a connection that ends within `hold` seconds is counted exactly from the sequence
+numbers of its SYN and FIN in each direction (the kernel logs FINs too). Longer ones are
+counted as they go from conntrack's accounting: IP packets, headers included, so the payload
+is that minus one IP+TCP header per counted packet (GSO super-packets are counted once, with
+one header), the header length taken from the connection's own packets (SYNs carry 8 more
+option bytes); retransmitted bytes are in that count.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class _Side:
     packets_seen: int = 0
     counted: int = 0
     """Payload bytes already reported."""
+    fin_end: int | None = None
+    """Exact payload length of this direction, from its FIN's sequence number."""
 
     def payload_estimate(self, packets: int, ip_bytes: int, v6: bool) -> int:
         hdr = self.header_len or (72 if v6 else 52)
@@ -92,6 +97,9 @@ class Limits:
     stale: float = 30.0
     """A connection seen in packets but never in conntrack is forgotten after this long."""
     max_conns: int = 262144
+    hold: float = 5.0
+    """Bytes of a connection younger than this wait for its FINs, whose sequence numbers give
+    them exactly (conntrack's counters include retransmissions)."""
 
 
 @dataclass
@@ -143,7 +151,9 @@ class Tracker:
             side.base = (seg.seq + 1) & 0xFFFFFFFF
             side.syn_header_len = seg.header_len
             return
-        if side.header_len is None:
+        if seg.flags & 0x01 and side.base is not None:  # FIN
+            side.fin_end = (seg.seq + seg.payload_len - side.base) & 0xFFFFFFFF
+        if side.header_len is None and not seg.flags & 0x05:
             side.header_len = seg.header_len
         if not seg.payload_len or not side.complete:
             return
@@ -224,8 +234,13 @@ class Tracker:
                     continue
                 new = True
             c, s = conn.sides
-            cb = c.payload_estimate(e.orig_packets, e.orig_bytes, conn.v6)
-            sb = s.payload_estimate(e.reply_packets, e.reply_bytes, conn.v6)
+            if c.fin_end is not None and s.fin_end is not None:
+                cb, sb = c.fin_end, s.fin_end
+            elif now - conn.first_seen < self.limits.hold:
+                cb, sb = c.counted, s.counted
+            else:
+                cb = c.payload_estimate(e.orig_packets, e.orig_bytes, conn.v6)
+                sb = s.payload_estimate(e.reply_packets, e.reply_bytes, conn.v6)
             dc, ds = max(0, cb - c.counted), max(0, sb - s.counted)
             c.counted, s.counted = max(c.counted, cb), max(s.counted, sb)
             if new or dc or ds:
