@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from proxy.audit import netlink as nl
 from proxy.audit.agent import Agent, AgentConfig, nft_rules
 from proxy.audit.tracker import Limits, Tracker
-from proxy.audit.workloads import LabelCap, MapError, lookup, parse_map
+from proxy.audit.workloads import LabelCap, MapError, Workload, counted_here, lookup, parse_map
 from proxy.config.parse import Address
 
 pytestmark = pytest.mark.unit
@@ -230,6 +230,16 @@ def test_workload_map() -> None:
         parse_map("workloads:\n  - {ip: nope, namespace: a, pod: b, service_account: c}\n")
     with pytest.raises(MapError):
         parse_map("[1, 2]")
+
+
+def test_counted_on_one_node_only() -> None:
+    """A connection between pods on nodes n1 and n2 crosses both: counted on the client's."""
+    p1, p2 = Workload("a", "p1", "sa", "n1"), Workload("a", "p2", "sa", "n2")
+    nowhere = Workload("a", "p3", "sa")
+    assert [counted_here(p1, p2, n) for n in ("n1", "n2")] == [True, False]
+    assert [counted_here(None, p2, n) for n in ("n1", "n2")] == [False, True]
+    assert counted_here(None, None, "n1") and counted_here(nowhere, nowhere, "n1")
+    assert counted_here(p1, p2, None)
 
 
 def test_label_cap() -> None:

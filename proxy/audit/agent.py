@@ -36,7 +36,7 @@ from ..listen import bind_listener
 from ..logs import RateLimit
 from . import netlink as nl
 from .tracker import Counted, Limits, Tracker
-from .workloads import UNKNOWN, LabelCap, Workload, lookup
+from .workloads import UNKNOWN, LabelCap, Workload, counted_here, lookup
 
 log = logging.getLogger("mtls.audit")
 
@@ -56,6 +56,8 @@ class AgentConfig:
     max_edges: int = 200
     max_ports: int = 64
     install_rules: bool = True
+    node: str | None = None
+    """This node's name (Kubernetes: spec.nodeName), for `workloads.counted_here`."""
     ignore_ports: frozenset[int] = frozenset()
     """Destination ports left out entirely (e.g. the sidecars' admin port, scraped in
     plaintext by Prometheus): never logged by the kernel, never counted."""
@@ -292,6 +294,10 @@ class Agent:
 
     def count(self, c: Counted) -> None:
         src, sport, dst, dport = c.key
+        if not counted_here(
+            lookup(self.workloads, src), lookup(self.workloads, dst), self.config.node
+        ):
+            return
         src_edge, src_name = self._who(src)
         dst_edge, dst_name = self._who(dst)
         v = c.verdict

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,11 @@ def main(argv: Sequence[str]) -> int:
     )
     p.add_argument("--listen", required=True, help="admin address: /metrics /ready /connections")
     p.add_argument("--workloads", type=Path, help="static IP -> workload map (YAML)")
+    p.add_argument(
+        "--node",
+        help="this node's name: with `node:` in the map, a connection between pods on two "
+        "nodes is counted on one of them only (default: $NODE_NAME)",
+    )
     p.add_argument("--nflog-group", type=int, default=27)
     p.add_argument("--packets", type=int, default=8, help="packets per direction logged")
     p.add_argument("--head-bytes", type=int, default=2048, help="payload bytes kept per side")
@@ -70,6 +76,7 @@ def main(argv: Sequence[str]) -> int:
         max_ports=args.max_ports,
         install_rules=not args.no_rules,
         ignore_ports=ignore,
+        node=args.node or os.environ.get("NODE_NAME") or None,
     )
     try:
         return uvloop.run(Agent(config).run())

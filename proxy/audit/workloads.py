@@ -7,6 +7,7 @@ Pure (no I/O: the map file's text comes in). The map is a static file (YAML or J
         namespace: shop
         pod: cart-7d9f
         service_account: cart
+        node: worker-1           # optional: see `counted_here`
 
 An address not in the map is `unknown`. Metric edge labels are `namespace/service_account`
 (stable while pods come and go); logs carry the pod too.
@@ -30,6 +31,7 @@ class Workload:
     namespace: str
     pod: str
     service_account: str
+    node: str | None = None
 
     @property
     def edge(self) -> str:
@@ -66,7 +68,13 @@ def parse_map(text: str) -> dict[str, Workload]:
         if missing or not isinstance(ips, list) or not ips:
             problems.append(f"{where}: needs ip/ips, namespace, pod, service_account")
             continue
-        wl = Workload(str(fields["namespace"]), str(fields["pod"]), str(fields["service_account"]))
+        node = item.get("node")
+        if node is not None and not isinstance(node, str):
+            problems.append(f"{where}: node must be a string")
+            continue
+        wl = Workload(
+            str(fields["namespace"]), str(fields["pod"]), str(fields["service_account"]), node
+        )
         for ip in ips:
             try:
                 addr = str(ipaddress.ip_address(str(ip)))
@@ -90,6 +98,23 @@ def lookup(workloads: Mapping[str, Workload], ip: str) -> Workload | None:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return workloads.get(str(addr))
+
+
+def counted_here(src: Workload | None, dst: Workload | None, node: str | None) -> bool:
+    """Whether the auditor on `node` counts a connection between these workloads.
+
+    A connection between pods on two nodes crosses both, and both auditors see it; counted
+    twice, it would outnumber what the sidecars counted. So when the map says which node a
+    pod runs on, the connection is counted on its client's node, or on its server's node when
+    the client is not a known pod. Without `node` (one node, a VM) everything is counted.
+    """
+    if node is None:
+        return True
+    if src is not None and src.node is not None:
+        return src.node == node
+    if dst is not None and dst.node is not None:
+        return dst.node == node
+    return True
 
 
 class LabelCap:
