@@ -170,6 +170,21 @@ def test_tracker_classifies_and_counts_payload() -> None:
     assert t.snapshot([], 0.5) == [] and not t.conns
 
 
+def test_tracker_port_reused_after_close_is_a_new_connection() -> None:
+    """The client reuses its port while the old connection is in TIME_WAIT: two connections,
+    the first one's exact bytes kept."""
+    t = Tracker(Limits(settle=0.0, hold=5.0))
+    for isn, payload in ((1000, b"GET /one HTTP/1.1\r\n"), (9000, b"\x16\x03\x01\x00\x05hello")):
+        t.packet(_seg(A, 40000, B, 80, isn, 0x02), 0.0)
+        t.packet(_seg(A, 40000, B, 80, isn, 0x02), 0.0)  # a retransmitted SYN: the same one
+        t.packet(_seg(B, 80, A, 40000, 77, 0x12), 0.0)
+        t.packet(_seg(A, 40000, B, 80, isn + 1, 0x18, payload), 0.0)
+        t.packet(_seg(B, 80, A, 40000, 78, 0x11), 0.0)
+        t.packet(_seg(A, 40000, B, 80, isn + 1 + len(payload), 0x11), 0.0)
+    got = t.snapshot([_entry("TIME_WAIT", 500, 5, 300, 4)], 1.0)
+    assert [(c.verdict.klass, c.client_bytes) for c in got] == [("plaintext", 19), ("tls", 10)]
+
+
 def test_tracker_empty_connection_waits_for_close() -> None:
     t = Tracker(Limits(settle=0.5))
     t.packet(_seg(A, 40000, B, 80, 100, 0x02), 0.0)

@@ -181,19 +181,23 @@ class Agent:
         self.sock: socket.socket | None = None
         self._bad_log = RateLimit(1.0)
         self._seq = 0
+        self._ct_cache: dict[str, nl.CtEntry | None] = {}
 
     # --- NFLOG ----------------------------------------------------------------------------
 
     def open_nflog(self) -> socket.socket:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nl.NETLINK_NETFILTER)
         with contextlib.suppress(OSError):  # SO_RCVBUFFORCE needs CAP_NET_ADMIN
-            sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+            sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE
         sock.bind((0, 0))
         g, lim = self.config.group, self.config.limits
         self._config(sock, nl.nflog_config(g, self._next(), cmd=nl.NFULNL_CFG_CMD_BIND))
         copy = lim.head_bytes + 120  # the payload plus the largest IP + TCP headers
         self._config(
-            sock, nl.nflog_config(g, self._next(), copy_range=copy, qthresh=64, timeout_cs=10)
+            sock,
+            nl.nflog_config(
+                g, self._next(), copy_range=copy, qthresh=64, timeout_cs=10, bufsize=131072
+            ),
         )
         sock.setblocking(False)
         return sock
@@ -260,25 +264,46 @@ class Agent:
 
     # --- conntrack ------------------------------------------------------------------------
 
-    def read_conntrack(self) -> list[nl.CtEntry]:
+    async def read_conntrack(self) -> list[nl.CtEntry]:
+        """The TCP entries of /proc/net/nf_conntrack, loopback and ignored ports left out.
+
+        A line is parsed once: from one poll to the next only its timeout changes (the entries
+        of finished connections stay for minutes in TIME_WAIT), so entries are cached by the
+        rest of the line, and the cache keeps only what the last poll listed."""
         entries = []
         try:
             text = CONNTRACK_FILE.read_text()
         except OSError as exc:
             self._bad("conntrack", f"cannot read {CONNTRACK_FILE}: {exc}")
             return []
-        for line in text.splitlines():
-            try:
-                e = nl.conntrack_line(line)
-            except nl.Malformed as exc:
-                self._malformed("conntrack", exc)
+        cache: dict[str, nl.CtEntry | None] = {}
+        old = self._ct_cache
+        for n, line in enumerate(text.splitlines()):
+            if n % 2000 == 1999:
+                await asyncio.sleep(0)  # let the NFLOG reader drain its socket
+            parts = line.split(None, 5)
+            if len(parts) < 6 or parts[2] != "tcp":
                 continue
-            if e is not None and e.dport not in self.config.ignore_ports and not _local(e):
+            rest = parts[5]
+            if rest in old:
+                e = old[rest]
+            else:
+                try:
+                    e = nl.conntrack_line(line)
+                except nl.Malformed as exc:
+                    self._malformed("conntrack", exc)
+                    continue
+                if e is not None and (e.dport in self.config.ignore_ports or _local(e)):
+                    e = None
+            cache[rest] = e
+            if e is not None:
                 entries.append(e)
+        self._ct_cache = cache
         return entries
 
-    def poll_once(self) -> None:
-        for counted in self.tracker.snapshot(self.read_conntrack(), self.clock()):
+    async def poll_once(self) -> None:
+        entries = await self.read_conntrack()
+        for counted in self.tracker.snapshot(entries, self.clock()):
             self.count(counted)
         self.metrics.tracked.set(len(self.tracker.conns))
         if self.tracker.stats.table_full:
@@ -385,7 +410,7 @@ class Agent:
                                   "group": self.config.group, "workloads": len(self.workloads)}},
             )  # fmt: skip
             while not stop.is_set():
-                self.poll_once()
+                await self.poll_once()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.config.poll)
         finally:

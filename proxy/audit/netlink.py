@@ -235,6 +235,16 @@ class CtEntry:
         return (self.src, self.sport, self.dst, self.dport)
 
 
+def _addr(text: str) -> str:
+    """An address as `ipaddress` writes it (the kernel writes IPv6 uncompressed)."""
+    if ":" in text:
+        return str(ipaddress.IPv6Address(text))
+    parts = text.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 and str(int(p)) == p for p in parts):
+        raise ValueError(f"not an IPv4 address: {text!r}")
+    return text
+
+
 def conntrack_line(line: str) -> CtEntry | None:
     """One line of /proc/net/nf_conntrack (None: not TCP, or no accounting on the entry).
 
@@ -254,10 +264,10 @@ def conntrack_line(line: str) -> CtEntry | None:
     try:
         if "bytes" not in orig or "bytes" not in reply:
             return None
-        src, dst = str(ipaddress.ip_address(orig["src"])), str(ipaddress.ip_address(orig["dst"]))
         return CtEntry(
-            src, int(orig["sport"]), dst, int(orig["dport"]), state,
-            int(orig["packets"]), int(orig["bytes"]), int(reply["packets"]), int(reply["bytes"]),
+            _addr(orig["src"]), int(orig["sport"]), _addr(orig["dst"]), int(orig["dport"]),
+            state, int(orig["packets"]), int(orig["bytes"]), int(reply["packets"]),
+            int(reply["bytes"]),
         )  # fmt: skip
     except (KeyError, ValueError) as exc:
         raise Malformed(f"conntrack line: {exc}: {line[:200]!r}") from None

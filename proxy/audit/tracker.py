@@ -67,6 +67,9 @@ class Conn:
     verdict: Verdict | None = None
     closing_since: float | None = None
     last_ct: float | None = None
+    reset: bool = False
+    ct_packets: int = 0
+    """Conntrack's packet count (both directions) at the last snapshot."""
 
     @property
     def v6(self) -> bool:
@@ -115,6 +118,7 @@ class Tracker:
         self.limits = limits or Limits()
         self.conns: dict[FlowKey, Conn] = {}
         self.stats = Stats()
+        self._retired: list[Counted] = []
 
     def _new(self, key: FlowKey, now: float, saw_start: bool) -> Conn | None:
         if len(self.conns) >= self.limits.max_conns:
@@ -129,6 +133,9 @@ class Tracker:
         self.stats.packets += 1
         key: FlowKey = (seg.src, seg.sport, seg.dst, seg.dport)
         conn = self.conns.get(key)
+        if conn is not None and seg.syn and not seg.ack and self._reused(conn, seg):
+            self._retire(conn, now)
+            conn = None
         direction = 0
         if conn is None:
             conn = self.conns.get(_reverse(key))
@@ -151,6 +158,8 @@ class Tracker:
             side.base = (seg.seq + 1) & 0xFFFFFFFF
             side.syn_header_len = seg.header_len
             return
+        if seg.flags & 0x04:  # RST
+            conn.reset = True
         if seg.flags & 0x01 and side.base is not None:  # FIN
             side.fin_end = (seg.seq + seg.payload_len - side.base) & 0xFFFFFFFF
         if side.header_len is None and not seg.flags & 0x05:
@@ -187,6 +196,32 @@ class Tracker:
         new = payload[have - offset :]
         side.head += new[: max(0, limit - have)]
 
+    @staticmethod
+    def _reused(conn: Conn, seg: TcpSegment) -> bool:
+        """A new SYN on the address pair of a connection that ended (the client reused its
+        port while the old connection sat in TIME_WAIT): a new connection, which conntrack
+        too starts afresh. A retransmitted SYN has the same sequence number."""
+        base = conn.sides[0].base
+        ended = (
+            conn.closing_since is not None
+            or conn.reset
+            or any(side.fin_end is not None for side in conn.sides)
+        )
+        return ended and base is not None and (seg.seq + 1) & 0xFFFFFFFF != base
+
+    def _retire(self, conn: Conn, now: float) -> None:
+        """Count what is left of a connection whose address pair a new one takes over."""
+        del self.conns[conn.key]
+        c, s = conn.sides
+        new = conn.verdict is None
+        verdict = conn.verdict or classify(bytes(c.head), bytes(s.head))
+        cb = c.fin_end if c.fin_end is not None else c.counted
+        sb = s.fin_end if s.fin_end is not None else s.counted
+        heads = (bytes(c.head), bytes(s.head)) if new else (b"", b"")
+        dc, ds = max(0, cb - c.counted), max(0, sb - s.counted)
+        if new or dc or ds:
+            self._retired.append(Counted(conn.key, verdict, new, dc, ds, *heads))
+
     def _done(self, conn: Conn, direction: int, packets: int, now: float) -> bool:
         side = conn.sides[direction]
         if side.head:
@@ -197,7 +232,7 @@ class Tracker:
 
     def snapshot(self, entries: Iterable[CtEntry], now: float) -> list[Counted]:
         """One conntrack snapshot (every TCP entry with accounting): what to count."""
-        out: list[Counted] = []
+        out, self._retired = self._retired, []
         seen: set[FlowKey] = set()
         for e in entries:
             conn = self.conns.get(e.key)
@@ -207,11 +242,19 @@ class Tracker:
                 conn.key = e.key
                 conn.sides = (conn.sides[1], conn.sides[0])
                 self.conns[e.key] = conn
+            if conn is not None and e.orig_packets + e.reply_packets < conn.ct_packets:
+                # Conntrack started the entry afresh: a new connection on the same address
+                # pair whose SYN we did not see.
+                self._retire(conn, now)
+                out += self._retired
+                self._retired = []
+                conn = None
             if conn is None:
                 made = self._new(e.key, now, saw_start=False)
                 if made is None:
                     continue
                 conn = made
+            conn.ct_packets = e.orig_packets + e.reply_packets
             seen.add(conn.key)
             conn.last_ct = now
             if e.state in CLOSING and conn.closing_since is None:
@@ -234,13 +277,20 @@ class Tracker:
                     continue
                 new = True
             c, s = conn.sides
-            if c.fin_end is not None and s.fin_end is not None:
+            cb = c.payload_estimate(e.orig_packets, e.orig_bytes, conn.v6)
+            sb = s.payload_estimate(e.reply_packets, e.reply_bytes, conn.v6)
+            if (
+                c.fin_end is not None
+                and s.fin_end is not None
+                and (
+                    # Conntrack's count (retransmissions in) bounds the exact one from above; a
+                    # FIN beyond it belongs to a connection whose SYN we missed.
+                    c.fin_end <= cb + 64 and s.fin_end <= sb + 64
+                )
+            ):
                 cb, sb = c.fin_end, s.fin_end
-            elif now - conn.first_seen < self.limits.hold:
+            elif now - conn.first_seen < self.limits.hold and conn.closing_since is None:
                 cb, sb = c.counted, s.counted
-            else:
-                cb = c.payload_estimate(e.orig_packets, e.orig_bytes, conn.v6)
-                sb = s.payload_estimate(e.reply_packets, e.reply_bytes, conn.v6)
             dc, ds = max(0, cb - c.counted), max(0, sb - s.counted)
             c.counted, s.counted = max(c.counted, cb), max(s.counted, sb)
             if new or dc or ds:
