@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..config.parse import parse_address, parse_duration
 from ..errors import ProxyError
+from .agent import AgentConfig
 from .tracker import Limits
 from .workloads import MapError, parse_map
 
 
-def main(argv: Sequence[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mtls-sidecar audit",
         description="The wire auditor: classify every TCP connection crossing this node.",
@@ -40,33 +41,25 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--no-rules", action="store_true", help="the nft rules are installed by others")
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", choices=["json", "text"], default="json")
-    args = p.parse_args(list(argv))
-    try:
-        listen = parse_address(args.listen, allow_zero=True)
-        poll = parse_duration(args.poll)
-        ignore = frozenset(int(p) for p in args.ignore_ports.split(",") if p.strip())
-        if any(not 0 < p < 65536 for p in ignore):
-            raise ValueError("--ignore-ports: ports are 1-65535")
-    except ValueError as exc:
-        print(f"mtls-sidecar audit: {exc}", file=sys.stderr)
-        return 2
+    return p
+
+
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> AgentConfig:
+    """The agent's configuration; ValueError says what is wrong."""
+    listen = parse_address(args.listen, allow_zero=True)
+    poll = parse_duration(args.poll)
+    ignore = frozenset(int(p) for p in args.ignore_ports.split(",") if p.strip())
+    if any(not 0 < p < 65536 for p in ignore):
+        raise ValueError("--ignore-ports: ports are 1-65535")
+    if not 2 <= args.packets <= 64 or not 16 <= args.head_bytes <= 16384:
+        raise ValueError("--packets 2..64, --head-bytes 16..16384")
     workloads = {}
     if args.workloads:
         try:
             workloads = parse_map(args.workloads.read_text())
         except (OSError, MapError) as exc:
-            print(f"mtls-sidecar audit: --workloads {args.workloads}: {exc}", file=sys.stderr)
-            return 2
-    if not 2 <= args.packets <= 64 or not 16 <= args.head_bytes <= 16384:
-        print("mtls-sidecar audit: --packets 2..64, --head-bytes 16..16384", file=sys.stderr)
-        return 2
-    import uvloop
-
-    from ..logs import setup_logging
-    from .agent import Agent, AgentConfig
-
-    setup_logging(args.log_level, args.log_format)
-    config = AgentConfig(
+            raise ValueError(f"--workloads {args.workloads}: {exc}") from None
+    return AgentConfig(
         listen=listen,
         group=args.nflog_group,
         limits=Limits(budget=args.packets, head_bytes=args.head_bytes),
@@ -76,8 +69,23 @@ def main(argv: Sequence[str]) -> int:
         max_ports=args.max_ports,
         install_rules=not args.no_rules,
         ignore_ports=ignore,
-        node=args.node or os.environ.get("NODE_NAME") or None,
+        node=args.node or env.get("NODE_NAME") or None,
     )
+
+
+def main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(list(argv))
+    try:
+        config = config_from_args(args, os.environ)
+    except ValueError as exc:
+        print(f"mtls-sidecar audit: {exc}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    from ..logs import setup_logging
+    from .agent import Agent
+
+    setup_logging(args.log_level, args.log_format)
     try:
         return uvloop.run(Agent(config).run())
     except (ProxyError, OSError) as exc:
