@@ -260,13 +260,16 @@ print(json.dumps({"sent": len(data), "reply": len(reply),
 """
 
 
-def _dial(au: Audited, src: str, dst: str, port: int, payload: bytes) -> dict[str, Any]:
+def _dial(
+    au: Audited, src: str, dst: str, port: int, payload: bytes, v6: bool = False
+) -> dict[str, Any]:
     """Send `payload` from host `src` to `dst:port` and read the reply (the apps are echoes)."""
     path = au.mesh.workdir / f"payload-{secrets.token_hex(4)}"
     path.write_bytes(payload)
+    addr = au.lab[dst].v6 if v6 else au.ip(dst)
     try:
         proc = au.lab.run(
-            src, [sys.executable, "-c", _CLIENT, au.ip(dst), str(port), str(path)], timeout=60
+            src, [sys.executable, "-c", _CLIENT, addr, str(port), str(path)], timeout=60
         )
     finally:
         path.unlink()
@@ -388,6 +391,37 @@ def test_silent_connection(audited: Audited) -> None:
     conn = au.auditor.wait_for(_between(au, "c", "b", EXCLUDED), before)
     assert (conn["class"], conn["protocol"]) == ("empty", "none"), conn
     assert conn["bytes"] == 0
+
+
+def test_plaintext_over_ipv6(audited: Audited) -> None:
+    au = audited
+    before = len(au.auditor.connections())
+    payload = b"GET /v6 HTTP/1.1\r\n\r\n" + secrets.token_bytes(300_000)
+    _dial(au, "c", "b", EXCLUDED, payload, v6=True)
+    src, dst = au.lab["c"].v6, au.lab["b"].v6
+    conn = au.auditor.wait_for(
+        lambda c: c["key"][0] == src and c["key"][2:] == [dst, EXCLUDED], before
+    )
+    assert (conn["class"], conn["protocol"]) == ("plaintext", "http1"), conn
+    assert conn["src"] == f"[{src}]:{conn['key'][1]}"
+    _within_1pct(au.auditor.wait_bytes(conn["key"], 2 * len(payload)), 2 * len(payload))
+
+
+def test_garbage_is_named_and_survived(audited: Audited) -> None:
+    """Bytes shaped like a TLS record header with nonsense after it, then random bytes: each
+    connection named, the auditor still up, nothing counted as malformed (the kernel's
+    messages were fine; the payload is only ever classified)."""
+    au = audited
+    for payload, klass in (
+        (b"\x16\x03\x03\x00\x30\x01\xff\xff\xff" + secrets.token_bytes(40), "tls"),
+        (b"\x00" + secrets.token_bytes(5000), "plaintext"),
+    ):
+        before = len(au.auditor.connections())
+        _dial(au, "c", "b", EXCLUDED, payload)
+        conn = au.auditor.wait_for(_between(au, "c", "b", EXCLUDED), before)
+        assert conn["class"] == klass, conn
+    assert au.auditor.proc.poll() is None
+    assert au.auditor.metric("mtls_audit_malformed_total") == 0
 
 
 def test_cost_is_per_connection(audited: Audited) -> None:
