@@ -164,6 +164,9 @@ def test_tracker_classifies_and_counts_payload() -> None:
     assert c.new and c.verdict.klass == "plaintext" and c.verdict.protocol == "http1"
     assert (c.client_bytes, c.server_bytes) == (19, 17)
     assert c.client_head == b"GET / HTTP/1.1\r\n" and c.server_head == b"HTTP/1.1 200 OK\r\n"
+    # Named: the first bytes are dropped, and later packets are not collected.
+    t.packet(_seg(A, 40000, B, 80, 120, 0x18, b"more"), 0.35)
+    assert all(not side.head for side in t.conns[(A, 40000, B, 80)].sides)
     # Later snapshots add what the counters grew by.
     (c,) = t.snapshot([_entry("ESTABLISHED", orig + 52 + 1000, 6, 60 + 52 * 2 + 17, 3)], 0.4)
     assert not c.new and (c.client_bytes, c.server_bytes) == (1000, 0)

@@ -296,6 +296,13 @@ class Tracker:
             if new or dc or ds:
                 heads = (bytes(c.head), bytes(s.head)) if new else (b"", b"")
                 out.append(Counted(conn.key, conn.verdict, new, dc, ds, *heads))
+            if new:
+                # Named: its first bytes are no longer needed, nor kept (memory, and the
+                # threat model: nothing of the payload stays beyond classification).
+                for side in conn.sides:
+                    side.head = bytearray()
+                    side.pending.clear()
+                    side.complete = False
         self._forget(seen, now)
         return out
 
