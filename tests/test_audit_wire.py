@@ -304,7 +304,12 @@ def test_our_mtls_between_sidecars(audited: Audited) -> None:
     assert conn["selected_group"] == "X25519MLKEM768"
     assert conn["offered_groups"][:3] == ["X25519MLKEM768", "X25519", "P-256"]
     # The wire carried the app's bytes plus TLS's own (handshake, record headers, tags).
-    _within_1pct(au.auditor.wait_bytes(conn["key"], 2 * len(payload)), 2 * len(payload))
+    # The sidecars keep this connection open: its bytes come from conntrack once it is older
+    # than --exact-within (30 s). They are the wire's: the app's bytes plus TLS's and the reuse
+    # protocol's own (handshake with certificates and ML-KEM shares, record headers and tags,
+    # frame headers, window updates), and any retransmission: a few per cent at most.
+    got = au.auditor.wait_bytes(conn["key"], 2 * len(payload), timeout=90)
+    assert 2 * len(payload) <= got <= 2 * len(payload) * 1.03, got
     assert au.auditor.metric("mtls_audit_tls_key_exchange_total", group="X25519MLKEM768") >= 1
 
 
@@ -338,6 +343,7 @@ def test_plaintext_http_around_a_sidecar(audited: Audited) -> None:
     conn = au.auditor.wait_for(_between(au, "c", "b", EXCLUDED), before)
     assert (conn["class"], conn["protocol"]) == ("plaintext", "http1"), conn
     assert conn["src_workload"] == "legacy/c-0001" and conn["dst_workload"] == "proof/b-7c2e"
+    assert "client_head" not in conn  # payload bytes go to the log only, never the admin port
     _within_1pct(au.auditor.wait_bytes(conn["key"], 2 * len(payload)), 2 * len(payload))
     # Logged with its first bytes in hex, truncated: never the payload beyond them.
     event = next(

@@ -229,7 +229,8 @@ class Agent:
                     self.metrics.dropped.labels("nflog_overrun").inc()
                     self._bad("nflog_overrun", "NFLOG messages lost: the socket buffer overran")
                     continue
-                raise
+                self._bad("nflog", f"reading the NFLOG socket: {exc}")
+                return
             self.feed(data, now)
 
     def feed(self, data: bytes, now: float) -> None:
@@ -344,11 +345,15 @@ class Agent:
                 "selected_group": v.selected_group,
             }
             if v.klass == "plaintext":
-                event["client_head"] = c.client_head[:HEX_BYTES].hex()
-                event["server_head"] = c.server_head[:HEX_BYTES].hex()
+                # In the log only: /connections (on a port reachable from the network) carries
+                # no payload bytes at all.
+                heads = {
+                    "client_head": c.client_head[:HEX_BYTES].hex(),
+                    "server_head": c.server_head[:HEX_BYTES].hex(),
+                }
                 log.warning(
                     "plaintext connection on the wire",
-                    extra={"fields": {"event": "audit_plaintext", **event}},
+                    extra={"fields": {"event": "audit_plaintext", **event, **heads}},
                 )
             else:
                 log.debug("connection", extra={"fields": {"event": "audit_connection", **event}})

@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--packets", type=int, default=8, help="packets per direction logged")
     p.add_argument("--head-bytes", type=int, default=2048, help="payload bytes kept per side")
     p.add_argument("--poll", default="1s", help="conntrack poll interval")
+    p.add_argument(
+        "--exact-within",
+        default="30s",
+        help="bytes of a connection that ends within this are exact (SYN/FIN sequence "
+        "numbers); longer ones are counted as they go from conntrack, retransmissions in",
+    )
     p.add_argument("--max-edges", type=int, default=200)
     p.add_argument("--max-ports", type=int, default=64)
     p.add_argument(
@@ -48,6 +54,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> AgentC
     """The agent's configuration; ValueError says what is wrong."""
     listen = parse_address(args.listen, allow_zero=True)
     poll = parse_duration(args.poll)
+    hold = parse_duration(args.exact_within)
     ignore = frozenset(int(p) for p in args.ignore_ports.split(",") if p.strip())
     if any(not 0 < p < 65536 for p in ignore):
         raise ValueError("--ignore-ports: ports are 1-65535")
@@ -62,7 +69,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> AgentC
     return AgentConfig(
         listen=listen,
         group=args.nflog_group,
-        limits=Limits(budget=args.packets, head_bytes=args.head_bytes),
+        limits=Limits(budget=args.packets, head_bytes=args.head_bytes, hold=hold),
         poll=poll,
         workloads=workloads,
         max_edges=args.max_edges,

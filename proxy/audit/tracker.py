@@ -6,9 +6,10 @@ counters and its TCP state. A connection is classified once both directions are 
 (sent payload, or used up the kernel's packet budget, or the connection is closing), and from
 then on every snapshot adds the bytes it grew by.
 
-Bytes: a connection that ends within `hold` seconds is counted exactly from the sequence
-numbers of its SYN and FIN in each direction (the kernel logs FINs too). Longer ones are
-counted as they go from conntrack's accounting: IP packets, headers included, so the payload
+Bytes: a connection that ends within `hold` seconds (30 by default) is counted exactly from
+the sequence numbers of its SYN and FIN in each direction (the kernel logs FINs too). Longer
+ones are counted as they go from conntrack's accounting: IP packets, headers included, so the
+payload
 is that minus one IP+TCP header per counted packet (GSO super-packets are counted once, with
 one header), the header length taken from the connection's own packets (SYNs carry 8 more
 option bytes); retransmitted bytes are in that count.
@@ -100,7 +101,7 @@ class Limits:
     stale: float = 30.0
     """A connection seen in packets but never in conntrack is forgotten after this long."""
     max_conns: int = 262144
-    hold: float = 5.0
+    hold: float = 30.0
     """Bytes of a connection younger than this wait for its FINs, whose sequence numbers give
     them exactly (conntrack's counters include retransmissions)."""
 
