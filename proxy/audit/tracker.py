@@ -9,10 +9,9 @@ then on every snapshot adds the bytes it grew by.
 Bytes: a connection that ends within `hold` seconds (30 by default) is counted exactly from
 the sequence numbers of its SYN and FIN in each direction (the kernel logs FINs too). Longer
 ones are counted as they go from conntrack's accounting: IP packets, headers included, so the
-payload
-is that minus one IP+TCP header per counted packet (GSO super-packets are counted once, with
-one header), the header length taken from the connection's own packets (SYNs carry 8 more
-option bytes); retransmitted bytes are in that count.
+payload is that minus one IP+TCP header per counted packet (GSO super-packets are counted
+once, with one header), the header length taken from the connection's own packets (SYNs
+carry 8 more option bytes); retransmitted bytes are in that count.
 """
 
 from __future__ import annotations
