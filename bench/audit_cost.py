@@ -118,6 +118,12 @@ def main() -> int:
                      f"counted, {pkts / conns:.1f} packets handed over each)",
                      f"{made / wall:,.0f} conn/s", cpu, wall,
                      f"{cpu / conns * 1e6:,.0f} us/conn"))  # fmt: skip
+        rss_kb = next(
+            int(ln.split()[1])
+            for ln in Path(f"/proc/{auditor.pid}/status").read_text().splitlines()
+            if ln.startswith("VmRSS:")
+        )
+        tracked = metric(lab, "mtls_audit_tracked_connections")
         print(wrk.stdout, file=sys.stderr)
         final = lab.run(lab.bridge_ns, ["curl", "-s", f"http://127.0.0.1:{PORT}/metrics"])
         print("\n".join(ln for ln in final.stdout.splitlines() if ln.startswith("mtls_audit")
@@ -126,6 +132,8 @@ def main() -> int:
         print("|---|---|---|---|---|---|")
         for name, rate, c, w, per in rows:
             print(f"| {name} | {rate} | {c:.2f} | {w:.1f} | {100 * c / w:.1f} % | {per} |")
+        print(f"\nauditor RSS {rss_kb / 1024:.0f} MiB after the runs, {tracked:,.0f} connections "
+              "in progress in its table")  # fmt: skip
     finally:
         lab.close()
     return 0

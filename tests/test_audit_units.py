@@ -287,3 +287,16 @@ def test_tracker_exact_bytes_from_fins() -> None:
     (c,) = t.snapshot([_entry("TIME_WAIT", 999_999, 60, 99_999, 30)], 0.2)
     assert c.new and c.verdict.klass == "plaintext"
     assert (c.client_bytes, c.server_bytes) == (70_005, 5)
+    # Counted to the end: only its key is kept while conntrack lists it (TIME_WAIT)...
+    key = (A, 40000, B, 80)
+    assert key not in t.conns and key in t.finished
+    assert t.snapshot([_entry("TIME_WAIT", 999_999, 60, 99_999, 30)], 1.0) == []
+    assert key not in t.conns
+    # ...and a new connection on the same address pair is a new one.
+    t.packet(_seg(A, 40000, B, 80, 5000, 0x02), 2.0)
+    t.packet(_seg(B, 80, A, 40000, 9000, 0x12), 2.0)
+    t.packet(_seg(A, 40000, B, 80, 5001, 0x18, b"GET / HTTP/1.1\r\n"), 2.0)
+    t.packet(_seg(B, 80, A, 40000, 9001, 0x18, b"HTTP/1.1 200 OK\r\n"), 2.0)
+    (c,) = t.snapshot([_entry("ESTABLISHED", 400, 4, 300, 3)], 2.1)
+    assert c.new and c.verdict.protocol == "http1" and key not in t.finished
+    assert t.snapshot([], 3.0) == [] and not t.conns and not t.finished

@@ -119,6 +119,9 @@ class Tracker:
         self.conns: dict[FlowKey, Conn] = {}
         self.stats = Stats()
         self._retired: list[Counted] = []
+        self.finished: dict[FlowKey, int] = {}
+        """Connections counted to the end (both FINs, or a reset) whose conntrack entries
+        linger in TIME_WAIT or CLOSE: their key and packet count only, not the whole state."""
 
     def _new(self, key: FlowKey, now: float, saw_start: bool) -> Conn | None:
         if len(self.conns) >= self.limits.max_conns:
@@ -235,6 +238,12 @@ class Tracker:
         out, self._retired = self._retired, []
         seen: set[FlowKey] = set()
         for e in entries:
+            done = self.finished.get(e.key)
+            if done is not None:
+                if e.key not in self.conns and e.orig_packets + e.reply_packets >= done:
+                    seen.add(e.key)
+                    continue
+                del self.finished[e.key]  # the address pair is in use again
             conn = self.conns.get(e.key)
             if conn is None and _reverse(e.key) in self.conns:
                 # We guessed the direction from a packet; conntrack knows it.
@@ -277,6 +286,7 @@ class Tracker:
                     continue
                 new = True
             c, s = conn.sides
+            exact = False
             cb = c.payload_estimate(e.orig_packets, e.orig_bytes, conn.v6)
             sb = s.payload_estimate(e.reply_packets, e.reply_bytes, conn.v6)
             if (
@@ -289,6 +299,7 @@ class Tracker:
                 )
             ):
                 cb, sb = c.fin_end, s.fin_end
+                exact = True
             elif now - conn.first_seen < self.limits.hold and conn.closing_since is None:
                 cb, sb = c.counted, s.counted
             dc, ds = max(0, cb - c.counted), max(0, sb - s.counted)
@@ -303,11 +314,16 @@ class Tracker:
                     side.head = bytearray()
                     side.pending.clear()
                     side.complete = False
+            if conn.closing_since is not None and (exact or conn.reset):
+                del self.conns[conn.key]
+                self.finished[conn.key] = conn.ct_packets
         self._forget(seen, now)
         return out
 
     def _forget(self, seen: set[FlowKey], now: float) -> None:
         """Drop what conntrack no longer lists, and packet-only entries gone stale."""
+        for key in [k for k in self.finished if k not in seen]:
+            del self.finished[key]
         for key in [k for k in self.conns if k not in seen]:
             conn = self.conns[key]
             if conn.last_ct is not None or now - conn.first_seen > self.limits.stale:
