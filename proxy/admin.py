@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from typing import Protocol
 from aiohttp import web
 
 from . import __version__, metrics
+from .addresses import is_loopback
 from .config import Address, Settings
 from .errors import StartupError
 from .listen import bind_listener
@@ -158,18 +158,9 @@ async def metrics_view(request: web.Request) -> web.Response:
     return resp
 
 
-def _is_loopback(remote: str | None) -> bool:
-    if not remote:
-        return False
-    try:
-        return ipaddress.ip_address(remote.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
 async def drain(request: web.Request) -> web.Response:
     m = _master(request)
-    if not m.settings.admin_allow_remote_drain and not _is_loopback(request.remote):
+    if not m.settings.admin_allow_remote_drain and not is_loopback(request.remote):
         return web.Response(
             status=403,
             text="POST /drain is only accepted from loopback "

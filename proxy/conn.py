@@ -37,6 +37,8 @@ from .tls_ffi import (
 
 log = logging.getLogger("mtls.conn")
 _OVERLOAD_LOG = RateLimit(1.0)
+# Refused streams cost a peer a few bytes each: one line a second per reason says it.
+_STREAM_REFUSAL_LOG: dict[f.Reason, RateLimit] = {}
 
 # How a refusal of a stream reaches the dialling sidecar (RESET codes), and back.
 _RESET_FOR: dict[f.Reason, int] = {
@@ -48,6 +50,7 @@ _RESET_FOR: dict[f.Reason, int] = {
     f.Reason.TOO_MANY_CONNECTIONS: mux.RESET_LIMIT,
     f.Reason.BAD_DESTINATION: mux.RESET_BAD_DESTINATION,
     f.Reason.LOOP_DETECTED: mux.RESET_BAD_DESTINATION,
+    f.Reason.GOING_AWAY: mux.RESET_GOING_AWAY,
 }
 _REFUSED_AS: dict[int, tuple[f.Reason, str]] = {
     mux.RESET_NOT_ALLOWED: (f.Reason.PEER_NOT_ALLOWED, "refused our identity"),
@@ -55,6 +58,7 @@ _REFUSED_AS: dict[int, tuple[f.Reason, str]] = {
     mux.RESET_EXPIRED: (f.Reason.EXPIRED_CERT, "says our certificate expired"),
     mux.RESET_LIMIT: (f.Reason.TOO_MANY_CONNECTIONS, "is at its connection limit"),
     mux.RESET_BAD_DESTINATION: (f.Reason.BAD_DESTINATION, "refused the destination"),
+    mux.RESET_GOING_AWAY: (f.Reason.GOING_AWAY, "had told us to go away (GOAWAY)"),
 }
 
 
@@ -356,6 +360,12 @@ class Conn:
             self.called = stream.info.dst
         else:
             self.called = carrier.called
+        if carrier.going_away(self.host.loop.time()):
+            forbidden = (
+                f.Reason.GOING_AWAY,
+                f"peer {peer} opened a stream on a pooled connection we had told to go away "
+                "(GOAWAY)",
+            )
         refused = self.host.admit(self) if target is not None else None
         self._run(
             f.Accepted(
@@ -391,14 +401,22 @@ class Conn:
         if facts is not None and facts.not_after <= time.time():
             expired = dt.datetime.fromtimestamp(facts.not_after, dt.UTC).isoformat()
         revoked = self._revoked_serial(facts)
+        if isinstance(leg, StreamLeg):
+            note = "a new stream on the pooled connection it opened before"
+        else:
+            note = "resumed session" if resumed else ""
         if isinstance(leg, NetLeg) and leg.alpn() == mux.ALPN:
-            if self._make_carrier(leg, sid, facts, revoked, expired):
+            if self._make_carrier(leg, sid, facts, revoked, expired, note):
                 return
         elif self.pool_key is not None:
             # A peer without connection reuse (another proxy, or reuse turned off there):
             # one TLS connection per app connection to it for a while.
             self._dial_done(None, FOREIGN_TTL)
-        self._run(f.HandshakeDone(sid, resumed, revoked_serial=revoked, expired_at=expired))
+        self._run(
+            f.HandshakeDone(
+                sid, resumed, revoked_serial=revoked, expired_at=expired, expired_note=note
+            )
+        )
 
     def _make_carrier(
         self,
@@ -407,11 +425,12 @@ class Conn:
         facts: PeerCert | None,
         revoked: str | None,
         expired: str | None,
+        note: str,
     ) -> bool:
         """Both sides negotiated connection reuse: make `leg` a pooled connection. Inbound
         this connection was only its handshake and ends here, unlogged (True); outbound it
         becomes the carrier's first stream and goes on (False)."""
-        if self.flow.judge(sid, revoked, expired) is not None:
+        if self.flow.judge(sid, revoked, expired, note) is not None:
             if self.pool_key is not None:
                 self._dial_done(None, 0)
             return False  # refused as any connection: the flow says so
@@ -508,6 +527,19 @@ class Conn:
         reason, words = refusal
         name = mux.RESET_NAMES.get(code, str(code))
         self._run(f.TlsError(reason, f"{self.flow.who()} {words} (stream refused)", name, 0))
+
+    def stream_unanswered(self, seconds: float) -> None:
+        """Outbound: the far sidecar answered our stream neither way in time. Refused as a
+        handshake timeout would be (nothing was relayed), the app's connection cut."""
+        self._run(
+            f.TlsError(
+                f.Reason.HANDSHAKE_TIMEOUT,
+                f"{self.flow.who()} did not answer a new stream on its pooled connection "
+                f"within {seconds:g}s",
+                "no answer",
+                0,
+            )
+        )
 
     def _revoked_serial(self, facts: PeerCert | None) -> str | None:
         """The serial of this peer certificate if the revocation list in use lists it."""
@@ -678,9 +710,16 @@ class Conn:
                     self.net.reset_code = _RESET_FOR.get(reason, mux.RESET_CANCEL)
                 self.route.metrics.rejected(reason).inc()
                 held: int | None = 0
+                limit: RateLimit | None = None
                 if reason is f.Reason.TOO_MANY_CONNECTIONS:
                     # Overload must not also flood the log: one line a second says it.
-                    held = _OVERLOAD_LOG.allow()
+                    limit = _OVERLOAD_LOG
+                elif isinstance(self.net, StreamLeg):
+                    limit = _STREAM_REFUSAL_LOG.get(reason)
+                    if limit is None:
+                        limit = _STREAM_REFUSAL_LOG[reason] = RateLimit(1.0)
+                if limit is not None:
+                    held = limit.allow()
                     if held is None:
                         return
                 fields = self._fields("rejected")
@@ -798,7 +837,11 @@ class Conn:
             self._count_open()
 
     def flow_was_open(self, outcome: str) -> bool:
-        """Did this connection relay, and end other than by a refusal?"""
+        """Did this connection relay, and end other than by a refusal? A stream the far
+        sidecar never answered (ACCEPT) did not."""
+        net = self.net
+        if isinstance(net, StreamLeg) and net.carrier.outbound and not net.accepted:
+            return False
         return self.hs_done > 0 and not outcome.startswith(
             (f.Outcome.REJECTED, f.Outcome.UPSTREAM_FAILED)
         )

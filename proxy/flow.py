@@ -58,6 +58,7 @@ class Reason(StrEnum):
     BAD_PROXY_HEADER = "bad_proxy_header"
     LOOP_DETECTED = "loop_detected"
     BAD_DESTINATION = "bad_destination"  # a pooled stream named an address not ours
+    GOING_AWAY = "going_away"  # a pooled stream opened after we sent GOAWAY
     OTHER = "other"
 
 
@@ -140,6 +141,7 @@ class HandshakeDone:
     resumed: bool = False
     revoked_serial: str | None = None  # the peer's certificate is on a CRL (its serial)
     expired_at: str | None = None  # the peer's certificate has expired (a resumed session)
+    expired_note: str = ""  # why an expired certificate got this far, for the log line
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,7 +534,7 @@ class Flow:
         if self.state not in (State.HANDSHAKE, State.DIALING):
             return []
         self.peer_id = event.peer
-        refusal = self.judge(event.peer, event.revoked_serial, event.expired_at)
+        refusal = self.judge(event.peer, event.revoked_serial, event.expired_at, event.expired_note)
         if refusal is not None:
             return self._reject(*refusal)
         if self.inbound:
@@ -544,6 +546,7 @@ class Flow:
         peer: SpiffeId | None,
         revoked_serial: str | None = None,
         expired_at: str | None = None,
+        expired_note: str = "",
     ) -> tuple[Reason, str] | None:
         """Why this peer may not connect (None: it may): its certificate revoked or expired,
         or the identity policy. Also asked inside the handshake (conn.verify_peer), so the
@@ -555,12 +558,13 @@ class Flow:
                 f"({peer or 'no SPIFFE ID'}), which is revoked",
             )
         if expired_at is not None:
-            # A resumed session carries the certificate of its first handshake: checked
-            # again here, since resumption skips certificate verification.
+            # A resumed session carries the certificate of its first handshake, and a pooled
+            # connection's streams the certificate of its handshake: checked again here, since
+            # neither verifies the certificate again. `expired_note` says which.
+            note = f" ({expired_note})" if expired_note else ""
             return (
                 Reason.EXPIRED_CERT,
-                f"{self.who()} presented a certificate that expired at {expired_at} "
-                "(resumed session)",
+                f"{self.who()} presented a certificate that expired at {expired_at}{note}",
             )
         try:
             self.check_peer(peer)

@@ -74,6 +74,29 @@ def bind_listener(addr: Address, count: int) -> list[socket.socket]:
     return socks
 
 
+def relisten(sock: socket.socket) -> socket.socket:
+    """`sock` if it is still listening, else a new listening socket on the same address (in
+    the same SO_REUSEPORT group): a worker shuts its listeners down when it drains, and
+    a worker that drained on its own (a stray SIGTERM) is restarted on fresh ones."""
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        return sock
+    new = socket.socket(sock.family, socket.SOCK_STREAM)
+    try:
+        new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if sock.family == socket.AF_INET6:
+            v6only = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            new.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        new.bind(sock.getsockname())
+        new.listen(4096)
+    except OSError as exc:
+        new.close()
+        raise StartupError(f"cannot listen on {sock.getsockname()} again: {exc.strerror}") from None
+    new.set_inheritable(True)
+    sock.close()
+    return new
+
+
 def raise_nofile_limit(
     needed: int, setting: str = "MTLS_MAX_CONNECTIONS", per: str = " (2 per proxied connection)"
 ) -> int:

@@ -57,6 +57,11 @@ FRAME_NAMES = {
 }
 
 WINDOW_SIZE = 4 << 20  # bytes in flight per stream and direction
+# A sender stops reading its app once its window is used up, so the read in flight when it
+# ran out (up to 1 MiB) may overshoot the window: the receiver allows that much more, and
+# closes the connection when a peer sends beyond it (a protocol error, `flow_control`).
+WINDOW_SLACK = 1 << 20
+RECEIVE_LIMIT = WINDOW_SIZE + WINDOW_SLACK
 WINDOW_UPDATE_AT = WINDOW_SIZE // 2  # credit back once this much was handed to the app
 MAX_CONTROL_PAYLOAD = 1024  # OPEN, RESET, WINDOW: anything longer is a protocol error
 
@@ -69,6 +74,8 @@ RESET_UPSTREAM = 4  # the far side could not reach its app
 RESET_BAD_DESTINATION = 5  # transparent mode: the stream named an address the far side refuses
 RESET_LIMIT = 6  # the far side is at its connection limit
 RESET_UNKNOWN_STREAM = 7  # DATA for a stream the far side no longer knows
+RESET_GOING_AWAY = 8  # opened on a connection the far side had told to go away (GOAWAY)
+RESET_PROTOCOL = 9  # the stream broke a rule of this format (e.g. DATA after its EOF)
 RESET_NAMES = {
     RESET_CANCEL: "cancel",
     RESET_NOT_ALLOWED: "not_allowed",
@@ -78,6 +85,8 @@ RESET_NAMES = {
     RESET_BAD_DESTINATION: "bad_destination",
     RESET_LIMIT: "too_many_connections",
     RESET_UNKNOWN_STREAM: "unknown_stream",
+    RESET_GOING_AWAY: "going_away",
+    RESET_PROTOCOL: "protocol_error",
 }
 
 _PORT = struct.Struct("!H")
@@ -85,7 +94,16 @@ _WINDOW = struct.Struct("!I")
 
 
 class MuxError(ValueError):
-    """The peer broke the wire format: the whole connection is closed."""
+    """The peer broke the wire format: the whole connection is closed. `reason` is the
+    label it is counted under (mtls_pool_retired_total)."""
+
+    reason = "protocol_error"
+
+
+class WindowExceeded(MuxError):
+    """The peer sent more DATA on a stream than the window we credited allows."""
+
+    reason = "flow_control"
 
 
 def header(kind: int, length: int, sid: int) -> bytes:

@@ -17,16 +17,21 @@ reset); new connections get another carrier.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
+
+from cryptography import x509
 
 from . import metrics, mux
 from .identity import SpiffeId
+from .logs import RateLimit
 from .relay import _BUF, _PTR, Buf, LegOwner, NetLeg, _Leg
 from .revocation import PeerCert
-from .tls import TlsError
-from .tls_ffi import ffi
+from .tls import TlsError, chain_anchored
+from .tls_ffi import ffi, peer_chain_ders
 
 log = logging.getLogger("mtls.pool")
 
@@ -35,16 +40,84 @@ _HEADER_SIZE = mux.HEADER_SIZE
 _DATA_WORD = mux.DATA << 24
 _WINDOW_SIZE = mux.WINDOW_SIZE
 _UPDATE_AT = mux.WINDOW_UPDATE_AT
+_RECEIVE_LIMIT = mux.RECEIVE_LIMIT
 
 # A carrier that was told to go away but whose peer keeps it open after its streams ended
 # is closed by us after this long (the peer had time to see our GOAWAY).
 GOAWAY_GRACE = 5.0
+# After our GOAWAY, an OPEN is refused (RESET_GOING_AWAY) once this long has passed: one sent
+# before the peer could have read our GOAWAY crossed it on the wire and is still served.
+GOAWAY_OPEN_GRACE = 1.0
 # An upstream that answered without our ALPN (another proxy, or reuse off there) gets one TLS
 # connection per app connection, without waiting for a pooled one, for this long.
 FOREIGN_TTL = 60.0
 # DATA frames smaller than this wait for the end of the event loop's turn and go out together;
 # larger ones (bulk) go out at once, with whatever waits before them.
 CORK_BELOW = 16 * 1024
+# A peer that stops answering is found out two ways. The kernel: TCP keepalive probes after
+# 10 s without traffic, every 5 s, and TCP_USER_TIMEOUT closes a connection whose sent data
+# stays unacknowledged for 20 s (packets dropped, host gone). The peer itself (a frozen
+# process's kernel still acknowledges): a stream not answered (ACCEPT or RESET) within the
+# route's handshake timeout fails as `handshake_timeout`, and if nothing at all came from the
+# peer since the stream was opened, the carrier is closed as unresponsive.
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 2
+USER_TIMEOUT_MS = 20_000
+
+
+def _set_liveness(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+
+
+# One line a second per kind of stream-level protocol error, however many a peer sends.
+_STREAM_ERROR_LOG: dict[str, RateLimit] = {}
+
+
+def _stream_error(direction: str, reason: str, message: str) -> None:
+    metrics.POOL_STREAM_ERRORS.labels(direction, reason).inc()
+    limit = _STREAM_ERROR_LOG.get(reason)
+    if limit is None:
+        limit = _STREAM_ERROR_LOG[reason] = RateLimit(1.0)
+    held = limit.allow()
+    if held is None:
+        return
+    if held:
+        message += f" ({held} more since the last line)"
+    log.warning(
+        message,
+        extra={
+            "fields": {
+                "event": "pool_stream_error",
+                "direction": direction,
+                "reason": reason,
+                "held_back": held or None,
+            }
+        },
+    )
+
+
+# Intermediates seen in pooled peers' chains: a resumed session brings no chain, only the
+# leaf, so these complete it when a trust bundle change asks where it leads. Bounded.
+_INTERMEDIATES: dict[bytes, None] = {}
+_MAX_INTERMEDIATES = 64
+
+
+def _remember_chain(ssl: Any) -> None:
+    for der in peer_chain_ders(ssl):
+        if der not in _INTERMEDIATES and len(_INTERMEDIATES) < _MAX_INTERMEDIATES:
+            _INTERMEDIATES[der] = None
+
+
+class Unresponsive(ConnectionError):
+    """The carrier's peer answered nothing within a stream's answer timeout."""
 
 
 class StreamOwner(LegOwner, Protocol):
@@ -52,6 +125,9 @@ class StreamOwner(LegOwner, Protocol):
 
     def stream_refused(self, code: int) -> None:
         """The far side refused the stream (a RESET before ACCEPT) with this RESET_* code."""
+
+    def stream_unanswered(self, seconds: float) -> None:
+        """The far side answered the stream neither with ACCEPT nor RESET in `seconds`."""
 
 
 class CarrierHost(Protocol):
@@ -75,11 +151,14 @@ class StreamLeg(_Leg):
         "ended",
         "eof_in",
         "eof_out",
+        "heard_mark",
         "held",
         "info",
+        "receivable",
         "reset_code",
         "sid",
         "started",
+        "timer",
         "window",
     )
 
@@ -92,6 +171,9 @@ class StreamLeg(_Leg):
         self.info = info
         self.window = _WINDOW_SIZE  # bytes we may still send before the far side credits more
         self.consumed = 0  # bytes handed to our app's transport, not yet credited back
+        # DATA bytes the far side may still send before we credit more: received but
+        # uncredited bytes (held, or in our app's transport) never exceed the window.
+        self.receivable = _RECEIVE_LIMIT
         self.held: bytearray | None = None  # DATA that came before the app leg was up
         self.eof_in = False
         self.eof_out = False
@@ -99,6 +181,40 @@ class StreamLeg(_Leg):
         self.started = False
         self.accepted = False
         self.reset_code = mux.RESET_CANCEL
+        # Outbound: waiting for the far side's answer (ACCEPT or RESET) while this is set.
+        self.timer: asyncio.TimerHandle | None = None
+        self.heard_mark = 0
+
+    def wait_answer(self) -> None:
+        """Outbound: the answer must come within the connection's handshake timeout."""
+        carrier = self.carrier
+        self.heard_mark = carrier.heard
+        carrier.unanswered += 1
+        self.timer = carrier.host.loop.call_later(
+            self.conn.handshake_timeout, self._answer_timed_out
+        )
+
+    def _answered(self) -> None:
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+            self.carrier.unanswered -= 1
+
+    def _answer_timed_out(self) -> None:
+        if self.timer is None:
+            return
+        self.timer = None
+        carrier = self.carrier
+        carrier.unanswered -= 1
+        if self.ended:
+            return
+        seconds = self.conn.handshake_timeout
+        if carrier.heard != self.heard_mark:
+            # The peer is alive (it sent something since), only this stream is stuck.
+            self.conn.stream_unanswered(seconds)
+        else:
+            carrier.unresponsive(seconds)
 
     # --- what a connection asks of a network leg ---------------------------------------
 
@@ -176,6 +292,7 @@ class StreamLeg(_Leg):
     def close(self, abort: bool = False) -> None:
         if self.ended:
             return
+        self._answered()
         if abort or not self.accepted_or_started():
             self.carrier.queue(mux.frame(mux.RESET, self.sid, bytes([self.reset_code])))
         else:
@@ -189,7 +306,16 @@ class StreamLeg(_Leg):
     # --- what the carrier hands on ------------------------------------------------------
 
     def on_data(self, data: memoryview | bytearray) -> None:
-        if self.ended or self.eof_in:
+        left = self.receivable - len(data)
+        if left < 0:
+            raise mux.WindowExceeded(
+                f"stream {self.sid} sent {-left} byte(s) beyond its flow-control window"
+            )
+        self.receivable = left
+        if self.ended:
+            return
+        if self.eof_in:
+            self._broke("data_after_eof", "DATA after its EOF")
             return
         if not self.started or self.peer is None:
             if self.held is None:
@@ -197,6 +323,18 @@ class StreamLeg(_Leg):
             self.held += data
             return
         self._deliver(data)
+
+    def _broke(self, reason: str, what: str) -> None:
+        """The far side broke a stream rule: reset the stream (RESET_PROTOCOL), count it."""
+        carrier = self.carrier
+        _stream_error(
+            carrier.direction,
+            reason,
+            f"resetting stream {self.sid} of the pooled connection with {carrier._who()}: {what}",
+        )
+        self.reset_code = mux.RESET_PROTOCOL
+        self.close(abort=True)
+        self.conn.leg_lost(self, ConnectionResetError(f"protocol error: {what}"))
 
     def _deliver(self, data: Buf) -> None:
         conn = self.conn
@@ -222,6 +360,7 @@ class StreamLeg(_Leg):
             return
         self.carrier.queue(mux.frame(mux.WINDOW, self.sid, mux.encode_window(give)))
         self.consumed -= give
+        self.receivable += give
 
     def on_frame(self, kind: int, payload: bytes) -> None:
         if self.ended:
@@ -238,9 +377,18 @@ class StreamLeg(_Leg):
         elif kind == mux.ACCEPT:
             if self.carrier.outbound and not self.accepted:
                 self.accepted = True
+                self._answered()
                 self.conn.confirm()
         elif kind == mux.RESET:
             code = mux.decode_reset(payload)
+            if code not in mux.RESET_NAMES:
+                _stream_error(
+                    self.carrier.direction,
+                    "unknown_reset_code",
+                    f"stream {self.sid} of the pooled connection with {self.carrier._who()} "
+                    f"was reset with code {code}, which the format does not define",
+                )
+            self._answered()
             self.ended = True
             self.carrier.forget(self)
             if self.carrier.outbound and not self.accepted and code != mux.RESET_CANCEL:
@@ -253,12 +401,17 @@ class StreamLeg(_Leg):
     def carrier_lost(self, exc: Exception) -> None:
         if self.ended:
             return
+        self._answered()
         self.ended = True
-        if self.carrier.outbound and not self.accepted and isinstance(exc, TlsError):
-            # With TLS 1.3 the far side judges our certificate after our handshake is
-            # done: a refusal (an alert) ends the carrier before any stream was accepted.
-            self.conn.net_failed(exc)
-            return
+        if self.carrier.outbound and not self.accepted:
+            if isinstance(exc, TlsError):
+                # With TLS 1.3 the far side judges our certificate after our handshake is
+                # done: a refusal (an alert) ends the carrier before any stream was accepted.
+                self.conn.net_failed(exc)
+                return
+            if isinstance(exc, Unresponsive):
+                self.conn.stream_unanswered(self.conn.handshake_timeout)
+                return
         self.conn.leg_lost(self, exc)
 
     def block(self, blocked: bool) -> None:
@@ -292,6 +445,8 @@ class Carrier:
         "demux",
         "direction",
         "goaway_at",
+        "heard",
+        "heard_mark",
         "host",
         "idle_since",
         "key",
@@ -308,8 +463,10 @@ class Carrier:
         "retiring",
         "route",
         "streams",
+        "suspect",
         "tls_info",
         "total",
+        "unanswered",
         "write_blocked",
         "write_paused",
     )
@@ -364,6 +521,16 @@ class Carrier:
         # Outbound: called at the far side's first frame, which says it accepted us (with TLS
         # 1.3 it judges our certificate after our side of the handshake is done).
         self.on_answer: Callable[[], None] | None = None
+        # Liveness: `heard` counts the batches of bytes the peer sent; `unanswered` the
+        # outbound streams waiting for their ACCEPT. A carrier with a stream waiting that
+        # heard nothing for a whole sweep is `suspect`: no new streams go to it.
+        self.heard = 0
+        self.heard_mark = 0
+        self.unanswered = 0
+        self.suspect = False
+        _set_liveness(leg.transport.get_extra_info("socket") if leg.transport else None)
+        if leg.ssl is not None and not leg.resumed():
+            _remember_chain(leg.ssl)
         self._gauges.open.inc()
         self._gauges.idle.inc()
         # From now on the TLS leg reports to us, and hands us what it decrypts.
@@ -375,7 +542,7 @@ class Carrier:
 
     @property
     def available(self) -> bool:
-        return not self.closed and not self.retiring
+        return not self.closed and not self.retiring and not self.suspect
 
     def open_stream(self, conn: StreamOwner, info: mux.OpenInfo) -> StreamLeg:
         """Outbound: a new stream for `conn`; its OPEN goes out with the next write."""
@@ -385,6 +552,7 @@ class Carrier:
             self.retire("stream_ids")  # 2**31 streams opened on it
         stream = StreamLeg(self, conn, sid, info)
         self._add(stream)
+        stream.wait_answer()
         self.queue(mux.frame(mux.OPEN, sid, mux.encode_open(info)))
         if self.write_blocked:
             stream.block(True)
@@ -498,6 +666,7 @@ class Carrier:
 
     def send(self, data: memoryview) -> None:
         """Decrypted bytes from the TLS leg: frames."""
+        self.heard += 1
         if self.on_answer is not None:
             on_answer, self.on_answer = self.on_answer, None
             on_answer()
@@ -509,9 +678,15 @@ class Carrier:
                 "closing a pooled connection with %s: %s",
                 self._who(),
                 exc,
-                extra={"fields": {"event": "pool_protocol_error", "direction": self.direction}},
+                extra={
+                    "fields": {
+                        "event": "pool_protocol_error",
+                        "direction": self.direction,
+                        "reason": exc.reason,
+                    }
+                },
             )
-            self.fail(ConnectionResetError(f"protocol error: {exc}"), reason="protocol_error")
+            self.fail(ConnectionResetError(f"protocol error: {exc}"), reason=exc.reason)
 
     def on_data(self, sid: int, data: memoryview) -> None:
         # A batch often holds the end of one DATA frame and the start of the next of the same
@@ -537,7 +712,7 @@ class Carrier:
         stream = self.streams.get(sid)
         if stream is not None:
             stream.on_data(data)
-        elif sid >= self.next_sid and not self.outbound:
+        elif sid >= self.next_sid or not sid:
             raise mux.MuxError(f"DATA for stream {sid}, which was never opened")
         else:
             # A stream that ended here: its data is dropped, and the sender told, as TCP
@@ -554,6 +729,10 @@ class Carrier:
             stream.on_frame(kind, payload)
             return
         if kind != mux.OPEN:
+            if sid >= self.next_sid or not sid:
+                raise mux.MuxError(
+                    f"{mux.FRAME_NAMES[kind]} for stream {sid}, which was never opened"
+                )
             return  # about a stream that ended here already
         if self.outbound:
             raise mux.MuxError("the accepting side opened a stream")
@@ -641,15 +820,45 @@ class Carrier:
         elif not self.streams:
             self.close()
 
+    def going_away(self, now: float) -> bool:
+        """Inbound: did we tell the peer to go away long enough ago that its new streams
+        are refused?"""
+        at = self.goaway_at
+        return at is not None and now - at >= GOAWAY_OPEN_GRACE
+
+    def trusted_by(self, roots: Sequence[x509.Certificate]) -> bool:
+        """Does the peer's certificate chain still end at one of these trust roots?"""
+        leg = self.leg
+        if leg.ssl is None or self.peer_der is None:
+            return False
+        ders = [self.peer_der, *peer_chain_ders(leg.ssl)]
+        return chain_anchored(ders, roots, tuple(_INTERMEDIATES))
+
     def _goaway_received(self) -> None:
         if self.outbound:
             self.retire("goaway")
 
+    def unresponsive(self, seconds: float) -> None:
+        """A stream's answer did not come and nothing else did either: the peer is gone or
+        frozen. Close the carrier; its streams still waiting fail as handshake timeouts."""
+        if self.closed:
+            return
+        log.warning(
+            "closing the pooled connection to %s: no answer to a new stream within %gs",
+            self._who(),
+            seconds,
+            extra={"fields": {"event": "pool_unresponsive", "direction": self.direction}},
+        )
+        self.fail(Unresponsive(f"no answer within {seconds:g}s"), reason="unresponsive")
+
     def sweep(self, now: float, idle_timeout: float, max_lifetime: float) -> None:
-        """Once a second (the worker's sweep): idle and age limits."""
+        """Once a second (the worker's sweep): idle and age limits, liveness."""
         if self.closed:
             return
         if self.outbound:
+            heard = self.heard
+            self.suspect = bool(self.unanswered) and heard == self.heard_mark
+            self.heard_mark = heard
             if not self.retiring and now - self.created >= max_lifetime:
                 self.retire("max_lifetime")
             idle = self.idle_since

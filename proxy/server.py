@@ -25,13 +25,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from . import metrics
+from . import control, metrics
 from .certsource.files import CrlFile, FileSource
 from .config import Address, Settings
 from .errors import CertError, ProxyError, StartupError
-from .listen import bind_listener, drop_privileges, raise_nofile_limit
+from .listen import bind_listener, drop_privileges, raise_nofile_limit, relisten
 from .material import Material, read_file
-from .revocation import CrlRejected, RevocationList, load_crls
+from .revocation import CrlRejected, RevocationList, compact, load_crls, merge
 from .routes import Route, routes_for
 from .shared import ConnectionCounts
 from .tasks import Tasks
@@ -42,17 +42,13 @@ log = logging.getLogger("mtls.server")
 WORKER_STOP_GRACE = 2.0  # seconds a worker gets to exit at a failed start-up before SIGKILL
 
 
-def _older(new: RevocationList, current: RevocationList) -> str | None:
-    """Why `new` may not replace `current` (None: it may): an older list, or one already
-    past its nextUpdate while the current one is not."""
-    if new.this_update and current.this_update and new.this_update < current.this_update:
-        return (
-            f"it is older (thisUpdate {new.this_update.isoformat()}) than the list in use "
-            f"({current.this_update.isoformat()})"
-        )
-    if new.stale and not current.stale:
-        return "it is past its nextUpdate, and the list in use is not"
-    return None
+def _stop_listening(socks: list[socket.socket]) -> None:
+    """Shut listening sockets down: no longer listening in any process that holds a copy, so
+    a new client is refused rather than queued (a worker shuts its own down at drain after
+    taking what was queued; these are the ones no worker will)."""
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass
@@ -85,8 +81,11 @@ class Master:
         self.files: FileSource | None = None
         self.crl_file: CrlFile | None = None
         self.ca_source: Any = None  # certsource.ca.CaSource in CA mode
-        self.crl_pem: bytes | None = None
+        self.crl_pem: bytes | None = None  # the last revocation list input seen
         self.revocations: RevocationList | None = None
+        self.crl_frame: bytes | None = None  # the list in force, as the workers get it
+        self._crl_inbox: bytes | None = None  # the latest list received, not yet taken
+        self._crl_task: asyncio.Task[None] | None = None
         self.counts = ConnectionCounts.create(settings.workers)
 
     # --- tasks ---------------------------------------------------------------------------
@@ -121,18 +120,44 @@ class Master:
             "key": m.key_pem.decode(),
             "bundle": m.bundle_pem.decode(),
             "origin": m.origin,
-            "crl": self.crl_pem.decode() if self.crl_pem is not None else None,
         }
 
     def on_crl(self, pem: bytes) -> None:
-        """A revocation list arrived (CA fetch, MTLS_CRL_FILE): check it against the issuers
-        we trust, all or nothing; hand a good one to the workers, which refuse its revoked
-        peers and close their open connections."""
+        """A revocation list arrived (CA fetch, MTLS_CRL_FILE): take it in the background
+        (`_take_crl`), the latest input first; `crl_settled` waits for that."""
+        self._crl_inbox = pem
+        if self._crl_task is None or self._crl_task.done():
+            self._crl_task = self.spawn(self._take_crls(), "crl-load")
+
+    async def crl_settled(self) -> None:
+        """Wait until every revocation list received so far is taken (or refused)."""
+        while self._crl_task is not None and not self._crl_task.done():
+            await asyncio.wait({self._crl_task})
+
+    async def _take_crls(self) -> None:
+        while (pem := self._crl_inbox) is not None:
+            self._crl_inbox = None  # one arriving meanwhile is the next (older ones skipped)
+            await self._take_crl(pem)
+
+    async def _take_crl(self, pem: bytes) -> None:
+        """Check a list against the issuers we trust, all or nothing (in a thread: a
+        600,000-entry list takes 1-2 s, and the admin port keeps answering); compare it CA
+        by CA with the list in force (a CRL never goes backwards, a trusted CA's CRL never
+        disappears: refused parts are counted and logged, the last accepted CRL of that CA
+        kept); hand the result to the workers, which refuse its revoked peers and close
+        their open connections."""
         material = self.material
         if material is None:
             return
+        current = self.revocations
+        if pem == self.crl_pem and current is not None:
+            # The same input again (a CA fetch every MTLS_BUNDLE_REFRESH): already decided,
+            # and not parsed again.
+            self._show_crl(current)
+            return
+        started = time.monotonic()
         try:
-            rl = load_crls(pem, material.issuers)
+            new = await asyncio.to_thread(load_crls, pem, material.issuers)
         except CrlRejected as exc:
             metrics.CRL_RELOADS.labels("error").inc()
             log.error(
@@ -142,29 +167,33 @@ class Master:
             )
             return
         current = self.revocations
-        if pem == self.crl_pem:
-            self._show_crl(rl)
-            return
-        if current is not None and (refusal := _older(rl, current)) is not None:
-            # A replayed old list would un-revoke what was revoked since.
+        self.crl_pem = pem
+        merged = merge(current, new, material.issuers)
+        for why in merged.refused:
+            # A replayed old list, or one without a CA's CRL, would un-revoke certificates.
             metrics.CRL_RELOADS.labels("error").inc()
             log.error(
-                "revocation list refused, keeping the current one: %s",
-                refusal,
-                extra={"fields": {"event": "crl_refused"}},
+                "revocation list refused: %s", why, extra={"fields": {"event": "crl_refused"}}
             )
+        if not merged.changed:
+            if current is not None:
+                self._show_crl(current)
             return
+        rl = merged.result
+        headers, payload = await asyncio.to_thread(compact, rl)
         self._show_crl(rl)
         metrics.CRL_RELOADS.labels("ok").inc()
-        self.crl_pem, self.revocations = pem, rl
+        self.revocations = rl
+        self.crl_frame = control.encode({"op": "crl", "issuers": headers}, payload)
         log.info(
-            "revocation list loaded: %d revoked certificate(s), next update %s",
+            "revocation list loaded: %d revoked certificate(s), next update %s (%.2fs)",
             len(rl),
             rl.next_update.isoformat() if rl.next_update else "not given",
+            time.monotonic() - started,
             extra={"fields": {"event": "crl_loaded", "stale": rl.stale}},
         )
         for w in self.workers:
-            self._send(w, {"op": "crl", "pem": pem.decode()})
+            self._send_frame(w, self.crl_frame)
 
     def _show_crl(self, rl: RevocationList) -> None:
         this, nxt = rl.this_update, rl.next_update
@@ -258,13 +287,18 @@ class Master:
     # --- workers -------------------------------------------------------------------------
 
     def _send(self, w: WorkerProc, msg: dict[str, Any]) -> None:
+        self._send_frame(w, control.encode(msg))
+
+    def _send_frame(self, w: WorkerProc, frame: bytes) -> None:
+        """One length-prefixed frame to the worker's stdin (proxy/control.py): any size."""
         proc = w.proc
         if proc is None or proc.stdin is None or proc.returncode is not None:
             return
         with contextlib.suppress(ConnectionError, RuntimeError):
-            proc.stdin.write((json.dumps(msg) + "\n").encode())
+            proc.stdin.write(frame)
 
     async def _start_worker(self, w: WorkerProc) -> None:
+        w.socks = [relisten(s) for s in w.socks]  # a worker that drained ended its listeners
         fds = [s.fileno() for s in w.socks]
         w.ready = False
         w.refused = None
@@ -284,13 +318,19 @@ class Master:
             pass_fds=[*fds, counts.fd],
         )
         self.spawn(self._read_worker(w, w.proc), f"worker-{w.slot}-replies")
+        if self.crl_frame is not None:
+            self._send_frame(w, self.crl_frame)  # first: in force before the worker serves
         if self.material is not None:
             self._send(w, self._material_msg())
 
     async def _read_worker(self, w: WorkerProc, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         while True:
-            line = await proc.stdout.readline()
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # a line over the reader's limit: not one of ours
+                log.error("worker %d wrote an overlong line to the control channel", w.slot)
+                continue
             if not line:
                 return
             try:
@@ -332,7 +372,10 @@ class Master:
             delay = min(delay * 2, 30.0)
             if self.draining:
                 return
-            await self._start_worker(w)
+            try:
+                await self._start_worker(w)
+            except (StartupError, OSError) as exc:
+                log.error("worker %d could not be restarted (retrying): %s", w.slot, exc)
 
     def _mark_dead(self, pid: int) -> None:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -370,7 +413,15 @@ class Master:
         if not self.draining:
             log.info("%s: draining", why)
             self.draining = True
+            self._stop_orphan_listeners()
             self.stop.set()
+
+    def _stop_orphan_listeners(self) -> None:
+        """The listeners of a worker that is dead (and is not restarted while draining) have
+        no one to end them: end them now, or the kernel queues clients nobody will accept."""
+        for w in self.workers:
+            if w.proc is None or w.proc.returncode is not None:
+                _stop_listening(w.socks)
 
     def _procs(self) -> list[asyncio.subprocess.Process]:
         return [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
@@ -381,6 +432,7 @@ class Master:
         self.draining = True
         for w in self.workers:
             self._send(w, {"op": "drain"})
+        self._stop_orphan_listeners()
         procs = self._procs()
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -394,6 +446,8 @@ class Master:
                     with contextlib.suppress(ProcessLookupError):
                         p.kill()
             await asyncio.gather(*(p.wait() for p in procs))
+        for w in self.workers:
+            _stop_listening(w.socks)  # a worker killed before it could
 
     def _bind(self) -> list[list[socket.socket]]:
         socks_per_route = []
@@ -454,6 +508,7 @@ class Master:
             self.spawn(self.files.run(), "file-watcher")
             if self.crl_file is not None:
                 self.spawn(self.crl_file.run(), "crl-watcher")
+        await self.crl_settled()  # the revocation list is in force before anyone is served
         await self.start_workers(socks_per_route)
         await self.wait_ready()
         self.serving = True

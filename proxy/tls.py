@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 
@@ -298,6 +299,47 @@ def tls_info(ssl: Any) -> tuple[str, str, str]:
         tls_ffi.text(lib.SSL_CIPHER_get_name(cipher)) if cipher != ffi.NULL else "",
         group_label(tls_ffi.text(lib.SSL_get0_group_name(ssl))),
     )
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def chain_anchored(
+    ders: Sequence[bytes],
+    roots: Sequence[x509.Certificate],
+    known: Sequence[bytes] = (),
+) -> bool:
+    """Does this peer chain (leaf first, as sent, DER) end at one of `roots`: a certificate of
+    it is a root, or its last one is directly issued by one (signature checked)? Asked of
+    open pooled connections when the trust bundle changes.
+
+    A resumed session has no chain but the leaf: `known` intermediates (DER, seen in other
+    peers' chains) then complete it, each link's signature checked."""
+    root_ders = {r.public_bytes(serialization.Encoding.DER) for r in roots}
+    if any(d in root_ders for d in ders):
+        return True
+    if not ders:
+        return False
+    try:
+        top = x509.load_der_x509_certificate(ders[-1])
+        extra = [x509.load_der_x509_certificate(d) for d in known]
+    except ValueError:
+        return False
+    for _ in range(len(extra) + 1):
+        if any(_issued_by(top, root) for root in roots):
+            return True
+        nxt = next((c for c in extra if c != top and _issued_by(top, c)), None)
+        if nxt is None:
+            return False
+        top = nxt
+    return False
 
 
 # --- classifying handshake failures -------------------------------------------------------

@@ -70,6 +70,9 @@ REQUIRED = (
     "SSL_CTX_set_alpn_protos",
     "SSL_CTX_set_alpn_select_cb",
     "SSL_get0_alpn_selected",
+    "SSL_get_peer_cert_chain",
+    "sk_X509_num",
+    "sk_X509_value",
 )
 
 VERSION_NUMBER: int = lib.OpenSSL_version_num()
@@ -143,6 +146,19 @@ def peer_der(ssl: Any) -> bytes | None:
         return _der(cert)
     finally:
         lib.X509_free(cert)
+
+
+def peer_chain_ders(ssl: Any) -> list[bytes]:
+    """The DER of the certificates the peer sent besides its leaf (its intermediates)."""
+    chain = lib.SSL_get_peer_cert_chain(ssl)
+    if chain == NULL:
+        return []
+    out = []
+    for i in range(lib.sk_X509_num(chain)):
+        der = _der(lib.sk_X509_value(chain, i))
+        if der is not None:
+            out.append(der)
+    return out
 
 
 def _der(cert: Any) -> bytes | None:

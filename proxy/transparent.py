@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from .addresses import is_local_address, is_unspecified
+
 __all__ = [
     "IP6T_SO_ORIGINAL_DST",
     "SO_ORIGINAL_DST",
@@ -21,6 +23,7 @@ __all__ = [
     "client_hello_max_version",
     "decode_sockaddr_in",
     "decode_sockaddr_in6",
+    "is_local_address",
     "is_local_destination",
     "local_addresses",
     "original_dst",
@@ -228,49 +231,20 @@ def client_hello_max_version(first: bytes) -> str | None:
 _EXT_PRE_SHARED_KEY = 41
 
 
-def _normalize(host: str) -> str:
-    """Canonical text of an IP address (IPv4-mapped IPv6 -> IPv4, scope id dropped)."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
 def is_local_destination(host: str, port: int, own_ports: set[int], local_addrs: set[str]) -> bool:
     """True when (host, port) is the sidecar itself: one of its own ports on a local address.
 
     A transparent listener must refuse such a connection, or it would dial itself forever
     (for example a client that dialled a capture port directly). Loopback and unspecified
     addresses always count as local; `local_addrs` may hold any textual form (IPv4-mapped,
-    uncompressed IPv6), it is compared after normalisation. Cheap when the port is not one of
-    `own_ports`, which is the common case.
+    uncompressed IPv6), it is compared after normalisation (proxy/addresses.py). Cheap when
+    the port is not one of `own_ports`, which is the common case.
     """
     if port not in own_ports:
         return False
     if host in local_addrs or is_local_address(host, local_addrs):
         return True
-    try:
-        return ipaddress.ip_address(_normalize(host)).is_unspecified  # 0.0.0.0 reaches us too
-    except ValueError:
-        return False
-
-
-def is_local_address(host: str, local_addrs: set[str]) -> bool:
-    """True when `host` is an address of this machine (loopback included, the unspecified
-    address not: nobody dials it): where a pooled stream may lead in transparent mode."""
-    norm = _normalize(host)
-    try:
-        ip = ipaddress.ip_address(norm)
-    except ValueError:
-        return False  # a name: a stream must name an address
-    if ip.is_unspecified:
-        return False
-    if ip.is_loopback or host in local_addrs or norm in local_addrs:
-        return True
-    return norm in {_normalize(a) for a in local_addrs}
+    return is_unspecified(host)  # 0.0.0.0 reaches us too
 
 
 def _hex_ipv6(text: str) -> str:

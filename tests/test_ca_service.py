@@ -426,17 +426,29 @@ def test_ca_outage_then_recovery(tmp_path: Path) -> None:
     assert updates[1].serial_hex != updates[0].serial_hex
 
 
-def test_retries_stop_at_expiry_and_a_used_token_is_a_clear_error(
-    served: tuple[CaServer, str],
+def test_retries_stop_at_expiry_and_a_used_token_is_retried_until_a_new_one(
+    served: tuple[CaServer, str], tmp_path: Path
 ) -> None:
     """Renewal keeps failing: retries stay within the certificate's life; once it has
-    expired the sidecar tries its token again, and a used token ends run() with CertError."""
+    expired the sidecar tries its token again. A used token is refused, counted and retried
+    (the renewal task never dies): a new token written to the token file enrols."""
     server, fp = served
     attempts: list[float] = []
+    updates: list[Material] = []
     errors_before = _renewals("error")
+    token_file = tmp_path / "token"
+    token_file.write_text(_token(server, WEB))
 
     async def scenario() -> Material:
-        source = CaSource(server.url, _token(server, WEB), fp, WEB, on_update=lambda m: None)
+        source = CaSource(
+            server.url,
+            token_file.read_text(),
+            fp,
+            WEB,
+            on_update=updates.append,
+            token_file=token_file,
+            backoff_cap=1.0,
+        )
         material = await source.enroll()
 
         async def failing_renew() -> Material:
@@ -444,15 +456,27 @@ def test_retries_stop_at_expiry_and_a_used_token_is_a_clear_error(
             raise CaUnavailable("renewal: CA unreachable (simulated)")
 
         source.renew = failing_renew  # type: ignore[method-assign]
-        with pytest.raises(CaRefused, match="already used"):
-            await asyncio.wait_for(source.run(), 20)
+        task = asyncio.create_task(source.run(), name="ca-source")
+        try:
+            expiry = material.not_after.timestamp()
+            await _wait_for(
+                lambda: time.time() > expiry and _renewals("error") - errors_before >= 4,
+                30,
+                "refused re-enrolments after expiry",
+            )()
+            assert not task.done(), "the renewal task ended"
+            seen = len(updates)
+            token_file.write_text(_token(server, WEB))
+            await _wait_for(lambda: len(updates) > seen, 10, "enrolment with the new token")()
+        finally:
+            task.cancel()
         return material
 
     material = asyncio.run(scenario())
     expiry = material.not_after.timestamp()
     assert len(attempts) >= 2
     assert all(t < expiry for t in attempts)
-    assert _renewals("error") - errors_before >= len(attempts) + 1  # + the refused enrolment
+    assert updates[-1].serial_hex != material.serial_hex
 
 
 # -- root rotation ------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -17,7 +19,7 @@ import pytest
 from cryptography import x509
 
 from .conftest import TD, Pki, start_pair
-from .harness import ROOT, TcpApp, base_env, free_port, identity_env, recv_all
+from .harness import ROOT, Sidecar, TcpApp, base_env, free_port, identity_env, recv_all, wait_for
 from .pki import Identity, copy_identity, replace_identity
 
 
@@ -130,10 +132,9 @@ def test_sigterm_drains_open_connections(pki: Pki, tmp_path: Path, echo: TcpApp)
         inbound.signal(signal.SIGTERM)
         time.sleep(0.3)
         assert inbound.get("/ready")[0] == 503
-        # New connections are no longer accepted...
-        with pytest.raises(OSError):
+        # New connections are no longer accepted (refused: the listener is shut down)...
+        with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", in_port), timeout=2).close()
-            raise ConnectionRefusedError  # connected means the listener is still open
         # ...while the open one finishes intact, and then the sidecar exits 0.
         sender.join(60)
         assert sender.error is None, sender.error
@@ -260,3 +261,188 @@ def test_check_validates_tls_groups(pki: Pki) -> None:
     r = _run_cli(["check"], {**base, "MTLS_TLS_GROUPS": "x25519,p-256"})
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["config"]["MTLS_TLS_GROUPS"] == ["X25519", "P-256"]
+
+
+def _client_after_sigterm(port: int, outcomes: list[str]) -> None:
+    """One client: refused, or a full exchange; anything else (accepted, then reset or closed
+    with nothing) is the failure this test is about."""
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    except ConnectionRefusedError:
+        outcomes.append("refused")
+        return
+    except OSError as exc:
+        outcomes.append(f"connect:{type(exc).__name__}")
+        return
+    try:
+        s.settimeout(30)
+        s.sendall(b"ping")
+        got = b""
+        while len(got) < 4 and (chunk := s.recv(4 - len(got))):
+            got += chunk
+        outcomes.append("served" if got == b"ping" else f"dropped:{got!r}")
+    except OSError as exc:
+        outcomes.append(f"dropped:{type(exc).__name__}")
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("dead_worker", [False, True])
+def test_a_connection_after_sigterm_is_refused_or_served(
+    pki: Pki, tmp_path: Path, echo: TcpApp, dead_worker: bool
+) -> None:
+    """After SIGTERM no listener copy (the master's, a worker's) may keep completing
+    handshakes nobody accepts: a client is refused, or served to its end (issue 22,
+    defect 14: 6 of 7 clients were reset with 0 bytes when the sidecar exited). Also when
+    a worker was just killed: the master ends the listener it leaves behind."""
+    port = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"web=127.0.0.1:{port}=127.0.0.1:{echo.port}",
+            "MTLS_INBOUND_MODE": "permissive",
+            "MTLS_WORKERS": "2",
+            "MTLS_DRAIN_TIMEOUT": "20s",
+        },
+        tmp_path / "sc.log",
+    )
+    try:
+        sc.wait_ready()
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(b"held")
+        assert recv_all_n(held, 4) == b"held"  # an open connection keeps the drain going
+        outcomes: list[str] = []
+        clients = []
+        if dead_worker:
+            pids = [
+                int(str(e["msg"]).split("pid ")[1].split(")")[0])
+                for e in sc.log_events()
+                if "serving" in str(e.get("msg"))
+            ]
+            holder = _pid_holding(port, held.getsockname()[1])
+            os.kill(next(p for p in pids if p != holder), signal.SIGKILL)
+            assert wait_for(lambda: "exited with" in sc.logs())
+        sc.signal(signal.SIGTERM)
+        if dead_worker:
+            # Clients queued on the dead worker's listener before the master began draining
+            # have no worker to serve them: their wait ends in a reset, as when a worker dies.
+            assert wait_for(lambda: sc.get("/ready")[0] == 503)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            t = threading.Thread(target=_client_after_sigterm, args=(port, outcomes))
+            t.start()
+            clients.append(t)
+            time.sleep(0.02)
+        assert wait_for(lambda: sc.get("/ready")[0] == 503)
+        # The held connection ends, the sidecar exits: a client accepted by the kernel but
+        # never by the sidecar would be reset now.
+        held.close()
+        assert sc.proc.wait(30) == 0
+        for t in clients:
+            t.join(30)
+        assert len(outcomes) == len(clients)
+        bad = [o for o in outcomes if o not in ("refused", "served")]
+        assert not bad, outcomes
+        assert "refused" in outcomes
+    finally:
+        sc.stop()
+
+
+def _pid_holding(local_port: int, remote_port: int) -> int | None:
+    """The process holding the accepted TCP socket 127.0.0.1:local_port <- :remote_port."""
+    want = f":{local_port:04X} "
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1].endswith(want.strip()) and f[2].endswith(f":{remote_port:04X}"):
+            inode = f[9]
+    if inode is None:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return int(proc.name)
+    return None
+
+
+def recv_all_n(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n and (chunk := sock.recv(n - len(got))):
+        got += chunk
+    return got
+
+
+def test_connections_queued_when_drain_starts_are_served(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """Connections the kernel completed but the worker had not accepted yet when the drain
+    began (the worker held with SIGSTOP meanwhile) are served to their end, not reset."""
+    port = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"web=127.0.0.1:{port}=127.0.0.1:{echo.port}",
+            "MTLS_INBOUND_MODE": "permissive",
+            "MTLS_WORKERS": "1",
+        },
+        tmp_path / "sc.log",
+    )
+    try:
+        sc.wait_ready()
+        serving = [e for e in sc.log_events() if "serving" in str(e.get("msg"))]
+        worker = int(str(serving[0]["msg"]).split("pid ")[1].split(")")[0])
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            queued = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
+            for s in queued:
+                s.sendall(b"ping")
+            sc.signal(signal.SIGTERM)
+            assert wait_for(lambda: sc.get("/ready")[0] == 503)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        for s in queued:
+            s.settimeout(20)
+            assert recv_all_n(s, 4) == b"ping"
+            s.close()
+        assert sc.proc.wait(30) == 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        sc.stop()
+
+
+def test_a_worker_that_drained_on_its_own_is_restarted_listening(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """A worker ends its listeners when it drains; one sent SIGTERM by someone else (not
+    the master) is restarted on fresh listeners, so the port keeps serving."""
+    port = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"web=127.0.0.1:{port}=127.0.0.1:{echo.port}",
+            "MTLS_INBOUND_MODE": "permissive",
+            "MTLS_WORKERS": "1",
+        },
+        tmp_path / "sc.log",
+    )
+
+    def serving() -> list[int]:
+        return [
+            int(str(e["msg"]).split("pid ")[1].split(")")[0])
+            for e in sc.log_events()
+            if "serving" in str(e.get("msg"))
+        ]
+
+    try:
+        sc.wait_ready()
+        os.kill(serving()[0], signal.SIGTERM)
+        assert wait_for(lambda: len(serving()) == 2, 15)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"ping")
+            assert recv_all_n(s, 4) == b"ping"
+    finally:
+        sc.stop()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
+import json
+from collections.abc import Set
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -13,7 +17,16 @@ from hypothesis import strategies as st
 
 from proxy.ca.crl import Revoked, build_crl, crl_bundle_pem
 from proxy.ca.issuer import Issuer, issue_leaf, make_intermediate, make_root, new_key
-from proxy.revocation import EMPTY, CrlRejected, load_crls
+from proxy.revocation import (
+    EMPTY,
+    MAX_CRL_BYTES,
+    CrlRejected,
+    RevocationList,
+    compact,
+    from_compact,
+    load_crls,
+    merge,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -195,3 +208,189 @@ def test_mutated_intermediates_beside_the_crl_are_refused_or_genuine(
     crl_part = _GOOD.split(b"-----BEGIN CERTIFICATE")[0]
     cert = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(der))
     _only_crl_rejected(crl_part + cert + b"-----END CERTIFICATE-----\n")
+
+
+# --- never backwards, CA by CA (issue 22, defect 2) ---------------------------------------------
+
+
+def _load(pem: bytes, pki: dict[str, Issuer], now: dt.datetime = NOW) -> RevocationList:
+    return load_crls(pem, [pki["root"].cert], now=now)
+
+
+def test_a_lower_crl_number_is_refused_even_with_a_newer_this_update(
+    pki: dict[str, Issuer],
+) -> None:
+    inter = pki["inter"]
+    current = _load(crl_bundle_pem_of(inter, [5], number=9, now=NOW), pki)
+    later = NOW + dt.timedelta(minutes=1)
+    replay = _load(crl_bundle_pem_of(inter, [], number=8, now=later), pki, later)
+    merged = merge(current, replay, [pki["root"].cert], now=later)
+    assert not merged.changed and merged.result is current
+    (why,) = merged.refused
+    assert "older" in why and "CRL number 8 is lower than 9" in why
+    assert merged.result.is_revoked(5, inter.cert.subject)
+    # Same number, other content: refused as well; the same CRL again: no change, no refusal.
+    twin = _load(crl_bundle_pem_of(inter, [], number=9, now=later), pki, later)
+    assert "other content" in merge(current, twin, [pki["root"].cert], now=later).refused[0]
+    same = merge(current, _load(crl_bundle_pem_of(inter, [5], number=9, now=NOW), pki), [])
+    assert not same.changed and not same.refused
+    # A higher number replaces it, whatever its thisUpdate.
+    newer = _load(crl_bundle_pem_of(inter, [], number=10, now=NOW), pki)
+    taken = merge(current, newer, [pki["root"].cert], now=later)
+    assert taken.changed and not taken.refused and len(taken.result) == 0
+
+
+def test_a_trusted_issuers_crl_may_not_disappear(pki: dict[str, Issuer]) -> None:
+    """After an intermediate rotation the file holds two CRLs; dropping the one that lists
+    a compromised certificate keeps that CRL, and says so."""
+    root, old = pki["root"], pki["inter"]
+    new = make_intermediate(TD, 2, root, now=NOW)
+    crl_old = build_crl(old, [Revoked(77, NOW, "keyCompromise")], number=3, now=NOW)
+    crl_new = build_crl(new, [Revoked(78, NOW, "keyCompromise")], number=4, now=NOW)
+    both = _load(crl_bundle_pem([crl_old, crl_new], [old.cert, new.cert]), pki)
+    assert len(both.crls) == 2
+    crl_new2 = build_crl(new, [Revoked(79, NOW, "keyCompromise")], number=5, now=NOW)
+    without_old = _load(crl_bundle_pem([crl_new2], [new.cert]), pki)
+    merged = merge(both, without_old, [root.cert], now=NOW)
+    assert merged.changed  # the new intermediate's newer CRL is taken...
+    assert merged.result.is_revoked(79, new.cert.subject)
+    assert merged.result.is_revoked(77, old.cert.subject)  # ...and the old one kept
+    (why,) = merged.refused
+    assert "missing" in why and "CRL number 3" in why and "issuing CA G1" in why
+    # Once its intermediate has expired (so have its certificates), it may go.
+    much_later = old.cert.not_valid_after_utc + dt.timedelta(days=1)
+    gone = merge(both, without_old, [root.cert], now=much_later)
+    assert not gone.refused and not gone.result.is_revoked(77, old.cert.subject)
+    # A root no longer trusted: its intermediates' CRLs may go too.
+    assert not merge(both, without_old, [pki["other_root"].cert], now=NOW).refused
+
+
+def test_two_crls_of_one_issuer_in_one_input_are_refused(pki: dict[str, Issuer]) -> None:
+    inter = pki["inter"]
+    pem = crl_bundle_pem_of(inter, [1], number=1) + crl_bundle_pem_of(inter, [], number=2)
+    with pytest.raises(CrlRejected, match="CRL 1 and CRL 2 are both from issuer"):
+        _load(pem, pki)
+
+
+def crl_bundle_pem_of(
+    issuer: Issuer, serials: list[int], *, number: int, now: dt.datetime = NOW
+) -> bytes:
+    entries = [Revoked(s, now - dt.timedelta(minutes=1), "keyCompromise") for s in serials]
+    return crl_bundle_pem([build_crl(issuer, entries, number=number, now=now)], [issuer.cert])
+
+
+# --- big lists (issue 22, defect 1) --------------------------------------------------------------
+
+
+def test_padding_between_blocks_is_ignored_and_oversized_input_refused(
+    pki: dict[str, Issuer],
+) -> None:
+    pem = _crl(pki["inter"], [3])
+    padded = (
+        pem
+        + b"x" * (17 * 1024 * 1024)
+        + b"\n"
+        + pki["inter"].cert.public_bytes(serialization.Encoding.PEM)
+    )
+    assert _load(padded, pki).is_revoked(3, pki["inter"].cert.subject)
+    with pytest.raises(CrlRejected, match="more than the 64 MiB accepted"):
+        _load(pem + b" " * MAX_CRL_BYTES, pki)
+
+
+@given(
+    st.lists(
+        st.lists(st.integers(min_value=1, max_value=(1 << 170)), max_size=50),
+        max_size=4,
+    ),
+    st.integers(min_value=1, max_value=7),
+)
+@settings(max_examples=50, deadline=None)
+def test_compact_form_round_trips(groups: list[list[int]], step: int) -> None:
+    index: dict[bytes, Set[int]] = {bytes([i, 0x30]): set(g) for i, g in enumerate(groups)}
+    rl = RevocationList(crls=(), _index=index)
+    headers, payload = compact(rl)
+    build = from_compact(json.loads(json.dumps(headers)), payload, step=step)
+    steps = 0
+    while True:
+        try:
+            next(build)
+            steps += 1
+        except StopIteration as done:
+            back = done.value
+            break
+    assert back._index == index and len(back) == len(rl)
+    assert steps == sum(-(-len(set(g)) // step) for g in groups)
+
+
+def test_a_bad_compact_form_is_a_value_error() -> None:
+    headers, payload = compact(RevocationList(crls=(), _index={b"\x30\x00": {1, 2, 300}}))
+    for bad_headers, bad_payload in (
+        (headers, payload[:-1]),
+        (headers, payload + b"\0"),
+        ([{**headers[0], "width": "2"}], payload),
+        ([{"issuer": "30"}], b""),
+        (["not a mapping"], b""),
+    ):
+        with pytest.raises(ValueError):
+            list(from_compact(bad_headers, bad_payload))
+
+
+def test_an_oversized_crl_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    from proxy.certsource.files import CrlFile
+
+    path = tmp_path / "crl.pem"
+    with path.open("wb") as f:
+        f.truncate(MAX_CRL_BYTES + 1)  # sparse: no 64 MiB written
+    got: list[bytes] = []
+    CrlFile(path, on_crl=got.append).load()
+    assert got == []
+    path.write_bytes(b"small")
+    CrlFile(path, on_crl=got.append).load()
+    assert got == [b"small"]
+
+
+def test_an_oversized_crl_from_the_ca_is_refused_while_downloading(
+    pki: dict[str, Issuer],
+) -> None:
+    """GET /v1/crl stops reading past MAX_CRL_BYTES and refuses with the reason."""
+    from aiohttp import web
+
+    from proxy.certsource.ca import CaRefused, CaSource
+
+    sent = 0
+
+    async def crl(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        chunk = b"#" * (1 << 20)
+        try:
+            for _ in range(MAX_CRL_BYTES // len(chunk) + 8):
+                await resp.write(chunk)
+                sent += len(chunk)
+        except (ConnectionError, RuntimeError):
+            pass  # the client went away: what the test wants
+        return resp
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/v1/crl", crl)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        got: list[bytes] = []
+        # Plain HTTP and the roots preset: only the size check is under test here.
+        source = CaSource(f"https://127.0.0.1:{port}", "t", "ab" * 32, WEB, on_update=print)
+        source.url = f"http://127.0.0.1:{port}"
+        source._ca_roots = pki["root"].cert.public_bytes(serialization.Encoding.PEM)
+        source._on_crl = got.append
+        try:
+            with pytest.raises(CaRefused, match="more than the 64 MiB accepted"):
+                await source.refresh_crl()
+        finally:
+            await runner.cleanup()
+        assert got == []
+
+    asyncio.run(main())

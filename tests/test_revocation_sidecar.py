@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import random
 import shutil
 import socket
 import ssl
@@ -22,7 +23,7 @@ from cryptography import x509
 
 from .conftest import Pki
 from .harness import ROOT, Sidecar, TcpApp, base_env, free_port, identity_env, wait_for
-from .pki import Identity, Issuer, make_intermediate, make_root, write_identity
+from .pki import Identity, Issuer, big_crl, make_intermediate, make_root, pem, write_identity
 
 TD = "spiffe://rev.example"
 
@@ -255,3 +256,119 @@ def test_a_resumed_session_with_an_expired_certificate_is_refused(
         assert any("resumed session" in e["msg"] for e in lines), lines
     finally:
         sc.stop()
+
+
+def _talks(port: int, ident: Identity) -> bool:
+    """Does an mTLS client with `ident` get its bytes echoed through the inbound on `port`?"""
+    ctx = ssl.create_default_context(cafile=str(ident.bundle))
+    ctx.check_hostname = False
+    ctx.load_cert_chain(str(ident.cert), str(ident.key))
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw) as s,
+        ):
+            s.sendall(b"ping")
+            return s.recv(4) == b"ping"
+    except (ssl.SSLError, OSError):
+        return False
+
+
+def _serial_of(ident: Identity) -> int:
+    return x509.load_pem_x509_certificates(ident.cert.read_bytes())[0].serial_number
+
+
+def test_a_crl_over_16_mib_loads_without_taking_the_workers_down(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    """A legitimate 600,000-entry CRL (28 MB), then a small one padded to 17 MiB with text
+    between its PEM blocks: both load in every worker, no worker restarts, /ready stays
+    200 (issue 22, defect 1: each once killed the workers' control channel in a loop)."""
+    rng = random.Random(22)
+    many = [rng.getrandbits(127) | (1 << 126) for _ in range(600_000)]
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(big_crl(pki.inter, [*many, _serial_of(pki.client)], number=1))
+    assert crl.stat().st_size > 16 * 1024 * 1024
+    port = free_port()
+    sc = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"web=127.0.0.1:{port}=127.0.0.1:{echo.port}",
+            "MTLS_CRL_FILE": str(crl),
+            "MTLS_WORKERS": "2",
+        },
+        tmp_path / "sc.log",
+    )
+    try:
+        sc.wait_ready(timeout=90)
+        assert sc.metric("mtls_crl_revoked_certificates") == 600_001
+        for _ in range(4):  # both workers, whichever takes the connection
+            assert not _talks(port, pki.client)
+            assert _talks(port, pki.server2)
+        assert sc.metric("mtls_connections_rejected_total", reason="revoked") == 4
+        # Padding between the PEM blocks is ignored; the size alone must not break anything.
+        padding = b"# padding\n" * (17 * 1024 * 1024 // 10)
+        small = big_crl(pki.inter, [_serial_of(pki.server2)], number=2)
+        crl.with_suffix(".tmp").write_bytes(small + padding + pem(pki.inter.cert))
+        crl.with_suffix(".tmp").replace(crl)
+        assert sc.wait_metric("mtls_crl_reloads_total", 2, timeout=30, result="ok") == 2
+        assert sc.metric("mtls_crl_revoked_certificates") == 1
+        assert wait_for(lambda: not _talks(port, pki.server2) and _talks(port, pki.client))
+        assert sc.get("/ready")[0] == 200
+        logs = sc.logs()
+        assert "exited with" not in logs and "Traceback" not in logs
+        assert "Separator is not found" not in logs
+    finally:
+        sc.stop()
+
+
+def _refused_via(port: int) -> bool:
+    """Through an outbound sidecar on `port`: is the echo refused (nothing comes back)?"""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"hi")
+        s.settimeout(10)
+        try:
+            return s.recv(2) != b"hi"
+        except ConnectionResetError:
+            return True
+
+
+def test_a_crl_may_not_disappear_after_an_intermediate_rotation(mesh: dict[str, object]) -> None:
+    """After `ca rotate-intermediate` the CRL file holds two CRLs. Writing it back without
+    the one listing a keyCompromise certificate is refused, counted and logged, and that
+    certificate stays refused (issue 22, defect 2)."""
+    ca, crl, inbound = mesh["ca"], mesh["crl"], mesh["inbound"]
+    alice, outs = mesh["alice"], mesh["outs"]
+    assert isinstance(ca, Path) and isinstance(crl, Path) and isinstance(inbound, Sidecar)
+    assert isinstance(alice, Identity) and isinstance(outs, dict)
+    alice_port = outs[alice.spiffe_id][1]
+    _ca("rotate-intermediate", "--dir", str(ca))
+    _ca("revoke", "--dir", str(ca), "--serial", _serial(alice), "--reason", "keyCompromise")
+    full = (ca / "crl.pem").read_bytes()
+    blocks = [b"-----BEGIN X509 CRL-----" + b for b in full.split(b"-----BEGIN X509 CRL-----")[1:]]
+    blocks[-1], certs = blocks[-1].split(b"-----BEGIN CERTIFICATE-----", 1)
+    certs = b"-----BEGIN CERTIFICATE-----" + certs
+    assert len(blocks) == 2  # one CRL per intermediate, then their certificates
+    alice_serial = int(_serial(alice), 16)
+    listing = [
+        b
+        for b in blocks
+        if x509.load_pem_x509_crl(b).get_revoked_certificate_by_serial_number(alice_serial)
+    ]
+    assert len(listing) == 1
+    crl.write_bytes(full)
+    assert inbound.wait_metric("mtls_crl_revoked_certificates", 1, timeout=10) == 1
+    assert _refused_via(alice_port)
+    rejected = inbound.wait_metric("mtls_connections_rejected_total", 1, reason="revoked")
+    assert rejected == 1
+    errors = inbound.metric("mtls_crl_reloads_total", result="error")
+    # The same file without the CRL that lists alice.
+    crl.write_bytes(b"".join(b for b in blocks if b not in listing) + certs)
+    assert inbound.wait_metric("mtls_crl_reloads_total", errors + 1, result="error") == errors + 1
+    refused = [e for e in inbound.log_events() if e.get("event") == "crl_refused"]
+    assert "missing" in refused[-1]["msg"] and "keeping the last accepted one" in refused[-1]["msg"]
+    assert inbound.metric("mtls_crl_revoked_certificates") == 1
+    assert _refused_via(alice_port)
+    name = "mtls_connections_rejected_total"
+    assert inbound.wait_metric(name, rejected + 1, reason="revoked") == rejected + 1
+    assert "Traceback" not in inbound.logs()

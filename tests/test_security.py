@@ -404,6 +404,24 @@ def test_remote_drain_refused_unless_enabled(
         sc.stop()
 
 
+def test_drain_from_loopback_on_a_dual_stack_admin_port(
+    pki: Pki, echo: TcpApp, tmp_path: Path
+) -> None:
+    """MTLS_ADMIN_LISTEN=:PORT listens dual-stack: a POST from 127.0.0.1 arrives as
+    ::ffff:127.0.0.1 and is still loopback (issue 22, defect 4)."""
+    admin = free_port()
+    sc, _ = start_inbound(pki, echo, tmp_path / "sc.log", MTLS_ADMIN_LISTEN=f":{admin}")
+    try:
+        code, body = post("127.0.0.1", admin, "/drain")
+        assert code == 202, body
+        assert sc.proc.wait(20) == 0
+        assert any(
+            "POST /drain from ::ffff:127.0.0.1" in str(e.get("msg")) for e in sc.log_events()
+        )
+    finally:
+        sc.stop()
+
+
 # --- dropping privileges ------------------------------------------------------------------------
 
 

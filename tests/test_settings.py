@@ -773,6 +773,15 @@ def test_settings_are_frozen() -> None:
         ("10.0.0.5:80", "localhost:80", False),
         (":8443", "db.internal:8443", False),
         (":0", "127.0.0.1:0", False),  # port 0: picked at bind time, unknown here
+        # IPv4-mapped IPv6 reaches the IPv4 address it carries (issue 22, defect 3).
+        ("127.0.0.1:28601", "[::ffff:127.0.0.1]:28601", True),
+        ("0.0.0.0:8443", "[::ffff:127.0.0.1]:8443", True),
+        (":8443", "[::ffff:127.0.0.1]:8443", True),
+        ("[::ffff:127.0.0.1]:8443", "127.0.0.1:8443", True),
+        ("127.0.0.1:8443", "[::ffff:0.0.0.0]:8443", True),
+        ("10.0.0.5:80", "[::ffff:10.0.0.5]:80", True),
+        ("127.0.0.1:80", "[::ffff:127.0.0.2]:80", False),
+        ("127.0.0.1:80", "[2002:7f00:1::]:80", False),  # 6to4: routed to a relay, not here
     ],
 )
 def test_dials_itself(listen: str, remote: str, loops: bool) -> None:
@@ -798,6 +807,20 @@ def test_hairpin_through_our_own_inbound_listener_is_allowed() -> None:
                     "route 'lp' dials 127.0.0.1:28601, which is this sidecar's own listener "
                     "(MTLS_OUTBOUND route 'lp' on 127.0.0.1:28601): every connection would "
                     "loop back into the sidecar",
+                )
+            ],
+        ),
+        (
+            {
+                "MTLS_INBOUND": "<unset>",
+                "MTLS_OUTBOUND": "lp=127.0.0.1:28601=[::ffff:127.0.0.1]:28601",
+            },
+            [
+                (
+                    "MTLS_OUTBOUND",
+                    "route 'lp' dials [::ffff:7f00:1]:28601, which is this sidecar's own "
+                    "listener (MTLS_OUTBOUND route 'lp' on 127.0.0.1:28601): every connection "
+                    "would loop back into the sidecar",
                 )
             ],
         ),

@@ -323,3 +323,52 @@ def test_classify(exc: BaseException, label: str) -> None:
 )
 def test_speaks_no_tls(exc: BaseException, no_tls: bool) -> None:
     assert speaks_no_tls(exc) is no_tls
+
+
+def test_chain_anchored_follows_the_trust_roots() -> None:
+    """A pooled connection's peer chain (leaf, intermediate) ends at a root of the bundle, or
+    no longer does after that root was removed; a root of the same name but another key does
+    not count (the signature is checked)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from proxy.tls import chain_anchored
+
+    from .pki import make_intermediate, make_leaf, make_root
+
+    def der(c: Any) -> bytes:
+        return bytes(c.public_bytes(serialization.Encoding.DER))
+
+    root = make_root("Root A")
+    inter = make_intermediate(root)
+    leaf, _ = make_leaf(inter, "spiffe://td.example/a")
+    other = make_root("Root B")
+    impostor = make_root("Root A")  # same name, another key
+    chain = [der(leaf), der(inter.cert)]
+    assert chain_anchored(chain, [other.cert, root.cert])
+    assert not chain_anchored(chain, [other.cert])
+    assert not chain_anchored(chain, [impostor.cert])
+    assert chain_anchored([der(leaf), der(inter.cert), der(root.cert)], [root.cert])
+    assert not chain_anchored([der(leaf)], [root.cert])  # the intermediate was not sent
+    assert not chain_anchored([], [root.cert])
+
+
+def test_chain_anchored_completes_a_resumed_peer_from_known_intermediates() -> None:
+    """A resumed session brings only the leaf: intermediates seen in other chains complete
+    it, but only one that really signed the leaf counts."""
+    from cryptography.hazmat.primitives import serialization
+
+    from proxy.tls import chain_anchored
+
+    from .pki import make_intermediate, make_leaf, make_root
+
+    def der(c: Any) -> bytes:
+        return bytes(c.public_bytes(serialization.Encoding.DER))
+
+    old_root, new_root = make_root("Old"), make_root("New")
+    old_inter = make_intermediate(old_root, "Issuer")
+    new_inter = make_intermediate(new_root, "Issuer")  # the same name, another key and root
+    leaf, _ = make_leaf(old_inter, "spiffe://td.example/a")
+    known = [der(new_inter.cert), der(old_inter.cert)]
+    assert chain_anchored([der(leaf)], [old_root.cert], known)
+    assert not chain_anchored([der(leaf)], [new_root.cert], known)
+    assert not chain_anchored([der(leaf)], [old_root.cert], [der(new_inter.cert)])

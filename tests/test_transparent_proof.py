@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 
 from .conftest import TD, Pki
+from .harness import wait_for
 from .netns import (
     SKIP_PREFIX,
     Capture,
@@ -480,6 +482,49 @@ def test_pooled_streams_go_to_local_addresses_only(mesh: Mesh, show_logs: None) 
         assert delta(before[reason], b, "mtls_connections_rejected_total", 1, reason=reason) == 1
     served = [e for e in b.log_events() if e.get("event") == "conn_closed" and e.get("pooled")]
     assert served and served[-1]["target"] == f"127.0.0.1:{APP_B}"
+
+
+def test_pooled_streams_do_not_reach_excluded_inbound_ports(mesh: Mesh, show_logs: None) -> None:
+    """A port in MTLS_EXCLUDE_INBOUND_PORTS is not captured: raw TCP to it from outside never
+    reaches a service bound to loopback there, and neither may a stream naming 127.0.0.1 at
+    that port (refused as `bad_destination`, counted)."""
+    excluded = 7799
+    b = mesh.sidecar("b", MTLS_EXCLUDE_INBOUND_PORTS=str(excluded))
+    before = b.metric("mtls_connections_rejected_total", reason="bad_destination")
+    ident = mesh.idents["a"]
+    argv = [sys.executable, "-m", "tests.netns", "mux-probe", mesh.lab["b"].v4, str(APP_B),
+            ident["MTLS_CERT_FILE"], ident["MTLS_KEY_FILE"], ident["MTLS_TRUST_BUNDLE_FILE"],
+            mesh.lab["c"].v4, "--excluded", str(excluded)]  # fmt: skip
+    proc = mesh.lab.run("c", argv, timeout=40)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["excluded"] == "05", got  # RESET bad_destination, not dialled
+    name = "mtls_connections_rejected_total"
+    # other host and excluded port (their lines share the one-a-second rate limit per reason)
+    assert delta(before, b, name, 2, reason="bad_destination") == 2
+
+
+def test_a_pooled_connection_to_a_silent_peer_is_let_go_within_seconds(
+    mesh: Mesh, show_logs: None
+) -> None:
+    """B's packets stop arriving (dropped on B): the idle pooled connection from A is found
+    dead by TCP keepalive and TCP_USER_TIMEOUT (20 s), not after the kernel's 15 minutes."""
+    a = mesh.sidecar("a", MTLS_WORKERS="1")
+    mesh.sidecar("b")
+    assert mesh.dial("a", mesh.lab["b"].v4, APP_B)["reply"] == PAYLOAD
+    open_ = {"direction": "outbound", "state": "open"}
+    assert a.wait_metric("mtls_pool_connections", 1, **open_) == 1
+    before = a.metric("mtls_pool_retired_total", reason="broken")
+    rule = ["INPUT", "-s", mesh.lab["a"].v4, "-p", "tcp", "-j", "DROP"]
+    assert mesh.lab.run("b", ["iptables", "-w", "-I", *rule]).returncode == 0
+    try:
+        t0 = time.monotonic()
+        gone = wait_for(lambda: a.metric("mtls_pool_connections", **open_) == 0, timeout=45)
+        assert gone, f"still open after {time.monotonic() - t0:.0f}s"
+        assert time.monotonic() - t0 < 35  # 10 s idle + keepalive probes to 20 s, + margin
+        assert delta(before, a, "mtls_pool_retired_total", 1, reason="broken") == 1
+    finally:
+        mesh.lab.run("b", ["iptables", "-w", "-D", *rule])
 
 
 def test_nft_backend_meshed_to_meshed(pki: Pki, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import ipaddress
 import json
 import logging
@@ -325,8 +326,9 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from ..httpguard import Limits
     from .k8s import JwksSource, KeysUnavailable, SaVerifier
-    from .service import DEFAULT_SERVER_NAMES, Limits, serve
+    from .service import DEFAULT_SERVER_NAMES, serve
 
     logging.basicConfig(
         level=args.log_level,
@@ -454,7 +456,19 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
             )
             for row in rows:
                 print(f"  serial={row.serial} not_after={_when(row.not_after)}")
-        ca.write_crl(store)
+        try:
+            ca.write_crl(store)
+        except (OSError, StoreError) as exc:
+            reason: object = exc
+            if isinstance(exc, OSError):
+                reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "read-only"}.get(
+                    exc.errno or 0, exc.strerror or exc
+                )
+            raise ProxyError(
+                f"the revocation is recorded, but {args.dir / 'crl.pem'} was not written "
+                f"({reason}); a running ca serve publishes the new CRL at /v1/crl as soon as "
+                "it can make one"
+            ) from None
     finally:
         store.close()
     print(f"CRL written to {args.dir / 'crl.pem'}; a running ca serve publishes it at /v1/crl")

@@ -10,6 +10,8 @@ Endpoints (HTTPS; clients pin the root by its sha256 fingerprint):
 Every refusal is one log line and a JSON {"error": ...} with a meaningful status; every
 issuance is recorded in the store (ca.db) and is one log line with serial, identity, expiry
 and requester. Slow or excess connections are closed (header/body timeouts, a limit).
+Store calls run in a thread pool, never in the event loop; a storage fault is a 503 with
+Retry-After, and /v1/bundle and /v1/crl never wait for the store's lock.
 """
 
 from __future__ import annotations
@@ -17,25 +19,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import errno
+import functools
 import json
 import logging
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from cryptography import x509
 
+from ..httpguard import ConnectionGuard, Handler, Limits, start_guarded
 from ..listen import raise_nofile_limit
 from ..logs import RateLimit
 from ..material import leaf_spiffe_id
 from .crl import CRL_REFRESH
-from .db import IdentityRevoked, NonceUsed, serial_hex
+from .db import CaStore, IdentityRevoked, NonceUsed, StoreUnavailable, serial_hex
 from .issuer import (
     LEAF_TTL,
     CsrRejected,
@@ -51,10 +54,11 @@ from .issuer import (
 )
 from .k8s import SaTokenRejected, SaVerifier, looks_like_jwt
 from .memcert import load_cert_chain_from_memory
-from .store import CaDir
+from .store import CaDir, CaDirError
 from .tokens import TokenRejected, verify_token
 
 log = logging.getLogger("mtls.ca")
+T = TypeVar("T")
 
 MAX_BODY = 64 * 1024
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -63,20 +67,15 @@ DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 # The handler checks validity times itself; no other endpoint uses client certificates.
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000
 _RECHECK_SECONDS = 30.0
+DEFAULT_LIMITS = Limits()
+# SQLite has one writer at a time: two threads let a read go by a write that waits for the lock.
+STORE_THREADS = 2
+# A store call that has not started within this is refused (503): with the store stuck, a
+# queue of waiting requests must not grow without end.
+STORE_QUEUE_WAIT = 5.0
+CRL_WAIT = 1.0  # GET /v1/crl waits this long for a fresh CRL, then serves the last one
+RETRY_AFTER = 5  # seconds, in the Retry-After of every 503
 _CRL_RECHECK_SECONDS = 2.0  # how often a `ca revoke` from another process is looked for
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a client without credentials can hold of the service."""
-
-    header_timeout: float = 10.0  # from connection (or end of last response) to full headers
-    body_timeout: float = 10.0  # to read a whole request body
-    handshake_timeout: float = 10.0  # TLS handshake
-    max_connections: int = 512  # open TLS connections; more are closed at once
-
-
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -90,9 +89,6 @@ def is_flat_json_object(body: bytes) -> bool:
     """
     rest = _STRING.sub(b'""', body)
     return rest.count(b"{") <= 1 and rest.count(b"[") == 0
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Refused(Exception):
@@ -124,7 +120,7 @@ class EnrolmentService:
         leaf_ttl: dt.timedelta = LEAF_TTL,
         server_names: tuple[str, ...] = DEFAULT_SERVER_NAMES,
         sa_verifier: SaVerifier | None = None,
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.ca_path = ca_path
         self.leaf_ttl = leaf_ttl
@@ -132,12 +128,29 @@ class EnrolmentService:
         self.sa_verifier = sa_verifier
         self.limits = limits
         ca = CaDir.open(ca_path)
-        self.store = ca.store()
-        if self.store.created:
-            log.info("created the CA store %s (issuance log, revocations, used tokens)", ca_path)
+        # Store calls run in these threads (each with its own SQLite connection), never in
+        # the event loop: a writer holding the lock, or a slow disk, holds up only them.
+        self._executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="ca-store")
+        self.store = CaStore.for_dir(ca_path, connect=False)
+        try:
+            self.store.ensure_open()
+        except StoreUnavailable as exc:
+            log.error(
+                "%s; enrolment and renewal answer 503 until it can be used, /v1/bundle and "
+                "/v1/crl are served",
+                exc,
+            )
+        else:
+            if self.store.created:
+                log.info(
+                    "created the CA store %s (issuance log, revocations, used tokens)", ca_path
+                )
         self._crl_pem = b""
         self._crl_revision = -1
         self._crl_made = 0.0
+        self._crl_error: str | None = None
+        self._crl_job: asyncio.Future[bytes] | None = None
+        self._fault_log = RateLimit()
         self._stamp = ca.state_stamp()
         self._load(ca)
         self.ssl_context = self._new_ssl_context()
@@ -145,6 +158,14 @@ class EnrolmentService:
         self._server_gen = 0
         self._install_server_cert()
         self.refresh_crl()
+        if not self._crl_pem:
+            try:
+                self._crl_pem = ca.crl_pem()
+            except CaDirError as exc:
+                log.error("no CRL to serve until one can be made: %s", exc)
+            else:
+                log.warning("serving the CRL last written to crl.pem until a new one can be made")
+        self.store.release()  # from here on, only the store's threads use it
 
     # -- material -------------------------------------------------------------------------
 
@@ -240,13 +261,52 @@ class EnrolmentService:
                 self._crl_made = time.monotonic()
                 log.info("CRL updated (store revision %d)", revision)
         except Exception as exc:
-            log.error("making the CRL failed (%s); serving the previous one", exc)
+            # Retried every few seconds: say it once per distinct failure, and when it ends.
+            if str(exc) != self._crl_error:
+                log.error("making the CRL failed (%s); serving the previous one", exc)
+            self._crl_error = str(exc)
+        else:
+            if self._crl_error is not None:
+                log.info("making the CRL works again")
+            self._crl_error = None
         return self._crl_pem
+
+    async def refresh_crl_async(self, *, wait: float | None = None) -> bytes:
+        """refresh_crl in the store's threads, one at a time; wait for it at most `wait`
+        seconds (None: until done), then answer the newest CRL there is."""
+        job = self._crl_job
+        if job is None or job.done():
+            loop = asyncio.get_running_loop()
+            job = self._crl_job = loop.run_in_executor(self._executor, self.refresh_crl)
+        if wait is None:
+            await asyncio.shield(job)
+        else:
+            await asyncio.wait({job}, timeout=wait)
+        return self._crl_pem
+
+    async def _in_store(self, call: Callable[[], T]) -> T:
+        """Run `call` (store work) in the store's threads. A call still waiting for a thread
+        after STORE_QUEUE_WAIT is refused (StoreUnavailable) without touching the store."""
+        deadline = time.monotonic() + STORE_QUEUE_WAIT
+
+        def job() -> T:
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(
+                    self.store.path, f"too many requests waited over {STORE_QUEUE_WAIT:g}s for it"
+                )
+            return call()
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
+
+    def close(self) -> None:
+        """Wait for running store calls, then close the store's connections."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
 
     # -- issuing --------------------------------------------------------------------------
 
-    def _check_not_revoked(self, identity: str) -> None:
-        found = self.store.identity_revocation(identity)
+    async def _check_not_revoked(self, identity: str) -> None:
+        found = await self._in_store(lambda: self.store.identity_revocation(identity))
         if found is not None:
             when = dt.datetime.fromtimestamp(found[0], dt.UTC).isoformat()
             raise Refused(
@@ -255,7 +315,7 @@ class EnrolmentService:
                 "ca unrevoke lets it enrol again",
             )
 
-    def _answer(
+    async def _answer(
         self,
         request: web.Request,
         csr: x509.CertificateSigningRequest,
@@ -268,12 +328,15 @@ class EnrolmentService:
         public_key = check_public_key(csr.public_key())
         issuer = self.issuer
         try:
-            leaf = self.store.issue(
-                lambda: issue_leaf(issuer, public_key, spiffe_id=identity, ttl=self.leaf_ttl),
-                requester=requester,
-                issuer_gen=self.ca.state.issuer,
-                issuer=issuer.cert,
-                nonce=nonce,
+            leaf = await self._in_store(
+                functools.partial(
+                    self.store.issue,
+                    lambda: issue_leaf(issuer, public_key, spiffe_id=identity, ttl=self.leaf_ttl),
+                    requester=requester,
+                    issuer_gen=self.ca.state.issuer,
+                    issuer=issuer.cert,
+                    nonce=nonce,
+                )
             )
         except NonceUsed:
             raise Refused(401, f"token for {identity} was already used") from None
@@ -343,10 +406,10 @@ class EnrolmentService:
         if trust_domain_of(claims.identity) != self.trust_domain:
             raise Refused(403, f"token names {claims.identity}, outside {self.trust_domain}")
         csr = self._check_csr(body["csr"], claims.identity)
-        self._check_not_revoked(claims.identity)
+        await self._check_not_revoked(claims.identity)
         # The store claims the nonce in the transaction that records the certificate: one
         # token, one certificate, across restarts and across processes.
-        return self._answer(
+        return await self._answer(
             request,
             csr,
             claims.identity,
@@ -369,11 +432,11 @@ class EnrolmentService:
         except SaTokenRejected as exc:
             raise Refused(exc.status, str(exc)) from None
         csr = self._check_csr(body["csr"], claims.identity)
-        self._check_not_revoked(claims.identity)
+        await self._check_not_revoked(claims.identity)
         # Not single-use: kubelet hands the same projected token to a restarted container.
-        return self._answer(request, csr, claims.identity, "enroll", claims.requester())
+        return await self._answer(request, csr, claims.identity, "enroll", claims.requester())
 
-    def _renewing_identity(self, request: web.Request) -> tuple[str, str]:
+    async def _renewing_identity(self, request: web.Request) -> tuple[str, str]:
         transport = request.transport
         ssl_object = transport.get_extra_info("ssl_object") if transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -403,18 +466,18 @@ class EnrolmentService:
             raise Refused(401, "client certificate has no single spiffe:// URI SAN")
         if trust_domain_of(identity) != self.trust_domain:
             raise Refused(403, f"client identity {identity} is outside {self.trust_domain}")
-        self._check_not_revoked(identity)
+        await self._check_not_revoked(identity)
         serial = serial_hex(cert.serial_number)
-        if self.store.is_serial_revoked(serial):
+        if await self._in_store(lambda: self.store.is_serial_revoked(serial)):
             raise Refused(403, f"client certificate serial={serial} ({identity}) is revoked")
         return identity, serial
 
     async def renew(self, request: web.Request) -> web.Response:
         self.maybe_reload()
-        identity, serial = self._renewing_identity(request)
+        identity, serial = await self._renewing_identity(request)
         body = await self._read_json(request, ("csr",))
         csr = self._check_csr(body["csr"], identity)
-        return self._answer(request, csr, identity, "renew", f"renewal of serial={serial}")
+        return await self._answer(request, csr, identity, "renew", f"renewal of serial={serial}")
 
     async def bundle(self, request: web.Request) -> web.Response:
         self.maybe_reload()
@@ -423,26 +486,19 @@ class EnrolmentService:
     async def crl(self, request: web.Request) -> web.Response:
         """GET /v1/crl: every intermediate's CRL, then the intermediates, PEM."""
         self.maybe_reload()
-        pem = self.refresh_crl()
+        # A fresh CRL when it can be had at once (a revocation just made shows at once);
+        # else, the last one: a writer holding the store's lock never holds up this answer.
+        pem = await self.refresh_crl_async(wait=CRL_WAIT)
         if not pem:
             raise Refused(503, "no CRL could be made yet (the CA log says why)")
         return web.Response(body=pem, content_type="application/x-pem-file")
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        guard = self.guard
-        transport = request.transport
-        if guard is not None and transport is not None:
-            guard.request_started(transport)
-        try:
-            return await self._handle(request, handler)
-        finally:
-            if guard is not None and transport is not None:
-                guard.request_done(transport)
-
     async def _handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
+        except StoreUnavailable as exc:
+            return self._store_fault(request, exc)
         except Refused as exc:
             status, message = exc.status, exc.message
         except web.HTTPException as exc:
@@ -460,153 +516,36 @@ class EnrolmentService:
             status,
             message,
         )
-        return web.json_response({"error": message}, status=status)
+        headers = {"Retry-After": str(RETRY_AFTER)} if status == 503 else None
+        return web.json_response({"error": message}, status=status, headers=headers)
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+    def _store_fault(self, request: web.Request, exc: StoreUnavailable) -> web.Response:
+        """503 + Retry-After; one log line a second at most (every client meets the fault)."""
+        held = self._fault_log.allow(time.monotonic())
+        if held is not None:
+            log.warning(
+                "refused %s %s from %s: status=503 %s%s",
+                request.method,
+                request.path,
+                request.remote,
+                exc,
+                f" ({held} more since the last line)" if held else "",
+            )
+        return web.json_response(
+            {"error": f"the CA cannot use its store now: {exc.cause}; retry later"},
+            status=503,
+            headers={"Retry-After": str(RETRY_AFTER)},
+        )
+
+    def app(self, guard: ConnectionGuard | None = None) -> web.Application:
+        """The service's routes; with `guard`, its header deadline around every request."""
+        middlewares = [guard.middleware] if guard is not None else []
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[*middlewares, self._handle])
         app.router.add_post("/v1/enroll", self.enroll)
         app.router.add_post("/v1/renew", self.renew)
         app.router.add_get("/v1/bundle", self.bundle)
         app.router.add_get("/v1/crl", self.crl)
         return app
-
-    guard: ConnectionGuard | None = None
-
-
-class ConnectionGuard:
-    """Per-connection limits around aiohttp's protocol: a connection limit, and a deadline
-    for each request's headers (from connection, or from the end of the previous request).
-
-    aiohttp has no header timeout of its own: without one, a client sending a byte every few
-    seconds holds a connection (and a file descriptor) for ever.
-    """
-
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.active = 0
-        self.closed_slow = 0
-        self.refused_over_limit = 0
-        self._timers: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
-        self._slow_log = RateLimit()
-        self._limit_log = RateLimit()
-
-    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        """A protocol factory for create_server: aiohttp's protocols, guarded."""
-        return lambda: _GuardedProtocol(self, factory())
-
-    def admit(self, transport: asyncio.BaseTransport) -> bool:
-        """Count a new connection and start its header deadline; False when over the limit."""
-        if self.active >= self.limits.max_connections:
-            self.refused_over_limit += 1
-            held = self._limit_log.allow(time.monotonic())
-            if held is not None:
-                log.warning(
-                    "connection limit %d reached: closing new connections%s",
-                    self.limits.max_connections,
-                    f" ({held} more since the last line)" if held else "",
-                )
-            return False
-        self.active += 1
-        self._arm(transport)
-        return True
-
-    def release(self, transport: asyncio.BaseTransport) -> None:
-        """A connection admitted before has closed."""
-        self.active -= 1
-        self._disarm(transport)
-
-    def request_started(self, transport: asyncio.BaseTransport) -> None:
-        """Headers are in: the body has its own timeout (in the handler)."""
-        self._disarm(transport)
-
-    def request_done(self, transport: asyncio.BaseTransport) -> None:
-        """The next request's headers are due within the header timeout."""
-        if not transport.is_closing():
-            self._arm(transport)
-
-    def _arm(self, transport: asyncio.BaseTransport) -> None:
-        self._disarm(transport)
-        loop = asyncio.get_running_loop()
-        self._timers[transport] = loop.call_later(
-            self.limits.header_timeout, self._expire, transport
-        )
-
-    def _disarm(self, transport: asyncio.BaseTransport) -> None:
-        timer = self._timers.pop(transport, None)
-        if timer is not None:
-            timer.cancel()
-
-    def _expire(self, transport: asyncio.BaseTransport) -> None:
-        self._timers.pop(transport, None)
-        self.closed_slow += 1
-        held = self._slow_log.allow(time.monotonic())
-        if held is not None:
-            peer = transport.get_extra_info("peername")
-            log.warning(
-                "closed a connection from %s: no complete request within %gs%s",
-                peer[0] if peer else "?",
-                self.limits.header_timeout,
-                f" ({held} more since the last line)" if held else "",
-            )
-        if isinstance(transport, asyncio.Transport):
-            transport.abort()
-
-
-class _GuardedProtocol(asyncio.Protocol):
-    """Passes every event to aiohttp's protocol, after ConnectionGuard's checks."""
-
-    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
-        self.guard = guard
-        self.inner = inner
-        self.transport: asyncio.BaseTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self.guard.admit(transport):
-            if isinstance(transport, asyncio.Transport):
-                transport.abort()
-            return
-        self.transport = transport
-        self.inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is None:
-            return  # refused over the limit: aiohttp never saw it
-        self.guard.release(self.transport)
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
-def _resource_error_handler(
-    limiter: RateLimit,
-) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
-    """An event-loop exception handler: running out of file descriptors (EMFILE on accept)
-    is one warning line per second, not a traceback per failed accept."""
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
-            held = limiter.allow(time.monotonic())
-            if held is not None:
-                log.warning(
-                    "cannot accept connections: %s%s",
-                    exc.strerror or exc,
-                    f" ({held} more since the last line)" if held else "",
-                )
-            return
-        loop.default_exception_handler(context)
-
-    return handler
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -626,11 +565,9 @@ async def serve(
     server_names: tuple[str, ...] = DEFAULT_SERVER_NAMES,
     stop: asyncio.Event,
     sa_verifier: SaVerifier | None = None,
-    limits: Limits = Limits(),
+    limits: Limits = DEFAULT_LIMITS,
 ) -> None:
     """Run the service until `stop` is set."""
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(_resource_error_handler(RateLimit()))
     raise_nofile_limit(limits.max_connections + 64, "--max-connections", "")
     service = EnrolmentService(
         ca_path,
@@ -639,23 +576,9 @@ async def serve(
         sa_verifier=sa_verifier,
         limits=limits,
     )
-    guard = ConnectionGuard(limits)
-    service.guard = guard
-    runner = web.AppRunner(
-        service.app(),
-        access_log=None,
-        shutdown_timeout=2.0,
-        keepalive_timeout=limits.header_timeout,
-    )
-    await runner.setup()
-    assert runner.server is not None
-    server = await loop.create_server(
-        guard.wrap(runner.server),
-        host,
-        port,
-        ssl=service.ssl_context,
-        ssl_handshake_timeout=limits.handshake_timeout,
-        backlog=256,
+    guard = ConnectionGuard(limits, log)
+    runner, server = await start_guarded(
+        service.app(guard), guard, host=host, port=port, ssl_context=service.ssl_context
     )
 
     async def recheck() -> None:
@@ -666,7 +589,7 @@ async def serve(
             if ticks * _CRL_RECHECK_SECONDS >= _RECHECK_SECONDS:
                 ticks = 0
                 service.maybe_reload()
-            service.refresh_crl()
+            await service.refresh_crl_async()
 
     task = asyncio.create_task(recheck(), name="ca-service-recheck")
     log.info(
@@ -685,4 +608,4 @@ async def serve(
             await task
         server.close()
         await runner.cleanup()
-        service.store.close()
+        await asyncio.to_thread(service.close)

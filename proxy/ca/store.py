@@ -118,12 +118,20 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
         tmp.unlink()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.fchmod(fd, mode)  # the umask may have cleared bits; set exactly
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)  # the umask may have cleared bits; set exactly
+            view = memoryview(data)
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk: leave no half-written temporary file taking space.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -326,6 +334,10 @@ class CaDir:
         pem = self.make_crl(store, now=now)
         write_public(self.path / CRL_FILE, pem)
         return pem
+
+    def crl_pem(self) -> bytes:
+        """The CRLs last written to crl.pem (CaDirError if missing or unreadable)."""
+        return self._read(CRL_FILE)
 
     def store(self) -> CaStore:
         """The SQLite store of this directory (created on first use: an old directory

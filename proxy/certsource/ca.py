@@ -21,7 +21,8 @@ from ..ca.issuer import cert_pem, fingerprint, key_pem, make_csr, new_key, valid
 from ..ca.memcert import load_cert_chain_from_memory
 from ..errors import CertError
 from ..material import Material, load_material, read_file
-from ..metrics import CERT_RENEWALS
+from ..metrics import CERT_RENEWALS, CRL_RELOADS
+from ..revocation import MAX_CRL_BYTES, too_big
 
 log = logging.getLogger("mtls.certsource.ca")
 
@@ -39,6 +40,14 @@ class CaRefused(CertError):
     def __init__(self, status: int, message: str) -> None:
         self.status = status
         super().__init__(message)
+
+
+class CaTooBig(CertError):
+    """The CA's answer is larger than we accept (a revocation list over MAX_CRL_BYTES)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size  # what it announced, or what was read before giving up
+        super().__init__(f"an answer of at least {size} bytes")
 
 
 class CaUnavailable(CertError):
@@ -129,7 +138,10 @@ class CaSource:
         ctx: ssl.SSLContext,
         what: str,
         body: dict[str, str] | None = None,
+        limit: int | None = None,
     ) -> bytes:
+        """The body of a 200 answer; CaUnavailable/CaRefused otherwise. A body over `limit`
+        bytes is refused (CaTooBig) without being read to its end."""
         timeout = aiohttp.ClientTimeout(total=self._timeout)
         connector = aiohttp.TCPConnector(ssl=ctx, force_close=True)
         try:
@@ -137,8 +149,16 @@ class CaSource:
                 aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
                 session.request(method, self.url + path, json=body) as resp,
             ):
-                data = await resp.read()
                 status = resp.status
+                if limit is None or status != 200:
+                    data = await resp.read()
+                else:
+                    buf = bytearray()
+                    async for chunk in resp.content.iter_chunked(1 << 16):
+                        buf += chunk
+                        if len(buf) > limit:
+                            raise CaTooBig(max(resp.content_length or 0, len(buf)))
+                    data = bytes(buf)
         except aiohttp.ClientConnectorCertificateError as exc:
             raise CaRefused(
                 0, f"{what}: the CA at {self.url} failed TLS verification ({exc.certificate_error})"
@@ -284,8 +304,17 @@ class CaSource:
         roots = await self._pin()
         try:
             data = await self._request(
-                "GET", "/v1/crl", _client_context(roots), "fetching the revocation list"
+                "GET",
+                "/v1/crl",
+                _client_context(roots),
+                "fetching the revocation list",
+                limit=MAX_CRL_BYTES,
             )
+        except CaTooBig as exc:
+            CRL_RELOADS.labels("error").inc()
+            raise CaRefused(
+                0, f"the revocation list from {self.url} is refused: {too_big(exc.size)}"
+            ) from None
         except CaUnavailable as exc:
             if "(503)" in str(exc):
                 return False  # the CA could not make a CRL yet
@@ -319,9 +348,22 @@ class CaSource:
                 log.warning("enrolment failed: %s; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            except CertError:
+            except CertError as exc:
+                # Refused (a used join token, a token for another identity...): the sidecar
+                # stays up, not ready with its expired certificate, and tries again; a token
+                # file is read again at each attempt (Kubernetes refreshes projected tokens,
+                # and an operator fixes a used join token by writing a new one).
                 CERT_RENEWALS.labels(result="error").inc()
-                raise
+                failures += 1
+                delay = min(self._backoff_cap, BACKOFF_BASE * 2 ** (failures - 1))
+                log.error(
+                    "enrolment of %s refused: %s; the sidecar needs a new token; retrying in %.1fs",
+                    self.identity,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
             CERT_RENEWALS.labels(result="ok").inc()
             return material
 
@@ -330,8 +372,9 @@ class CaSource:
 
         Renewal failures are retried with exponential backoff (capped at `backoff_cap`), but
         never scheduled past the current certificate's expiry. Once it has expired, the
-        sidecar enrols again with its token; if the CA refuses (a used token), CertError is
-        raised: the sidecar needs a new token.
+        sidecar enrols again with its token; if the CA refuses (a used token), that is logged
+        and retried with the same backoff (the sidecar needs a new token: a token file is read
+        again at each attempt), never a dead renewal task.
         """
         material = self._material or await self._enroll_until_done()
         renew_at = self.renew_at(material)

@@ -16,6 +16,7 @@ from pathlib import Path
 from .. import metrics
 from ..errors import CertError
 from ..material import Material, load_material_files, read_file
+from ..revocation import MAX_CRL_BYTES, too_big
 
 log = logging.getLogger("mtls.certsource.files")
 
@@ -145,8 +146,19 @@ class CrlFile:
         return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
     def load(self) -> None:
-        """Read the file now (start-up, SIGHUP); a missing or empty file is logged."""
-        self._signature = self._stat()
+        """Read the file now (start-up, SIGHUP); a missing, empty or oversized file is
+        logged and counted, the current list kept."""
+        self._signature = sig = self._stat()
+        if sig is not None and sig[3] > MAX_CRL_BYTES:
+            # Refused before reading: the master would hold it, then parse it, for nothing.
+            metrics.CRL_RELOADS.labels("error").inc()
+            log.error(
+                "MTLS_CRL_FILE %s refused, keeping the current list: %s",
+                self.path,
+                too_big(sig[3]),
+                extra={"fields": {"event": "crl_refused"}},
+            )
+            return
         try:
             data = read_file(self.path, "revocation list")
         except CertError as exc:

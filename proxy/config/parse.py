@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from ..addresses import is_loopback
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Each parser takes the env-var text and returns a typed value or raises ValueError with a
@@ -109,14 +111,9 @@ class Address:
 
     @property
     def is_loopback(self) -> bool:
-        """Whether the host is this machine's loopback: localhost, 127.0.0.0/8 or ::1."""
-        host = self.host
-        if host == "localhost" or host.endswith(".localhost"):
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        """Whether the host is this machine's loopback: localhost, 127.0.0.0/8, ::1, or
+        ::ffff:127.x.y.z."""
+        return is_loopback(self.host)  # IPv4-mapped loopback too (proxy/addresses.py)
 
 
 def parse_address(text: str, *, allow_zero: bool = False) -> Address:

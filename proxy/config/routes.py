@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ..addresses import is_unspecified, normalize
 from ..identity import SpiffeId, parse_spiffe_id
 from .parse import Address, parse_address, short_text
 
@@ -161,18 +162,21 @@ def dials_itself(listen: Address, remote: Address) -> bool:
     """
     if listen.port == 0 or listen.port != remote.port:
         return False
-    if listen.host == remote.host:
+    # Compared normalised: [::ffff:127.0.0.1] is 127.0.0.1 (proxy/addresses.py).
+    lhost, rhost = normalize(listen.host), normalize(remote.host)
+    if lhost == rhost:
         return True
-    if not (remote.is_loopback or remote.is_wildcard):
+    anywhere = remote.is_wildcard or is_unspecified(remote.host)
+    if not (remote.is_loopback or anywhere):
         return False
-    if listen.host == "0.0.0.0":
-        return ":" not in remote.host  # IPv4 only: [::1] does not reach it
+    if lhost == "0.0.0.0":
+        return ":" not in rhost  # IPv4 only: [::1] does not reach it
     if listen.is_wildcard:
         return True  # '' and '::' take IPv4 and IPv6
     if listen.is_loopback:
         # 127.0.0.1 and 127.0.0.2 are different addresses; a name such as 'localhost' may be
         # either, and a wildcard remote reaches loopback listeners.
-        return remote.is_wildcard or not (_is_ip(remote.host) and _is_ip(listen.host))
+        return anywhere or not (_is_ip(rhost) and _is_ip(lhost))
     return False
 
 

@@ -56,6 +56,72 @@ def options_from(args: argparse.Namespace) -> Options:
     )
 
 
+# Kubernetes objects nest about 15 levels deep; PyYAML's composer recurses once per level, so
+# without a limit a few thousand levels end in a RecursionError.
+MAX_DEPTH = 100
+# Nodes that aliases may add beyond those written out: generous for anchors shared between
+# containers, far below what a "billion laughs" expands into.
+MAX_ALIAS_NODES = 10_000
+
+
+class _TooComplex(yaml.YAMLError):
+    """Input over a limit of _LimitedLoader; the message says which."""
+
+    def __init__(self, message: str, mark: yaml.Mark | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.mark = mark
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses nesting deeper than MAX_DEPTH and aliases that together
+    stand for more than MAX_ALIAS_NODES nodes, while composing, before anything is built."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliased = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> nodes it stands for, aliases expanded
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            node = super().compose_node(parent, index)
+            self._aliased += self._sizes.get(id(node), 1)
+            if self._aliased > MAX_ALIAS_NODES:
+                raise _TooComplex(f"YAML aliases expand to more than {MAX_ALIAS_NODES} nodes", mark)
+            return node
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise _TooComplex(f"nested more than {MAX_DEPTH} levels deep", mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        self._sizes[id(node)] = 1 + sum(self._sizes.get(id(c), 1) for c in children)
+        return node
+
+
+def load_manifests(text: str) -> list[Any]:
+    """The non-empty documents of a YAML (or JSON) stream, within the limits above."""
+    loader = _LimitedLoader(text)
+    try:
+        docs = []
+        while loader.check_data():  # type: ignore[no-untyped-call]
+            doc = loader.get_data()
+            if doc is not None:
+                docs.append(doc)
+        return docs
+    finally:
+        loader.dispose()
+
+
 def _read(paths: Sequence[str], stdin: TextIO) -> list[tuple[str, list[Any]]]:
     out = []
     for path in paths or ["-"]:
@@ -66,9 +132,12 @@ def _read(paths: Sequence[str], stdin: TextIO) -> list[tuple[str, list[Any]]]:
             else:
                 with open(path, encoding="utf-8") as f:
                     text = f.read()
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+            docs = load_manifests(text)
         except OSError as exc:
             raise InjectError(f"{name}: cannot read ({exc.strerror or exc})") from None
+        except _TooComplex as exc:
+            at = f" (line {exc.mark.line + 1})" if exc.mark is not None else ""
+            raise InjectError(f"{name}: refused{at}: {exc.message}") from None
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             at = f" (line {where.line + 1})" if where is not None else ""

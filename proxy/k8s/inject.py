@@ -223,8 +223,17 @@ def _annotations(template: Mapping[str, Any]) -> dict[str, str]:
     return dict((template.get("metadata") or {}).get("annotations") or {})
 
 
-def _ours(annotations: Mapping[str, str]) -> dict[str, str]:
-    return {k[len(PREFIX) :]: str(v) for k, v in annotations.items() if k.startswith(PREFIX)}
+def _ours(annotations: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for k, v in annotations.items():
+        if not isinstance(k, str) or not k.startswith(PREFIX):
+            continue
+        if isinstance(v, (dict, list)):
+            # Annotation values are strings; never render a structure (it may be huge).
+            kind = type(v).__name__
+            raise ValueError(f"annotation {k}: the value must be a string, not a {kind}")
+        out[k[len(PREFIX) :]] = str(v)
+    return out
 
 
 def _inject_template(
@@ -253,6 +262,14 @@ def _inject_template(
     if spec.get("hostNetwork"):
         notes.append(f"{where}: uses the node's network (hostNetwork), left unchanged")
         return template
+    if _os_name(spec) == "windows":
+        # The patch is Linux-only (iptables, seccompProfile, Linux security contexts): the
+        # API server would refuse it, or the pod would not start.
+        notes.append(
+            f"{where}: a Windows pod (spec.os.name: windows), left unchanged: "
+            "the sidecar is Linux-only"
+        )
+        return template
     mode = ours.get("mode", options.mode)
     if mode not in MODES:
         raise InjectError(
@@ -276,6 +293,13 @@ def _inject_template(
             f"(kubelet probes are plaintext), so it accepts plaintext connections"
         )
     return _apply(template, env, options, mode)
+
+
+def _os_name(spec: Mapping[str, Any]) -> str | None:
+    """spec.os.name, lowercased ("linux", "windows"), or None when the pod does not say."""
+    os_field = spec.get("os")
+    name = os_field.get("name") if isinstance(os_field, dict) else None
+    return name.lower() if isinstance(name, str) else None
 
 
 def _check_names(spec: Mapping[str, Any], where: str, mode: str) -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import base64
+import contextlib
+import itertools
 import json
 import logging
 import os
+import re
 import signal
 import ssl
 import sys
@@ -18,7 +22,10 @@ from typing import Any
 import jsonpatch
 from aiohttp import web
 
-from .cli import add_option_flags, options_from
+from ..config import parse_duration
+from ..httpguard import ConnectionGuard, Limits, start_guarded
+from ..listen import raise_nofile_limit
+from .cli import MAX_DEPTH, add_option_flags, options_from
 from .inject import InjectError, Options, describe, inject_report
 
 log = logging.getLogger("mtls.injector")
@@ -26,6 +33,22 @@ log = logging.getLogger("mtls.injector")
 # etcd stores objects of at most 1.5 MiB; a review wraps one (twice for UPDATE).
 MAX_BODY = 4 * 1024 * 1024
 REVIEW_API = "admission.k8s.io/v1"
+DEFAULT_LIMITS = Limits()
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# Brackets become +1 / -1 (as signed bytes); everything else is deleted.
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_nesting(body: bytes) -> int:
+    """How deeply the arrays and objects of a JSON text nest (strings are skipped).
+
+    Counted before json.loads, which recurses once per level: deep input is refused with a
+    reason, not by a RecursionError (or a slow deepcopy of a legal but absurd object)."""
+    brackets = _JSON_STRING.sub(b"", body).translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    return max(itertools.accumulate(array.array("b", brackets)), default=0)
 
 
 class BadReview(ValueError):
@@ -42,10 +65,14 @@ class Answer:
 
 def parse_review(body: bytes) -> dict[str, Any]:
     """The `request` of an AdmissionReview v1; BadReview says what is wrong with it."""
+    if json_nesting(body) > MAX_DEPTH:
+        raise BadReview(f"nested more than {MAX_DEPTH} levels deep")
     try:
         review = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadReview(f"body is not JSON ({exc})") from None
+    except RecursionError:  # not reached after the check above; kept as a backstop
+        raise BadReview(f"nested more than {MAX_DEPTH} levels deep") from None
     if not isinstance(review, dict):
         raise BadReview("body is not a JSON object")
     if review.get("apiVersion") != REVIEW_API or review.get("kind") != "AdmissionReview":
@@ -92,26 +119,35 @@ def review_answer(request: dict[str, Any], options: Options) -> Answer:
     )
 
 
-async def _read_body(request: web.Request) -> bytes:
-    """The request body, refused (BadReview) once it grows past MAX_BODY."""
+async def _read_body(request: web.Request, timeout: float) -> bytes:
+    """The request body, refused (BadReview) once it grows past MAX_BODY or takes longer than
+    `timeout` seconds to arrive."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise BadReview(f"body of {request.content_length} bytes is over {MAX_BODY}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(65536):
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise BadReview(f"body is over {MAX_BODY} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_chunked(65536):
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise BadReview(f"body is over {MAX_BODY} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadReview(f"body not received within {timeout:g}s") from None
     return b"".join(chunks)
 
 
-def make_app(options: Options) -> web.Application:
-    """The webhook's routes: POST /inject, GET /live, GET /ready."""
+def make_app(
+    options: Options, limits: Limits = DEFAULT_LIMITS, guard: ConnectionGuard | None = None
+) -> web.Application:
+    """The webhook's routes: POST /inject, GET /live, GET /ready; with `guard`, its header
+    deadline around every request."""
 
     async def inject_handler(request: web.Request) -> web.Response:
         try:
-            answer = review_answer(parse_review(await _read_body(request)), options)
+            body = await _read_body(request, limits.body_timeout)
+            answer = review_answer(parse_review(body), options)
         except BadReview as exc:
             log.warning("bad admission review: %s", exc)
             return web.json_response({"error": f"bad AdmissionReview: {exc}"}, status=400)
@@ -122,7 +158,7 @@ def make_app(options: Options) -> web.Application:
         return web.Response(text="ok\n")
 
     # The body is read by _read_body, whose limit answers 400 with a reason.
-    app = web.Application()
+    app = web.Application(middlewares=[guard.middleware] if guard is not None else [])
     app.router.add_post("/inject", inject_handler)
     app.router.add_get("/live", ok)
     app.router.add_get("/ready", ok)
@@ -181,17 +217,24 @@ class _CertReloader:
                 log.warning("serving certificate not reloaded, keeping the old one: %s", exc)
 
 
-async def _serve(host: str, port: int, reloader: _CertReloader, options: Options) -> int:
-    runner = web.AppRunner(make_app(options), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=reloader.listener)
+async def _serve(
+    host: str, port: int, reloader: _CertReloader, options: Options, limits: Limits
+) -> int:
+    raise_nofile_limit(limits.max_connections + 64, "--max-connections", "")
+    guard = ConnectionGuard(limits, log)
     try:
-        await site.start()
+        runner, server = await start_guarded(
+            make_app(options, limits, guard),
+            guard,
+            host=host,
+            port=port,
+            ssl_context=reloader.listener,
+        )
     except OSError as exc:
-        await runner.cleanup()
         print(f"mtls-sidecar injector: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
-    for addr in runner.addresses:
+    for sock in server.sockets:
+        addr = sock.getsockname()
         bound = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
         print(f"mtls-sidecar injector: listening on https://{bound}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
@@ -203,8 +246,31 @@ async def _serve(host: str, port: int, reloader: _CertReloader, options: Options
         await stop.wait()
     finally:
         watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        server.close()
         await runner.cleanup()
     return 0
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return seconds
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,6 +289,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often to look for a renewed certificate (%(default)s)",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    d = DEFAULT_LIMITS
+    parser.add_argument(
+        "--header-timeout",
+        type=_duration,
+        default=d.header_timeout,
+        metavar="DURATION",
+        help="TLS handshake, and each request's headers (default 10s)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=_duration,
+        default=d.body_timeout,
+        metavar="DURATION",
+        help="to receive a request's body (default 10s)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=d.max_connections,
+        metavar="N",
+        help="open connections; more are closed at once (%(default)s)",
+    )
     add_option_flags(parser)
     return parser
 
@@ -254,4 +342,10 @@ def main(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    return asyncio.run(_serve(host, port, reloader, options))
+    limits = Limits(
+        header_timeout=args.header_timeout,
+        handshake_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
+    )
+    return asyncio.run(_serve(host, port, reloader, options, limits))
