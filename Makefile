@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 APT_PKGS := openssl curl iproute2 iptables nftables tcpdump stunnel4 haproxy prometheus sslscan procps util-linux wrk iperf3 nginx docker.io docker-compose debootstrap
 BENCH_APT :=
 
-.PHONY: all venv apt test lint unit demo bench soak image clean certs clean-certs
+.PHONY: all venv apt test lint unit demo bench bench-audit soak image clean certs clean-certs
 
 all: test
 
@@ -45,6 +45,10 @@ demo: venv
 bench: EXTRA_APT=$(BENCH_APT)
 bench: venv apt
 	$(VPY) -m bench.run
+
+# What the wire auditor costs (root: network namespaces): README "Proof on the wire".
+bench-audit: venv apt
+	$(VPY) -m bench.audit_cost
 
 soak: venv apt
 	$(VPY) -m tests.soak --minutes $${SOAK_MINUTES:-10}

@@ -33,6 +33,8 @@ commands:
                       take out what `inject` added
   injector --listen ADDR --cert FILE --key FILE
                       the injector as a mutating admission webhook (POST /inject)
+  audit --listen ADDR [--workloads FILE]
+                      the wire auditor (node agent): classifies the connections it sees
   demo                a self-contained local demo: CA, app, two sidecars, traffic, metrics
   version             print the version
 """
@@ -235,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             from .k8s.webhook import main as injector_main
 
             return injector_main(rest)
+        if cmd == "audit":
+            from .audit.cli import main as audit_main
+
+            return audit_main(rest)
         if cmd == "demo":
             from .demo import main as demo_main  # type: ignore[import-not-found,unused-ignore]
 

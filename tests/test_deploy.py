@@ -188,7 +188,8 @@ def _all_env_names() -> set[str]:
         for c in pod.get("initContainers", []) + pod.get("containers", []):
             names |= {e["name"] for e in c.get("env", [])}
     for (_, _), data in _configmaps().items():
-        names |= set(data)
+        # Keys named like files (the auditor's workloads.yaml) are mounted, not env vars.
+        names |= {k for k in data if not k.endswith((".yaml", ".yml", ".json"))}
     for svc in _compose()["services"].values():
         names |= set(svc.get("environment", {}))
     return names
