@@ -1,0 +1,445 @@
+"""The Kubernetes pods, run as a kubelet runs them (tests/kubelet.py), with Docker, no cluster.
+
+Three pods on one Docker network: the CA from deploy/kubernetes/ca.yaml, and a server and a
+client that are plain app manifests run through `mtls-sidecar inject` (transparent mode). The
+client app's plaintext HTTP to the server pod's IP is captured by the rules the
+`mtls-iptables` init container set, crosses the network as mTLS (a capture on the bridge holds
+only TLS records on the server port, no marker of the app's bytes), and reaches the server app,
+whose sidecar counts it from the client's SPIFFE ID. Then the same pods uninjected talk
+plaintext (and the same capture check finds the marker: it can fail), and the hand-written
+demo pods (demo-app.yaml, demo-client.yaml) run too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from tests import dockerenv, netns
+from tests.kubelet import Node, Pod, TokenIssuer, expand, service_link_env
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "deploy" / "kubernetes"
+SIDECAR_TAG = "mtlsk8s-sidecar:test"
+CURL_IMAGE = "mtlsk8s-curl:bookworm"
+CA_URL = "https://mtls-ca.mtls-demo.svc:8443"
+CLIENT_MARKER = "client-marker-7f3a9c"
+SERVER_MARKER = "server-marker-b41d2e"
+
+# The server app: answers on 8080 with a marker (and logs the request line), and a health
+# endpoint on 8081 that the kubelet's readiness probe asks.
+APP_PY = f"""
+import http.server, threading
+class App(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"{SERVER_MARKER} " + self.path.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+class Health(App):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+health = http.server.ThreadingHTTPServer(("0.0.0.0", 8081), Health)
+threading.Thread(target=health.serve_forever, daemon=True).start()
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), App).serve_forever()
+"""
+
+SERVER_MANIFEST = (
+    yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "web-app", "namespace": "shop"},
+            "data": {"app.py": APP_PY},
+        }
+    )
+    + """---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      serviceAccountName: web
+      automountServiceAccountToken: false
+      containers:
+        - name: web
+          image: python:3.11-slim-bookworm
+          command: ["python", "-u", "/app/app.py"]
+          ports:
+            - {name: http, containerPort: 8080}
+            - {name: health, containerPort: 8081}
+          readinessProbe:
+            httpGet: {path: /healthz, port: health}
+            periodSeconds: 1
+          securityContext:
+            runAsUser: 1000
+            runAsNonRoot: true
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            capabilities: {drop: [ALL]}
+          volumeMounts:
+            - {name: app, mountPath: /app, readOnly: true}
+      volumes:
+        - name: app
+          configMap: {name: web-app}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports:
+    - {name: http, port: 8080, targetPort: http}
+"""
+)
+
+CLIENT_MANIFEST = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: client}}
+  template:
+    metadata: {labels: {app: client}}
+    spec:
+      serviceAccountName: client
+      automountServiceAccountToken: false
+      containers:
+        - name: client
+          image: python:3.11-slim-bookworm
+          command: ["python", "-c", "import signal; signal.sigwait({signal.SIGTERM})"]
+          securityContext:
+            runAsUser: 1001
+            runAsNonRoot: true
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            capabilities: {drop: [ALL]}
+"""
+
+
+def _docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def _cli(*args: str, input: str | None = None) -> str:
+    proc = dockerenv.run(sys.executable, "-m", "proxy", *args, input=input, cwd=REPO, timeout=120)
+    return proc.stdout
+
+
+def _kind(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    for d in docs:
+        if d.get("kind") == kind and (name is None or d["metadata"]["name"] == name):
+            return d
+    raise AssertionError(f"no {kind} {name or ''} in the manifests")
+
+
+# --- images -----------------------------------------------------------------------------------
+
+
+def _sidecar_image() -> str:
+    """This checkout's image under a tag of our own (another test may rebuild the shared tag
+    from another tree at the same time)."""
+    base = dockerenv.base_image()
+    dockerenv.docker(
+        "build", "--network", "host", "--build-arg", f"BASE_IMAGE={base}",
+        "-t", SIDECAR_TAG, str(REPO), timeout=1200,
+    )  # fmt: skip
+    return SIDECAR_TAG
+
+
+def _curl_image() -> str:
+    """Stands in for curlimages/curl (demo-client.yaml): sh and curl, user 100:101."""
+    base = dockerenv.base_image()
+    with tempfile.TemporaryDirectory(prefix="mtlsk8s-curl-") as tmp:
+        Path(tmp, "Dockerfile").write_text(
+            f"FROM {base}\n"
+            "RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y"
+            " --no-install-recommends curl && rm -rf /var/lib/apt/lists/*\n"
+            "USER 100:101\n"
+        )
+        dockerenv.docker("build", "--network", "host", "-t", CURL_IMAGE, tmp, timeout=1200)
+    return CURL_IMAGE
+
+
+# --- the cluster ------------------------------------------------------------------------------
+
+
+@dataclass
+class Cluster:
+    node: Node
+    fingerprint: str
+    ca: Pod
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    dockerenv.require_engine()
+    images = {
+        "mtls-sidecar:0.1.0": _sidecar_image(),
+        "python:3.11-slim-bookworm": dockerenv.base_image(),
+        "curlimages/curl:8.10.1": _curl_image(),
+    }
+    workdir = tmp_path_factory.mktemp("k8s")
+    ca_dir = workdir / "ca"
+    _cli("ca", "init", "--dir", str(ca_dir), "--trust-domain", "cluster.local")
+    root = x509.load_pem_x509_certificate((ca_dir / "root-1.crt").read_bytes())
+    fingerprint = hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).hexdigest()
+    issuer = TokenIssuer()
+    node = Node(f"mtlsk8s-{uuid.uuid4().hex[:6]}", workdir, images=images, issuer=issuer)
+    try:
+        node.root_ca_pem = (ca_dir / "root-1.crt").read_bytes()  # stands in for the API's CA
+        keys = ["ca.json", "root-1.crt", "intermediate-1.crt", "intermediate-1.key", "token_secret"]
+        node.apply(
+            [
+                # README "Kubernetes with our CA", step 2: the Secret and the fingerprint.
+                {
+                    "kind": "Secret",
+                    "metadata": {"name": "mtls-ca-keys", "namespace": "mtls-demo"},
+                    "stringData": {k: (ca_dir / k).read_text() for k in keys},
+                },
+                {
+                    "kind": "ConfigMap",
+                    "metadata": {"name": "mtls-ca-trust", "namespace": "mtls-demo"},
+                    "data": {"fingerprint": fingerprint},
+                },
+                # What ca.yaml's comment says to do where the CA cannot reach the issuer's
+                # jwks_uri: `kubectl get --raw /openid/v1/jwks` in a ConfigMap.
+                {
+                    "kind": "ConfigMap",
+                    "metadata": {"name": "mtls-ca-jwks", "namespace": "mtls-demo"},
+                    "data": {"jwks.json": issuer.jwks()},
+                },
+            ]
+        )
+        ca_docs = _docs((K8S / "ca.yaml").read_text())
+        node.apply(ca_docs)
+        ca = node.run_pod(_ca_with_jwks(_kind(ca_docs, "StatefulSet")), wait_ready=90)
+        yield Cluster(node, fingerprint, ca, workdir)
+    finally:
+        node.close()
+
+
+def _ca_with_jwks(statefulset: dict[str, Any]) -> dict[str, Any]:
+    """ca.yaml's StatefulSet with the issuer's keys from a file (--k8s-jwks) instead of the
+    API server's discovery (--k8s-ca-file, --k8s-token-file): no API server here."""
+    pod = statefulset["spec"]["template"]["spec"]
+    ca = next(c for c in pod["containers"] if c["name"] == "ca")
+    args = list(ca["args"])
+    for flag in ("--k8s-ca-file", "--k8s-token-file"):
+        i = args.index(flag)
+        del args[i : i + 2]
+    ca["args"] = [*args, "--k8s-jwks", "/etc/mtls-ca-jwks/jwks.json"]
+    ca["volumeMounts"].append({"name": "jwks", "mountPath": "/etc/mtls-ca-jwks", "readOnly": True})
+    pod["volumes"].append({"name": "jwks", "configMap": {"name": "mtls-ca-jwks"}})
+    return statefulset
+
+
+# --- capture ----------------------------------------------------------------------------------
+
+
+class Capture:
+    """tcpdump on the Docker network's bridge: every TCP packet between the pods."""
+
+    def __init__(self, node: Node, path: Path) -> None:
+        self.path = path
+        iface = dockerenv.bridge_interface(node.network)
+        # -Z root: Debian's tcpdump otherwise drops to user tcpdump and may not write `path`;
+        # --immediate-mode: no packet waits in the kernel ring when tcpdump is stopped.
+        self.proc = subprocess.Popen(
+            ["tcpdump", "-i", iface, "-nn", "-U", "--immediate-mode", "-s", "0", "-Z", "root",
+             "-w", str(path), "tcp"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()  # "listening on br-...": the capture is running
+        assert "listening on" in line, line
+
+    def stop(self) -> list[netns.Segment]:
+        """Stop tcpdump (it writes what it has), check it lost nothing, parse the file."""
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=30)
+        captured = re.search(r"(\d+) packets? captured", err)
+        passed = re.search(r"(\d+) packets? received by filter", err)
+        dropped = re.search(r"(\d+) packets? dropped by kernel", err)
+        assert captured and passed and dropped, err
+        assert captured[1] == passed[1] and dropped[1] == "0", f"tcpdump lost packets: {err}"
+        return netns.read_pcap(self.path.read_bytes())
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _inject(manifest: str, fingerprint: str) -> list[dict[str, Any]]:
+    out = _cli("inject", "--ca-url", CA_URL, "--ca-fingerprint", fingerprint, "-", input=manifest)
+    return _docs(out)
+
+
+def _http(url: str, timeout: float = 5) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _crossed(streams: dict[netns.Flow, netns.Stream], marker: str) -> bool:
+    return any(marker.encode() in bytes(s.data) for s in streams.values())
+
+
+def _get_from(pod: Pod, container: str, url: str) -> subprocess.CompletedProcess[str]:
+    """The app's own plaintext HTTP request, made inside its container (as its user)."""
+    code = (
+        "import sys, urllib.request as u; "
+        f"sys.stdout.write(u.urlopen({url!r}, timeout=10).read().decode())"
+    )
+    return pod.exec(container, "python", "-c", code, check=False)
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+def test_env_expansion_is_kubernetes_own() -> None:
+    env = {"A": "x", "B": "$(A)y"}
+    assert expand("$(A)/$(B)/$(C)", env) == "x/$(A)y/$(C)"
+    assert expand("$$(A) $$ $x $( $(A", env) == "$(A) $ $x $( $(A"
+    assert expand("trailing $", env) == "trailing $"
+    links = service_link_env("mtls-ca", "10.0.0.5", [{"name": "https", "port": 8443}])
+    assert links["MTLS_CA_SERVICE_HOST"] == "10.0.0.5"
+    assert links["MTLS_CA_PORT"] == "tcp://10.0.0.5:8443"
+    assert links["MTLS_CA_PORT_8443_TCP_ADDR"] == "10.0.0.5"
+    assert links["MTLS_CA_SERVICE_PORT_HTTPS"] == "8443"
+
+
+def test_injected_pods_talk_mtls_transparently(cluster: Cluster) -> None:
+    node = cluster.node
+    server_docs = _inject(SERVER_MANIFEST, cluster.fingerprint)
+    client_docs = _inject(CLIENT_MANIFEST, cluster.fingerprint)
+    node.apply(server_docs)
+    server = node.run_pod(_kind(server_docs, "Deployment"), wait_ready=120)
+    client = node.run_pod(_kind(client_docs, "Deployment"), wait_ready=120)
+
+    # The app containers started only after the sidecar's startup probe (/ready: a certificate
+    # is held) passed, and the sidecar holds the identity of the pod's service account.
+    for pod, sa in ((server, "web"), (client, "client")):
+        events = "\n".join(pod.events)
+        assert events.index("mtls-sidecar: startup probe passed") < events.index(
+            f"started {sa} "
+        ), events
+        status, body = _http(f"http://{pod.ip}:15000/status")
+        assert status == 200 and f"spiffe://cluster.local/ns/shop/sa/{sa}" in body, body
+
+    capture = Capture(node, cluster.workdir / "injected.pcap")
+    got = _get_from(client, "client", f"http://{server.ip}:8080/{CLIENT_MARKER}")
+    segments = capture.stop()
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == f"{SERVER_MARKER} /{CLIENT_MARKER}"
+
+    # Nothing of the app's bytes crossed in the clear; the server port carried TLS records.
+    streams = netns.tcp_streams(segments)
+    assert not _crossed(streams, CLIENT_MARKER) and not _crossed(streams, SERVER_MARKER)
+    server_port = {
+        f: s for f, s in streams.items() if server.ip in (f[0], f[2]) and 8080 in (f[1], f[3])
+    }
+    assert server_port, f"no TCP payload to or from {server.ip}:8080: {list(streams)}"
+    types = {ctype for s in server_port.values() for ctype, _ in netns.tls_records(bytes(s.data))}
+    assert {22, 23} <= types, types  # handshake and application data, nothing else
+
+    # The server app got it, through its sidecar, from the client's SPIFFE ID.
+    assert CLIENT_MARKER in server.logs("web")
+    metrics = _http(f"http://{server.ip}:15000/metrics")[1]
+    peer = "spiffe://cluster.local/ns/shop/sa/client"
+    assert (
+        _metric(metrics, "mtls_peer_connections_total", direction="inbound", peer_identity=peer)
+        >= 1
+    ), metrics
+    assert _metric(metrics, "mtls_connections_total", direction="inbound", security="mtls") >= 1
+    client_metrics = _http(f"http://{client.ip}:15000/metrics")[1]
+    assert (
+        _metric(client_metrics, "mtls_connections_total", direction="outbound", security="mtls")
+        >= 1
+    )
+
+    # Probe ports, as the README says: the app's probe port (excluded from capture) answers
+    # plaintext from the node, the admin port answers /ready; the app port itself does not
+    # take plaintext from outside (captured into the strict sidecar).
+    assert _http(f"http://{server.ip}:8081/healthz") == (200, "ok")
+    assert _http(f"http://{server.ip}:15000/ready")[0] == 200
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        _http(f"http://{server.ip}:8080/{CLIENT_MARKER}")
+    assert server.ready() and client.ready(), (server.status(), client.status())
+    assert server.restarts("mtls-sidecar") == 0 and client.restarts("mtls-sidecar") == 0
+
+    # Deleted as the kubelet deletes a pod: the app first, then the sidecar, which drains
+    # and exits 0 on SIGTERM.
+    codes = client.stop()
+    assert codes["mtls-sidecar"] == 0, (codes, client.logs("mtls-sidecar"))
+
+
+def test_uninjected_pods_talk_plaintext(cluster: Cluster) -> None:
+    """`uninject` gives back pods that run without us; the capture check sees their bytes."""
+    node = cluster.node
+    server_docs = _docs(
+        _cli(
+            "uninject", "-", input=yaml.safe_dump_all(_inject(SERVER_MANIFEST, cluster.fingerprint))
+        )
+    )
+    client_docs = _docs(
+        _cli(
+            "uninject", "-", input=yaml.safe_dump_all(_inject(CLIENT_MANIFEST, cluster.fingerprint))
+        )
+    )
+    assert server_docs == _docs(SERVER_MANIFEST) and client_docs == _docs(CLIENT_MANIFEST)
+    server = node.run_pod(_kind(server_docs, "Deployment"), name="web-plain", wait_ready=60)
+    client = node.run_pod(_kind(client_docs, "Deployment"), name="client-plain", wait_ready=60)
+    assert set(server.statuses) == {"web"} and set(client.statuses) == {"client"}
+    capture = Capture(node, cluster.workdir / "plain.pcap")
+    got = _get_from(client, "client", f"http://{server.ip}:8080/{CLIENT_MARKER}")
+    streams = netns.tcp_streams(capture.stop())
+    assert got.returncode == 0 and got.stdout == f"{SERVER_MARKER} /{CLIENT_MARKER}", got
+    # The control: the same checks find the app's bytes when they really cross in the clear.
+    assert _crossed(streams, CLIENT_MARKER) and _crossed(streams, SERVER_MARKER)
+    to_server = [s for f, s in streams.items() if f[2] == server.ip and f[3] == 8080]
+    with pytest.raises(ValueError, match="not a TLS record"):
+        netns.tls_records(bytes(to_server[0].data))
+
+
+if os.geteuid() != 0:  # tcpdump on the bridge, tmpfs mounts
+    pytestmark = pytest.mark.skipif(True, reason=f"{dockerenv.SKIP_PREFIX}: needs root")
