@@ -443,3 +443,27 @@ def test_uninjected_pods_talk_plaintext(cluster: Cluster) -> None:
 
 if os.geteuid() != 0:  # tcpdump on the bridge, tmpfs mounts
     pytestmark = pytest.mark.skipif(True, reason=f"{dockerenv.SKIP_PREFIX}: needs root")
+
+
+def test_hand_written_demo_pods(cluster: Cluster) -> None:
+    """deploy/kubernetes/demo-app.yaml and demo-client.yaml as written, in mtls-demo beside
+    the CA's Service (whose link variables every pod of the namespace gets)."""
+    node = cluster.node
+    app_docs = _docs((K8S / "demo-app.yaml").read_text())
+    client_docs = _docs((K8S / "demo-client.yaml").read_text())
+    node.apply(app_docs + client_docs)
+    app = node.run_pod(_kind(app_docs, "Deployment"), wait_ready=120)
+    client = node.run_pod(_kind(client_docs, "Deployment"), wait_ready=120)
+    # The client's loop curls http://demo-app.mtls-demo.svc:8080/ every 5 s.
+    dockerenv.wait_for(
+        "demo-client's curl to get 200 through the sidecars",
+        lambda: re.search(r"^200 ", client.logs("client"), re.M),
+        timeout=30,
+    )
+    metrics = _http(f"http://{app.ip}:15000/metrics")[1]
+    peer = "spiffe://cluster.local/ns/mtls-demo/sa/demo-client"
+    assert (
+        _metric(metrics, "mtls_peer_connections_total", direction="inbound", peer_identity=peer)
+        >= 1
+    ), metrics
+    assert app.ready() and client.ready()
