@@ -26,16 +26,21 @@ Docker can apply them).
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import copy
 import datetime as dt
+import functools
+import hashlib
 import http.client
 import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -243,6 +248,7 @@ class Node:
         self.objects: dict[tuple[str, str, str], Obj] = {}
         self.pods: list[Pod] = []
         self.mounts: list[Path] = []
+        self.closed = False
         self.containers: list[str] = []
         self.root_ca_pem = b""  # the cluster CA a kube-api-access volume carries as ca.crt
         dockerenv.docker("network", "create", self.network, timeout=60)
@@ -291,9 +297,11 @@ class Node:
         namespace: str | None = None,
         ordinal: int = 0,
         wait_ready: float | None = 120,
+        background: bool = False,
     ) -> Pod:
         """Create the pod of a Pod or workload object and start it as the kubelet would;
-        wait (up to `wait_ready` seconds, None: not at all) until it is Ready."""
+        wait (up to `wait_ready` seconds, None: not at all) until it is Ready. `background`:
+        start it in a thread and return at once (`wait_ready` then raises what start raised)."""
         template = pod_template(workload)
         meta = template.setdefault("metadata", {})
         ns = meta.get("namespace") or workload.get("metadata", {}).get("namespace")
@@ -314,6 +322,9 @@ class Node:
                 claims[cname] = f"{cname}-{name}"
         pod = Pod(self, name, ns, template, claims)
         self.pods.append(pod)
+        if background:
+            pod.start_in_background()
+            return pod
         pod.start()
         if wait_ready is not None:
             pod.wait_ready(wait_ready)
@@ -337,10 +348,19 @@ class Node:
 
     def close(self) -> None:
         """Remove every container, network and mount this node made (also after a failure)."""
+        self.closed = True
         for pod in reversed(self.pods):
             pod.stop_probing()
-        for name in reversed(self.containers):
-            dockerenv.docker("rm", "-f", "-v", name, check=False, timeout=120)
+            if pod._starter is not None:
+                pod._starter.join(timeout=30)
+        # In parallel: removing a container that ran takes seconds on the vfs driver.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            list(
+                pool.map(
+                    lambda name: dockerenv.docker("rm", "-f", "-v", name, check=False, timeout=300),
+                    self.containers,
+                )
+            )
         dockerenv.docker("network", "rm", self.network, check=False, timeout=60)
         for path in reversed(self.mounts):
             subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
@@ -369,6 +389,8 @@ class Pod:
         self.volume_dirs: dict[str, tuple[Path, bool]] = {}  # name -> (host dir, read-only)
         self._stop = threading.Event()
         self._prober: threading.Thread | None = None
+        self._starter: threading.Thread | None = None
+        self.start_error: BaseException | None = None
         self._lock = threading.Lock()
 
     # lifecycle
@@ -394,15 +416,7 @@ class Pod:
         for sysctl in sc.get("sysctls") or []:
             argv += ["--sysctl", f"{sysctl['name']}={sysctl['value']}"]
         # The pause container: sleeps until SIGTERM, holding the network namespace.
-        argv += [
-            "--user",
-            "65535:65535",
-            "--entrypoint",
-            "python3",
-            dockerenv.base_image(),
-            "-c",
-            "import signal; signal.sigwait({signal.SIGTERM, signal.SIGINT})",
-        ]
+        argv += ["--user", "65535:65535", *pause_image()]
         self.node.containers.append(self.pause)
         dockerenv.docker(*argv, timeout=120)
         self.ip = dockerenv.container_ip(self.pause, self.node.network)
@@ -419,6 +433,16 @@ class Pod:
         for c in self.spec.get("containers") or []:
             status = self._create(c, init=False, sidecar=False)
             self._start_probes(status)
+
+    def start_in_background(self) -> None:
+        def target() -> None:
+            try:
+                self.start()
+            except BaseException as exc:  # handed to wait_ready()
+                self.start_error = exc
+
+        self._starter = threading.Thread(target=target, name=f"start-{self.name}", daemon=True)
+        self._starter.start()
 
     def _wait_started(self, status: ContainerStatus) -> None:
         """A native sidecar: the next container starts only once its startup probe passed."""
@@ -492,9 +516,13 @@ class Pod:
 
     def ready(self) -> bool:
         """The pod's Ready condition: every app container and native sidecar ready."""
+        wanted = [c["name"] for c in self.spec.get("containers") or []] + [
+            c["name"]
+            for c in self.spec.get("initContainers") or []
+            if c.get("restartPolicy") == "Always"
+        ]
         with self._lock:
-            counted = [s for s in self.statuses.values() if not s.init or s.sidecar]
-            return bool(counted) and all(s.ready for s in counted)
+            return all(n in self.statuses and self.statuses[n].ready for n in wanted)
 
     def restarts(self, container: str) -> int:
         return self.statuses[container].restarts
@@ -513,10 +541,12 @@ class Pod:
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.start_error is not None:
+                raise self.start_error
             if self.ready():
                 return
             for s in list(self.statuses.values()):
-                if s.init and not s.sidecar:
+                if (s.init and not s.sidecar) or not s.started:
                     continue
                 state = dockerenv.container_state(s.docker_name)
                 if not state.get("Running") and not s.init:
@@ -572,6 +602,8 @@ class Pod:
 
     def _create(self, c: Obj, *, init: bool, sidecar: bool) -> ContainerStatus:
         name = c["name"]
+        if self.node.closed:
+            raise PodFailed(f"pod {self.name}: the node is shutting down")
         docker_name = self.docker_name(name)
         image = self.node.image(c["image"])
         status = ContainerStatus(name, docker_name, init, sidecar, c)
@@ -687,11 +719,10 @@ class Pod:
             for (kind, ns, _), svc in sorted(self.node.objects.items()):
                 if kind != "Service" or ns != self.namespace:
                     continue
-                host = self.node.service_ip(svc)
-                if host is not None:
-                    env.update(
-                        service_link_env(svc["metadata"]["name"], host, svc["spec"]["ports"])
-                    )
+                # No kube-proxy: a Service's address is its pod's (a stand-in before it runs).
+                host = self.node.service_ip(svc) or "10.96.0.10"
+                ports = svc["spec"]["ports"]
+                env.update(service_link_env(svc["metadata"]["name"], host, ports))
         for source in c.get("envFrom") or []:
             prefix = source.get("prefix", "")
             if "configMapRef" in source:
@@ -986,6 +1017,74 @@ class Pod:
         except (OSError, http.client.HTTPException) as exc:
             return False, f"{type(exc).__name__}: {exc}"
         return False, f"probe {sorted(spec)} not emulated"
+
+
+# --- the pause image -------------------------------------------------------------------------
+
+PAUSE_IMAGE = "mtlsk8s-pause:1"
+# What the kubelet's pause container does (kubernetes/build/pause/linux/pause.c, shortened):
+# wait for SIGTERM or SIGINT, reap children, exit 0.
+PAUSE_C = r"""
+#include <signal.h>
+#include <stddef.h>
+#include <sys/wait.h>
+int main(void) {
+    sigset_t set;
+    int sig;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    for (;;) {
+        sigwait(&set, &sig);
+        if (sig != SIGCHLD) return 0;
+        while (waitpid(-1, NULL, WNOHANG) > 0) {}
+    }
+}
+"""
+
+
+@functools.cache
+def pause_image() -> tuple[str, ...]:
+    """`docker run` arguments from the image on: a pause image of one static binary (like the
+    kubelet's, tiny, so that a sandbox costs next to nothing); without a C compiler, Python
+    from the base image does the same."""
+    if shutil.which("gcc") is None:
+        return _python_pause()
+    recipe = hashlib.sha256(PAUSE_C.encode()).hexdigest()[:16]
+    label = dockerenv.docker(
+        "image", "inspect", "--format", "{{json .Config.Labels}}", PAUSE_IMAGE, check=False
+    )
+    if label.returncode == 0 and recipe in label.stdout:
+        return (PAUSE_IMAGE,)
+    with tempfile.TemporaryDirectory(prefix="mtlsk8s-pause-") as tmp:
+        root = Path(tmp, "root")
+        root.mkdir()
+        Path(tmp, "pause.c").write_text(PAUSE_C)
+        built = subprocess.run(
+            ["gcc", "-static", "-Os", "-o", str(root / "pause"), str(Path(tmp, "pause.c"))],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if built.returncode != 0:
+            return _python_pause()
+        tar = subprocess.run(["tar", "-C", str(root), "-c", "."], capture_output=True, check=True)
+        imported = subprocess.run(
+            ["docker", "import", "-c", 'ENTRYPOINT ["/pause"]', "-c",
+             f"LABEL io.mtls-sidecar.test-recipe={recipe}", "-", PAUSE_IMAGE],
+            input=tar.stdout,
+            capture_output=True,
+            check=False,
+        )  # fmt: skip
+        assert imported.returncode == 0, imported.stderr
+    return (PAUSE_IMAGE,)
+
+
+def _python_pause() -> tuple[str, ...]:
+    code = "import signal; signal.sigwait({signal.SIGTERM, signal.SIGINT})"
+    return ("--entrypoint", "python3", dockerenv.base_image(), "-c", code)
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -353,8 +353,11 @@ def test_injected_pods_talk_mtls_transparently(cluster: Cluster) -> None:
     server_docs = _inject(SERVER_MANIFEST, cluster.fingerprint)
     client_docs = _inject(CLIENT_MANIFEST, cluster.fingerprint)
     node.apply(server_docs)
-    server = node.run_pod(_kind(server_docs, "Deployment"), wait_ready=120)
-    client = node.run_pod(_kind(client_docs, "Deployment"), wait_ready=120)
+    # Started side by side, as a kubelet starts pods.
+    server = node.run_pod(_kind(server_docs, "Deployment"), background=True)
+    client = node.run_pod(_kind(client_docs, "Deployment"), background=True)
+    server.wait_ready(120)
+    client.wait_ready(120)
 
     # The app containers started only after the sidecar's startup probe (/ready: a certificate
     # is held) passed, and the sidecar holds the identity of the pod's service account.
@@ -427,8 +430,11 @@ def test_uninjected_pods_talk_plaintext(cluster: Cluster) -> None:
         )
     )
     assert server_docs == _docs(SERVER_MANIFEST) and client_docs == _docs(CLIENT_MANIFEST)
-    server = node.run_pod(_kind(server_docs, "Deployment"), name="web-plain", wait_ready=60)
-    client = node.run_pod(_kind(client_docs, "Deployment"), name="client-plain", wait_ready=60)
+    node.apply(server_docs)
+    server = node.run_pod(_kind(server_docs, "Deployment"), name="web-plain", background=True)
+    client = node.run_pod(_kind(client_docs, "Deployment"), name="client-plain", background=True)
+    server.wait_ready(60)
+    client.wait_ready(60)
     assert set(server.statuses) == {"web"} and set(client.statuses) == {"client"}
     capture = Capture(node, cluster.workdir / "plain.pcap")
     got = _get_from(client, "client", f"http://{server.ip}:8080/{CLIENT_MARKER}")
@@ -452,8 +458,10 @@ def test_hand_written_demo_pods(cluster: Cluster) -> None:
     app_docs = _docs((K8S / "demo-app.yaml").read_text())
     client_docs = _docs((K8S / "demo-client.yaml").read_text())
     node.apply(app_docs + client_docs)
-    app = node.run_pod(_kind(app_docs, "Deployment"), wait_ready=120)
-    client = node.run_pod(_kind(client_docs, "Deployment"), wait_ready=120)
+    app = node.run_pod(_kind(app_docs, "Deployment"), background=True)
+    client = node.run_pod(_kind(client_docs, "Deployment"), background=True)
+    app.wait_ready(120)
+    client.wait_ready(120)
     # The client's loop curls http://demo-app.mtls-demo.svc:8080/ every 5 s.
     dockerenv.wait_for(
         "demo-client's curl to get 200 through the sidecars",
@@ -467,3 +475,30 @@ def test_hand_written_demo_pods(cluster: Cluster) -> None:
         >= 1
     ), metrics
     assert app.ready() and client.ready()
+
+
+def test_app_starts_only_once_the_sidecar_holds_a_certificate(cluster: Cluster) -> None:
+    """With the CA frozen, an injected pod's sidecar runs and answers /ready 503, the app
+    container is not created and the pod is not Ready; once the CA answers, all of it follows."""
+    node = cluster.node
+    docs = _inject(SERVER_MANIFEST, cluster.fingerprint)
+    node.apply(docs)
+    ca = cluster.ca.docker_name("ca")
+    dockerenv.docker("pause", ca)
+    try:
+        pod = node.run_pod(_kind(docs, "Deployment"), name="web-gated", background=True)
+
+        def sidecar_waiting() -> bool:
+            if "mtls-sidecar" not in pod.statuses:
+                return False
+            return _http(f"http://{pod.ip}:15000/ready", timeout=2)[0] == 503
+
+        dockerenv.wait_for("the sidecar's /ready to say 503 (no certificate)", sidecar_waiting, 60)
+        assert "web" not in pod.statuses, pod.events  # the app container does not exist yet
+        assert not pod.ready()
+    finally:
+        dockerenv.docker("unpause", ca)
+    pod.wait_ready(120)
+    events = "\n".join(pod.events)
+    assert events.index("mtls-sidecar: startup probe passed") < events.index("started web "), events
+    assert _http(f"http://{pod.ip}:15000/ready")[0] == 200
