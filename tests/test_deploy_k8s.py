@@ -13,6 +13,7 @@ demo pods (demo-app.yaml, demo-client.yaml) run too.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -33,7 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests import dockerenv, netns
-from tests.kubelet import Node, Pod, TokenIssuer, expand, service_link_env
+from tests.kubelet import Node, Pod, PodFailed, TokenIssuer, expand, service_link_env
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "kubernetes"
@@ -410,6 +411,25 @@ def test_injected_pods_talk_mtls_transparently(cluster: Cluster) -> None:
     assert server.ready() and client.ready(), (server.status(), client.status())
     assert server.restarts("mtls-sidecar") == 0 and client.restarts("mtls-sidecar") == 0
 
+    # The sidecar runs as the manifest says: UID/GID 1337, no capabilities, no_new_privs,
+    # read-only root; the iptables step had exactly NET_ADMIN and NET_RAW.
+    proc_status = server.exec("mtls-sidecar", "cat", "/proc/self/status").stdout
+    fields = dict(line.split(":\t", 1) for line in proc_status.splitlines() if ":\t" in line)
+    assert fields["Uid"].split()[:2] == ["1337", "1337"] and fields["Gid"].split()[0] == "1337"
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
+    assert fields["NoNewPrivs"].strip() == "1"
+    touch = server.exec("mtls-sidecar", "python", "-c", "open('/x', 'w')", check=False)
+    assert "Read-only file system" in touch.stderr
+    host_config = dockerenv.docker(
+        "inspect", "--format", "{{json .HostConfig}}", server.docker_name("mtls-iptables")
+    ).stdout
+    iptables = json.loads(host_config)
+    assert iptables["CapDrop"] == ["ALL"] and sorted(iptables["CapAdd"]) == [
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+    ]
+    assert iptables["ReadonlyRootfs"] and iptables["NetworkMode"].startswith("container:")
+
     # Deleted as the kubelet deletes a pod: the app first, then the sidecar, which drains
     # and exits 0 on SIGTERM.
     codes = client.stop()
@@ -502,3 +522,19 @@ def test_app_starts_only_once_the_sidecar_holds_a_certificate(cluster: Cluster) 
     events = "\n".join(pod.events)
     assert events.index("mtls-sidecar: startup probe passed") < events.index("started web "), events
     assert _http(f"http://{pod.ip}:15000/ready")[0] == 200
+
+
+def test_the_kubelet_refuses_what_a_kubelet_refuses(cluster: Cluster) -> None:
+    """runAsNonRoot with an image that runs as root, a missing ConfigMap key: the pod does not
+    start, as on a cluster (so the pods above passing means something)."""
+    pod: dict[str, Any] = _docs(CLIENT_MANIFEST)[0]
+    spec = pod["spec"]["template"]["spec"]
+    del spec["containers"][0]["securityContext"]["runAsUser"]  # the image's user: root
+    with pytest.raises(PodFailed, match="runAsNonRoot and image will run as root"):
+        cluster.node.run_pod(pod, name="nonroot-refused")
+    spec = _docs(CLIENT_MANIFEST)[0]
+    spec["spec"]["template"]["spec"]["containers"][0]["env"] = [
+        {"name": "X", "valueFrom": {"configMapKeyRef": {"name": "mtls-ca-trust", "key": "nope"}}}
+    ]
+    with pytest.raises(PodFailed, match="key 'nope' not found"):
+        cluster.node.run_pod(spec, name="missing-key", namespace="mtls-demo")
