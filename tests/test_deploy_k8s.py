@@ -200,6 +200,8 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     dockerenv.require_engine()
+    if os.geteuid() != 0:  # tcpdump on the bridge, tmpfs volumes, fsGroup ownership
+        pytest.skip(f"{dockerenv.SKIP_PREFIX}: the emulated kubelet needs root")
     images = {
         "mtls-sidecar:0.1.0": _sidecar_image(),
         "python:3.11-slim-bookworm": dockerenv.base_image(),
@@ -337,6 +339,7 @@ def _get_from(pod: Pod, container: str, url: str) -> subprocess.CompletedProcess
 # --- tests ------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_env_expansion_is_kubernetes_own() -> None:
     env = {"A": "x", "B": "$(A)y"}
     assert expand("$(A)/$(B)/$(C)", env) == "x/$(A)y/$(C)"
@@ -465,10 +468,6 @@ def test_uninjected_pods_talk_plaintext(cluster: Cluster) -> None:
     to_server = [s for f, s in streams.items() if f[2] == server.ip and f[3] == 8080]
     with pytest.raises(ValueError, match="not a TLS record"):
         netns.tls_records(bytes(to_server[0].data))
-
-
-if os.geteuid() != 0:  # tcpdump on the bridge, tmpfs mounts
-    pytestmark = pytest.mark.skipif(True, reason=f"{dockerenv.SKIP_PREFIX}: needs root")
 
 
 def test_hand_written_demo_pods(cluster: Cluster) -> None:
