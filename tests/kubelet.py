@@ -50,7 +50,10 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests import dockerenv
 
@@ -251,6 +254,8 @@ class Node:
         self.closed = False
         self.containers: list[str] = []
         self.root_ca_pem = b""  # the cluster CA a kube-api-access volume carries as ca.crt
+        self.api_tokens: list[str] = []  # tokens minted for the API server's audience
+        self.api_dir: Path | None = None
         dockerenv.docker("network", "create", self.network, timeout=60)
 
     # API objects
@@ -286,6 +291,81 @@ class Node:
 
     def image(self, name: str) -> str:
         return self.images.get(name, name)
+
+    # the API server's service-account issuer discovery
+
+    def start_api_discovery(self) -> str:
+        """Serve what the API server serves for service-account issuer discovery (GET
+        /.well-known/openid-configuration and /openid/v1/jwks, bearer token required) as
+        https://kubernetes.default.svc.cluster.local, with a cluster CA that every automounted
+        kube-api-access volume carries as ca.crt. Returns the container's name."""
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
+        now = dt.datetime.now(dt.UTC)
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        names = [f"kubernetes{s}" for s in ("", ".default", ".default.svc")]
+        names.append("kubernetes.default.svc.cluster.local")
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        pem = serialization.Encoding.PEM
+        self.root_ca_pem = ca_cert.public_bytes(pem)
+        api = self.workdir / "kube-apiserver"
+        api.mkdir(parents=True)
+        api.chmod(0o755)
+        (api / "tls.crt").write_bytes(cert.public_bytes(pem))
+        (api / "tls.key").write_bytes(
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+        issuer = self.issuer.issuer
+        (api / "openid-configuration.json").write_text(
+            json.dumps(
+                {
+                    "issuer": issuer,
+                    "jwks_uri": f"{issuer}/openid/v1/jwks",
+                    "response_types_supported": ["id_token"],
+                    "subject_types_supported": ["public"],
+                    "id_token_signing_alg_values_supported": ["RS256"],
+                }
+            )
+        )
+        (api / "jwks.json").write_text(self.issuer.jwks())
+        (api / "tokens").write_text("")
+        (api / "server.py").write_text(API_SERVER_PY)
+        self.api_dir = api
+        name = f"{self.prefix}-kube-apiserver"
+        self.containers.append(name)
+        argv = ["run", "-d", "--name", name, "--network", self.network, "--no-healthcheck"]
+        for alias in names:
+            argv += ["--network-alias", alias]
+        argv += ["--mount", f"type=bind,source={api},target=/api,readonly"]
+        argv += [dockerenv.base_image(), "python3", "-u", "/api/server.py"]
+        dockerenv.docker(*argv, timeout=120)
+        return name
+
+    def sync_api_tokens(self) -> None:
+        if self.api_dir is not None:
+            (self.api_dir / "tokens").write_text("\n".join(self.api_tokens) + "\n")
 
     # pods
 
@@ -422,6 +502,7 @@ class Pod:
         self.ip = dockerenv.container_ip(self.pause, self.node.network)
         self.event(f"sandbox {self.pause} ip {self.ip} aliases {aliases}")
         self._prepare_volumes()
+        self.node.sync_api_tokens()
         for c in self.spec.get("initContainers") or []:
             sidecar = c.get("restartPolicy") == "Always"
             status = self._create(c, init=True, sidecar=sidecar)
@@ -883,6 +964,8 @@ class Pod:
                     audience=tok.get("audience") or self.node.api_audience,
                     expiration_seconds=seconds,
                 )
+                if (tok.get("audience") or self.node.api_audience) == self.node.api_audience:
+                    self.node.api_tokens.append(token)  # the API server accepts it
                 files[tok["path"]] = (token.encode(), default_mode)
             elif "_file" in source:
                 files[source["_file"]["path"]] = (source["_file"]["data"], default_mode)
@@ -1017,6 +1100,39 @@ class Pod:
         except (OSError, http.client.HTTPException) as exc:
             return False, f"{type(exc).__name__}: {exc}"
         return False, f"probe {sorted(spec)} not emulated"
+
+
+# --- the API server's discovery endpoints -----------------------------------------------------
+
+# Run with the base image's Python: what kube-apiserver answers a pod's service-account token
+# on its issuer discovery paths (a token it did not mint: 401).
+API_SERVER_PY = """
+import http.server, ssl
+D = "/api"
+PATHS = {"/.well-known/openid-configuration": "openid-configuration.json",
+         "/openid/v1/jwks": "jwks.json"}
+class Api(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        tokens = set(open(D + "/tokens").read().split())
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or auth[7:].strip() not in tokens:
+            return self.answer(401, b'{"kind":"Status","code":401,"reason":"Unauthorized"}')
+        name = PATHS.get(self.path)
+        if name is None:
+            return self.answer(404, b'{"kind":"Status","code":404}')
+        self.answer(200, open(D + "/" + name, "rb").read())
+    def answer(self, code, body):
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+server = http.server.ThreadingHTTPServer(("0.0.0.0", 443), Api)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(D + "/tls.crt", D + "/tls.key")
+server.socket = ctx.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"""
 
 
 # --- the pause image -------------------------------------------------------------------------

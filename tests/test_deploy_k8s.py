@@ -215,7 +215,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     issuer = TokenIssuer()
     node = Node(f"mtlsk8s-{uuid.uuid4().hex[:6]}", workdir, images=images, issuer=issuer)
     try:
-        node.root_ca_pem = (ca_dir / "root-1.crt").read_bytes()  # stands in for the API's CA
+        node.start_api_discovery()  # what `ca serve --k8s-issuer` asks, as ca.yaml has it
         keys = ["ca.json", "root-1.crt", "intermediate-1.crt", "intermediate-1.key", "token_secret"]
         node.apply(
             [
@@ -230,36 +230,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                     "metadata": {"name": "mtls-ca-trust", "namespace": "mtls-demo"},
                     "data": {"fingerprint": fingerprint},
                 },
-                # What ca.yaml's comment says to do where the CA cannot reach the issuer's
-                # jwks_uri: `kubectl get --raw /openid/v1/jwks` in a ConfigMap.
-                {
-                    "kind": "ConfigMap",
-                    "metadata": {"name": "mtls-ca-jwks", "namespace": "mtls-demo"},
-                    "data": {"jwks.json": issuer.jwks()},
-                },
             ]
         )
         ca_docs = _docs((K8S / "ca.yaml").read_text())
         node.apply(ca_docs)
-        ca = node.run_pod(_ca_with_jwks(_kind(ca_docs, "StatefulSet")), wait_ready=90)
+        ca = node.run_pod(_kind(ca_docs, "StatefulSet"), wait_ready=90)
         yield Cluster(node, fingerprint, ca, workdir)
     finally:
         node.close()
-
-
-def _ca_with_jwks(statefulset: dict[str, Any]) -> dict[str, Any]:
-    """ca.yaml's StatefulSet with the issuer's keys from a file (--k8s-jwks) instead of the
-    API server's discovery (--k8s-ca-file, --k8s-token-file): no API server here."""
-    pod = statefulset["spec"]["template"]["spec"]
-    ca = next(c for c in pod["containers"] if c["name"] == "ca")
-    args = list(ca["args"])
-    for flag in ("--k8s-ca-file", "--k8s-token-file"):
-        i = args.index(flag)
-        del args[i : i + 2]
-    ca["args"] = [*args, "--k8s-jwks", "/etc/mtls-ca-jwks/jwks.json"]
-    ca["volumeMounts"].append({"name": "jwks", "mountPath": "/etc/mtls-ca-jwks", "readOnly": True})
-    pod["volumes"].append({"name": "jwks", "configMap": {"name": "mtls-ca-jwks"}})
-    return statefulset
 
 
 # --- capture ----------------------------------------------------------------------------------
@@ -372,6 +350,11 @@ def test_injected_pods_talk_mtls_transparently(cluster: Cluster) -> None:
         ), events
         status, body = _http(f"http://{pod.ip}:15000/status")
         assert status == 200 and f"spiffe://cluster.local/ns/shop/sa/{sa}" in body, body
+
+    # The CA verified their tokens with the keys it fetched as ca.yaml has it: discovery at
+    # the API server, with its own automounted token and the cluster CA.
+    issuer_keys = "service-account keys fetched from https://kubernetes.default.svc.cluster.local/"
+    assert issuer_keys in cluster.ca.logs("ca")
 
     capture = Capture(node, cluster.workdir / "injected.pcap")
     got = _get_from(client, "client", f"http://{server.ip}:8080/{CLIENT_MARKER}")
