@@ -461,7 +461,7 @@ class Pod:
         self.annotations: dict[str, str] = dict(template["metadata"].get("annotations") or {})
         self.uid = str(uuid.uuid4())
         self.claims = dict(claims)
-        self.dir = node.workdir / "pods" / name
+        self.dir = node.workdir / "pods" / f"{name}-{self.uid[:8]}"
         self.pause = f"{node.prefix}-{name}-pause"
         self.ip = ""
         self.statuses: dict[str, ContainerStatus] = {}
@@ -576,6 +576,15 @@ class Pod:
             for s in group:
                 codes[s.name] = int(dockerenv.container_state(s.docker_name).get("ExitCode", -1))  # type: ignore[call-overload]
         dockerenv.docker("stop", "-t", "5", self.pause, check=False)
+        return codes
+
+    def delete(self) -> dict[str, int]:
+        """`kubectl delete pod`: stop as the kubelet does, then remove the containers, so that
+        a pod of the same name (a StatefulSet's) can take its place; returns the exit codes."""
+        codes = self.stop()
+        names = [s.docker_name for s in self.statuses.values()] + [self.pause]
+        dockerenv.docker("rm", "-f", "-v", *names, check=False, timeout=300)
+        self.node.pods.remove(self)
         return codes
 
     def stop_probing(self) -> None:

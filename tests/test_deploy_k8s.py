@@ -520,3 +520,23 @@ def test_the_kubelet_refuses_what_a_kubelet_refuses(cluster: Cluster) -> None:
     ]
     with pytest.raises(PodFailed, match="key 'nope' not found"):
         cluster.node.run_pod(spec, name="missing-key", namespace="mtls-demo")
+
+
+def test_ca_pod_restart_keeps_its_state(cluster: Cluster) -> None:
+    """The StatefulSet's pod deleted and started again on its claim: `ca serve` drains and exits
+    0, `ca-keys` runs on the used volume, the issuance log is kept, and new pods enrol."""
+    node = cluster.node
+    ca_list = ["mtls-sidecar", "ca", "list", "--dir", "/var/lib/mtls-ca/ca", "--json"]
+    docs = _inject(CLIENT_MANIFEST, cluster.fingerprint)
+    node.run_pod(_kind(docs, "Deployment"), name="client-before-restart", wait_ready=120)
+    before = json.loads(cluster.ca.exec("ca", *ca_list).stdout)
+    assert any("client-before-restart" in json.dumps(row) for row in before), before
+    codes = cluster.ca.delete()
+    assert codes["ca"] == 0, (codes, cluster.ca.logs("ca"))
+    statefulset = _kind(_docs((K8S / "ca.yaml").read_text()), "StatefulSet")
+    cluster.ca = node.run_pod(statefulset, wait_ready=90)
+    after = json.loads(cluster.ca.exec("ca", *ca_list).stdout)
+    assert after == before
+    pod = node.run_pod(_kind(docs, "Deployment"), name="client-after-restart", wait_ready=120)
+    assert _http(f"http://{pod.ip}:15000/ready")[0] == 200
+    assert len(json.loads(cluster.ca.exec("ca", *ca_list).stdout)) == len(before) + 1
