@@ -14,7 +14,8 @@ of `enableServiceLinks`); volumes are host directories laid out as the kubelet l
 symlink of the atomic writer with their modes and fsGroup ownership, a projected
 service-account token minted and signed here, a directory per PersistentVolumeClaim); the
 probes (httpGet, tcpSocket, exec) run from the host against the pod IP with their periods and
-thresholds, and a failed liveness probe restarts the container.
+thresholds, and a failed liveness probe restarts the container. Of the API server, only the
+service-account issuer discovery a workload may ask for is served (`Node.start_api_discovery`).
 
 What it does not do, on purpose: scheduling, image pulls (images are local, optionally renamed
 as kustomize's `images:` would), kube-proxy (a Service name resolves to its pod's IP through a
