@@ -88,6 +88,14 @@ def check(env: Mapping[str, str]) -> int:
         out["certificate"] = material.describe()
     if not _federated_files_ok(settings):
         return 2
+    if settings.policy_file is not None:
+        from .policyfile import PolicyFileError, read_policy
+
+        try:
+            out["policy"] = read_policy(settings.policy_file).describe()
+        except PolicyFileError as exc:
+            print(f"mtls-sidecar: MTLS_POLICY_FILE {exc}", file=sys.stderr)
+            return 2
     print(json.dumps(out, indent=2, default=str))
     return 0
 
