@@ -150,6 +150,14 @@ def run(env: Mapping[str, str]) -> int:
     settings = _settings(env)
     if settings is None:
         return 2
+    if settings.policy_file is not None:
+        from .policyfile import PolicyFileError, read_policy
+
+        try:
+            read_policy(settings.policy_file)
+        except PolicyFileError as exc:
+            print(f"mtls-sidecar: cannot start: MTLS_POLICY_FILE {exc}", file=sys.stderr)
+            return 2
     from .logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)

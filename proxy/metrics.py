@@ -84,6 +84,12 @@ WORKLOAD_API_ERRORS = Counter(
     "code (unavailable: the agent is down or restarting); the stream is opened again.",
     ["code"],
 )
+POLICY_DECISIONS = Counter(
+    "mtls_policy_decisions",
+    "Verdicts of the authorization policy (MTLS_POLICY_FILE) on inbound connections and "
+    "pooled streams; dry_run=true verdicts were only counted and logged, not enforced.",
+    ["route", "decision", "dry_run"],
+)
 REVOKED_CLOSED = Counter(
     "mtls_revoked_connections_closed",
     "Open connections closed because a new revocation list lists their peer's certificate.",

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from .errors import PolicyDenied
 from .identity import SpiffeId
-from .policy import SpiffePattern, parse_pattern
+from .policy import NOT_SVID, SpiffePattern, parse_pattern
 
 # A policy file is small: these limits refuse hostile input before it is built.
 MAX_BYTES = 1_000_000
@@ -328,3 +329,40 @@ def read_policy(path: Path) -> Policy:
     except OSError as exc:
         raise PolicyFileError(f"{path}: {exc.strerror}") from None
     return policy_from_bytes(data, str(path))
+
+
+def policy_check(
+    policy: Policy,
+    route: str,
+    source_ip: str | None,
+    on_decision: Callable[[SpiffeId, Decision], None],
+) -> Callable[[SpiffeId | None], None]:
+    """The identity check of one inbound connection (a flow.PeerCheck) under `policy`.
+
+    Decides once per peer identity (the handshake and its end both ask), tells
+    `on_decision` (to count and log it), and raises PolicyDenied('peer_not_allowed') for an
+    enforced deny; a dry-run deny returns. A certificate without a SPIFFE ID is 'bad_cert'.
+    """
+    decided: list[tuple[SpiffeId, Decision]] = []
+
+    def check(peer: SpiffeId | None) -> None:
+        if peer is None:
+            raise PolicyDenied("bad_cert", f"peer certificate {NOT_SVID}")
+        if decided and decided[0][0] == peer:
+            decision = decided[0][1]
+        else:
+            decision = decide(policy, route, peer, source_ip)
+            decided[:] = [(peer, decision)]
+            on_decision(peer, decision)
+        if decision.enforced_deny:
+            raise PolicyDenied("peer_not_allowed", deny_message(peer, route, decision))
+
+    return check
+
+
+def deny_message(peer: SpiffeId, route: str, decision: Decision) -> str:
+    """Why `peer` is (or in dry-run would be) denied on `route`, in words."""
+    return (
+        f"peer identity {peer} is not allowed on route {route} by policy rule {decision.rule} "
+        "(MTLS_POLICY_FILE)"
+    )
