@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from . import flow as f
 from . import mux
+from .errors import PolicyDenied
 from .identity import SpiffeId, spiffe_id_from_der
 from .logs import RateLimit
 from .metrics import handshake_counter
@@ -406,6 +407,24 @@ class Conn:
 
     def _decided(self, decision: Decision) -> None:
         self.policy = decision
+
+    def policy_changed(self) -> bool:
+        """Inbound: a new policy file is in force; judge this connection again (its
+        handshake, if still going, by the new policy too). True when it is cut for that."""
+        if self.closed or self.route.direction != "inbound":
+            return False
+        self._judge_by_policy()
+        peer = self.flow.peer_id
+        if peer is None or self.flow.state not in (f.State.DIALING, f.State.OPEN):
+            return False  # not judged yet (the handshake's end judges it), or plaintext
+        try:
+            self.flow.check_peer(peer)
+        except PolicyDenied as exc:
+            if self.flow.state is f.State.OPEN:
+                self.route.metrics.rejected(f.Reason.POLICY_CHANGED).inc()
+            self._run(f.PolicyChanged(f"{exc} (the policy changed)"))
+            return True
+        return False
 
     def sniffed(self, tls: bool, first: bytes) -> None:
         """Inbound: the first bytes said TLS or not."""

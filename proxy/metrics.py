@@ -90,6 +90,12 @@ POLICY_DECISIONS = Counter(
     "pooled streams; dry_run=true verdicts were only counted and logged, not enforced.",
     ["route", "decision", "dry_run"],
 )
+POLICY_RELOADS = Counter(
+    "mtls_policy_reloads",
+    "Loads of MTLS_POLICY_FILE (start, change, SIGHUP): ok, or error (refused: the policy "
+    "in force stays).",
+    ["result"],
+)
 REVOKED_CLOSED = Counter(
     "mtls_revoked_connections_closed",
     "Open connections closed because a new revocation list lists their peer's certificate.",

@@ -32,7 +32,14 @@ from .identity import SpiffeId, parse_spiffe_id
 from .material import load_material, with_federation
 from .mux import OpenInfo
 from .policy import InboundPolicy, check_outbound
-from .policyfile import Decision, Policy, deny_message, policy_check, read_policy
+from .policyfile import (
+    Decision,
+    Policy,
+    PolicyFileError,
+    deny_message,
+    parse_policy,
+    policy_check,
+)
 from .pool import Carrier, Key, Pool, StreamLeg
 from .relay import AppLeg, NetLeg
 from .revocation import PeerCert, RevocationList, from_compact, is_peer_revoked
@@ -82,10 +89,9 @@ class Worker:
         self._listening: list[tuple[Route, socket.socket]] = []  # dups, for _stop_listening
         self.tls: TlsState = None  # type: ignore[assignment]  # set before serving
         self.policy: InboundPolicy = None  # type: ignore[assignment]
-        # MTLS_POLICY_FILE, when set: per-route rules in place of self.policy.
-        self.authz: Policy | None = (
-            read_policy(settings.policy_file) if settings.policy_file is not None else None
-        )
+        # MTLS_POLICY_FILE, when set: per-route rules in place of self.policy (the master
+        # sends it before the first material, so before anyone is served).
+        self.authz: Policy | None = None
         self._decision_children: dict[tuple[str, str, bool], _Counter] = {}
         self.trust_domain = settings.effective_trust_domain
         self.peer_labels = metrics.PeerLabels(settings.peer_identity_cap)
@@ -151,6 +157,27 @@ class Worker:
                     untrusted,
                     extra={"fields": {"event": "pool_untrusted_closed", "count": untrusted}},
                 )
+
+    def set_policy(self, text: str) -> None:
+        """A policy file from the master (which checked it): in force for new connections
+        and pooled streams at once; open ones it denies are cut now, each logged with the
+        rule that denied it and counted (reason policy_changed)."""
+        try:
+            authz = parse_policy(text)
+        except PolicyFileError as exc:  # the master checked it: not expected
+            log.error("policy from the master refused, keeping the current one: %s", exc)
+            return
+        first = self.authz is None
+        self.authz = authz
+        if first:
+            return
+        cut = sum(1 for conn in list(self.conns) if conn.policy_changed())
+        if cut:
+            log.warning(
+                "closed %d open connection(s) that the new policy denies",
+                cut,
+                extra={"fields": {"event": "policy_closed", "count": cut}},
+            )
 
     async def load_revocations(self, headers: list[dict[str, Any]], payload: bytes) -> None:
         """A revocation list from the master (which checked the CRLs), as revoked serials:
@@ -593,6 +620,8 @@ async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> N
                 _send({"op": "material_ok", "serial": material.serial_hex})
         elif op == "crl":
             await worker.load_revocations(list(msg.get("issuers", [])), payload)
+        elif op == "policy":
+            worker.set_policy(str(msg.get("text", "")))
         elif op == "drain":
             stop.set()
             return

@@ -4,6 +4,9 @@ route allow/deny for pooled streams and one-connection-per-connection peers, dry
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,3 +158,129 @@ def test_a_broken_policy_file_refuses_to_start(pki: Pki, tmp_path: Path, echo: T
         f"mtls-sidecar: cannot start: MTLS_POLICY_FILE {policy}: line 3: inbound.api.allow: "
         "pattern 'nope':"
     ), lines
+
+
+def open_echo(port: int, hello: bytes) -> socket.socket:
+    """An app connection through the sidecars, shown open by an echoed `hello`."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(hello)
+    got = b""
+    while len(got) < len(hello):
+        chunk = s.recv(65536)
+        assert chunk, f"closed before echoing {hello!r}"
+        got += chunk
+    assert got == hello
+    return s
+
+
+def still_open(s: socket.socket, probe: bytes) -> bool:
+    try:
+        s.sendall(probe)
+        return s.recv(65536) == probe
+    except OSError:
+        return False
+
+
+def was_cut(s: socket.socket) -> bool:
+    s.settimeout(10)
+    try:
+        return s.recv(65536) == b""
+    except OSError:
+        return True
+
+
+def replace(path: Path, text: str) -> None:
+    """Write `path` as config managers do: a new file renamed over the old one."""
+    tmp = path.with_suffix(".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+BOTH = f"[{TD}/client, {TD}/ns/other/sa/stranger]"
+OPEN_ALL = f"""\
+default: deny
+inbound:
+  api: {{allow: {BOTH}}}
+  admin: {{allow: {BOTH}}}
+  ops: {{allow: {BOTH}}}
+"""
+NARROWED = f"""\
+default: deny
+inbound:
+  api: {{allow: [{TD}/client]}}
+  admin: {{allow: [{TD}/ns/other/sa/stranger]}}
+  ops: {{allow: {BOTH}}}
+"""
+
+
+def test_a_live_change_cuts_exactly_the_denied_connections(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    with mesh(pki, tmp_path, echo, OPEN_ALL) as m:
+        inbound = m.inbound
+        conns = {
+            ("client", "api"): open_echo(m.client_ports["api"], b"1"),  # pooled stream
+            ("client", "admin"): open_echo(m.client_ports["admin"], b"2"),  # pooled stream
+            ("stranger", "api"): open_echo(m.stranger_ports["api"], b"3"),  # one-to-one
+            ("stranger", "admin"): open_echo(m.stranger_ports["admin"], b"4"),  # one-to-one
+        }
+        try:
+            replace(m.policy, NARROWED)
+            rejected = "mtls_connections_rejected_total"
+            for route in ("api", "admin"):
+                got = inbound.wait_metric(
+                    rejected, 1, timeout=15, route=route, reason="policy_changed"
+                )
+                assert got == 1, inbound.logs()
+            assert was_cut(conns[("client", "admin")])
+            assert was_cut(conns[("stranger", "api")])
+            assert still_open(conns[("client", "api")], b"still")
+            assert still_open(conns[("stranger", "admin")], b"still")
+            assert inbound.metric("mtls_policy_reloads_total", result="ok") == 2
+
+            events = inbound.log_events()
+            changed = [e for e in events if e.get("event") == "policy_changed"]
+            assert sorted((e["route"], e["msg"].split(": ", 1)[1]) for e in changed) == [
+                (
+                    "admin",
+                    f"peer identity {TD}/client is not allowed on route admin by policy rule "
+                    "inbound.admin (MTLS_POLICY_FILE) (the policy changed)",
+                ),
+                (
+                    "api",
+                    f"peer identity {TD}/ns/other/sa/stranger is not allowed on route api by "
+                    "policy rule inbound.api (MTLS_POLICY_FILE) (the policy changed)",
+                ),
+            ]
+            outcomes = {
+                (e["route"], e["peer_identity"]): (e["outcome"], e["policy_rule"], e["pooled"])
+                for e in events
+                if e.get("event") == "conn_closed"
+            }
+            assert outcomes == {
+                ("admin", f"{TD}/client"): ("policy_changed", "inbound.admin", True),
+                ("api", f"{TD}/ns/other/sa/stranger"): ("policy_changed", "inbound.api", False),
+            }
+            # New connections and streams are judged by the new policy at once.
+            assert call(m.client_ports["admin"], b"new") == b""
+            assert call(m.stranger_ports["admin"], b"new") == b"new"
+
+            # A broken file keeps the policy in force: counted and logged (line, reason).
+            replace(m.policy, NARROWED.replace("default: deny", "default: nobody"))
+            reloads = "mtls_policy_reloads_total"
+            assert inbound.wait_metric(reloads, 1, timeout=15, result="error") == 1
+            refused = [e for e in inbound.log_events() if e.get("event") == "policy_refused"]
+            assert refused[0]["error"] == (
+                f"{m.policy}: line 1: default must be 'allow' or 'deny', not 'nobody'"
+            )
+            assert still_open(conns[("client", "api")], b"kept")
+            assert call(m.client_ports["api"], b"ok") == b"ok"
+            assert call(m.client_ports["admin"], b"no") == b""
+            # SIGHUP reads the file again (still broken: refused again).
+            inbound.signal(signal.SIGHUP)
+            assert inbound.wait_metric(reloads, 2, timeout=15, result="error") == 2
+            assert inbound.metric(reloads, result="ok") == 2
+            assert "Traceback" not in inbound.logs()
+        finally:
+            for s in conns.values():
+                s.close()
