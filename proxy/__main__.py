@@ -35,6 +35,8 @@ commands:
                       the injector as a mutating admission webhook (POST /inject)
   audit --listen ADDR [--workloads FILE]
                       the wire auditor (node agent): classifies the connections it sees
+  policy test --policy FILE LOG...
+                      replay conn_closed log lines against a candidate policy file
   demo                a self-contained local demo: CA, app, two sidecars, traffic, metrics
   version             print the version
 """
@@ -257,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             from .audit.cli import main as audit_main
 
             return audit_main(rest)
+        if cmd == "policy":
+            from .policycli import main as policy_main
+
+            return policy_main(rest)
         if cmd == "demo":
             from .demo import main as demo_main  # type: ignore[import-not-found,unused-ignore]
 

@@ -4,15 +4,18 @@ route allow/deny for pooled streams and one-connection-per-connection peers, dry
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .conftest import TD, Pki
-from .harness import Sidecar, TcpApp, exchange, free_port, identity_env, running
+from .harness import ROOT, Sidecar, TcpApp, exchange, free_port, identity_env, running, wait_for
 
 ROUTES = ("api", "admin", "ops")
 
@@ -284,3 +287,89 @@ def test_a_live_change_cuts_exactly_the_denied_connections(
         finally:
             for s in conns.values():
                 s.close()
+
+
+def test_replay_gives_the_verdicts_of_live_enforcement(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    callers = ("client", "stranger")
+    identity = {"client": f"{TD}/client", "stranger": f"{TD}/ns/other/sa/stranger"}
+    candidate = tmp_path / "candidate.yaml"
+    candidate.write_text(NARROWED)
+    with mesh(pki, tmp_path, echo, OPEN_ALL) as m:
+        ports = {"client": m.client_ports, "stranger": m.stranger_ports}
+        # Traffic under the open policy: every caller on every route, logged as it ends.
+        for caller in callers:
+            for route in ROUTES:
+                assert call(ports[caller][route], b"past") == b"past"
+
+        def closed() -> int:
+            return sum(1 for e in m.inbound.log_events() if e.get("event") == "conn_closed")
+
+        assert wait_for(lambda: closed() == 6), m.inbound.logs()
+
+        # The candidate, tried on those logs.
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "policy",
+                "test",
+                "--policy",
+                str(candidate),
+                "--format",
+                "json",
+                str(m.inbound.log_path),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert run.returncode == 1, run.stderr
+        result = json.loads(run.stdout)
+        replayed = {(v["route"], v["peer_identity"]): v["decision"] for v in result["verdicts"]}
+        assert result["never_matched"] == []
+
+        # The same candidate enforced live, the same traffic again.
+        replace(m.policy, NARROWED)
+        assert m.inbound.wait_metric("mtls_policy_reloads_total", 2, timeout=15, result="ok") == 2
+        live = {}
+        for caller in callers:
+            for route in ROUTES:
+                ok = call(ports[caller][route], b"again") == b"again"
+                live[(route, identity[caller])] = "allow" if ok else "deny"
+        assert replayed == live
+        assert sorted(k for k, v in live.items() if v == "deny") == [
+            ("admin", f"{TD}/client"),
+            ("api", f"{TD}/ns/other/sa/stranger"),
+        ]
+        refused = {
+            (e["route"], e["peer_identity"])
+            for e in m.inbound.log_events()
+            if e.get("reason") == "peer_not_allowed"
+        }
+        assert refused == {k for k, v in live.items() if v == "deny"}
+
+        # A candidate that allows everything seen replays clean: exit 0.
+        everyone = tmp_path / "everyone.yaml"
+        everyone.write_text(OPEN_ALL)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "policy",
+                "test",
+                "--policy",
+                str(everyone),
+                str(m.inbound.log_path),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "result: no connection would be denied" in run.stdout

@@ -22,6 +22,7 @@ from proxy.policyfile import (
     policy_from_bytes,
     read_policy,
 )
+from proxy.policyreplay import inbound_connections, replay, report
 
 from .conftest import Pki
 from .harness import identity_env
@@ -228,3 +229,76 @@ def test_check_prints_the_effective_policy_or_one_error_line(
         "path segments"
     ]
     assert "Traceback" not in err
+
+
+def _closed(route: str, identity: str | None, peer: str = "10.0.0.1:4000", **extra: object) -> str:
+    return json.dumps(
+        {
+            "event": "conn_closed",
+            "direction": "inbound",
+            "route": route,
+            "peer": peer,
+            "peer_identity": identity,
+            "outcome": "ok",
+            **extra,
+        }
+    )
+
+
+def test_replay_groups_verdicts_and_lists_rules_never_matched() -> None:
+    lines = [
+        "not json at all",
+        _closed("api", f"{TD}/ns/shop/web"),
+        _closed("api", f"{TD}/ns/shop/web"),
+        _closed("api", f"{TD}/ns/bank/web"),
+        _closed("admin", f"{TD}/ns/ops/sa/admin", "[::1]:5000"),
+        _closed("admin", f"{TD}/ns/ops/sa/admin", "10.1.1.1:5000"),
+        _closed("8443", f"{TD}/ns/shop/web"),
+        _closed("x", None),  # plaintext (permissive): no identity to judge
+        _closed("x", f"{TD}/ns/shop/web", policy_route="other"),
+        json.dumps({"event": "conn_closed", "direction": "outbound", "route": "api"}),
+    ]
+    result = replay(parse_policy(POLICY), inbound_connections(lines))
+    got = [
+        (v.route, v.peer_identity, v.decision.label, v.decision.rule, v.connections)
+        for v in result.verdicts
+    ]
+    assert got == [
+        ("8443", f"{TD}/ns/shop/web", "deny", "inbound.8443", 1),
+        ("admin", f"{TD}/ns/ops/sa/admin", "allow", "inbound.admin.allow[0]", 1),
+        ("admin", f"{TD}/ns/ops/sa/admin", "deny", "inbound.admin.source_cidrs", 1),
+        ("api", f"{TD}/ns/bank/web", "deny", "inbound.api", 1),
+        ("api", f"{TD}/ns/shop/web", "allow", "inbound.api.allow[0]", 2),
+        ("other", f"{TD}/ns/shop/web", "deny", "default", 1),
+    ]
+    assert result.connections == 7 and result.skipped_no_identity == 1
+    assert result.denied == 3  # the dry-run deny on 8443 is reported, not counted
+    assert result.never_matched == ["inbound.api.allow[1]"]
+    text = report(result, "p.yaml")
+    assert "would deny (dry run)" in text and "DENY" in text
+    assert text.endswith("result: 3 connection(s) would be denied\n")
+    assert "rules that never matched: inbound.api.allow[1]" in text
+
+
+def test_policy_test_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"default: deny\ninbound:\n  api: {{allow: [{TD}/ns/shop/*]}}\n")
+    log = tmp_path / "a.log"
+    log.write_text(_closed("api", f"{TD}/ns/shop/web") + "\n")
+    assert cli.main(["policy", "test", "--policy", str(policy), str(log)]) == 0
+    assert "no connection would be denied" in capsys.readouterr().out
+    log.write_text(log.read_text() + _closed("api", f"{TD}/ns/bank/web") + "\n")
+    assert cli.main(["policy", "test", "--policy", str(policy), "--format", "json", str(log)]) == 1
+    assert json.loads(capsys.readouterr().out)["denied"] == 1
+    for argv, message in (
+        (["policy", "test", "--policy", str(tmp_path / "none.yaml"), str(log)], "does not exist"),
+        (["policy", "test", "--policy", str(policy), str(tmp_path / "none.log")], "none.log"),
+        (["policy", "test", str(log)], "--policy"),
+        (["policy", "prove"], "unknown command"),
+    ):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    policy.write_text("default: deny\ninbound: [\n")
+    assert cli.main(["policy", "test", "--policy", str(policy), str(log)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
