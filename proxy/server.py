@@ -224,7 +224,10 @@ class Master:
 
     def on_policy(self, data: bytes, policy: Policy) -> None:
         """A good MTLS_POLICY_FILE: in force here and in every worker."""
-        self.policy_frame = control.encode({"op": "policy", "text": data.decode()})
+        frame = control.encode({"op": "policy", "text": data.decode()})
+        if frame == self.policy_frame:
+            return  # SIGHUP with an unchanged file: nothing to judge again
+        self.policy_frame = frame
         log.info(
             "authorization policy loaded: %d inbound route rule(s), default %s%s",
             len(policy.inbound),
