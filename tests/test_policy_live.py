@@ -43,7 +43,7 @@ class Mesh:
 
 
 @contextlib.contextmanager
-def mesh(pki: Pki, tmp: Path, echo: TcpApp, policy_text: str) -> Iterator[Mesh]:
+def mesh(pki: Pki, tmp: Path, echo: TcpApp, policy_text: str, workers: int = 1) -> Iterator[Mesh]:
     policy = tmp / "policy.yaml"
     policy.write_text(policy_text)
     in_ports = {r: free_port() for r in ROUTES}
@@ -54,6 +54,7 @@ def mesh(pki: Pki, tmp: Path, echo: TcpApp, policy_text: str) -> Iterator[Mesh]:
                 f"{r}=127.0.0.1:{p}=127.0.0.1:{echo.port}" for r, p in in_ports.items()
             ),
             "MTLS_POLICY_FILE": str(policy),
+            "MTLS_WORKERS": str(workers),
         },
         tmp / "inbound.log",
     )
@@ -219,7 +220,8 @@ inbound:
 def test_a_live_change_cuts_exactly_the_denied_connections(
     pki: Pki, tmp_path: Path, echo: TcpApp
 ) -> None:
-    with mesh(pki, tmp_path, echo, OPEN_ALL) as m:
+    # Two workers: the master hands the new policy to each, and each cuts its own.
+    with mesh(pki, tmp_path, echo, OPEN_ALL, workers=2) as m:
         inbound = m.inbound
         conns = {
             ("client", "api"): open_echo(m.client_ports["api"], b"1"),  # pooled stream
