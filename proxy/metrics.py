@@ -31,7 +31,8 @@ ACTIVE = Gauge(
 )
 REJECTED = Counter(
     "mtls_connections_rejected",
-    "Connections refused before any application byte was relayed, by reason.",
+    "Connections refused before any application byte was relayed, by reason; "
+    "reason policy_changed: open connections cut because a new policy file denies them.",
     ["direction", "route", "reason"],
 )
 BYTES = Counter(
