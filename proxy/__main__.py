@@ -35,6 +35,8 @@ commands:
                       the injector as a mutating admission webhook (POST /inject)
   audit --listen ADDR [--workloads FILE]
                       the wire auditor (node agent): classifies the connections it sees
+  policy test --policy FILE LOG...
+                      replay conn_closed log lines against a candidate policy file
   demo                a self-contained local demo: CA, app, two sidecars, traffic, metrics
   version             print the version
 """
@@ -88,6 +90,14 @@ def check(env: Mapping[str, str]) -> int:
         out["certificate"] = material.describe()
     if not _federated_files_ok(settings):
         return 2
+    if settings.policy_file is not None:
+        from .policyfile import PolicyFileError, read_policy
+
+        try:
+            out["policy"] = read_policy(settings.policy_file).describe()
+        except PolicyFileError as exc:
+            print(f"mtls-sidecar: MTLS_POLICY_FILE {exc}", file=sys.stderr)
+            return 2
     print(json.dumps(out, indent=2, default=str))
     return 0
 
@@ -142,6 +152,14 @@ def run(env: Mapping[str, str]) -> int:
     settings = _settings(env)
     if settings is None:
         return 2
+    if settings.policy_file is not None:
+        from .policyfile import PolicyFileError, read_policy
+
+        try:
+            read_policy(settings.policy_file)
+        except PolicyFileError as exc:
+            print(f"mtls-sidecar: cannot start: MTLS_POLICY_FILE {exc}", file=sys.stderr)
+            return 2
     from .logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
@@ -241,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             from .audit.cli import main as audit_main
 
             return audit_main(rest)
+        if cmd == "policy":
+            from .policycli import main as policy_main
+
+            return policy_main(rest)
         if cmd == "demo":
             from .demo import main as demo_main  # type: ignore[import-not-found,unused-ignore]
 
