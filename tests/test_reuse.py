@@ -271,7 +271,7 @@ def test_pooled_connections_are_let_go_when_idle_and_retired_when_old(
         assert exchange(out_port, b"one") == b"one"
         assert outbound.metric("mtls_pool_connections", state="open") == 1
         # idle for 2 s: closed by the outbound side, and so at the inbound side too
-        assert outbound.wait_metric("mtls_pool_retired_total", 1, timeout=6, reason="idle") == 1
+        assert outbound.wait_metric("mtls_pool_retired_total", 1, timeout=15, reason="idle") == 1
         assert outbound.wait_metric("mtls_pool_connections", 0, state="open") == 0
         assert inbound.wait_metric("mtls_pool_connections", 0, state="open") == 0
         # a busy one is retired at 3 s of age: the stream open then goes on, new ones move
@@ -282,7 +282,10 @@ def test_pooled_connections_are_let_go_when_idle_and_retired_when_old(
             held.sendall(b"busy")
             assert held.recv(100) == b"busy"
             time.sleep(0.2)
-        assert outbound.metric("mtls_pool_retired_total", reason="max_lifetime") == 1
+        assert (
+            outbound.wait_metric("mtls_pool_retired_total", 1, timeout=10, reason="max_lifetime")
+            == 1
+        )
         assert exchange(out_port, b"two") == b"two"
         held.sendall(b"last")
         assert held.recv(100) == b"last"
