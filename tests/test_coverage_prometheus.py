@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
+import os
+import re
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +27,7 @@ from .pki import Identity, write_identity
 from .promserver import PROMETHEUS, Prometheus
 
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed")
+CHROMIUM = shutil.which("chromium")
 
 # What the test sends: payload sizes per connection (the echo app sends each back).
 PAIR1_MTLS = [1_000, 20_000, 300_000]
@@ -35,6 +41,7 @@ class World:
     url: str
     web: Identity
     workdir: Path
+    t0: float  # when the traffic started (unix time)
 
 
 def _pair(
@@ -92,6 +99,7 @@ def world(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]
             sc.wait_ready()
         prom = Prometheus([f"127.0.0.1:{sc.admin_port}" for sc in sidecars], d / "prometheus")
         prom.wait_targets_up(4)
+        t0 = time.time()
         for n in PAIR1_MTLS:
             assert exchange(out_port1, b"a" * n) == b"a" * n
         for n in PAIR2_MTLS:
@@ -106,7 +114,7 @@ def world(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]
         want = in2.metric("mtls_connections_rejected_total")
         assert want == 1
         assert prom.wait_value("sum(mtls_connections_rejected_total)", want) == want
-        yield World(prom, f"http://127.0.0.1:{prom.port}", web, d)
+        yield World(prom, f"http://127.0.0.1:{prom.port}", web, d, t0)
     finally:
         if prom is not None:
             prom.stop()
@@ -206,3 +214,80 @@ def test_a_prometheus_without_sidecars_is_exit_2(tmp_path: Path) -> None:
         prom.stop()
     assert r.returncode == 2
     assert "no mtls-sidecar metrics" in r.stderr
+
+
+def _screenshot(page: Path, png: Path, profile: Path) -> None:
+    """Headless Chromium, offline and with a fresh profile, screenshots the page."""
+    assert CHROMIUM is not None
+    r = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            f"--screenshot={png}",
+            "--window-size=1200,1600",
+            "--hide-scrollbars",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and png.exists(), r.stderr[-2000:]
+
+
+def _near(px: tuple[int, ...], rgb: tuple[int, int, int], tol: int = 40) -> bool:
+    return all(abs(a - b) <= tol for a, b in zip(px[:3], rgb, strict=True))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
+def test_html_is_self_contained_and_its_charts_are_drawn(world: World) -> None:
+    from PIL import Image  # matplotlib's own dependency
+
+    page = world.workdir / "report.html"
+    # a window twice as long as the time since the traffic began: the coverage line spans
+    # its second half, whatever the time this test runs
+    window = f"{max(20, 2 * math.ceil(time.time() - world.t0))}s"
+    r = coverage(
+        "--prometheus", world.url, "--window", window, "--format", "html", "--out", str(page)
+    )
+    assert r.returncode == 1, r.stderr
+    html = page.read_text()
+    # nothing to fetch when opened: no scripts, no external resources
+    assert "<script" not in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert "@import" not in html and "url(http" not in html
+    assert html.count("<svg") == 2
+    assert f"{TD}/web" in html and "no_client_cert" in html
+    png = world.workdir / "report.png"
+    _screenshot(page, png, world.workdir / "chromium-profile")
+    img = Image.open(png).convert("RGB")
+    assert img.size == (1200, 1600)
+    colors = {
+        "line": (0x2F, 0x6F, 0xDB),
+        "mtls bars": (0x2E, 0x9D, 0x4F),
+        "plaintext": (0xD2, 0x46, 0x2F),
+    }
+    counts = dict.fromkeys(colors, 0)
+    rows: dict[str, set[int]] = {k: set() for k in colors}
+    for y in range(0, img.height, 2):
+        for x in range(0, img.width, 2):
+            px = img.getpixel((x, y))
+            assert isinstance(px, tuple)
+            for name, rgb in colors.items():
+                if _near(px, rgb):
+                    counts[name] += 1
+                    rows[name].add(y)
+    # the charts were drawn: each of their colours covers a real area of the page, and the
+    # coverage line is above the bars (the page's order)
+    assert all(n > 50 for n in counts.values()), counts
+    assert min(rows["line"]) < min(rows["mtls bars"]), rows
+    keep = os.environ.get("COVERAGE_SCREENSHOT")
+    if keep:
+        shutil.copyfile(png, keep)

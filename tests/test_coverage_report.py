@@ -151,3 +151,15 @@ def test_errors_are_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_html_is_one_page_with_two_charts_and_the_tables() -> None:
+    from proxy.coverage.html import to_html
+
+    r = build(answers(), END, W)
+    r.coverage_over_time = [(END - 600, 100.0), (END - 300, 90.0)]
+    page = to_html(r, 99.9)
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 2
+    assert "<script" not in page and "<link" not in page
+    assert "94.118%" in page and "FAIL" in page and f"{TD}/client" in page
+    assert "unknown_ca" in page and "X25519MLKEM768" in page

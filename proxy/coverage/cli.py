@@ -18,6 +18,7 @@ from .report import (
     ReportError,
     Sample,
     build,
+    coverage_range_query,
     passes,
     queries,
     to_text,
@@ -70,6 +71,25 @@ class Client:
         return list(data.get("result", []))
 
 
+POINTS = 120
+"""Points of the coverage-over-time chart."""
+
+
+def _coverage_over_time(client: Client, end: float, window: int) -> list[tuple[float, float]]:
+    """(time, percent inside mTLS of the bytes of the RANGE before it); points without bytes
+    are left out. RANGE is two steps but at least 60s, so that every pair of consecutive
+    scrapes (up to a 30s interval) falls inside some point's range."""
+    step = max(1, window // POINTS)
+    expr = coverage_range_query().replace("RANGE", f"{max(2 * step, 60)}s")
+    points: list[tuple[float, float]] = []
+    for series in client.query_range(expr, end - window + step, end, step):
+        for t, v in series.get("values", []):
+            value = float(v)
+            if value == value:  # NaN: no bytes in that step
+                points.append((float(t), value))
+    return sorted(points)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mtls-sidecar coverage",
@@ -78,7 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prometheus", required=True, help="Prometheus base URL, e.g. http://prom:9090")
     p.add_argument("--window", default="7d", help="how far back from now (default 7d)")
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument(
+        "--format",
+        choices=("text", "json", "html"),
+        default="text",
+        help="text for a terminal, json for tools, html: one self-contained page with charts "
+        "(needs matplotlib: pip install 'mtls-sidecar[report]')",
+    )
     p.add_argument("--out", type=Path, help="write the report to this file (default: stdout)")
     p.add_argument(
         "--min-coverage",
@@ -108,14 +134,26 @@ def main(argv: Sequence[str]) -> int:
         return _fail("--window must be at least 1s")
     if not 0 <= args.min_coverage <= 100:
         return _fail("--min-coverage is a percent between 0 and 100")
+    if args.format == "html":
+        try:
+            from .html import to_html
+        except ImportError:  # pragma: no cover - the extra is installed in development
+            return _fail("--format html needs matplotlib: pip install 'mtls-sidecar[report]'")
     end = time.time()
     try:
         client = Client(args.prometheus)
         answers = {name: client.query(expr, end) for name, expr in queries(window).items()}
         report = build(answers, end, window)
+        if args.format == "html":
+            report.coverage_over_time = _coverage_over_time(client, end, window)
     except (PromError, ReportError) as exc:
         return _fail(str(exc))
-    text = report.to_json() + "\n" if args.format == "json" else to_text(report, args.min_coverage)
+    if args.format == "html":
+        text = to_html(report, args.min_coverage)
+    elif args.format == "json":
+        text = report.to_json() + "\n"
+    else:
+        text = to_text(report, args.min_coverage)
     if args.out is None:
         sys.stdout.write(text)
     else:

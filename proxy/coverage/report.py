@@ -47,10 +47,10 @@ def queries(window_seconds: int) -> dict[str, str]:
 
 
 def coverage_range_query() -> str:
-    """The coverage-over-time series (for `query_range`; STEP is replaced by the step)."""
+    """The coverage-over-time series (for `query_range`; RANGE is replaced by a duration)."""
     return (
-        'sum(increase(mtls_bytes_total{security="mtls"}[STEP])) '
-        "/ sum(increase(mtls_bytes_total[STEP])) * 100"
+        'sum(increase(mtls_bytes_total{security="mtls"}[RANGE])) '
+        "/ sum(increase(mtls_bytes_total[RANGE])) * 100"
     )
 
 
