@@ -17,6 +17,8 @@ from collections.abc import Coroutine
 from functools import partial
 from typing import Any, Protocol
 
+from prometheus_client import Counter
+
 from . import flow as f
 from . import mux
 from .identity import SpiffeId, spiffe_id_from_der
@@ -80,7 +82,9 @@ class ConnHost(Protocol):
 
     def forget(self, conn: Conn) -> None: ...
 
-    def count_peer(self, direction: str, identity: str | None) -> None: ...
+    def count_peer(self, direction: str, identity: str | None) -> tuple[Counter, Counter]:
+        """Count one accepted mTLS connection of this peer; its (bytes in, bytes out) counters."""
+        ...
 
     def peer_check(self, route: Route) -> f.PeerCheck:
         """The identity policy for a new connection on `route` (the current trust domain)."""
@@ -172,6 +176,7 @@ class Conn:
         "hs_started",
         "idle_ticks",
         "net",
+        "peer_bytes",
         "peer_cert",
         "peername",
         "pool_key",
@@ -193,6 +198,7 @@ class Conn:
         self.bytes_out = 0
         self.flushed_in = 0
         self.flushed_out = 0
+        self.peer_bytes: tuple[Counter, Counter] | None = None
         self.established = False
         self.closed = False
         self.active = True
@@ -831,7 +837,7 @@ class Conn:
         m.connections[security].inc()
         m.active.inc()
         if security is f.Security.MTLS and net is not None:
-            self.host.count_peer(self.route.direction, self.peer_identity)
+            self.peer_bytes = self.host.count_peer(self.route.direction, self.peer_identity)
             if isinstance(net, NetLeg):  # a stream's handshake was its carrier's, counted then
                 self._count_handshake(net, self.hs_done - self.hs_started)
 
@@ -871,11 +877,16 @@ class Conn:
         if din or dout:
             b = self.route.metrics.bytes
             sec = self.security
+            peer = self.peer_bytes
             if din:
                 b[(sec, "in")].inc(din)
+                if peer is not None:
+                    peer[0].inc(din)
                 self.flushed_in = self.bytes_in
             if dout:
                 b[(sec, "out")].inc(dout)
+                if peer is not None:
+                    peer[1].inc(dout)
                 self.flushed_out = self.bytes_out
 
     def _tls_fields(self) -> dict[str, object]:

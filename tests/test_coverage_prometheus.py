@@ -108,7 +108,12 @@ def world(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]
             assert exchange(in_port1, b"p" * n) == b"p" * n
         _no_client_cert(in_port2, web.bundle)
         # Prometheus has scraped the last of it once it shows the sidecars' own totals.
-        for metric in ("mtls_bytes_total", "mtls_connections_total", "mtls_peer_connections_total"):
+        for metric in (
+            "mtls_bytes_total",
+            "mtls_connections_total",
+            "mtls_peer_connections_total",
+            "mtls_peer_bytes_total",
+        ):
             want = sum(sc.metric(metric) for sc in sidecars)
             assert prom.wait_value(f"sum({metric})", want) == want, metric
         want = in2.metric("mtls_connections_rejected_total")
@@ -163,6 +168,13 @@ def test_numbers_equal_what_was_sent(world: World) -> None:
     e2 = edges[(f"{TD}/web", f"{TD}/db")]
     assert (e1["seen_by_source"], e1["seen_by_destination"]) == (len(PAIR1_MTLS),) * 2
     assert (e2["seen_by_source"], e2["seen_by_destination"]) == (len(PAIR2_MTLS),) * 2
+    # an edge's bytes: what went one way and came back, counted by each end
+    assert (e1["bytes_seen_by_source"], e1["bytes_seen_by_destination"]) == (
+        2 * sum(PAIR1_MTLS),
+    ) * 2
+    assert (e2["bytes_seen_by_source"], e2["bytes_seen_by_destination"]) == (
+        2 * sum(PAIR2_MTLS),
+    ) * 2
     routes = {(r["identity"], r["direction"]): r for r in doc["routes"]}
     server_in = routes[(f"{TD}/server", "inbound")]
     assert server_in["bytes"] == {"mtls": 2 * sum(PAIR1_MTLS), "plaintext": 2 * plain_bytes}

@@ -62,6 +62,15 @@ def answers() -> dict[str, list[dict[str, Any]]]:
             s(5, direction="outbound", peer_identity=f"{TD}/server", **a),
             s(5, direction="inbound", peer_identity=f"{TD}/client", **b),
         ],
+        "peer_bytes:last": [
+            s(900, direction="outbound", peer_identity=f"{TD}/server", flow="out", **a),
+            s(900, direction="outbound", peer_identity=f"{TD}/server", flow="in", **a),
+            s(900, direction="inbound", peer_identity=f"{TD}/client", flow="in", **b),
+            s(900, direction="inbound", peer_identity=f"{TD}/client", flow="out", **b),
+        ],
+        "peer_bytes:start": [
+            s(400, direction="outbound", peer_identity=f"{TD}/server", flow="out", **a),
+        ],
         "rejected:last": [s(3, direction="inbound", route="api", reason="unknown_ca", **b)],
         "handshakes:last": [
             s(3, direction="outbound", group="X25519MLKEM768", resumed="no", **a),
@@ -81,6 +90,7 @@ def test_report_numbers() -> None:
     assert [
         (e.source, e.destination, e.seen_by_source, e.seen_by_destination) for e in r.edges
     ] == [(f"{TD}/client", f"{TD}/server", 5, 5)]
+    assert (r.edges[0].bytes_seen_by_source, r.edges[0].bytes_seen_by_destination) == (1400, 1800)
     server = next(x for x in r.routes if x.direction == "inbound")
     assert server.identity == f"{TD}/server"
     assert (server.bytes.mtls, server.bytes.plaintext, server.refused) == (1800, 200, 3)

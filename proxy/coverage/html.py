@@ -173,12 +173,26 @@ def to_html(report: Report, min_coverage: float) -> str:
         "<h2>Edges</h2>",
         f'<div class="chart" id="edge-chart">{edge_chart(r)}</div>',
         _table(
-            ["source", "destination", "mTLS conn. seen by source", "seen by destination"],
             [
-                [e.source, e.destination, _n(e.seen_by_source), _n(e.seen_by_destination)]
+                "source",
+                "destination",
+                "mTLS conn. (source)",
+                "(destination)",
+                "mTLS bytes (source)",
+                "(destination)",
+            ],
+            [
+                [
+                    e.source,
+                    e.destination,
+                    _n(e.seen_by_source),
+                    _n(e.seen_by_destination),
+                    _n(e.bytes_seen_by_source),
+                    _n(e.bytes_seen_by_destination),
+                ]
                 for e in r.edges
             ],
-            {2, 3},
+            {2, 3, 4, 5},
         ),
         "<h2>Routes</h2>",
         _table(

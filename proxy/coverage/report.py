@@ -13,6 +13,7 @@ COUNTERS: dict[str, str] = {
     "connections": "mtls_connections_total",
     "bytes": "mtls_bytes_total",
     "peers": "mtls_peer_connections_total",
+    "peer_bytes": "mtls_peer_bytes_total",
     "rejected": "mtls_connections_rejected_total",
     "handshakes": "mtls_handshakes_total",
     "audit_connections": "mtls_audit_connections_total",
@@ -122,12 +123,15 @@ class Route:
 
 @dataclass
 class Edge:
-    """Source identity -> destination identity, as each end counted its mTLS connections."""
+    """Source identity -> destination identity, as each end counted its mTLS connections
+    and their bytes (both flows)."""
 
     source: str
     destination: str
     seen_by_source: float = 0.0
     seen_by_destination: float = 0.0
+    bytes_seen_by_source: float = 0.0
+    bytes_seen_by_destination: float = 0.0
 
 
 @dataclass
@@ -255,14 +259,25 @@ def build(answers: Mapping[str, Sequence[Sample]], end: float, window_seconds: i
         refusals[m.get("reason", "")] = refusals.get(m.get("reason", ""), 0.0) + v
 
     edges: dict[tuple[str, str], Edge] = {}
-    for m, v, _ in inc["peers"]:
+
+    def edge(m: Mapping[str, str]) -> tuple[Edge, bool]:
         me, peer = ident(m.get("instance", "")), m.get("peer_identity", "")
         if m.get("direction") == "inbound":
-            e = edges.setdefault((peer, me), Edge(peer, me))
-            e.seen_by_destination += v
-        else:
-            e = edges.setdefault((me, peer), Edge(me, peer))
+            return edges.setdefault((peer, me), Edge(peer, me)), False
+        return edges.setdefault((me, peer), Edge(me, peer)), True
+
+    for m, v, _ in inc["peers"]:
+        e, by_source = edge(m)
+        if by_source:
             e.seen_by_source += v
+        else:
+            e.seen_by_destination += v
+    for m, v, _ in inc["peer_bytes"]:
+        e, by_source = edge(m)
+        if by_source:
+            e.bytes_seen_by_source += v
+        else:
+            e.bytes_seen_by_destination += v
 
     groups: dict[str, float] = {}
     for m, v, _ in inc["handshakes"]:
@@ -364,11 +379,18 @@ def to_text(report: Report, min_coverage: float) -> str:
     ]
     if not r.exact:
         lines.append("note: a sidecar restarted in the window; its counts are extrapolated")
-    lines += ["", "Edges (mTLS connections, as each end counted them)"]
+    lines += ["", "Edges (mTLS connections and bytes, as each end counted them)"]
     lines += _table(
-        ["source", "destination", "seen by source", "seen by destination"],
+        ["source", "destination", "conn (src)", "conn (dst)", "bytes (src)", "bytes (dst)"],
         [
-            [e.source, e.destination, _n(e.seen_by_source), _n(e.seen_by_destination)]
+            [
+                e.source,
+                e.destination,
+                _n(e.seen_by_source),
+                _n(e.seen_by_destination),
+                _n(e.bytes_seen_by_source),
+                _n(e.bytes_seen_by_destination),
+            ]
             for e in r.edges
         ],
     )
