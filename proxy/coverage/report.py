@@ -355,9 +355,8 @@ def _p(x: float | None) -> str:
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=False)]
     fmt = "  ".join("{:<%d}" % w for w in widths)  # noqa: UP031 - widths are computed
-    return [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [
-        fmt.format(*r) for r in rows
-    ]
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    return [line.rstrip() for line in lines + [fmt.format(*r) for r in rows]]
 
 
 def to_text(report: Report, min_coverage: float) -> str:
