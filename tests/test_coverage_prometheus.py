@@ -228,8 +228,9 @@ def test_a_prometheus_without_sidecars_is_exit_2(tmp_path: Path) -> None:
     assert "no mtls-sidecar metrics" in r.stderr
 
 
-def _screenshot(page: Path, png: Path, profile: Path) -> None:
-    """Headless Chromium, offline and with a fresh profile, screenshots the page."""
+def _screenshot(page: Path, png: Path, profile: Path, how: str = "--screenshot") -> None:
+    """Headless Chromium, offline and with a fresh profile, screenshots the page (or, with
+    how="--print-to-pdf", prints it)."""
     assert CHROMIUM is not None
     r = subprocess.run(
         [
@@ -242,7 +243,7 @@ def _screenshot(page: Path, png: Path, profile: Path) -> None:
             "--disable-sync",
             "--no-first-run",
             f"--user-data-dir={profile}",
-            f"--screenshot={png}",
+            f"{how}={png}",
             "--window-size=1200,1600",
             "--hide-scrollbars",
             page.as_uri(),
@@ -265,7 +266,7 @@ def test_html_is_self_contained_and_its_charts_are_drawn(world: World) -> None:
     page = world.workdir / "report.html"
     # a window twice as long as the time since the traffic began: the coverage line spans
     # its second half, whatever the time this test runs
-    window = f"{max(20, 2 * math.ceil(time.time() - world.t0))}s"
+    window = f"{max(6, 2 * math.ceil(time.time() - world.t0))}s"
     r = coverage(
         "--prometheus", world.url, "--window", window, "--format", "html", "--out", str(page)
     )
@@ -300,6 +301,11 @@ def test_html_is_self_contained_and_its_charts_are_drawn(world: World) -> None:
     # coverage line is above the bars (the page's order)
     assert all(n > 50 for n in counts.values()), counts
     assert min(rows["line"]) < min(rows["mtls bars"]), rows
+    # printed to PDF: pages come out (the print CSS keeps charts and table rows whole)
+    pdf = world.workdir / "report.pdf"
+    _screenshot(page, pdf, world.workdir / "chromium-profile-pdf", "--print-to-pdf")
+    head = pdf.read_bytes()
+    assert head.startswith(b"%PDF-") and head.count(b"/Type /Page") >= 1
     keep = os.environ.get("COVERAGE_SCREENSHOT")
     if keep:
         shutil.copyfile(png, keep)
