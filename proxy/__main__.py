@@ -35,9 +35,11 @@ commands:
                       the injector as a mutating admission webhook (POST /inject)
   audit --listen ADDR [--workloads FILE]
                       the wire auditor (node agent): classifies the connections it sees
-  coverage --prometheus URL [--window 7d] [--format text|json] [--out FILE]
+  coverage --prometheus URL [--window 7d] [--format text|json|html] [--out FILE]
            [--min-coverage 99.9]
                       the coverage report from Prometheus; exit 1 below the minimum
+  policy test --policy FILE LOG...
+                      replay conn_closed log lines against a candidate policy file
   demo                a self-contained local demo: CA, app, two sidecars, traffic, metrics
   version             print the version
 """
@@ -91,6 +93,14 @@ def check(env: Mapping[str, str]) -> int:
         out["certificate"] = material.describe()
     if not _federated_files_ok(settings):
         return 2
+    if settings.policy_file is not None:
+        from .policyfile import PolicyFileError, read_policy
+
+        try:
+            out["policy"] = read_policy(settings.policy_file).describe()
+        except PolicyFileError as exc:
+            print(f"mtls-sidecar: MTLS_POLICY_FILE {exc}", file=sys.stderr)
+            return 2
     print(json.dumps(out, indent=2, default=str))
     return 0
 
@@ -145,6 +155,14 @@ def run(env: Mapping[str, str]) -> int:
     settings = _settings(env)
     if settings is None:
         return 2
+    if settings.policy_file is not None:
+        from .policyfile import PolicyFileError, read_policy
+
+        try:
+            read_policy(settings.policy_file)
+        except PolicyFileError as exc:
+            print(f"mtls-sidecar: cannot start: MTLS_POLICY_FILE {exc}", file=sys.stderr)
+            return 2
     from .logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
@@ -248,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             from .coverage.cli import main as coverage_main
 
             return coverage_main(rest)
+        if cmd == "policy":
+            from .policycli import main as policy_main
+
+            return policy_main(rest)
         if cmd == "demo":
             from .demo import main as demo_main  # type: ignore[import-not-found,unused-ignore]
 

@@ -13,7 +13,7 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any, Protocol
 
@@ -21,9 +21,11 @@ from prometheus_client import Counter
 
 from . import flow as f
 from . import mux
+from .errors import PolicyDenied
 from .identity import SpiffeId, spiffe_id_from_der
 from .logs import RateLimit
 from .metrics import handshake_counter
+from .policyfile import Decision
 from .pool import FOREIGN_TTL, Carrier, Key, Pool, StreamLeg
 from .proxyproto import CallerInfo, HeaderReader, ProxyHeaderError, caller_from_tls, caller_header
 from .relay import AppLeg, NetLeg, _Leg
@@ -86,8 +88,20 @@ class ConnHost(Protocol):
         """Count one accepted mTLS connection of this peer; its (bytes in, bytes out) counters."""
         ...
 
-    def peer_check(self, route: Route) -> f.PeerCheck:
-        """The identity policy for a new connection on `route` (the current trust domain)."""
+    def peer_check(
+        self,
+        route: Route,
+        peername: tuple[str, int] | None = None,
+        called: tuple[str, int] | None = None,
+        on_decision: Callable[[Decision], None] | None = None,
+    ) -> f.PeerCheck:
+        """The identity policy for a new connection on `route` (the current trust domain);
+        with MTLS_POLICY_FILE, judged for the caller `peername` having dialled `called`,
+        and each verdict told to `on_decision`."""
+        ...
+
+    def policy_route(self, route: Route, called: tuple[str, int] | None) -> str:
+        """The policy file's name for the route of a connection that dialled `called`."""
         ...
 
     def original_target(
@@ -179,6 +193,7 @@ class Conn:
         "peer_bytes",
         "peer_cert",
         "peername",
+        "policy",
         "pool_key",
         "proxied_by",
         "route",
@@ -217,6 +232,7 @@ class Conn:
         self.peer_cert: PeerCert | None = None  # for revocation checks while open
         self.denied: tuple[f.Reason, str] | None = None  # refused inside the handshake
         self.pool_key: Key | None = None  # outbound: dialling a pooled connection for this
+        self.policy: Decision | None = None  # inbound, MTLS_POLICY_FILE: the last verdict
 
     # --- what the legs report ----------------------------------------------------------
 
@@ -334,6 +350,7 @@ class Conn:
             local = transport.get_extra_info("sockname")
             if isinstance(local, tuple) and len(local) >= 2:
                 self.called = (str(local[0]), int(local[1]))
+        self._judge_by_policy()
         refused = self.host.admit(self) if target is not None else None
         plaintext_known = (
             target is not None
@@ -367,6 +384,7 @@ class Conn:
             self.called = stream.info.dst
         else:
             self.called = carrier.called
+        self._judge_by_policy()
         if carrier.going_away(self.host.loop.time()):
             forbidden = (
                 f.Reason.GOING_AWAY,
@@ -385,6 +403,34 @@ class Conn:
         )
         if not self.closed:
             self.sniffed(True, b"")
+
+    def _judge_by_policy(self) -> None:
+        """Inbound: judge the peer for where it came from and what it dialled (known now)."""
+        if self.route.direction == "inbound":
+            self.flow.check_peer = self.host.peer_check(
+                self.route, self.peername, self.called, self._decided
+            )
+
+    def _decided(self, decision: Decision) -> None:
+        self.policy = decision
+
+    def policy_changed(self) -> bool:
+        """Inbound: a new policy file is in force; judge this connection again (its
+        handshake, if still going, by the new policy too). True when it is cut for that."""
+        if self.closed or self.route.direction != "inbound":
+            return False
+        self._judge_by_policy()
+        peer = self.flow.peer_id
+        if peer is None or self.flow.state not in (f.State.DIALING, f.State.OPEN):
+            return False  # not judged yet (the handshake's end judges it), or plaintext
+        try:
+            self.flow.check_peer(peer)
+        except PolicyDenied as exc:
+            if self.flow.state is f.State.OPEN:
+                self.route.metrics.rejected(f.Reason.POLICY_CHANGED).inc()
+            self._run(f.PolicyChanged(f"{exc} (the policy changed)"))
+            return True
+        return False
 
     def sniffed(self, tls: bool, first: bytes) -> None:
         """Inbound: the first bytes said TLS or not."""
@@ -909,6 +955,16 @@ class Conn:
             "pooled": isinstance(net, StreamLeg),
         }
 
+    def _policy_fields(self) -> dict[str, object]:
+        """Inbound: the route name the policy file uses, and the rule that decided."""
+        if self.route.direction != "inbound":
+            return {}
+        decision = self.policy
+        return {
+            "policy_route": self.host.policy_route(self.route, self.called),
+            "policy_rule": decision.rule if decision is not None else None,
+        }
+
     def _finish(self, outcome: str, *, abort: bool, logged: bool) -> None:
         if self.closed:
             return
@@ -940,6 +996,7 @@ class Conn:
                         "peer": self.peer_addr,
                         "proxied_by": self.proxied_by,
                         "peer_identity": self.peer_identity,
+                        **self._policy_fields(),
                         "target": f"{target[0]}:{target[1]}" if target else None,
                         "bytes_in": self.bytes_in,
                         "bytes_out": self.bytes_out,

@@ -51,6 +51,7 @@ class Reason(StrEnum):
     BAD_CERT = "bad_cert"
     REVOKED = "revoked"
     PEER_NOT_ALLOWED = "peer_not_allowed"
+    POLICY_CHANGED = "policy_changed"  # a new policy file denies a connection already open
     IDENTITY_MISMATCH = "identity_mismatch"
     TLS_VERSION = "tls_version"
     HANDSHAKE_TIMEOUT = "handshake_timeout"
@@ -75,6 +76,7 @@ class Outcome(StrEnum):
     IDLE_TIMEOUT = "idle_timeout"
     DRAIN_TIMEOUT = "drain_timeout"
     REVOKED = "revoked"  # the peer's certificate was revoked while the connection was open
+    POLICY_CHANGED = "policy_changed"  # a new policy file denies the peer of an open connection
     CLOSED_BEFORE_HELLO = "closed_before_hello"
 
 
@@ -149,6 +151,13 @@ class Revoked:
     """A new CRL lists the peer certificate of this connection (serial in hex)."""
 
     serial: str
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyChanged:
+    """A new policy file denies this connection's peer (`message` says by which rule)."""
+
+    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +247,7 @@ Event = (
     | Lost
     | TlsError
     | Revoked
+    | PolicyChanged
     | ProxyHeaderFailed
     | IdleTimeout
     | DrainTimeout
@@ -461,6 +471,12 @@ class Flow:
                     Warn("revoked", f"closing the connection with {who}: certificate revoked")
                 ]
                 return actions + self._finish(Outcome.REVOKED, abort=True)
+            case PolicyChanged(message=message):
+                if self.state is not State.OPEN:
+                    return self._reject(Reason.POLICY_CHANGED, f"{self.who()}: {message}")
+                closing = f"closing the connection with {self.who()}: {message}"
+                warn = Warn("policy_changed", closing)
+                return [warn, *self._finish(Outcome.POLICY_CHANGED, abort=True)]
             case ProxyHeaderFailed(reason=reason, message=message):
                 if self.state is State.OPEN:
                     return []

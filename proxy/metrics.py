@@ -31,7 +31,8 @@ ACTIVE = Gauge(
 )
 REJECTED = Counter(
     "mtls_connections_rejected",
-    "Connections refused before any application byte was relayed, by reason.",
+    "Connections refused before any application byte was relayed, by reason; "
+    "reason policy_changed: open connections cut because a new policy file denies them.",
     ["direction", "route", "reason"],
 )
 BYTES = Counter(
@@ -89,6 +90,18 @@ WORKLOAD_API_ERRORS = Counter(
     "Failed or broken FetchX509SVID streams with the SPIFFE Workload API, by gRPC status "
     "code (unavailable: the agent is down or restarting); the stream is opened again.",
     ["code"],
+)
+POLICY_DECISIONS = Counter(
+    "mtls_policy_decisions",
+    "Verdicts of the authorization policy (MTLS_POLICY_FILE) on inbound connections and "
+    "pooled streams; dry_run=true verdicts were only counted and logged, not enforced.",
+    ["route", "decision", "dry_run"],
+)
+POLICY_RELOADS = Counter(
+    "mtls_policy_reloads",
+    "Loads of MTLS_POLICY_FILE (start, change, SIGHUP): ok, or error (refused: the policy "
+    "in force stays).",
+    ["result"],
 )
 REVOKED_CLOSED = Counter(
     "mtls_revoked_connections_closed",

@@ -10,7 +10,7 @@ from .errors import PolicyDenied
 from .identity import SpiffeId, parse_spiffe_id
 
 # What a certificate without an identity (None from identity.spiffe_id_from_der) lacks.
-_NOT_SVID = "is not a valid X509-SVID (that is: exactly one URI SAN, a valid SPIFFE ID, not a CA)"
+NOT_SVID = "is not a valid X509-SVID (that is: exactly one URI SAN, a valid SPIFFE ID, not a CA)"
 
 _ONE = "*"
 _REST = "**"
@@ -136,7 +136,7 @@ class InboundPolicy:
         'peer_not_allowed' when the identity is not allowed.
         """
         if peer is None:
-            raise PolicyDenied("bad_cert", f"peer certificate {_NOT_SVID}")
+            raise PolicyDenied("bad_cert", f"peer certificate {NOT_SVID}")
         if self.allows(peer):
             return
         if self.patterns:
@@ -159,7 +159,7 @@ def check_outbound(peer: SpiffeId | None, expected: SpiffeId | None, trust_domai
     """
     if peer is None:
         wanted = str(expected) if expected is not None else f"an identity of {trust_domain}"
-        raise PolicyDenied("bad_cert", f"remote certificate {_NOT_SVID}, but {wanted} was expected")
+        raise PolicyDenied("bad_cert", f"remote certificate {NOT_SVID}, but {wanted} was expected")
     if expected is not None:
         if peer != expected:
             raise PolicyDenied(

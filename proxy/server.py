@@ -29,11 +29,12 @@ from typing import Any
 
 from . import control, metrics
 from .certsource.federated import Federation
-from .certsource.files import CrlFile, FileSource
+from .certsource.files import CrlFile, FileSource, PolicyFile
 from .config import Address, Settings
 from .errors import CertError, ProxyError, StartupError
 from .listen import bind_listener, drop_privileges, raise_nofile_limit, relisten
 from .material import Material, read_file
+from .policyfile import Policy
 from .revocation import CrlRejected, RevocationList, compact, load_crls, merge
 from .routes import Route, routes_for
 from .shared import ConnectionCounts
@@ -93,6 +94,8 @@ class Master:
         self._crl_inbox: bytes | None = None  # the latest list received, not yet taken
         self._crl_task: asyncio.Task[None] | None = None
         self.counts = ConnectionCounts.create(settings.workers)
+        self.policy_file: PolicyFile | None = None
+        self.policy_frame: bytes | None = None  # MTLS_POLICY_FILE in force, as workers get it
 
     # --- tasks ---------------------------------------------------------------------------
 
@@ -219,9 +222,27 @@ class Master:
             this.timestamp() if this else None, nxt.timestamp() if nxt else None, len(rl)
         )
 
+    def on_policy(self, data: bytes, policy: Policy) -> None:
+        """A good MTLS_POLICY_FILE: in force here and in every worker."""
+        frame = control.encode({"op": "policy", "text": data.decode()})
+        if frame == self.policy_frame:
+            return  # SIGHUP with an unchanged file: nothing to judge again
+        self.policy_frame = frame
+        log.info(
+            "authorization policy loaded: %d inbound route rule(s), default %s%s",
+            len(policy.inbound),
+            policy.default,
+            ", dry run" if policy.dry_run else "",
+            extra={"fields": {"event": "policy_loaded", "routes": sorted(policy.inbound)}},
+        )
+        for w in self.workers:
+            self._send_frame(w, self.policy_frame)
+
     def reload(self, why: str) -> bool:
-        """Reload files (and MTLS_CRL_FILE); keep the old identity if the new one is bad. In
-        CA mode, fetch the bundle and the CRL now."""
+        """Reload files (and MTLS_CRL_FILE, MTLS_POLICY_FILE); keep the old identity (and
+        policy) if the new one is bad. In CA mode, fetch the bundle and the CRL now."""
+        if self.policy_file is not None:
+            self.policy_file.load(why)
         if self.files is None:
             if self.federation is not None:
                 self.federation.load_files()
@@ -370,6 +391,8 @@ class Master:
             pass_fds=[*fds, counts.fd],
         )
         self.spawn(self._read_worker(w, w.proc), f"worker-{w.slot}-replies")
+        if self.policy_frame is not None:
+            self._send_frame(w, self.policy_frame)  # before anything is served, as the CRL
         if self.crl_frame is not None:
             self._send_frame(w, self.crl_frame)  # first: in force before the worker serves
         if self.material is not None:
@@ -548,6 +571,12 @@ class Master:
             if s.crl_file is not None:
                 self.crl_file = CrlFile(s.crl_file, on_crl=self.on_crl)
                 self.crl_file.load()
+        if s.policy_file is not None:
+            self.policy_file = PolicyFile(s.policy_file, on_policy=self.on_policy)
+            problem = self.policy_file.load()
+            if problem is not None:
+                raise StartupError(f"MTLS_POLICY_FILE {problem}")
+            self.spawn(self.policy_file.run(), "policy-watcher")
         socks_per_route = self._bind()
         raise_nofile_limit(2 * s.max_connections + 64)
         from .admin import start_admin

@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from prometheus_client import Counter as _Counter
@@ -32,6 +32,14 @@ from .identity import SpiffeId, parse_spiffe_id
 from .material import load_material, with_federation
 from .mux import OpenInfo
 from .policy import InboundPolicy, check_outbound
+from .policyfile import (
+    Decision,
+    Policy,
+    PolicyFileError,
+    deny_message,
+    parse_policy,
+    policy_check,
+)
 from .pool import Carrier, Key, Pool, StreamLeg
 from .relay import AppLeg, NetLeg
 from .revocation import PeerCert, RevocationList, from_compact, is_peer_revoked
@@ -81,6 +89,10 @@ class Worker:
         self._listening: list[tuple[Route, socket.socket]] = []  # dups, for _stop_listening
         self.tls: TlsState = None  # type: ignore[assignment]  # set before serving
         self.policy: InboundPolicy = None  # type: ignore[assignment]
+        # MTLS_POLICY_FILE, when set: per-route rules in place of self.policy (the master
+        # sends it before the first material, so before anyone is served).
+        self.authz: Policy | None = None
+        self._decision_children: dict[tuple[str, str, bool], _Counter] = {}
         self.trust_domain = settings.effective_trust_domain
         self.peer_labels = metrics.PeerLabels(settings.peer_identity_cap)
         # per (direction, peer label): connections, bytes in, bytes out
@@ -146,6 +158,27 @@ class Worker:
                     untrusted,
                     extra={"fields": {"event": "pool_untrusted_closed", "count": untrusted}},
                 )
+
+    def set_policy(self, text: str) -> None:
+        """A policy file from the master (which checked it): in force for new connections
+        and pooled streams at once; open ones it denies are cut now, each logged with the
+        rule that denied it and counted (reason policy_changed)."""
+        try:
+            authz = parse_policy(text)
+        except PolicyFileError as exc:  # the master checked it: not expected
+            log.error("policy from the master refused, keeping the current one: %s", exc)
+            return
+        first = self.authz is None
+        self.authz = authz
+        if first:
+            return
+        cut = sum(1 for conn in list(self.conns) if conn.policy_changed())
+        if cut:
+            log.warning(
+                "closed %d open connection(s) that the new policy denies",
+                cut,
+                extra={"fields": {"event": "policy_closed", "count": cut}},
+            )
 
     async def load_revocations(self, headers: list[dict[str, Any]], payload: bytes) -> None:
         """A revocation list from the master (which checked the CRLs), as revoked serials:
@@ -231,9 +264,55 @@ class Worker:
         children[0].inc()
         return children[1], children[2]
 
-    def peer_check(self, route: Route) -> PeerCheck:
+    def policy_route(self, route: Route, called: tuple[str, int] | None) -> str:
+        """The name a policy file's `inbound` rules use for this connection's route: the
+        route's name, or in transparent mode the port the caller dialled."""
+        if route.transparent and called is not None:
+            return str(called[1])
+        return route.name
+
+    def peer_check(
+        self,
+        route: Route,
+        peername: tuple[str, int] | None = None,
+        called: tuple[str, int] | None = None,
+        on_decision: Callable[[Decision], None] | None = None,
+    ) -> PeerCheck:
         if route.direction == "inbound":
-            return self.policy.check
+            authz = self.authz
+            if authz is None:
+                return self.policy.check
+            name = self.policy_route(route, called)
+            ip = peername[0] if peername is not None else None
+
+            def decided(peer: SpiffeId, decision: Decision) -> None:
+                key = (name, decision.label, decision.dry_run)
+                child = self._decision_children.get(key)
+                if child is None:
+                    child = self._decision_children[key] = metrics.POLICY_DECISIONS.labels(
+                        name, decision.label, "true" if decision.dry_run else "false"
+                    )
+                child.inc()
+                if on_decision is not None:
+                    on_decision(decision)
+                if not decision.allow and decision.dry_run:
+                    where = f"{ip}" if ip is not None else "?"
+                    log.warning(
+                        "dry run: %s (from %s); allowed, since the rule is dry-run",
+                        deny_message(peer, name, decision),
+                        where,
+                        extra={
+                            "fields": {
+                                "event": "policy_dry_run_deny",
+                                "route": name,
+                                "peer": where,
+                                "peer_identity": str(peer),
+                                "rule": decision.rule,
+                            }
+                        },
+                    )
+
+            return policy_check(authz, name, ip, decided)
         exp: SpiffeId | None = None
         if route.expected_peer is not None:
             exp = self._expected.get(route.expected_peer)
@@ -547,6 +626,8 @@ async def _control(worker: Worker, settings: Settings, stop: asyncio.Event) -> N
                 _send({"op": "material_ok", "serial": material.serial_hex})
         elif op == "crl":
             await worker.load_revocations(list(msg.get("issuers", [])), payload)
+        elif op == "policy":
+            worker.set_policy(str(msg.get("text", "")))
         elif op == "drain":
             stop.set()
             return

@@ -128,6 +128,7 @@ UNIT_MODULES = frozenset(
         "test_tls_unit",
         "test_config_entrypoints",
         "test_federation",
+        "test_policyfile",
     }
 )
 

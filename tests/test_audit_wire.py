@@ -246,15 +246,21 @@ def audited(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audi
 
 
 # The client app: connect, send a file's bytes, half-close, read to EOF; print what came back.
+# Sends from a thread while the main thread reads the echo: sending all of a big payload
+# before reading would deadlock once the echo's and our socket buffers are full.
 _CLIENT = """
-import hashlib, json, socket, sys
+import json, socket, sys, threading
 data = open(sys.argv[3], "rb").read()
 reply = bytearray()
 with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30) as s:
-    s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
+    def send():
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+    sender = threading.Thread(target=send)
+    sender.start()
     while chunk := s.recv(65536):
         reply += chunk
+    sender.join()
 print(json.dumps({"sent": len(data), "reply": len(reply),
                   "echoed": bytes(reply) == data}))
 """

@@ -541,6 +541,25 @@ def test_unknown_variables(env: dict[str, str], fragment: str) -> None:
     assert fragment in problems[0].message
 
 
+def test_kubernetes_service_link_variables_are_not_typos() -> None:
+    # Every pod of a namespace with a Service named mtls-ca gets these (enableServiceLinks,
+    # on by default): the sidecar must start there (the demo namespace has that Service).
+    links = {
+        "MTLS_CA_SERVICE_HOST": "10.96.0.12",
+        "MTLS_CA_SERVICE_PORT": "8443",
+        "MTLS_CA_SERVICE_PORT_HTTPS": "8443",
+        "MTLS_CA_PORT": "tcp://10.96.0.12:8443",
+        "MTLS_CA_PORT_8443_TCP": "tcp://10.96.0.12:8443",
+        "MTLS_CA_PORT_8443_TCP_PROTO": "tcp",
+        "MTLS_CA_PORT_8443_TCP_PORT": "8443",
+        "MTLS_CA_PORT_8443_TCP_ADDR": "10.96.0.12",
+        "MTLS_INJECTOR_PORT_443_UDP": "udp://10.96.0.13:443",
+    }
+    load_settings({**BASE, **links})
+    # A _PORT that is not a link's tcp://host:port is still a typo.
+    assert [p.var for p in problems_of({**BASE, "MTLS_ADMIN_PORT": "15000"})] == ["MTLS_ADMIN_PORT"]
+
+
 def test_unrelated_and_extra_known_variables_pass() -> None:
     load_settings({**BASE, "PATH": "/bin", "HOME": "/root", "XMTLS_FOO": "1"})
     load_settings({**BASE, "MTLS_CA_DIR": "/x"}, also_known={"MTLS_CA_DIR"})

@@ -16,6 +16,8 @@ from pathlib import Path
 from .. import metrics
 from ..errors import CertError
 from ..material import Material, load_material_files, read_file
+from ..policyfile import MAX_BYTES as MAX_POLICY_BYTES
+from ..policyfile import Policy, PolicyFileError, policy_from_bytes
 from ..revocation import MAX_CRL_BYTES, too_big
 
 log = logging.getLogger("mtls.certsource.files")
@@ -173,3 +175,61 @@ class CrlFile:
             sig = self._stat()
             if sig != self._signature:
                 self.load()
+
+
+class PolicyFile:
+    """MTLS_POLICY_FILE, watched like the identity files and reloaded all or nothing: each
+    good version is handed to `on_policy` (its bytes); a broken one is logged with the line
+    and the reason and counted (mtls_policy_reloads_total{result="error"}), and the policy
+    in force stays."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        on_policy: Callable[[bytes, Policy], None],
+        interval: float = WATCH_INTERVAL,
+    ) -> None:
+        self.path = path
+        self._on_policy = on_policy
+        self._interval = interval
+        self._signature: tuple[int, int, int, int] | None = None
+
+    def _stat(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def load(self, why: str = "start") -> str | None:
+        """Read the file now (start-up, SIGHUP, a change): None when it is in force, else
+        why not (also logged and counted)."""
+        self._signature = self._stat()
+        try:
+            with self.path.open("rb") as f:
+                data = f.read(MAX_POLICY_BYTES + 1)
+            policy = policy_from_bytes(data, str(self.path))
+        except OSError as exc:
+            return self._refused(why, PolicyFileError(f"{self.path}: {exc.strerror or exc}"))
+        except PolicyFileError as exc:
+            return self._refused(why, exc)
+        metrics.POLICY_RELOADS.labels("ok").inc()
+        self._on_policy(data, policy)
+        return None
+
+    def _refused(self, why: str, exc: PolicyFileError) -> str:
+        metrics.POLICY_RELOADS.labels("error").inc()
+        log.error(
+            "MTLS_POLICY_FILE refused (%s), keeping the policy in force: %s",
+            why,
+            exc,
+            extra={"fields": {"event": "policy_refused", "error": str(exc)}},
+        )
+        return str(exc)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            if self._stat() != self._signature:
+                self.load("file changed")

@@ -48,6 +48,7 @@ def file_problems(settings: Settings, bad: Collection[str] = ()) -> list[ConfigP
                         example_of("federated_bundles"),
                     )
                 )
+    names.append("policy_file")
     for name in names:
         path: Path | None = getattr(settings, name)
         if env_var(name) in bad or path is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Collection, Mapping
 
 from pydantic import ValidationError
@@ -73,12 +74,31 @@ def parse_fields(env: Mapping[str, str]) -> tuple[Settings, list[ConfigProblem]]
     return Settings.model_validate(good), problems
 
 
+# The variables the kubelet gives every pod for each Service of its namespace
+# (enableServiceLinks, on by default): a Service named mtls-ca gives MTLS_CA_SERVICE_HOST,
+# MTLS_CA_PORT=tcp://10.0.0.5:8443, MTLS_CA_PORT_8443_TCP_ADDR, ... They are not typos.
+_SERVICE_LINK_NAME = re.compile(
+    r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)$"
+)
+_SERVICE_LINK_PORT = re.compile(r"^(tcp|udp|sctp)://\S+:\d+$")
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """Whether NAME=VALUE is one of the Kubernetes Service link variables (docker links had
+    the same shape): ignored, not reported as an unknown MTLS_* name."""
+    if _SERVICE_LINK_NAME.match(name):
+        return True
+    return name.endswith("_PORT") and _SERVICE_LINK_PORT.match(value) is not None
+
+
 def _unknown_problems(env: Mapping[str, str], also_known: Collection[str]) -> list[ConfigProblem]:
     known = known_variables()
     problems: list[ConfigProblem] = []
     for key in env:
         upper = key.upper()
         if not upper.startswith(ENV_PREFIX) or key in known or key in also_known:
+            continue
+        if is_service_link(key, env[key]):
             continue
         if upper in known:
             message = f"unknown variable; names are upper-case: did you mean {upper}?"

@@ -204,6 +204,12 @@ class Settings(BaseModel):
     allow_peers: Annotated[list[SpiffePattern], _text(parse_patterns)] = Field(
         default_factory=list, examples=["spiffe://corp.example/ns/shop/*/**"]
     )
+    policy_file: OptPath = Field(
+        None,
+        description="YAML authorization policy per inbound route, watched; replaces "
+        "MTLS_ALLOW_PEERS when set.",
+        examples=["/etc/mtls/policy.yaml"],
+    )
     min_tls_version: Annotated[Literal["1.2", "1.3"], _choice("1.2", "1.3")] = Field(
         "1.3", examples=["1.3"]
     )

@@ -1,0 +1,73 @@
+"""`mtls-sidecar policy test`: read a candidate policy and logs, print the replay report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from .policyfile import PolicyFileError, read_policy
+from .policyreplay import inbound_connections, replay, report
+
+USAGE = """\
+usage: mtls-sidecar policy test --policy FILE [--format text|json] LOG...
+
+Replays the inbound `conn_closed` JSON log lines of LOG files ('-': stdin) against the
+candidate policy FILE: per route and peer identity, which past connections it would have
+denied, and which rules never matched. Exit 1 when it would deny any, 0 when not, 2 on bad
+input.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(message)
+
+
+def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    if not argv:
+        print(USAGE, end="", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
+        print(USAGE, end="", file=stdout)
+        return 0
+    if argv[0] != "test":
+        print(
+            f"mtls-sidecar policy: unknown command {argv[0]!r}\n\n{USAGE}", end="", file=sys.stderr
+        )
+        return 2
+    parser = _Parser(prog="mtls-sidecar policy test", add_help=False)
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("logs", nargs="+")
+    try:
+        args = parser.parse_args(argv[1:])
+    except ValueError as exc:
+        print(f"mtls-sidecar policy test: {exc}", file=sys.stderr)
+        return 2
+    try:
+        policy = read_policy(Path(args.policy))
+    except PolicyFileError as exc:
+        print(f"mtls-sidecar policy test: --policy {exc}", file=sys.stderr)
+        return 2
+    records: list[dict[str, object]] = []
+    for name in args.logs:
+        try:
+            if name == "-":
+                text = stdin.read()
+            else:
+                text = Path(name).read_bytes().decode("utf-8", errors="replace")
+        except OSError as exc:
+            print(f"mtls-sidecar policy test: {name}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        records.extend(inbound_connections(text.splitlines()))
+    result = replay(policy, records)
+    if args.format == "json":
+        print(json.dumps(result.to_json(), indent=2), file=stdout)
+    else:
+        print(report(result, args.policy), end="", file=stdout)
+    return 1 if result.denied else 0
