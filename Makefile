@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-APT_PKGS := openssl curl iproute2 iptables nftables tcpdump stunnel4 haproxy prometheus sslscan procps util-linux wrk iperf3 nginx docker.io docker-compose debootstrap
+APT_PKGS := openssl curl iproute2 iptables nftables tcpdump stunnel4 haproxy prometheus sslscan procps util-linux wrk iperf3 nginx docker.io docker-compose debootstrap chromium
 BENCH_APT :=
 
 .PHONY: all venv apt test lint unit demo bench bench-audit soak image clean certs clean-certs
@@ -13,7 +13,7 @@ all: test
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[dev,bench]'
+	$(VPY) -m pip install -q -e '.[dev,bench,report]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -35,6 +35,9 @@ commands:
                       the injector as a mutating admission webhook (POST /inject)
   audit --listen ADDR [--workloads FILE]
                       the wire auditor (node agent): classifies the connections it sees
+  coverage --prometheus URL [--window 7d] [--format text|json|html] [--out FILE]
+           [--min-coverage 99.9]
+                      the coverage report from Prometheus; exit 1 below the minimum
   policy test --policy FILE LOG...
                       replay conn_closed log lines against a candidate policy file
   demo                a self-contained local demo: CA, app, two sidecars, traffic, metrics
@@ -259,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             from .audit.cli import main as audit_main
 
             return audit_main(rest)
+        if cmd == "coverage":
+            from .coverage.cli import main as coverage_main
+
+            return coverage_main(rest)
         if cmd == "policy":
             from .policycli import main as policy_main
 

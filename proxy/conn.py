@@ -17,6 +17,8 @@ from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any, Protocol
 
+from prometheus_client import Counter
+
 from . import flow as f
 from . import mux
 from .errors import PolicyDenied
@@ -82,7 +84,9 @@ class ConnHost(Protocol):
 
     def forget(self, conn: Conn) -> None: ...
 
-    def count_peer(self, direction: str, identity: str | None) -> None: ...
+    def count_peer(self, direction: str, identity: str | None) -> tuple[Counter, Counter]:
+        """Count one accepted mTLS connection of this peer; its (bytes in, bytes out) counters."""
+        ...
 
     def peer_check(
         self,
@@ -186,6 +190,7 @@ class Conn:
         "hs_started",
         "idle_ticks",
         "net",
+        "peer_bytes",
         "peer_cert",
         "peername",
         "policy",
@@ -208,6 +213,7 @@ class Conn:
         self.bytes_out = 0
         self.flushed_in = 0
         self.flushed_out = 0
+        self.peer_bytes: tuple[Counter, Counter] | None = None
         self.established = False
         self.closed = False
         self.active = True
@@ -877,7 +883,7 @@ class Conn:
         m.connections[security].inc()
         m.active.inc()
         if security is f.Security.MTLS and net is not None:
-            self.host.count_peer(self.route.direction, self.peer_identity)
+            self.peer_bytes = self.host.count_peer(self.route.direction, self.peer_identity)
             if isinstance(net, NetLeg):  # a stream's handshake was its carrier's, counted then
                 self._count_handshake(net, self.hs_done - self.hs_started)
 
@@ -917,11 +923,16 @@ class Conn:
         if din or dout:
             b = self.route.metrics.bytes
             sec = self.security
+            peer = self.peer_bytes
             if din:
                 b[(sec, "in")].inc(din)
+                if peer is not None:
+                    peer[0].inc(din)
                 self.flushed_in = self.bytes_in
             if dout:
                 b[(sec, "out")].inc(dout)
+                if peer is not None:
+                    peer[1].inc(dout)
                 self.flushed_out = self.bytes_out
 
     def _tls_fields(self) -> dict[str, object]:

@@ -52,6 +52,12 @@ PEERS = Counter(
     "Accepted mTLS connections by peer SPIFFE ID (capped; the rest are counted as 'other').",
     ["direction", "peer_identity"],
 )
+PEER_BYTES = Counter(
+    "mtls_peer_bytes",
+    "Application bytes relayed on accepted mTLS connections, by peer SPIFFE ID (capped like "
+    "mtls_peer_connections_total) and flow (in: from the peer, out: to it).",
+    ["direction", "peer_identity", "flow"],
+)
 UPSTREAM_FAILURES = Counter(
     "mtls_upstream_connect_failures",
     "Failures to reach the next hop (the local app inbound, the remote peer outbound).",

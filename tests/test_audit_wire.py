@@ -365,6 +365,40 @@ def test_plaintext_http_around_a_sidecar(audited: Audited) -> None:
     ) >= 1  # fmt: skip
 
 
+def test_coverage_report_shows_what_went_around_the_mesh(audited: Audited) -> None:
+    """`mtls-sidecar coverage` against the node's Prometheus (sidecars and auditor): the
+    plaintext around B's sidecar is listed as the wire's, and the wire disagrees with the
+    sidecars, which counted no plaintext."""
+    au, prom = audited, audited.prom
+    labels = {"class": "plaintext", "dst_port": str(EXCLUDED)}
+    before = au.auditor.metric("mtls_audit_connections_total", **labels)
+    _dial(au, "c", "b", EXCLUDED, b"GET /report HTTP/1.1\r\nHost: b\r\n\r\n")
+    deadline = time.monotonic() + 60
+    while au.auditor.metric("mtls_audit_connections_total", **labels) <= before:
+        assert time.monotonic() < deadline, "the auditor did not count the connection"
+        time.sleep(0.2)
+    want = au.auditor.metric("mtls_audit_connections_total", **labels)
+    sel = f'mtls_audit_connections_total{{class="plaintext",dst_port="{EXCLUDED}"}}'
+    prom.wait(f"sum({sel}) == {want}")
+    proc = au.lab.run(
+        au.lab.bridge_ns,
+        [sys.executable, "-m", "proxy", "coverage", "--prometheus", "http://127.0.0.1:9090",
+         "--window", "15m", "--format", "json", "--min-coverage", "0"],
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    wire = doc["wire"]
+    assert wire is not None and wire["agrees"] is False
+    assert doc["connections"]["plaintext"] == 0  # the sidecars never saw it
+    assert wire["connections"]["tls"] >= 1 and wire["connections"]["plaintext"] >= want
+    around = [e for e in wire["plaintext_edges"] if e["dst_port"] == str(EXCLUDED)]
+    assert [(e["src"], e["dst"]) for e in around] == [("legacy/default", "proof/server")]
+    assert around[0]["connections"] == want
+    # the sidecars' own edge A -> B is there too, by SPIFFE ID
+    assert any(e["seen_by_source"] >= 1 for e in doc["edges"]), doc["edges"]
+
+
 def test_foreign_tls_client(audited: Audited) -> None:
     """`openssl s_client` from C to B's sidecar: TLS, with the groups it offered (refused
     later by the sidecar for want of a client certificate; the wire shows TLS all the same)."""

@@ -1,0 +1,1 @@
+"""`mtls-sidecar coverage`: the coverage report an auditor can sign, from Prometheus."""
