@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from .. import metrics
 from ..errors import CertError
 from ..federation import BundleError, roots_from_der, roots_from_file, roots_from_jwks, to_pem
 from ..material import Material, read_file, with_federation
+from .files import FileSignature, file_signature
 
 log = logging.getLogger("mtls.certsource.federated")
 
@@ -54,7 +54,7 @@ class Federation:
         self._workload: dict[str, bytes] = {}
         self._times: dict[str, float] = {}  # td -> when its roots last changed
         self._own: tuple[str, bytes] | None = None  # our domain's bundle, for its age
-        self._signatures: dict[str, tuple[int, int, int, int] | None] = {}
+        self._signatures: dict[str, FileSignature | None] = {}
         self._next_fetch: dict[str, float] = {}  # td -> seconds until its endpoint's next fetch
 
     # --- joining -------------------------------------------------------------------------
@@ -143,16 +143,9 @@ class Federation:
 
     # --- files ---------------------------------------------------------------------------
 
-    def _stat(self, path: Path) -> tuple[int, int, int, int] | None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-
     def load_file(self, td: str, path: Path) -> bool:
         """Read one bundle file; True if the domain's roots changed."""
-        self._signatures[td] = self._stat(path)
+        self._signatures[td] = file_signature(path)
         try:
             data = read_file(path, f"trust bundle of {td}")
             pem = to_pem(roots_from_file(data, f"trust bundle file {path} ({td})"))
@@ -177,7 +170,7 @@ class Federation:
             await asyncio.sleep(interval)
             changed = False
             for td, path in files:
-                if self._stat(path) != self._signatures.get(td):
+                if file_signature(path) != self._signatures.get(td):
                     changed |= self.load_file(td, path)
             if changed:
                 self._on_change()

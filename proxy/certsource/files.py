@@ -25,7 +25,18 @@ log = logging.getLogger("mtls.certsource.files")
 WATCH_INTERVAL = 1.0
 WATCH_RETRIES = 3  # extra attempts after a failed reload of changed files
 
-Signature = tuple[tuple[int, int, int, int] | None, ...]
+FileSignature = tuple[int, int, int, int]
+Signature = tuple[FileSignature | None, ...]
+
+
+def file_signature(path: Path) -> FileSignature | None:
+    """What tells that a watched file changed (device, inode, mtime, size), or None when it
+    cannot be stat'ed: a rewrite in place and a rename over it (atomic updates) both show."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 class FileSource:
@@ -60,14 +71,7 @@ class FileSource:
         return self._material
 
     def _stat(self) -> Signature:
-        sig: list[tuple[int, int, int, int] | None] = []
-        for path in self.paths:
-            try:
-                st = os.stat(path)
-                sig.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
-            except OSError:
-                sig.append(None)
-        return tuple(sig)
+        return tuple(file_signature(path) for path in self.paths)
 
     def read(self) -> Material:
         """Read and validate the three files; raises CertError naming what is wrong."""
@@ -138,14 +142,10 @@ class CrlFile:
         self.path = path
         self._on_crl = on_crl
         self._interval = interval
-        self._signature: tuple[int, int, int, int] | None = None
+        self._signature: FileSignature | None = None
 
-    def _stat(self) -> tuple[int, int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    def _stat(self) -> FileSignature | None:
+        return file_signature(self.path)
 
     def load(self) -> None:
         """Read the file now (start-up, SIGHUP); a missing, empty or oversized file is
@@ -193,14 +193,10 @@ class PolicyFile:
         self.path = path
         self._on_policy = on_policy
         self._interval = interval
-        self._signature: tuple[int, int, int, int] | None = None
+        self._signature: FileSignature | None = None
 
-    def _stat(self) -> tuple[int, int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    def _stat(self) -> FileSignature | None:
+        return file_signature(self.path)
 
     def load(self, why: str = "start") -> str | None:
         """Read the file now (start-up, SIGHUP, a change): None when it is in force, else
