@@ -9,7 +9,17 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
-from .report import Report, passes
+from .report import (
+    ROUTE_HEAD,
+    Report,
+    certificate_rows,
+    count_text,
+    edge_rows,
+    passes,
+    percent_text,
+    route_rows,
+    wire_plaintext_rows,
+)
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
@@ -32,12 +42,8 @@ th { background: #f3f4f7; }
 """
 
 
-def _n(x: float) -> str:
-    return f"{x:,.0f}" if x == int(x) else f"{x:,.1f}"
-
-
-def _p(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}%"
+_n = count_text
+_p = percent_text
 
 
 def _svg(fig: Any) -> str:
@@ -181,46 +187,11 @@ def to_html(report: Report, min_coverage: float) -> str:
                 "mTLS bytes (source)",
                 "(destination)",
             ],
-            [
-                [
-                    e.source,
-                    e.destination,
-                    _n(e.seen_by_source),
-                    _n(e.seen_by_destination),
-                    _n(e.bytes_seen_by_source),
-                    _n(e.bytes_seen_by_destination),
-                ]
-                for e in r.edges
-            ],
+            edge_rows(r),
             {2, 3, 4, 5},
         ),
         "<h2>Routes</h2>",
-        _table(
-            [
-                "identity",
-                "dir",
-                "route",
-                "conn mTLS",
-                "conn plain",
-                "bytes mTLS",
-                "bytes plain",
-                "refused",
-            ],
-            [
-                [
-                    x.identity,
-                    x.direction,
-                    x.route,
-                    _n(x.connections.mtls),
-                    _n(x.connections.plaintext),
-                    _n(x.bytes.mtls),
-                    _n(x.bytes.plaintext),
-                    _n(x.refused),
-                ]
-                for x in r.routes
-            ],
-            {3, 4, 5, 6, 7},
-        ),
+        _table(ROUTE_HEAD, route_rows(r), {3, 4, 5, 6, 7}),
         "<h2>Refusals and key exchange</h2>",
         _table(["reason", "refused"], [[k, _n(v)] for k, v in r.refusals.items()], {1}),
         _table(
@@ -231,10 +202,7 @@ def to_html(report: Report, min_coverage: float) -> str:
         "<h2>Certificates</h2>",
         _table(
             ["identity", "instance", "expires (UTC)", "expires inside the window"],
-            [
-                [c.identity, c.instance, c.expires, "yes" if c.expires_in_window else "no"]
-                for c in r.certificates
-            ],
+            certificate_rows(r),
             set(),
         ),
     ]
@@ -254,10 +222,7 @@ def to_html(report: Report, min_coverage: float) -> str:
             ),
             _table(
                 ["plaintext src", "dst", "port", "connections", "bytes"],
-                [
-                    [e.src, e.dst, e.dst_port, _n(e.connections), _n(e.bytes)]
-                    for e in w.plaintext_edges
-                ],
+                wire_plaintext_rows(w),
                 {3, 4},
             ),
         ]

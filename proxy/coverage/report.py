@@ -344,12 +344,72 @@ def passes(report: Report, min_coverage: float) -> bool:
     return report.coverage_percent is not None and report.coverage_percent >= min_coverage
 
 
-def _n(x: float) -> str:
+def count_text(x: float) -> str:
+    """A count or byte figure as both renderings print it."""
     return f"{x:,.0f}" if x == int(x) else f"{x:,.1f}"
 
 
-def _p(x: float | None) -> str:
+def percent_text(x: float | None) -> str:
+    """A share in percent, or n/a when there was nothing to divide."""
     return "n/a" if x is None else f"{x:.3f}%"
+
+
+_n = count_text
+_p = percent_text
+
+# The tables' cells, shared by the text and HTML renderings (their headings differ where a
+# terminal needs shorter ones).
+ROUTE_HEAD = [
+    "identity",
+    "dir",
+    "route",
+    "conn mTLS",
+    "conn plain",
+    "bytes mTLS",
+    "bytes plain",
+    "refused",
+]
+
+
+def route_rows(r: Report) -> list[list[str]]:
+    return [
+        [
+            x.identity,
+            x.direction,
+            x.route,
+            _n(x.connections.mtls),
+            _n(x.connections.plaintext),
+            _n(x.bytes.mtls),
+            _n(x.bytes.plaintext),
+            _n(x.refused),
+        ]
+        for x in r.routes
+    ]
+
+
+def edge_rows(r: Report) -> list[list[str]]:
+    return [
+        [
+            e.source,
+            e.destination,
+            _n(e.seen_by_source),
+            _n(e.seen_by_destination),
+            _n(e.bytes_seen_by_source),
+            _n(e.bytes_seen_by_destination),
+        ]
+        for e in r.edges
+    ]
+
+
+def certificate_rows(r: Report) -> list[list[str]]:
+    return [
+        [c.identity, c.instance, c.expires, "yes" if c.expires_in_window else "no"]
+        for c in r.certificates
+    ]
+
+
+def wire_plaintext_rows(w: Wire) -> list[list[str]]:
+    return [[e.src, e.dst, e.dst_port, _n(e.connections), _n(e.bytes)] for e in w.plaintext_edges]
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -381,52 +441,12 @@ def to_text(report: Report, min_coverage: float) -> str:
     lines += ["", "Edges (mTLS connections and bytes, as each end counted them)"]
     lines += _table(
         ["source", "destination", "conn (src)", "conn (dst)", "bytes (src)", "bytes (dst)"],
-        [
-            [
-                e.source,
-                e.destination,
-                _n(e.seen_by_source),
-                _n(e.seen_by_destination),
-                _n(e.bytes_seen_by_source),
-                _n(e.bytes_seen_by_destination),
-            ]
-            for e in r.edges
-        ],
+        edge_rows(r),
     )
     lines += ["", "Routes"]
-    lines += _table(
-        [
-            "identity",
-            "dir",
-            "route",
-            "conn mTLS",
-            "conn plain",
-            "bytes mTLS",
-            "bytes plain",
-            "refused",
-        ],
-        [
-            [
-                x.identity,
-                x.direction,
-                x.route,
-                _n(x.connections.mtls),
-                _n(x.connections.plaintext),
-                _n(x.bytes.mtls),
-                _n(x.bytes.plaintext),
-                _n(x.refused),
-            ]
-            for x in r.routes
-        ],
-    )
+    lines += _table(ROUTE_HEAD, route_rows(r))
     lines += ["", "Certificates"]
-    lines += _table(
-        ["identity", "instance", "expires", "inside window"],
-        [
-            [c.identity, c.instance, c.expires, "yes" if c.expires_in_window else "no"]
-            for c in r.certificates
-        ],
-    )
+    lines += _table(["identity", "instance", "expires", "inside window"], certificate_rows(r))
     if r.wire is not None:
         w = r.wire
         lines += [
@@ -438,11 +458,5 @@ def to_text(report: Report, min_coverage: float) -> str:
         ]
         if w.plaintext_edges:
             lines += ["plaintext on the wire:"]
-            lines += _table(
-                ["src", "dst", "port", "connections", "bytes"],
-                [
-                    [e.src, e.dst, e.dst_port, _n(e.connections), _n(e.bytes)]
-                    for e in w.plaintext_edges
-                ],
-            )
+            lines += _table(["src", "dst", "port", "connections", "bytes"], wire_plaintext_rows(w))
     return "\n".join(lines) + "\n"
