@@ -8,6 +8,7 @@ seconds holds a connection (and a file descriptor) for ever.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import errno
 import logging
@@ -34,6 +35,17 @@ class Limits:
     body_timeout: float = 10.0  # to read a whole request body
     handshake_timeout: float = 10.0  # TLS handshake
     max_connections: int = 512  # open TLS connections; more are closed at once
+
+
+def positive_int(text: str) -> int:
+    """The argparse type of `--max-connections` (ca serve, the injector): a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
 
 
 class ConnectionGuard:

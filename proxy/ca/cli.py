@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from ..config import parse_duration
 from ..errors import ProxyError
+from ..httpguard import positive_int
 from .db import CaStore, StoreError, parse_serial, validate_reason
 from .issuer import (
     LEAF_TTL,
@@ -114,16 +115,6 @@ _reason = _arg(validate_reason)
 _serial = _arg(parse_serial)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
 def _https_url(text: str) -> str:
     if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", text):
         raise argparse.ArgumentTypeError(
@@ -183,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--leaf-ttl", type=_duration, default=LEAF_TTL, help="default 24h")
     s.add_argument("--log-level", type=_log_level, default="INFO", help=", ".join(_LOG_LEVELS))
     s.add_argument(
-        "--max-connections", type=_positive_int, default=512, help="open connections (512)"
+        "--max-connections", type=positive_int, default=512, help="open connections (512)"
     )
     s.add_argument(
         "--header-timeout",

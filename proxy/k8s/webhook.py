@@ -23,7 +23,7 @@ import jsonpatch
 from aiohttp import web
 
 from ..config import parse_duration
-from ..httpguard import ConnectionGuard, Limits, start_guarded
+from ..httpguard import ConnectionGuard, Limits, positive_int, start_guarded
 from ..listen import raise_nofile_limit
 from .cli import MAX_DEPTH, add_option_flags, options_from
 from .inject import InjectError, Options, describe, inject_report
@@ -263,16 +263,6 @@ def _duration(text: str) -> float:
     return seconds
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The injector's flags: where it listens, its certificate, and what it injects."""
     parser = argparse.ArgumentParser(
@@ -306,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-connections",
-        type=_positive_int,
+        type=positive_int,
         default=d.max_connections,
         metavar="N",
         help="open connections; more are closed at once (%(default)s)",
