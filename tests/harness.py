@@ -25,11 +25,41 @@ from .pki import Identity
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# Ports for servers a test starts come from below the kernel's ephemeral range:
+# a port the kernel hands out with bind(0) can be taken as the local port of any
+# outgoing connection between the moment a test chooses it and the moment the
+# process under test binds it (seen in CI as "Address already in use").
+_EPHEMERAL_LOW, _EPHEMERAL_HIGH = _ephemeral_range()
+_POOL_LOW = 10000 if _EPHEMERAL_LOW > 20000 else 61000
+_POOL_HIGH = _EPHEMERAL_LOW - 1 if _EPHEMERAL_LOW > 20000 else 65535
+_next_port = _POOL_LOW + (os.getpid() * 7919) % (_POOL_HIGH - _POOL_LOW)
+_port_lock = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now, never handed out before by this process, and
+    outside the ephemeral range so that no outgoing connection can take it."""
+    global _next_port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    with _port_lock:
+        for _ in range(_POOL_HIGH - _POOL_LOW):
+            port = _next_port
+            _next_port = _POOL_LOW if port >= _POOL_HIGH else port + 1
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError(f"no free port in {_POOL_LOW}-{_POOL_HIGH}")
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

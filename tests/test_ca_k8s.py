@@ -34,6 +34,7 @@ from proxy.ca.store import CaDir
 from proxy.ca.tokens import make_token, new_secret
 from proxy.certsource.ca import CaSource
 from proxy.material import Material
+from tests.harness import free_port
 from tests.test_ca_service import CaServer, _call, _init_ca
 
 TD = "corp.example"
@@ -215,10 +216,7 @@ def _rows(ca_dir: Path) -> int:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_port()
 
 
 @pytest.fixture(scope="module")

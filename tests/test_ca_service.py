@@ -6,7 +6,6 @@ import asyncio
 import datetime as dt
 import itertools
 import json
-import socket
 import ssl
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from proxy.certsource.ca import CaRefused, CaSource, CaUnavailable
 from proxy.errors import CertError
 from proxy.material import Material, load_material
 from proxy.metrics import CERT_RENEWALS
+from tests.harness import free_port
 
 TD = "corp.example"
 WEB = "spiffe://corp.example/ns/shop/sa/web"
@@ -46,10 +46,7 @@ DB = "spiffe://corp.example/ns/shop/sa/db"
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_port()
 
 
 def _cli(*argv: str) -> str:
