@@ -193,6 +193,18 @@ def was_cut(s: socket.socket) -> bool:
         return True
 
 
+def policy_test(candidate: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`mtls-sidecar policy test --policy candidate ARGS...` as a process."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "policy", "test", "--policy", str(candidate)]
+        + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
 def replace(path: Path, text: str) -> None:
     """Write `path` as config managers do: a new file renamed over the old one."""
     tmp = path.with_suffix(".new")
@@ -311,24 +323,7 @@ def test_replay_gives_the_verdicts_of_live_enforcement(
         assert wait_for(lambda: closed() == 6), m.inbound.logs()
 
         # The candidate, tried on those logs.
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "proxy",
-                "policy",
-                "test",
-                "--policy",
-                str(candidate),
-                "--format",
-                "json",
-                str(m.inbound.log_path),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=60,
-        )
+        run = policy_test(candidate, m.inbound.log_path, "--format", "json")
         assert run.returncode == 1, run.stderr
         result = json.loads(run.stdout)
         replayed = {(v["route"], v["peer_identity"]): v["decision"] for v in result["verdicts"]}
@@ -357,21 +352,6 @@ def test_replay_gives_the_verdicts_of_live_enforcement(
         # A candidate that allows everything seen replays clean: exit 0.
         everyone = tmp_path / "everyone.yaml"
         everyone.write_text(OPEN_ALL)
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "proxy",
-                "policy",
-                "test",
-                "--policy",
-                str(everyone),
-                str(m.inbound.log_path),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=60,
-        )
+        run = policy_test(everyone, m.inbound.log_path)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "result: no connection would be denied" in run.stdout
