@@ -355,3 +355,38 @@ def test_replay_gives_the_verdicts_of_live_enforcement(
         run = policy_test(everyone, m.inbound.log_path)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "result: no connection would be denied" in run.stdout
+
+
+def test_allow_peers_beside_a_policy_file_is_ignored_with_a_warning(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"default: deny\ninbound:\n  api: {{allow: [{TD}/client]}}\n")
+    port = free_port()
+    inbound = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"api=127.0.0.1:{port}=127.0.0.1:{echo.port}",
+            "MTLS_POLICY_FILE": str(policy),
+            "MTLS_ALLOW_PEERS": f"{TD}/ns/other/**",  # would refuse the client
+        },
+        tmp_path / "inbound.log",
+    )
+    out = free_port()
+    client = Sidecar(
+        {
+            **identity_env(pki.client),
+            "MTLS_OUTBOUND": f"api=127.0.0.1:{out}=127.0.0.1:{port}@{TD}/server",
+        },
+        tmp_path / "client.log",
+    )
+    with running(inbound, client):
+        inbound.wait_ready()
+        client.wait_ready()
+        assert call(out, b"file decides") == b"file decides"
+        (warning,) = [e for e in inbound.log_events() if e.get("event") == "allow_peers_ignored"]
+        assert warning["level"] == "warning"
+        assert warning["msg"] == (
+            "both MTLS_POLICY_FILE and MTLS_ALLOW_PEERS are set: the policy file decides who "
+            f"may connect inbound, MTLS_ALLOW_PEERS ({TD}/ns/other/**) is ignored"
+        )
