@@ -664,7 +664,8 @@ def outbound_check(
     return check
 
 
-def _hostport(target: tuple[str, int]) -> str:
+def hostport(target: tuple[str, int]) -> str:
+    """'host:port', an IPv6 address in brackets."""
     host, port = target
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -672,7 +673,7 @@ def _hostport(target: tuple[str, int]) -> str:
 def destination_deny_message(route: str, target: tuple[str, int], decision: Decision) -> str:
     """Why a destination is (or in dry-run would be) denied on outbound `route`, in words."""
     return (
-        f"destination {_hostport(target)} is not allowed on outbound route {route} by policy "
+        f"destination {hostport(target)} is not allowed on outbound route {route} by policy "
         f"rule {decision.rule} (MTLS_POLICY_FILE)"
     )
 
@@ -682,6 +683,6 @@ def outbound_deny_message(
 ) -> str:
     """Why a remote identity is (or in dry-run would be) denied on outbound `route`."""
     return (
-        f"remote identity {peer} at {_hostport(target)} is not allowed on outbound route "
+        f"remote identity {peer} at {hostport(target)} is not allowed on outbound route "
         f"{route} by policy rule {decision.rule} (MTLS_POLICY_FILE)"
     )

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .identity import parse_spiffe_id
-from .policyfile import Decision, Policy, all_rules, decide, decide_outbound
+from .policyfile import Decision, Policy, all_rules, decide, decide_outbound, hostport
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,7 @@ def _judge(policy: Policy, record: dict[str, object], out: Replay) -> _Key | Non
         if decision is None:
             out.skipped_not_judged += 1
             return None
-        where = f"[{dst[0]}]:{dst[1]}" if ":" in dst[0] else f"{dst[0]}:{dst[1]}"
-        return ("outbound", route, where, str(peer) if peer else None, decision)
+        return ("outbound", route, hostport(dst), str(peer) if peer else None, decision)
     if peer is None:
         out.skipped_no_identity += 1
         return None

@@ -39,6 +39,7 @@ from .policyfile import (
     decide_destination,
     deny_message,
     destination_deny_message,
+    hostport,
     outbound_check,
     outbound_deny_message,
     parse_policy,
@@ -310,7 +311,7 @@ class Worker:
                     {
                         "direction": "outbound",
                         "route": name,
-                        "target": f"{target[0]}:{target[1]}",
+                        "target": hostport(target),
                         "rule": decision.rule,
                     },
                 )
@@ -378,7 +379,7 @@ class Worker:
                     {
                         "direction": "outbound",
                         "route": out_name,
-                        "target": f"{dst[0]}:{dst[1]}",
+                        "target": hostport(dst),
                         "peer_identity": str(peer),
                         "rule": decision.rule,
                     },
