@@ -99,20 +99,39 @@ class Destination:
     def matches(self, host: str, port: int) -> bool:
         """Whether (host, port) is this destination. A host given by name matches only a
         name rule, an address only a network rule: names are never resolved here."""
-        if self.ports is not None and not self.ports[0] <= port <= self.ports[1]:
+        return self.covers(Where.of(host, port))
+
+    def covers(self, where: Where) -> bool:
+        """`matches`, for a destination parsed once for every rule it is held against."""
+        if self.ports is not None and not self.ports[0] <= where.port <= self.ports[1]:
             return False
-        if self.network is None and self.name is None:
-            return True
         if self.name is not None:
-            return host.lower().rstrip(".") == self.name
-        assert self.network is not None
+            return where.ip is None and where.name == self.name
+        if self.network is not None:
+            return where.ip is not None and where.ip in self.network
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """An outbound destination as the rules see it: its address (None: a DNS name), its
+    name (lower-case, no final dot) and port."""
+
+    name: str
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    port: int
+
+    @staticmethod
+    def of(host: str, port: int) -> Where:
         try:
-            ip = ipaddress.ip_address(host.strip("[]"))
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(
+                host.strip("[]")
+            )
         except ValueError:
-            return False
+            ip = None
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        return ip in self.network
+        return Where(host.lower().rstrip("."), ip, port)
 
 
 def _ports(text: str, whole: str) -> tuple[int, int] | None:
@@ -174,8 +193,8 @@ class OutboundEntry:
     to: tuple[Destination, ...] | None
     peers: tuple[SpiffePattern, ...] | None
 
-    def reaches(self, host: str, port: int) -> bool:
-        return self.to is None or any(d.matches(host, port) for d in self.to)
+    def reaches(self, where: Where) -> bool:
+        return self.to is None or any(d.covers(where) for d in self.to)
 
     def admits(self, peer: SpiffeId) -> bool:
         return self.peers is None or any(p.matches(peer) for p in self.peers)
@@ -311,9 +330,10 @@ def decide_outbound(
     if rule is None:
         return Decision(policy.outbound_default == "allow", "outbound_default", policy.dry_run)
     dry_run = policy.dry_run if rule.dry_run is None else rule.dry_run
+    where = Where.of(host, port)
     reached = False
     for index, entry in enumerate(rule.allow):
-        if not entry.reaches(host, port):
+        if not entry.reaches(where):
             continue
         reached = True
         if peer is None or entry.admits(peer):
