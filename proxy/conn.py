@@ -25,7 +25,7 @@ from .errors import PolicyDenied
 from .identity import SpiffeId, spiffe_id_from_der
 from .logs import RateLimit
 from .metrics import handshake_counter
-from .policyfile import Decision
+from .policyfile import Decision, destination_deny_message
 from .pool import FOREIGN_TTL, Carrier, Key, Pool, StreamLeg
 from .proxyproto import CallerInfo, HeaderReader, ProxyHeaderError, caller_from_tls, caller_header
 from .relay import AppLeg, NetLeg, _Leg
@@ -94,10 +94,19 @@ class ConnHost(Protocol):
         peername: tuple[str, int] | None = None,
         called: tuple[str, int] | None = None,
         on_decision: Callable[[Decision], None] | None = None,
+        target: tuple[str, int] | None = None,
+        judged: Decision | None = None,
     ) -> f.PeerCheck:
         """The identity policy for a new connection on `route` (the current trust domain);
-        with MTLS_POLICY_FILE, judged for the caller `peername` having dialled `called`,
-        and each verdict told to `on_decision`."""
+        with MTLS_POLICY_FILE, judged for the caller `peername` having dialled `called`
+        (outbound: going to `target`, whose destination verdict was `judged`), and each
+        verdict told to `on_decision`."""
+        ...
+
+    def judge_destination(
+        self, route: Route, target: tuple[str, int], called: tuple[str, int] | None
+    ) -> Decision | None:
+        """Outbound, before dialling: the policy file's verdict on `target` (None: none)."""
         ...
 
     def policy_route(self, route: Route, called: tuple[str, int] | None) -> str:
@@ -350,7 +359,7 @@ class Conn:
             local = transport.get_extra_info("sockname")
             if isinstance(local, tuple) and len(local) >= 2:
                 self.called = (str(local[0]), int(local[1]))
-        self._judge_by_policy()
+        forbidden = self._judge_by_policy(target)
         refused = self.host.admit(self) if target is not None else None
         plaintext_known = (
             target is not None
@@ -365,6 +374,7 @@ class Conn:
                 admitted=refused is None,
                 plaintext_known=plaintext_known,
                 limit_note=refused or "",
+                forbidden=forbidden,
             )
         )
 
@@ -404,33 +414,63 @@ class Conn:
         if not self.closed:
             self.sniffed(True, b"")
 
-    def _judge_by_policy(self) -> None:
-        """Inbound: judge the peer for where it came from and what it dialled (known now)."""
+    def _judge_by_policy(
+        self, target: tuple[str, int] | None = None
+    ) -> tuple[f.Reason, str] | None:
+        """Inbound: judge the peer for where it came from and what it dialled (known now).
+        Outbound (`target` known): judge the destination before dialling, and the remote's
+        identity once the handshake is done; why it may not go there (None: it may)."""
         if self.route.direction == "inbound":
             self.flow.check_peer = self.host.peer_check(
                 self.route, self.peername, self.called, self._decided
             )
+            return None
+        if target is None:
+            return None
+        judged = self.host.judge_destination(self.route, target, self.called)
+        self.policy = judged
+        self.flow.check_peer = self.host.peer_check(
+            self.route, self.peername, self.called, self._decided, target, judged
+        )
+        if judged is None or not judged.enforced_deny:
+            return None
+        name = self.host.policy_route(self.route, self.called)
+        return f.Reason.POLICY_DENIED, destination_deny_message(name, target, judged)
 
     def _decided(self, decision: Decision) -> None:
         self.policy = decision
 
     def policy_changed(self) -> bool:
-        """Inbound: a new policy file is in force; judge this connection again (its
-        handshake, if still going, by the new policy too). True when it is cut for that."""
-        if self.closed or self.route.direction != "inbound":
+        """A new policy file is in force; judge this connection again (its handshake, if
+        still going, by the new policy too). True when it is cut for that."""
+        if self.closed:
             return False
-        self._judge_by_policy()
-        peer = self.flow.peer_id
-        if peer is None or self.flow.state not in (f.State.DIALING, f.State.OPEN):
-            return False  # not judged yet (the handshake's end judges it), or plaintext
+        if self.route.direction == "inbound":
+            self._judge_by_policy()
+            peer = self.flow.peer_id
+            if peer is None or self.flow.state not in (f.State.DIALING, f.State.OPEN):
+                return False  # not judged yet (the handshake's end judges it), or plaintext
+        else:
+            target = self.target
+            if target is None or self.flow.state is f.State.NEW:
+                return False  # not judged yet
+            denied = self._judge_by_policy(target)
+            if denied is not None:
+                return self._cut_by_policy(denied[1])
+            peer = self.flow.peer_id
+            if peer is None or self.flow.state is not f.State.OPEN:
+                return False  # the handshake's end judges it, or plaintext (by destination)
         try:
             self.flow.check_peer(peer)
         except PolicyDenied as exc:
-            if self.flow.state is f.State.OPEN:
-                self.route.metrics.rejected(f.Reason.POLICY_CHANGED).inc()
-            self._run(f.PolicyChanged(f"{exc} (the policy changed)"))
-            return True
+            return self._cut_by_policy(str(exc))
         return False
+
+    def _cut_by_policy(self, why: str) -> bool:
+        if self.flow.state is f.State.OPEN:
+            self.route.metrics.rejected(f.Reason.POLICY_CHANGED).inc()
+        self._run(f.PolicyChanged(f"{why} (the policy changed)"))
+        return True
 
     def sniffed(self, tls: bool, first: bytes) -> None:
         """Inbound: the first bytes said TLS or not."""
@@ -557,8 +597,12 @@ class Conn:
         return False
 
     def use_carrier(self, carrier: Carrier) -> None:
-        """Outbound: open this connection as a stream on `carrier`."""
+        """Outbound: open this connection as a stream on `carrier`; its remote's identity
+        is judged first, so a stream the policy denies is never opened."""
         if self.closed:
+            return
+        if self.flow.judge(carrier.peer_id) is not None:
+            self._run(f.HandshakeDone(carrier.peer_id))  # refused, as after a handshake
             return
         self.net = carrier.open_stream(self, self._open_info())
         self.hs_started = self.host.loop.time()
@@ -956,9 +1000,7 @@ class Conn:
         }
 
     def _policy_fields(self) -> dict[str, object]:
-        """Inbound: the route name the policy file uses, and the rule that decided."""
-        if self.route.direction != "inbound":
-            return {}
+        """The route name the policy file uses, and the rule that decided."""
         decision = self.policy
         return {
             "policy_route": self.host.policy_route(self.route, self.called),

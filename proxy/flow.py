@@ -52,6 +52,7 @@ class Reason(StrEnum):
     REVOKED = "revoked"
     PEER_NOT_ALLOWED = "peer_not_allowed"
     POLICY_CHANGED = "policy_changed"  # a new policy file denies a connection already open
+    POLICY_DENIED = "policy_denied"  # outbound: the policy file denies the destination/remote
     IDENTITY_MISMATCH = "identity_mismatch"
     TLS_VERSION = "tls_version"
     HANDSHAKE_TIMEOUT = "handshake_timeout"

@@ -32,7 +32,8 @@ ACTIVE = Gauge(
 REJECTED = Counter(
     "mtls_connections_rejected",
     "Connections refused before any application byte was relayed, by reason; "
-    "reason policy_changed: open connections cut because a new policy file denies them.",
+    "reason policy_changed: open connections cut because a new policy file denies them; "
+    "policy_denied: outbound destinations or remote identities the policy file denies.",
     ["direction", "route", "reason"],
 )
 BYTES = Counter(
@@ -93,9 +94,9 @@ WORKLOAD_API_ERRORS = Counter(
 )
 POLICY_DECISIONS = Counter(
     "mtls_policy_decisions",
-    "Verdicts of the authorization policy (MTLS_POLICY_FILE) on inbound connections and "
-    "pooled streams; dry_run=true verdicts were only counted and logged, not enforced.",
-    ["route", "decision", "dry_run"],
+    "Verdicts of the authorization policy (MTLS_POLICY_FILE) on connections and pooled "
+    "streams, by direction; dry_run=true verdicts were only counted and logged, not enforced.",
+    ["direction", "route", "decision", "dry_run"],
 )
 POLICY_RELOADS = Counter(
     "mtls_policy_reloads",

@@ -9,15 +9,15 @@ from pathlib import Path
 from typing import TextIO
 
 from .policyfile import PolicyFileError, read_policy
-from .policyreplay import inbound_connections, replay, report
+from .policyreplay import connections, replay, report
 
 USAGE = """\
 usage: mtls-sidecar policy test --policy FILE [--format text|json] LOG...
 
-Replays the inbound `conn_closed` JSON log lines of LOG files ('-': stdin) against the
-candidate policy FILE: per route and peer identity, which past connections it would have
-denied, and which rules never matched. Exit 1 when it would deny any, 0 when not, 2 on bad
-input.
+Replays the `conn_closed` JSON log lines of LOG files ('-': stdin), inbound and outbound,
+against the candidate policy FILE: per route and peer identity (outbound: and destination),
+which past connections it would have denied, and which rules never matched. Exit 1 when it
+would deny any, 0 when not, 2 on bad input.
 """
 
 
@@ -64,7 +64,7 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
         except OSError as exc:
             print(f"mtls-sidecar policy test: {name}: {exc.strerror or exc}", file=sys.stderr)
             return 2
-        records.extend(inbound_connections(text.splitlines()))
+        records.extend(connections(text.splitlines()))
     result = replay(policy, records)
     if args.format == "json":
         print(json.dumps(result.to_json(), indent=2), file=stdout)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
@@ -22,6 +24,7 @@ MAX_ROUTES = 1_000
 MAX_RULES = 1_000
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_R = TypeVar("_R")
 
 
 class PolicyFileError(ValueError):
@@ -77,17 +80,150 @@ class RouteRule:
     dry_run: bool | None  # None: the file's dry_run
 
 
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where an outbound connection may go: an address range (or one DNS name, as an
+    explicit route's remote names it), and a port range. `network` and `name` both None:
+    any host; `ports` None: any port."""
+
+    text: str
+    network: IpNetwork | None
+    name: str | None
+    ports: tuple[int, int] | None
+
+    def matches(self, host: str, port: int) -> bool:
+        """Whether (host, port) is this destination. A host given by name matches only a
+        name rule, an address only a network rule: names are never resolved here."""
+        return self.covers(Where.of(host, port))
+
+    def covers(self, where: Where) -> bool:
+        """`matches`, for a destination parsed once for every rule it is held against."""
+        if self.ports is not None and not self.ports[0] <= where.port <= self.ports[1]:
+            return False
+        if self.name is not None:
+            return where.ip is None and where.name == self.name
+        if self.network is not None:
+            return where.ip is not None and where.ip in self.network
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """An outbound destination as the rules see it: its address (None: a DNS name), its
+    name (lower-case, no final dot) and port."""
+
+    name: str
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    port: int
+
+    @staticmethod
+    def of(host: str, port: int) -> Where:
+        try:
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(
+                host.strip("[]")
+            )
+        except ValueError:
+            ip = None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return Where(host.lower().rstrip("."), ip, port)
+
+
+def _ports(text: str, whole: str) -> tuple[int, int] | None:
+    if text == "*":
+        return None
+    low, dash, high = text.partition("-")
+    try:
+        lo = int(low)
+        hi = int(high) if dash else lo
+    except ValueError:
+        raise ValueError(
+            f"{whole!r}: port {text!r} is not a port, a range LOW-HIGH or '*'"
+        ) from None
+    if not (1 <= lo <= hi <= 65535):
+        raise ValueError(f"{whole!r}: ports must be 1-65535, the range low to high")
+    return lo, hi
+
+
+def parse_destination(text: str) -> Destination:
+    """Parse an outbound `to`: `CIDR`, `CIDR:PORT`, `[V6CIDR]:PORT`, `NAME:PORT`, `*:PORT`,
+    `*`; PORT is a number, `LOW-HIGH` or `*` (absent: any port). ValueError says what is
+    wrong."""
+    whole = text.strip()
+    if not whole:
+        raise ValueError("the destination is empty")
+    host, ports = whole, None
+    if whole.startswith("["):
+        end = whole.find("]")
+        if end < 0:
+            raise ValueError(f"{whole!r}: '[' without ']'")
+        host, rest = whole[1:end], whole[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{whole!r}: ']' must be followed by ':PORT'")
+            ports = _ports(rest[1:], whole)
+    elif whole.count(":") == 1:
+        host, _, port_text = whole.partition(":")
+        ports = _ports(port_text, whole)
+    if host == "*":
+        return Destination(whole, None, None, ports)
+    try:
+        network = ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        name = host.lower().rstrip(".")
+        if ":" in host or "/" in host or _DNS_NAME.fullmatch(name) is None:
+            raise ValueError(
+                f"{whole!r} is neither an address range (e.g. 10.0.0.0/8, [fd00::/8]:443) nor "
+                "a DNS name"
+            ) from None
+        return Destination(whole, None, name, ports)
+    return Destination(whole, network, None, ports)
+
+
+@dataclass(frozen=True)
+class OutboundEntry:
+    """One `allow` entry of an outbound rule: destinations (None: any) and the remote
+    identities allowed there (None: any the route accepts)."""
+
+    to: tuple[Destination, ...] | None
+    peers: tuple[SpiffePattern, ...] | None
+
+    def reaches(self, where: Where) -> bool:
+        return self.to is None or any(d.covers(where) for d in self.to)
+
+    def admits(self, peer: SpiffeId) -> bool:
+        return self.peers is None or any(p.matches(peer) for p in self.peers)
+
+
+@dataclass(frozen=True)
+class OutboundRule:
+    """The rule of one outbound route (or '*': routes without their own rule)."""
+
+    route: str
+    allow: tuple[OutboundEntry, ...]
+    dry_run: bool | None  # None: the file's dry_run
+
+
 @dataclass(frozen=True)
 class Policy:
     """A whole policy file, validated."""
 
     dry_run: bool
-    default: str  # "allow" | "deny": routes with no rule
+    default: str  # "allow" | "deny": inbound routes with no rule
     inbound: Mapping[str, RouteRule]
+    # Outbound: None when the file says nothing of it (outbound is not judged by the file);
+    # else "allow" | "deny" for routes with no rule (and no '*' rule).
+    outbound_default: str | None = None
+    outbound: Mapping[str, OutboundRule] = field(default_factory=dict)
 
     def describe(self) -> dict[str, object]:
         """The effective policy as JSON-able data (what `check` prints)."""
-        return {
+        out: dict[str, object] = {
             "dry_run": self.dry_run,
             "default": self.default,
             "inbound": {
@@ -100,7 +236,22 @@ class Policy:
                 }
                 for name, rule in self.inbound.items()
             },
+            "outbound_default": self.outbound_default,
+            "outbound": {
+                name: {
+                    "allow": [
+                        {
+                            "to": None if e.to is None else [d.text for d in e.to],
+                            "peers": None if e.peers is None else [p.text for p in e.peers],
+                        }
+                        for e in rule.allow
+                    ],
+                    "dry_run": self.dry_run if rule.dry_run is None else rule.dry_run,
+                }
+                for name, rule in self.outbound.items()
+            },
         }
+        return out
 
 
 @dataclass(frozen=True)
@@ -151,8 +302,48 @@ def decide(policy: Policy, route: str, peer: SpiffeId, source_ip: str | None) ->
     return Decision(False, f"inbound.{route}", dry_run)
 
 
+def _outbound_rule(policy: Policy, route: str) -> OutboundRule | None:
+    rule = policy.outbound.get(route)
+    return rule if rule is not None else policy.outbound.get("*")
+
+
+def decide_destination(policy: Policy, route: str, host: str, port: int) -> Decision | None:
+    """Judge where an outbound connection on `route` goes, before it is dialled (None: the
+    file says nothing of outbound): `decide_outbound` without a remote identity."""
+    return decide_outbound(policy, route, host, port, None)
+
+
+def decide_outbound(
+    policy: Policy, route: str, host: str, port: int, peer: SpiffeId | None
+) -> Decision | None:
+    """Judge an outbound connection on `route` to (host, port) whose remote presented
+    `peer` (None: judge the destination only, as before dialling or for a plaintext
+    connection); None when the file says nothing of outbound.
+
+    The route's rule is its own, else the '*' rule, else `outbound_default` decides. Allowed
+    by the first entry that lists the destination and (if it lists peers) the identity;
+    denied as `outbound.ROUTE.to` when no entry lists the destination, `outbound.ROUTE.peers`
+    when the entries that do list other identities."""
+    if policy.outbound_default is None:
+        return None
+    rule = _outbound_rule(policy, route)
+    if rule is None:
+        return Decision(policy.outbound_default == "allow", "outbound_default", policy.dry_run)
+    dry_run = policy.dry_run if rule.dry_run is None else rule.dry_run
+    where = Where.of(host, port)
+    reached = False
+    for index, entry in enumerate(rule.allow):
+        if not entry.reaches(where):
+            continue
+        reached = True
+        if peer is None or entry.admits(peer):
+            return Decision(True, f"outbound.{rule.route}.allow[{index}]", dry_run)
+    return Decision(False, f"outbound.{rule.route}.{'peers' if reached else 'to'}", dry_run)
+
+
 def all_rules(policy: Policy) -> list[str]:
-    """Every rule name `decide` can answer with that allows (for 'never matched' reports)."""
+    """Every rule name the decisions can answer with that allows (for 'never matched'
+    reports)."""
     names = [
         f"inbound.{route}.allow[{i}]"
         for route, rule in policy.inbound.items()
@@ -160,6 +351,13 @@ def all_rules(policy: Policy) -> list[str]:
     ]
     if policy.default == "allow":
         names.append("default")
+    names += [
+        f"outbound.{route}.allow[{i}]"
+        for route, rule in policy.outbound.items()
+        for i in range(len(rule.allow))
+    ]
+    if policy.outbound_default == "allow":
+        names.append("outbound_default")
     return names
 
 
@@ -247,6 +445,75 @@ def _route_rule(route: str, node: yaml.Node) -> RouteRule:
     return RouteRule(route, allow, cidrs, dry_run)
 
 
+def _patterns(node: yaml.Node, what: str) -> tuple[SpiffePattern, ...]:
+    patterns = []
+    for item in _sequence(node, what, MAX_RULES):
+        try:
+            patterns.append(parse_pattern(_scalar(item, f"{what} item")))
+        except ValueError as exc:
+            raise _fail(item, f"{what}: {exc}") from None
+    return tuple(patterns)
+
+
+def _destinations(node: yaml.Node, what: str) -> tuple[Destination, ...]:
+    items = [node] if isinstance(node, yaml.ScalarNode) else _sequence(node, what, MAX_RULES)
+    out = []
+    for item in items:
+        try:
+            out.append(parse_destination(_scalar(item, f"{what} item")))
+        except ValueError as exc:
+            raise _fail(item, f"{what}: {exc}") from None
+    return tuple(out)
+
+
+def _outbound_entry(what: str, node: yaml.Node) -> OutboundEntry:
+    to: tuple[Destination, ...] | None = None
+    peers: tuple[SpiffePattern, ...] | None = None
+    for key, key_node, value in _mapping(node, what):
+        if key == "to":
+            to = _destinations(value, f"{what}.to")
+        elif key == "peers":
+            peers = _patterns(value, f"{what}.peers")
+        else:
+            raise _fail(key_node, f"{what}: unknown key {key!r} (known: to, peers)")
+    if to is None and peers is None:
+        raise _fail(
+            node, f"{what} names neither 'to' nor 'peers' (write to: '*' to allow any destination)"
+        )
+    return OutboundEntry(to, peers)
+
+
+def _outbound_rule_node(route: str, node: yaml.Node) -> OutboundRule:
+    what = f"outbound.{route}"
+    allow: tuple[OutboundEntry, ...] | None = None
+    dry_run: bool | None = None
+    for key, key_node, value in _mapping(node, what):
+        if key == "allow":
+            allow = tuple(
+                _outbound_entry(f"{what}.allow[{i}]", item)
+                for i, item in enumerate(_sequence(value, f"{what}.allow", MAX_RULES))
+            )
+        elif key == "dry_run":
+            dry_run = _bool(value, f"{what}.dry_run")
+        else:
+            raise _fail(key_node, f"{what}: unknown key {key!r} (known: allow, dry_run)")
+    if allow is None:
+        raise _fail(
+            node, f"{what} has no 'allow' list (write 'allow: []' to deny every destination)"
+        )
+    return OutboundRule(route, allow, dry_run)
+
+
+def _routes(node: yaml.Node, what: str, build: Callable[[str, yaml.Node], _R]) -> dict[str, _R]:
+    """The rules of `inbound` or `outbound`, by route (an empty key is as no rules)."""
+    if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+        return {}
+    routes = _mapping(node, what)
+    if len(routes) > MAX_ROUTES:
+        raise _fail(node, f"{what} has more than {MAX_ROUTES} routes")
+    return {route: build(route, rule_node) for route, _, rule_node in routes}
+
+
 def _document(text: str) -> yaml.Node:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         raise PolicyFileError(f"the file is larger than {MAX_BYTES} bytes")
@@ -275,32 +542,48 @@ def parse_policy(text: str) -> Policy:
 
     Schema (deploy/policy.schema.json): `default: allow|deny` (required), `dry_run: bool`
     (default false), `inbound: {ROUTE: {allow: [PATTERN...], source_cidrs: [CIDR...],
-    dry_run: bool}}`.
+    dry_run: bool}}`, `outbound_default: allow|deny` (required with `outbound`),
+    `outbound: {ROUTE|*: {allow: [{to: DEST|[DEST...], peers: [PATTERN...]}...], dry_run:
+    bool}}`.
     """
     root = _document(text)
     default: str | None = None
     dry_run = False
     inbound: dict[str, RouteRule] = {}
+    outbound_default: str | None = None
+    outbound: dict[str, OutboundRule] = {}
+    outbound_node: yaml.Node | None = None
     for key, key_node, value in _mapping(root, "the policy"):
-        if key == "default":
-            default = _scalar(value, "default")
-            if default not in ("allow", "deny"):
-                raise _fail(value, f"default must be 'allow' or 'deny', not {default!r}")
+        if key in ("default", "outbound_default"):
+            verdict = _scalar(value, key)
+            if verdict not in ("allow", "deny"):
+                raise _fail(value, f"{key} must be 'allow' or 'deny', not {verdict!r}")
+            if key == "default":
+                default = verdict
+            else:
+                outbound_default = verdict
+        elif key == "outbound":
+            outbound_node = key_node
+            outbound = _routes(value, "outbound", _outbound_rule_node)
         elif key == "dry_run":
             dry_run = _bool(value, "dry_run")
         elif key == "inbound":
-            if isinstance(value, yaml.ScalarNode) and value.tag.endswith(":null"):
-                continue
-            routes = _mapping(value, "inbound")
-            if len(routes) > MAX_ROUTES:
-                raise _fail(value, f"inbound has more than {MAX_ROUTES} routes")
-            for route, _, rule_node in routes:
-                inbound[route] = _route_rule(route, rule_node)
+            inbound = _routes(value, "inbound", _route_rule)
         else:
-            raise _fail(key_node, f"unknown key {key!r} (known: default, dry_run, inbound)")
+            raise _fail(
+                key_node,
+                f"unknown key {key!r} (known: default, dry_run, inbound, outbound_default, "
+                "outbound)",
+            )
     if default is None:
         raise _fail(root, "'default: allow' or 'default: deny' is required")
-    return Policy(dry_run, default, inbound)
+    if outbound_node is not None and outbound_default is None:
+        raise _fail(
+            outbound_node,
+            "outbound rules need 'outbound_default: allow' or 'outbound_default: deny' (the "
+            "verdict for outbound routes without a rule)",
+        )
+    return Policy(dry_run, default, inbound, outbound_default, outbound)
 
 
 def policy_from_bytes(data: bytes, name: str) -> Policy:
@@ -365,4 +648,61 @@ def deny_message(peer: SpiffeId, route: str, decision: Decision) -> str:
     return (
         f"peer identity {peer} is not allowed on route {route} by policy rule {decision.rule} "
         "(MTLS_POLICY_FILE)"
+    )
+
+
+def outbound_check(
+    policy: Policy,
+    route: str,
+    target: tuple[str, int],
+    base: Callable[[SpiffeId | None], None],
+    on_decision: Callable[[SpiffeId, Decision], None],
+) -> Callable[[SpiffeId | None], None]:
+    """The identity check of one outbound connection to `target` (a flow.PeerCheck) under
+    `policy`: first `base` (the route's expected identity or trust domain), then the
+    policy's rules. Decides once per identity, tells `on_decision`, and raises
+    PolicyDenied('policy_denied') for an enforced deny; a dry-run deny returns."""
+    decided: list[tuple[SpiffeId, Decision]] = []
+    host, port = target
+
+    def check(peer: SpiffeId | None) -> None:
+        base(peer)
+        if peer is None:  # base refuses it; kept for the type
+            raise PolicyDenied("bad_cert", f"remote certificate {NOT_SVID}")
+        if decided and decided[0][0] == peer:
+            decision: Decision | None = decided[0][1]
+        else:
+            decision = decide_outbound(policy, route, host, port, peer)
+            if decision is None:
+                return
+            decided[:] = [(peer, decision)]
+            on_decision(peer, decision)
+        if decision is not None and decision.enforced_deny:
+            message = outbound_deny_message(peer, route, target, decision)
+            raise PolicyDenied("policy_denied", message)
+
+    return check
+
+
+def hostport(target: tuple[str, int]) -> str:
+    """'host:port', an IPv6 address in brackets."""
+    host, port = target
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def destination_deny_message(route: str, target: tuple[str, int], decision: Decision) -> str:
+    """Why a destination is (or in dry-run would be) denied on outbound `route`, in words."""
+    return (
+        f"destination {hostport(target)} is not allowed on outbound route {route} by policy "
+        f"rule {decision.rule} (MTLS_POLICY_FILE)"
+    )
+
+
+def outbound_deny_message(
+    peer: SpiffeId, route: str, target: tuple[str, int], decision: Decision
+) -> str:
+    """Why a remote identity is (or in dry-run would be) denied on outbound `route`."""
+    return (
+        f"remote identity {peer} at {hostport(target)} is not allowed on outbound route "
+        f"{route} by policy rule {decision.rule} (MTLS_POLICY_FILE)"
     )

@@ -228,12 +228,24 @@ class Master:
         if frame == self.policy_frame:
             return  # SIGHUP with an unchanged file: nothing to judge again
         self.policy_frame = frame
+        outbound = (
+            f"; {len(policy.outbound)} outbound route rule(s), default {policy.outbound_default}"
+            if policy.outbound_default is not None
+            else "; outbound not judged by the file"
+        )
         log.info(
-            "authorization policy loaded: %d inbound route rule(s), default %s%s",
+            "authorization policy loaded: %d inbound route rule(s), default %s%s%s",
             len(policy.inbound),
             policy.default,
+            outbound,
             ", dry run" if policy.dry_run else "",
-            extra={"fields": {"event": "policy_loaded", "routes": sorted(policy.inbound)}},
+            extra={
+                "fields": {
+                    "event": "policy_loaded",
+                    "routes": sorted(policy.inbound),
+                    "outbound_routes": sorted(policy.outbound),
+                }
+            },
         )
         for w in self.workers:
             self._send_frame(w, self.policy_frame)
@@ -572,6 +584,13 @@ class Master:
                 self.crl_file = CrlFile(s.crl_file, on_crl=self.on_crl)
                 self.crl_file.load()
         if s.policy_file is not None:
+            if s.allow_peers:
+                log.warning(
+                    "both MTLS_POLICY_FILE and MTLS_ALLOW_PEERS are set: the policy file "
+                    "decides who may connect inbound, MTLS_ALLOW_PEERS (%s) is ignored",
+                    ",".join(p.text for p in s.allow_peers),
+                    extra={"fields": {"event": "allow_peers_ignored"}},
+                )
             self.policy_file = PolicyFile(s.policy_file, on_policy=self.on_policy)
             problem = self.policy_file.load()
             if problem is not None:

@@ -36,7 +36,12 @@ from .policyfile import (
     Decision,
     Policy,
     PolicyFileError,
+    decide_destination,
     deny_message,
+    destination_deny_message,
+    hostport,
+    outbound_check,
+    outbound_deny_message,
     parse_policy,
     policy_check,
 )
@@ -92,7 +97,7 @@ class Worker:
         # MTLS_POLICY_FILE, when set: per-route rules in place of self.policy (the master
         # sends it before the first material, so before anyone is served).
         self.authz: Policy | None = None
-        self._decision_children: dict[tuple[str, str, bool], _Counter] = {}
+        self._decision_children: dict[tuple[str, str, str, bool], _Counter] = {}
         self.trust_domain = settings.effective_trust_domain
         self.peer_labels = metrics.PeerLabels(settings.peer_identity_cap)
         # per (direction, peer label): connections, bytes in, bytes out
@@ -271,12 +276,55 @@ class Worker:
             return str(called[1])
         return route.name
 
+    def _count_decision(self, direction: str, name: str, decision: Decision) -> None:
+        key = (direction, name, decision.label, decision.dry_run)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = metrics.POLICY_DECISIONS.labels(
+                direction, name, decision.label, "true" if decision.dry_run else "false"
+            )
+        child.inc()
+
+    def _log_dry_run(self, message: str, fields: dict[str, object]) -> None:
+        log.warning(
+            "dry run: %s; allowed, since the rule is dry-run",
+            message,
+            extra={"fields": {"event": "policy_dry_run_deny", **fields}},
+        )
+
+    def judge_destination(
+        self, route: Route, target: tuple[str, int], called: tuple[str, int] | None
+    ) -> Decision | None:
+        """Outbound, before dialling: the policy file's verdict on `target` (None: the file
+        says nothing of outbound). A deny is counted (and, dry-run, logged) here; an allow
+        is counted once the remote's identity is judged too."""
+        authz = self.authz
+        if authz is None:
+            return None
+        name = self.policy_route(route, called)
+        decision = decide_destination(authz, name, *target)
+        if decision is not None and not decision.allow:
+            self._count_decision("outbound", name, decision)
+            if decision.dry_run:
+                self._log_dry_run(
+                    destination_deny_message(name, target, decision),
+                    {
+                        "direction": "outbound",
+                        "route": name,
+                        "target": hostport(target),
+                        "rule": decision.rule,
+                    },
+                )
+        return decision
+
     def peer_check(
         self,
         route: Route,
         peername: tuple[str, int] | None = None,
         called: tuple[str, int] | None = None,
         on_decision: Callable[[Decision], None] | None = None,
+        target: tuple[str, int] | None = None,
+        judged: Decision | None = None,
     ) -> PeerCheck:
         if route.direction == "inbound":
             authz = self.authz
@@ -286,29 +334,18 @@ class Worker:
             ip = peername[0] if peername is not None else None
 
             def decided(peer: SpiffeId, decision: Decision) -> None:
-                key = (name, decision.label, decision.dry_run)
-                child = self._decision_children.get(key)
-                if child is None:
-                    child = self._decision_children[key] = metrics.POLICY_DECISIONS.labels(
-                        name, decision.label, "true" if decision.dry_run else "false"
-                    )
-                child.inc()
+                self._count_decision("inbound", name, decision)
                 if on_decision is not None:
                     on_decision(decision)
                 if not decision.allow and decision.dry_run:
                     where = f"{ip}" if ip is not None else "?"
-                    log.warning(
-                        "dry run: %s (from %s); allowed, since the rule is dry-run",
-                        deny_message(peer, name, decision),
-                        where,
-                        extra={
-                            "fields": {
-                                "event": "policy_dry_run_deny",
-                                "route": name,
-                                "peer": where,
-                                "peer_identity": str(peer),
-                                "rule": decision.rule,
-                            }
+                    self._log_dry_run(
+                        f"{deny_message(peer, name, decision)} (from {where})",
+                        {
+                            "route": name,
+                            "peer": where,
+                            "peer_identity": str(peer),
+                            "rule": decision.rule,
                         },
                     )
 
@@ -323,7 +360,32 @@ class Worker:
         def check(sid: SpiffeId | None) -> None:
             check_outbound(sid, exp, domain)
 
-        return check
+        authz = self.authz
+        if authz is None or authz.outbound_default is None or target is None:
+            return check
+        out_name = self.policy_route(route, called)
+        # A destination denied in dry-run was counted (and logged) as such already.
+        counted = judged is not None and not judged.allow
+        dst = target
+
+        def outbound_decided(peer: SpiffeId, decision: Decision) -> None:
+            if not counted:
+                self._count_decision("outbound", out_name, decision)
+            if on_decision is not None:
+                on_decision(decision)
+            if not decision.allow and decision.dry_run and not counted:
+                self._log_dry_run(
+                    outbound_deny_message(peer, out_name, dst, decision),
+                    {
+                        "direction": "outbound",
+                        "route": out_name,
+                        "target": hostport(dst),
+                        "peer_identity": str(peer),
+                        "rule": decision.rule,
+                    },
+                )
+
+        return outbound_check(authz, out_name, dst, check, outbound_decided)
 
     # --- transparent mode ----------------------------------------------------------------
 

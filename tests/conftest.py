@@ -129,6 +129,7 @@ UNIT_MODULES = frozenset(
         "test_config_entrypoints",
         "test_federation",
         "test_policyfile",
+        "test_policyfile_outbound",
     }
 )
 

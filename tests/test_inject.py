@@ -244,6 +244,10 @@ P = inj.PREFIX
         ({P + "ca-fingerprint": "abc"}, f"annotation {P}ca-fingerprint='abc'"),
         # Not a setting of this sidecar version: refused rather than failing in the pod.
         ({P + "proxy-protocol": "bogus-value"}, f"annotation {P}proxy-protocol="),
+        ({P + "policy-configmap": "Web_Policy"}, "'Web_Policy' is not a ConfigMap name"),
+        ({P + "policy-configmap": "web/a b"}, "'a b' is not a ConfigMap key"),
+        ({P + "policy-configmap": "web/.."}, "'..' is not a ConfigMap key"),
+        ({P + "policy-configmap": ""}, "'' is not a ConfigMap name"),
     ],
 )  # fmt: skip
 def test_bad_annotation_is_a_clear_error(annotations: dict[str, str], expected: str) -> None:
@@ -284,6 +288,50 @@ def test_bad_annotation_is_a_clear_error(annotations: dict[str, str], expected: 
 )  # fmt: skip
 def test_annotation_sets_its_variable(annotations: dict[str, str], var: str, value: str) -> None:
     assert _sidecar_env(inj.inject(_deployment(annotations)))[var] == value
+
+
+@pytest.mark.parametrize("mode", inj.MODES)
+def test_policy_configmap_is_mounted_and_named_by_mtls_policy_file(mode: str) -> None:
+    annotations = {P + "policy-configmap": "web-policy/authz.yaml", P + "mode": mode}
+    if mode == "explicit":
+        annotations[P + "inbound"] = "0.0.0.0:8443=127.0.0.1:8080"
+    obj = _deployment(annotations)
+    injected = inj.inject(obj)
+    env = _sidecar_env(injected)
+    assert env["MTLS_POLICY_FILE"] == "/etc/mtls/policy/authz.yaml"
+    spec = injected["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "mtls-policy"]
+    assert volume["configMap"] == {
+        "name": "web-policy",
+        "items": [{"key": "authz.yaml", "path": "authz.yaml"}],
+        "defaultMode": 0o444,
+    }
+    # A directory mount (the kubelet updates it in place), never a subPath (never updated),
+    # in every container that loads the settings.
+    for c in spec["initContainers"]:
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == "mtls-policy"]
+        assert mount == {"name": "mtls-policy", "mountPath": "/etc/mtls/policy", "readOnly": True}
+    assert len(spec["initContainers"]) == (2 if mode == "transparent" else 1)
+    assert inj.uninject(injected) == obj
+    assert inj.inject(injected) == injected
+    # Without a key the file is policy.yaml; without the annotation nothing of it.
+    plain = inj.inject(_deployment({P + "policy-configmap": "web-policy"}))
+    assert _sidecar_env(plain)["MTLS_POLICY_FILE"] == "/etc/mtls/policy/policy.yaml"
+    assert "MTLS_POLICY_FILE" not in _sidecar_env(inj.inject(_deployment()))
+    taken = _deployment(
+        {P + "policy-configmap": "web-policy"},
+        volumes=[{"name": "mtls-policy", "emptyDir": {}}],
+    )
+    with pytest.raises(inj.InjectError, match="a volume is already named mtls-policy"):
+        inj.inject(taken)
+
+
+def test_the_policy_of_the_golden_configmap_is_valid() -> None:
+    from proxy.policyfile import parse_policy
+
+    (configmap, _) = _load_all(GOLDEN / "in" / "policy-configmap.yaml")
+    policy = parse_policy(configmap["data"]["policy.yaml"])
+    assert policy.outbound_default == "deny" and "*" in policy.outbound
 
 
 def test_options_set_the_ca_and_image() -> None:

@@ -193,6 +193,18 @@ def was_cut(s: socket.socket) -> bool:
         return True
 
 
+def policy_test(candidate: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`mtls-sidecar policy test --policy candidate ARGS...` as a process."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "policy", "test", "--policy", str(candidate)]
+        + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
 def replace(path: Path, text: str) -> None:
     """Write `path` as config managers do: a new file renamed over the old one."""
     tmp = path.with_suffix(".new")
@@ -311,24 +323,7 @@ def test_replay_gives_the_verdicts_of_live_enforcement(
         assert wait_for(lambda: closed() == 6), m.inbound.logs()
 
         # The candidate, tried on those logs.
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "proxy",
-                "policy",
-                "test",
-                "--policy",
-                str(candidate),
-                "--format",
-                "json",
-                str(m.inbound.log_path),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=60,
-        )
+        run = policy_test(candidate, m.inbound.log_path, "--format", "json")
         assert run.returncode == 1, run.stderr
         result = json.loads(run.stdout)
         replayed = {(v["route"], v["peer_identity"]): v["decision"] for v in result["verdicts"]}
@@ -357,21 +352,41 @@ def test_replay_gives_the_verdicts_of_live_enforcement(
         # A candidate that allows everything seen replays clean: exit 0.
         everyone = tmp_path / "everyone.yaml"
         everyone.write_text(OPEN_ALL)
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "proxy",
-                "policy",
-                "test",
-                "--policy",
-                str(everyone),
-                str(m.inbound.log_path),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=60,
-        )
+        run = policy_test(everyone, m.inbound.log_path)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "result: no connection would be denied" in run.stdout
+
+
+def test_allow_peers_beside_a_policy_file_is_ignored_with_a_warning(
+    pki: Pki, tmp_path: Path, echo: TcpApp
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"default: deny\ninbound:\n  api: {{allow: [{TD}/client]}}\n")
+    port = free_port()
+    inbound = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"api=127.0.0.1:{port}=127.0.0.1:{echo.port}",
+            "MTLS_POLICY_FILE": str(policy),
+            "MTLS_ALLOW_PEERS": f"{TD}/ns/other/**",  # would refuse the client
+        },
+        tmp_path / "inbound.log",
+    )
+    out = free_port()
+    client = Sidecar(
+        {
+            **identity_env(pki.client),
+            "MTLS_OUTBOUND": f"api=127.0.0.1:{out}=127.0.0.1:{port}@{TD}/server",
+        },
+        tmp_path / "client.log",
+    )
+    with running(inbound, client):
+        inbound.wait_ready()
+        client.wait_ready()
+        assert call(out, b"file decides") == b"file decides"
+        (warning,) = [e for e in inbound.log_events() if e.get("event") == "allow_peers_ignored"]
+        assert warning["level"] == "warning"
+        assert warning["msg"] == (
+            "both MTLS_POLICY_FILE and MTLS_ALLOW_PEERS are set: the policy file decides who "
+            f"may connect inbound, MTLS_ALLOW_PEERS ({TD}/ns/other/**) is ignored"
+        )

@@ -1,5 +1,6 @@
-"""MTLS_POLICY_FILE in transparent mode: rules are keyed by the destination port the caller
-dialled, for pooled streams between sidecars, and a live change applies to that port."""
+"""MTLS_POLICY_FILE in transparent mode: rules (inbound and outbound) are keyed by the
+destination port the caller dialled, for pooled streams between sidecars, and a live change
+applies to that port."""
 
 from __future__ import annotations
 
@@ -54,5 +55,66 @@ def test_rules_are_keyed_by_the_destination_port(mesh: Mesh) -> None:
             "mtls_policy_decisions_total", 1, route=str(APP_B), decision="deny", dry_run="false"
         )
         assert denied >= 1, mesh.report()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_outbound_rules_are_keyed_by_the_destination_port(mesh: Mesh) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="mtls-policy-"))
+    folder.chmod(0o755)
+    policy = folder / "policy.yaml"
+    ip_b = mesh.lab["b"].v4
+    server = f"{TD}/ns/proof/sa/server"
+
+    def write(text: str) -> None:
+        new = folder / "policy.new"
+        new.write_text(text)
+        new.chmod(0o644)
+        os.replace(new, policy)
+
+    def outbound(to: str, peer: str) -> str:
+        return (
+            f'default: allow\noutbound_default: deny\noutbound:\n  "{APP_B}":\n'
+            f'    allow: [{{to: "{to}", peers: [{peer}]}}]\n'
+        )
+
+    try:
+        write(outbound(f"{ip_b}/32:{APP_B}", server))
+        mesh.sidecar("b")
+        a = mesh.sidecar("a", MTLS_POLICY_FILE=str(policy))
+        result = mesh.dial("a", ip_b, APP_B, b"hello")
+        assert result["error"] is None and result["reply"] == b"hello", mesh.report()
+        closed = [e for e in a.log_events() if e.get("event") == "conn_closed"][-1]
+        assert (closed["direction"], closed["policy_route"], closed["policy_rule"]) == (
+            "outbound",
+            str(APP_B),
+            f"outbound.{APP_B}.allow[0]",
+        )
+        decisions = "mtls_policy_decisions_total"
+        assert a.metric(decisions, direction="outbound", route=str(APP_B), decision="allow") >= 1
+
+        # Another address range: refused before dialling, on the capture route.
+        write(outbound(f"192.0.2.0/24:{APP_B}", server))
+        assert wait_for(lambda: a.metric("mtls_policy_reloads_total", result="ok") >= 2, 15)
+        result = mesh.dial("a", ip_b, APP_B, b"again")
+        assert result["reply"] != b"again", result
+        rejected = "mtls_connections_rejected_total"
+        assert a.wait_metric(rejected, 1, direction="outbound", reason="policy_denied") == 1
+
+        # The right range, another identity: refused after the handshake.
+        write(outbound(f"{ip_b}/32:{APP_B}", f"{TD}/ns/proof/sa/other"))
+        assert wait_for(lambda: a.metric("mtls_policy_reloads_total", result="ok") >= 3, 15)
+        result = mesh.dial("a", ip_b, APP_B, b"third")
+        assert result["reply"] != b"third", result
+        assert a.wait_metric(rejected, 2, direction="outbound", reason="policy_denied") == 2
+        rules = [
+            e["msg"].rsplit("by policy rule ", 1)[1]
+            for e in a.log_events()
+            if e.get("reason") == "policy_denied"
+        ]
+        assert rules == [
+            f"outbound.{APP_B}.to (MTLS_POLICY_FILE)",
+            f"outbound.{APP_B}.peers (MTLS_POLICY_FILE)",
+        ], mesh.report()
     finally:
         shutil.rmtree(folder, ignore_errors=True)

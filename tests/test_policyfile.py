@@ -22,7 +22,7 @@ from proxy.policyfile import (
     policy_from_bytes,
     read_policy,
 )
-from proxy.policyreplay import inbound_connections, replay, report
+from proxy.policyreplay import connections, replay, report
 
 from .conftest import Pki
 from .harness import identity_env
@@ -111,6 +111,8 @@ def test_describe_is_the_effective_policy() -> None:
             },
             "8443": {"allow": [], "source_cidrs": None, "dry_run": True},
         },
+        "outbound_default": None,  # outbound is not judged by this file
+        "outbound": {},
     }
 
 
@@ -121,7 +123,8 @@ BAD = [
     ("dry_run: false\n", "line 1: 'default: allow' or 'default: deny' is required"),
     (
         "default: deny\nallow: []\n",
-        "line 2: unknown key 'allow' (known: default, dry_run, inbound)",
+        "line 2: unknown key 'allow' (known: default, dry_run, inbound, outbound_default, "
+        "outbound)",
     ),
     ("default: deny\ndry_run: perhaps\n", "line 2: dry_run must be true or false, not 'perhaps'"),
     ("default: deny\ndefault: allow\n", "line 2: the policy: key 'default' appears twice"),
@@ -258,7 +261,7 @@ def test_replay_groups_verdicts_and_lists_rules_never_matched() -> None:
         _closed("x", f"{TD}/ns/shop/web", policy_route="other"),
         json.dumps({"event": "conn_closed", "direction": "outbound", "route": "api"}),
     ]
-    result = replay(parse_policy(POLICY), inbound_connections(lines))
+    result = replay(parse_policy(POLICY), connections(lines))
     got = [
         (v.route, v.peer_identity, v.decision.label, v.decision.rule, v.connections)
         for v in result.verdicts

@@ -33,6 +33,9 @@ TOKEN_VOLUME = "mtls-token"
 TMP_VOLUME = "mtls-tmp"
 XTABLES_VOLUME = "xtables-lock"
 TOKEN_DIR = "/var/run/secrets/mtls"
+POLICY_VOLUME = "mtls-policy"
+POLICY_DIR = "/etc/mtls/policy"
+POLICY_KEY = "policy.yaml"
 TOKEN_PATH = "token"
 ADMIN_PORT = 15000
 PROXY_UID = 1337
@@ -77,7 +80,15 @@ ANNOTATION_VARS: dict[str, str] = {
     "log-format": "MTLS_LOG_FORMAT",
 }
 # Annotations that steer the injection itself (or override an injector option).
-CONTROL_ANNOTATIONS = ("inject", "mode", "ca-url", "ca-fingerprint", "trust-domain", "injected")
+CONTROL_ANNOTATIONS = (
+    "inject",
+    "mode",
+    "ca-url",
+    "ca-fingerprint",
+    "trust-domain",
+    "policy-configmap",
+    "injected",
+)
 # annotation -> (Options field, CLI flag, the variable it ends up in)
 OPTION_ANNOTATIONS = {
     "ca-url": ("ca_url", "--ca-url", "MTLS_CA_URL"),
@@ -89,6 +100,9 @@ PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 _STAND_IN_FINGERPRINT = "0" * 64
 _STAND_IN_TOKEN = "projected-service-account-token"
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+# A ConfigMap's name (a DNS subdomain) and one of its keys.
+_CONFIGMAP_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_CONFIGMAP_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 
 
 class InjectError(ProxyError):
@@ -282,17 +296,42 @@ def _inject_template(
             overrides: dict[str, Any] = {attr: ours[key]}
             options = replace(options, **overrides)
             sources[var] = f"annotation {PREFIX}{key}={ours[key]!r}"
-    _check_names(spec, where, mode)
+    policy = _policy_configmap(ours, where)
+    _check_names(spec, where, mode, policy is not None)
     _check_pod(spec, where, mode)
     probe_ports = _probe_ports(spec, where) if mode == "transparent" else []
     env = _sidecar_env(template, spec, ours, options, mode, probe_ports, sources)
+    if policy is not None:
+        env.append(_env("MTLS_POLICY_FILE", f"{POLICY_DIR}/{policy[1]}"))
+        sources["MTLS_POLICY_FILE"] = f"annotation {PREFIX}policy-configmap"
     _validate(env, where, sources, _namespace(template, namespace), _service_account(spec))
     for container, probe, port in probe_ports:
         notes.append(
             f"{where}: container {container}: {probe} port {port} excluded from inbound capture "
             f"(kubelet probes are plaintext), so it accepts plaintext connections"
         )
-    return _apply(template, env, options, mode)
+    return _apply(template, env, options, mode, policy)
+
+
+def _policy_configmap(ours: Mapping[str, str], where: str) -> tuple[str, str] | None:
+    """(ConfigMap name, key) of the policy file the annotation names, if any: `NAME` (key
+    policy.yaml) or `NAME/KEY`."""
+    value = ours.get("policy-configmap")
+    if value is None:
+        return None
+    name, slash, key = value.partition("/")
+    key = key if slash else POLICY_KEY
+    if len(name) > 253 or not _CONFIGMAP_NAME.fullmatch(name):
+        raise InjectError(
+            f"{where}: annotation {PREFIX}policy-configmap={value!r}: {name!r} is not a "
+            "ConfigMap name (lower-case letters, digits, '-' and '.'); write NAME or NAME/KEY"
+        )
+    if len(key) > 253 or not _CONFIGMAP_KEY.fullmatch(key) or key in (".", ".."):
+        raise InjectError(
+            f"{where}: annotation {PREFIX}policy-configmap={value!r}: {key!r} is not a "
+            "ConfigMap key (letters, digits, '-', '_' and '.')"
+        )
+    return name, key
 
 
 def _os_name(spec: Mapping[str, Any]) -> str | None:
@@ -302,7 +341,7 @@ def _os_name(spec: Mapping[str, Any]) -> str | None:
     return name.lower() if isinstance(name, str) else None
 
 
-def _check_names(spec: Mapping[str, Any], where: str, mode: str) -> None:
+def _check_names(spec: Mapping[str, Any], where: str, mode: str, policy: bool) -> None:
     containers = (spec.get("initContainers") or []) + (spec.get("containers") or [])
     taken = {c.get("name") for c in containers}
     for name in (IPTABLES, SIDECAR):
@@ -310,6 +349,7 @@ def _check_names(spec: Mapping[str, Any], where: str, mode: str) -> None:
             raise InjectError(f"{where}: a container is already named {name}")
     volumes = {v.get("name") for v in spec.get("volumes") or []}
     wanted = [TOKEN_VOLUME, TMP_VOLUME] + ([XTABLES_VOLUME] if mode == "transparent" else [])
+    wanted += [POLICY_VOLUME] if policy else []
     for name in wanted:
         if name in volumes:
             raise InjectError(f"{where}: a volume is already named {name}")
@@ -477,8 +517,10 @@ def _validate(
             resolved[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
         else:
             resolved[item["name"]] = _STAND_IN_FINGERPRINT
-    # The token file exists only in the pod; a token value stands in for it.
+    # The token file exists only in the pod; a token value stands in for it. The policy
+    # file, from a ConfigMap, too: the sidecar checks it at start (and refuses a bad one).
     del resolved["MTLS_CA_TOKEN_FILE"]
+    resolved.pop("MTLS_POLICY_FILE", None)
     resolved["MTLS_CA_TOKEN"] = _STAND_IN_TOKEN
     try:
         load_settings(resolved)
@@ -496,7 +538,21 @@ def _validate(
 # --- the added objects ------------------------------------------------------------------------
 
 
-def _iptables_container(image: str, env: list[Obj]) -> Obj:
+def _policy_mount() -> Obj:
+    # The ConfigMap's directory, not a subPath: the kubelet updates it in place (an atomic
+    # rename), which the sidecar's watcher picks up; a subPath mount is never updated.
+    return {"name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": True}
+
+
+def _iptables_container(image: str, env: list[Obj], policy: bool) -> Obj:
+    mounts: list[Obj] = [
+        # iptables takes its lock in /run/xtables.lock.
+        {"name": XTABLES_VOLUME, "mountPath": "/run"},
+        # The same settings as the sidecar are validated, the token (and policy) file included.
+        {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+    ]
+    if policy:
+        mounts.append(_policy_mount())
     return {
         "name": IPTABLES,
         "image": image,
@@ -513,16 +569,11 @@ def _iptables_container(image: str, env: list[Obj]) -> Obj:
             "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [
-            # iptables takes its lock in /run/xtables.lock.
-            {"name": XTABLES_VOLUME, "mountPath": "/run"},
-            # The same settings as the sidecar are validated, the token file included.
-            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
-        ],
+        "volumeMounts": mounts,
     }
 
 
-def _sidecar_container(image: str, env: list[Obj]) -> Obj:
+def _sidecar_container(image: str, env: list[Obj], policy: bool) -> Obj:
     def probe(path: str, period: int, failures: int) -> Obj:
         return {
             "httpGet": {"path": path, "port": "mtls-admin"},
@@ -559,11 +610,12 @@ def _sidecar_container(image: str, env: list[Obj]) -> Obj:
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
             # Scratch space (metrics files shared by the worker processes).
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
+            *([_policy_mount()] if policy else []),
         ],
     }
 
 
-def _volumes(options: Options, mode: str) -> list[Obj]:
+def _volumes(options: Options, mode: str, policy: tuple[str, str] | None) -> list[Obj]:
     volumes: list[Obj] = [
         {
             "name": TOKEN_VOLUME,
@@ -587,6 +639,19 @@ def _volumes(options: Options, mode: str) -> list[Obj]:
         volumes.append(
             {"name": XTABLES_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
         )
+    if policy is not None:
+        name, key = policy
+        # Only that key; the pod does not start without it (no policy is no silent allow).
+        volumes.append(
+            {
+                "name": POLICY_VOLUME,
+                "configMap": {
+                    "name": name,
+                    "items": [{"key": key, "path": key}],
+                    "defaultMode": 0o444,
+                },
+            }
+        )
     return volumes
 
 
@@ -598,7 +663,9 @@ def _unescape(part: str) -> str:
     return part.replace("~1", "/").replace("~0", "~")
 
 
-def _apply(template: Obj, env: list[Obj], options: Options, mode: str) -> Obj:
+def _apply(
+    template: Obj, env: list[Obj], options: Options, mode: str, policy: tuple[str, str] | None
+) -> Obj:
     out = copy.deepcopy(template)
     added: list[str] = []
 
@@ -617,14 +684,15 @@ def _apply(template: Obj, env: list[Obj], options: Options, mode: str) -> Obj:
             added.append(f"{path}/{_escape(key)}")
 
     spec: Obj = out["spec"]
-    inits = [_iptables_container(options.image, env)] if mode == "transparent" else []
-    inits.append(_sidecar_container(options.image, env))
+    has_policy = policy is not None
+    inits = [_iptables_container(options.image, env, has_policy)] if mode == "transparent" else []
+    inits.append(_sidecar_container(options.image, env, has_policy))
     if "initContainers" not in spec:
         spec["initContainers"] = []
         added.append("/spec/initContainers")
     # First, so that the app's own init containers already run inside the mesh.
     spec["initContainers"][:0] = inits
-    volumes = _volumes(options, mode)
+    volumes = _volumes(options, mode, policy)
     if "volumes" not in spec:
         spec["volumes"] = []
         added.append("/spec/volumes")
