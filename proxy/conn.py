@@ -22,6 +22,8 @@ from prometheus_client import Counter
 from . import flow as f
 from . import mux
 from .errors import PolicyDenied
+from .hbone import ALPN as HBONE_ALPN
+from .hbone_io import HboneStream
 from .identity import SpiffeId, spiffe_id_from_der
 from .logs import RateLimit
 from .metrics import handshake_counter
@@ -41,6 +43,8 @@ from .tls_ffi import (
 )
 
 log = logging.getLogger("mtls.conn")
+# The network legs that are streams on a carrier (ours, or HBONE): no handshake of their own.
+_STREAMS = (StreamLeg, HboneStream)
 _OVERLOAD_LOG = RateLimit(1.0)
 # Refused streams cost a peer a few bytes each: one line a second per reason says it.
 _STREAM_REFUSAL_LOG: dict[f.Reason, RateLimit] = {}
@@ -126,6 +130,19 @@ class ConnHost(Protocol):
         """Make `leg`, which negotiated connection reuse, a pooled connection."""
         ...
 
+    def new_hbone_carrier(
+        self,
+        leg: NetLeg,
+        route: Route,
+        *,
+        peer_id: SpiffeId | None,
+        peer_facts: PeerCert | None,
+        peername: tuple[str, int] | None,
+        called: tuple[str, int] | None,
+    ) -> Any:
+        """Make `leg`, accepted on the HBONE listener, an HBONE connection."""
+        ...
+
     def stream_destination(
         self, dst: tuple[str, int]
     ) -> tuple[tuple[str, int] | None, tuple[f.Reason, str] | None]:
@@ -207,7 +224,7 @@ class Conn:
         self.route = route
         self.flow = f.Flow(route.flow_config, host.peer_check(route))
         self.tls = host.tls  # the identity this connection began with, kept to its end
-        self.net: NetLeg | StreamLeg | None = None
+        self.net: NetLeg | StreamLeg | HboneStream | None = None
         self.app: AppLeg | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -298,10 +315,12 @@ class Conn:
                 return
         self._run(f.Dialled())
 
-    def _proxy_header(self, net: NetLeg | StreamLeg) -> bytes:
+    def _proxy_header(self, net: NetLeg | StreamLeg | HboneStream) -> bytes:
         """The PROXY v2 header telling the app who called: address, TLS facts, SPIFFE ID."""
         route = self.route
         src = self.peername or ("0.0.0.0", 0)
+        if isinstance(net, HboneStream) and net.forwarded is not None:
+            src = net.forwarded  # the caller behind the HBONE client (`forwarded: for=`)
         dst = self.called or ("0.0.0.0", 0)
         info = net.tls_info() if self.flow.security is f.Security.MTLS else None
         if info is None:
@@ -368,20 +387,25 @@ class Conn:
             )
         )
 
-    def stream_accepted(self, stream: StreamLeg) -> None:
+    def stream_accepted(
+        self, stream: StreamLeg | HboneStream, forbidden: tuple[f.Reason, str] | None = None
+    ) -> None:
         """Inbound: a stream on a pooled connection carries a new app connection; it is
         judged like a connection of its own (policy, revocation, destination) but has no
-        handshake of its own."""
+        handshake of its own. `forbidden`: refused already (an HBONE stream's authority)."""
         self.net = stream
         carrier = stream.carrier
         route = self.route
         self.peername = carrier.peername
         peer = _addr(self.peername) if self.peername is not None else "?"
         target = route.target
-        forbidden: tuple[f.Reason, str] | None = None
-        if route.transparent:
+        if forbidden is not None:
+            self.called = stream.info.dst
+        elif route.transparent:
             target, forbidden = self.host.stream_destination(stream.info.dst)
             self.called = stream.info.dst
+        elif isinstance(stream, HboneStream):
+            self.called = stream.info.dst  # the authority it named, an address of ours
         else:
             self.called = carrier.called
         self._judge_by_policy()
@@ -439,9 +463,9 @@ class Conn:
     def closed_before_hello(self, first: bytes) -> None:
         self._run(f.ClosedBeforeHello(len(first)))
 
-    def handshake_done(self, leg: NetLeg | StreamLeg) -> None:
+    def handshake_done(self, leg: NetLeg | StreamLeg | HboneStream) -> None:
         sid: SpiffeId | None
-        if isinstance(leg, StreamLeg):
+        if isinstance(leg, _STREAMS):
             # The carrier's peer, parsed once for all its streams.
             sid, facts = leg.carrier.peer_id, leg.carrier.peer_facts
         else:
@@ -454,11 +478,21 @@ class Conn:
         if facts is not None and facts.not_after <= time.time():
             expired = dt.datetime.fromtimestamp(facts.not_after, dt.UTC).isoformat()
         revoked = self._revoked_serial(facts)
-        if isinstance(leg, StreamLeg):
+        if isinstance(leg, _STREAMS):
             note = "a new stream on the pooled connection it opened before"
         else:
             note = "resumed session" if resumed else ""
-        if isinstance(leg, NetLeg) and leg.alpn() == mux.ALPN:
+        if isinstance(leg, NetLeg) and self.route.hbone:
+            if leg.alpn() != HBONE_ALPN:
+                self._run(
+                    f.HandshakeFailed(
+                        f.Reason.OTHER, f"{self.flow.who()} did not negotiate ALPN h2 (HBONE)"
+                    )
+                )
+                return
+            if self._make_carrier(leg, sid, facts, revoked, expired, note):
+                return
+        elif isinstance(leg, NetLeg) and leg.alpn() == mux.ALPN:
             if self._make_carrier(leg, sid, facts, revoked, expired, note):
                 return
         elif self.pool_key is not None:
@@ -490,6 +524,20 @@ class Conn:
         route = self.route
         seconds = self.host.loop.time() - self.hs_started
         count_handshake = partial(self._count_handshake, leg, seconds)
+        if route.hbone:
+            count_handshake()
+            self.host.new_hbone_carrier(
+                leg,
+                route,
+                peer_id=sid,
+                peer_facts=facts,
+                peername=self.peername,
+                called=self.called,
+            )
+            self.closed = True
+            self.net = None
+            self.host.forget(self)
+            return True
         if route.direction == "inbound":
             count_handshake()
             self.host.new_carrier(
@@ -768,7 +816,7 @@ class Conn:
                 if leg is not None:
                     leg.send_eof()
             case f.Reject(reason=reason, message=message):
-                if isinstance(self.net, StreamLeg):
+                if isinstance(self.net, _STREAMS):
                     self.net.reset_code = _RESET_FOR.get(reason, mux.RESET_CANCEL)
                 self.route.metrics.rejected(reason).inc()
                 held: int | None = 0
@@ -776,7 +824,7 @@ class Conn:
                 if reason is f.Reason.TOO_MANY_CONNECTIONS:
                     # Overload must not also flood the log: one line a second says it.
                     limit = _OVERLOAD_LOG
-                elif isinstance(self.net, StreamLeg):
+                elif isinstance(self.net, _STREAMS):
                     limit = _STREAM_REFUSAL_LOG.get(reason)
                     if limit is None:
                         limit = _STREAM_REFUSAL_LOG[reason] = RateLimit(1.0)
@@ -792,7 +840,7 @@ class Conn:
                     message += f" ({held} more refused for this since the last line)"
                 log.warning("rejected: %s", message, extra={"fields": fields})
             case f.UpstreamFailed(reason=reason, text=text):
-                if isinstance(self.net, StreamLeg):
+                if isinstance(self.net, _STREAMS):
                     self.net.reset_code = mux.RESET_UPSTREAM
                 self.route.metrics.upstream_failure(reason).inc()
                 host, port = self.target or ("?", 0)
@@ -952,7 +1000,7 @@ class Conn:
             "tls_cipher": cipher,
             "tls_group": group,
             "tls_resumed": net.resumed(),
-            "pooled": isinstance(net, StreamLeg),
+            "pooled": isinstance(net, _STREAMS),
         }
 
     def _policy_fields(self) -> dict[str, object]:

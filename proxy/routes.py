@@ -72,6 +72,9 @@ class Route:
     proxy_crc: bool = False
     # Outbound: each connection from the app's side starts with a PROXY v2 header.
     accept_proxy: bool = False
+    # Inbound: the HBONE listener (MTLS_HBONE_LISTEN). Its connections are HTTP/2 carriers;
+    # each CONNECT stream is judged under the route it names (see Worker.hbone_stream).
+    hbone: bool = False
     metrics: RouteMetrics = field(init=False)
     flow_config: FlowConfig = field(init=False)
 
@@ -118,6 +121,19 @@ def _routes(settings: Settings) -> list[Route]:
                 settings.outbound_mode,
                 expected_peer=str(o.expected_peer) if o.expected_peer is not None else None,
                 handshake_timeout=settings.handshake_timeout,
+            )
+        )
+    hbone = settings.hbone_address
+    if hbone is not None:
+        routes.append(
+            Route(
+                "inbound",
+                str(hbone.port),
+                hbone,
+                ("127.0.0.1", hbone.port),  # never dialled: each stream names its own
+                "strict",
+                handshake_timeout=settings.handshake_timeout,
+                hbone=True,
             )
         )
     if settings.transparent:

@@ -23,6 +23,7 @@ RULE_FIELDS = (
     "exclude_outbound_ports",
     "exclude_outbound_cidrs",
     "admin_listen",
+    "hbone_listen",
 )
 """The Settings fields the interception rules (`mtls-sidecar iptables`) are made from."""
 
@@ -209,6 +210,13 @@ def cross_problems(s: Settings, bad: Collection[str] = ()) -> list[ConfigProblem
                 if address.port == port:
                     add(name, f"port {port} collides with {owner} listening on {address}")
         listeners += [(env_var(n), Address("", getattr(s, n))) for n in captures]
+
+    hbone = s.hbone_address if ok("hbone_listen", "transparent") else None
+    if hbone is not None:
+        for owner, address in listeners:
+            if listen_conflict(hbone, address):
+                add("hbone_listen", f"{hbone} collides with {owner} listening on {address}")
+        listeners.append(("MTLS_HBONE_LISTEN", hbone))
 
     if ok("admin_listen"):
         for owner, address in listeners:

