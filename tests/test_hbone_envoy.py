@@ -6,8 +6,10 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import signal
 import socket
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -340,3 +342,28 @@ def test_envoy_client_app_reset_is_a_reset(pki: Pki, tmp_path: Path) -> None:
     finally:
         envoy.stop()
         app.close()
+
+
+def test_frozen_envoy_is_let_go_within_20s(hbone_setup: tuple[Sidecar, EnvoyClient]) -> None:
+    """Envoy stops (SIGSTOP: its kernel still acknowledges, nothing answers): our PING goes
+    unanswered and the HBONE connection is closed about 20 s after Envoy last spoke."""
+    side, envoy = hbone_setup
+    with socket.create_connection(("127.0.0.1", envoy.port), timeout=10) as s:
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+        assert side.wait_metric("mtls_pool_connections", 1, direction="inbound", state="open") == 1
+        os.kill(envoy.proc.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            retired = side.wait_metric(
+                "mtls_pool_retired_total", 1, 40, direction="inbound", reason="unresponsive"
+            )
+            waited = time.monotonic() - frozen
+        finally:
+            os.kill(envoy.proc.pid, signal.SIGCONT)
+    assert retired == 1
+    assert waited < 30, f"the frozen peer's connection was closed only after {waited:.1f}s"
+    assert side.metric("mtls_pool_connections", direction="inbound", state="open") == 0
+    line = _closed(side, 1)[0]
+    assert line["outcome"] == "peer_reset" and line["bytes_in"] == 1
+    assert any(e.get("event") == "pool_unresponsive" for e in side.log_events())
