@@ -23,7 +23,7 @@ from . import flow as f
 from . import mux
 from .errors import PolicyDenied
 from .hbone import ALPN as HBONE_ALPN
-from .hbone_io import HboneStream
+from .hbone_io import HboneCarrier, HboneStream
 from .identity import SpiffeId, spiffe_id_from_der
 from .logs import RateLimit
 from .metrics import handshake_counter
@@ -79,6 +79,7 @@ class ConnHost(Protocol):
     tls: TlsState
     revocations: RevocationList | None
     pool: Pool | None  # outbound pooled connections (None: MTLS_CONNECTION_REUSE=false)
+    hbone_pool: Pool  # outbound HBONE connections (MTLS_HBONE_OUTBOUND)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]: ...
 
@@ -139,8 +140,10 @@ class ConnHost(Protocol):
         peer_facts: PeerCert | None,
         peername: tuple[str, int] | None,
         called: tuple[str, int] | None,
-    ) -> Any:
-        """Make `leg`, accepted on the HBONE listener, an HBONE connection."""
+        outbound: bool = False,
+        key: Key | None = None,
+    ) -> HboneCarrier:
+        """Make `leg` an HBONE connection: accepted on the HBONE listener, or dialled."""
         ...
 
     def stream_destination(
@@ -199,6 +202,7 @@ class Conn:
         "flushed_in",
         "flushed_out",
         "handshake_timeout",
+        "hbone_dial",
         "header",
         "header_timer",
         "held_app",
@@ -249,6 +253,7 @@ class Conn:
         self.peer_cert: PeerCert | None = None  # for revocation checks while open
         self.denied: tuple[f.Reason, str] | None = None  # refused inside the handshake
         self.pool_key: Key | None = None  # outbound: dialling a pooled connection for this
+        self.hbone_dial = False  # outbound: dialling an HBONE connection (then pool_key's pool)
         self.policy: Decision | None = None  # inbound, MTLS_POLICY_FILE: the last verdict
 
     # --- what the legs report ----------------------------------------------------------
@@ -482,7 +487,18 @@ class Conn:
             note = "a new stream on the pooled connection it opened before"
         else:
             note = "resumed session" if resumed else ""
-        if isinstance(leg, NetLeg) and self.route.hbone:
+        if isinstance(leg, NetLeg) and self.hbone_dial:
+            if leg.alpn() != HBONE_ALPN:
+                self._dial_done(None, 0)
+                self._run(
+                    f.HandshakeFailed(
+                        f.Reason.OTHER,
+                        f"{self.flow.who()} did not negotiate ALPN h2: not an HBONE server",
+                    )
+                )
+                return
+            self._hbone_out_carrier(leg, sid, facts, revoked, expired, note)
+        elif isinstance(leg, NetLeg) and self.route.hbone:
             if leg.alpn() != HBONE_ALPN:
                 self._run(
                     f.HandshakeFailed(
@@ -570,6 +586,68 @@ class Conn:
                 pool.add(key, carrier)
         return False
 
+    def _hbone_out_carrier(
+        self,
+        leg: NetLeg,
+        sid: SpiffeId | None,
+        facts: PeerCert | None,
+        revoked: str | None,
+        expired: str | None,
+        note: str,
+    ) -> None:
+        """Outbound: the HBONE connection we dialled is up: pool it, and make this
+        connection its first stream (judged next, as any handshake)."""
+        if self.flow.judge(sid, revoked, expired, note) is not None:
+            self._dial_done(None, 0)
+            return  # refused as any connection: the flow says so
+        target = self.target
+        assert target is not None and leg.transport is not None
+        raw = leg.transport.get_extra_info("peername")
+        where = (str(raw[0]), int(raw[1])) if isinstance(raw, tuple) else None
+        key = self._key(target[0], self.route.hbone_port)
+        carrier = self.host.new_hbone_carrier(
+            leg,
+            self.route,
+            peer_id=sid,
+            peer_facts=facts,
+            peername=where,
+            called=None,
+            outbound=True,
+            key=key,
+        )
+        carrier.on_answer = partial(
+            self._count_handshake, leg, self.host.loop.time() - self.hs_started
+        )
+        self.net = carrier.open_stream(self, self._authority(carrier), self.peername)
+        if self.pool_key is not None:
+            self._dial_done(carrier, 0)
+        else:
+            self.host.hbone_pool.add(key, carrier)  # type: ignore[arg-type]
+
+    def _authority(self, carrier: HboneCarrier) -> tuple[str, int]:
+        """The `:authority` of our CONNECT: the destination's address (the HBONE connection
+        went to its host) and port."""
+        target = self.target or ("", 0)
+        host = carrier.peername[0] if carrier.peername is not None else target[0]
+        return host, target[1]
+
+    def _hbone(self, host: str, port: int) -> None:
+        """Outbound: carry this connection as an HBONE stream to `host`'s HBONE port: on a
+        pooled HBONE connection, now or once the one being dialled is up, or on a new one."""
+        self.hbone_dial = True
+        pool = self.host.hbone_pool
+        hbone_port = self.route.hbone_port
+        key = self._key(host, hbone_port)
+        carrier = pool.take(key) if self.tls is self.host.tls else None
+        if carrier is not None:
+            self.use_carrier(carrier)
+            return
+        if pool.wait(key, self):
+            return
+        pool.dial_started(key)
+        self.pool_key = key
+        self.task = self.host.spawn(self._dial_remote(host, hbone_port, True), "dial-hbone")
+
     def _key(self, host: str, port: int) -> Key:
         """Pooled connections to (host, port) for this route's expected identity."""
         return (host, port, self.route.expected_peer)
@@ -579,11 +657,11 @@ class Conn:
         src = self.peername or ("", 0)
         return mux.OpenInfo(target, src)
 
-    def _dial_done(self, carrier: Carrier | None, ttl: float) -> None:
+    def _dial_done(self, carrier: Carrier | HboneCarrier | None, ttl: float) -> None:
         key, self.pool_key = self.pool_key, None
-        pool = self.host.pool
+        pool = self.host.hbone_pool if self.hbone_dial else self.host.pool
         if key is not None and pool is not None:
-            pool.dial_done(key, carrier, self.host.loop.time(), ttl)
+            pool.dial_done(key, carrier, self.host.loop.time(), ttl)  # type: ignore[arg-type]
 
     def _try_pool(self, host: str, port: int) -> bool:
         """Outbound: carry this connection on a pooled connection to (host, port), now or
@@ -604,11 +682,14 @@ class Conn:
         self.pool_key = key
         return False
 
-    def use_carrier(self, carrier: Carrier) -> None:
+    def use_carrier(self, carrier: Carrier | HboneCarrier) -> None:
         """Outbound: open this connection as a stream on `carrier`."""
         if self.closed:
             return
-        self.net = carrier.open_stream(self, self._open_info())
+        if isinstance(carrier, HboneCarrier):
+            self.net = carrier.open_stream(self, self._authority(carrier), self.peername)
+        else:
+            self.net = carrier.open_stream(self, self._open_info())
         self.hs_started = self.host.loop.time()
         self._run(f.Dialled())  # then the stream's "handshake", done at once
 
@@ -617,6 +698,8 @@ class Conn:
         if self.closed or self.target is None:
             return
         host, port = self.target
+        if self.hbone_dial:
+            port = self.route.hbone_port
         self.task = self.host.spawn(self._dial_remote(host, port, True), "dial-remote")
 
     def stream_refused(self, code: int) -> None:
@@ -798,6 +881,9 @@ class Conn:
                 else:
                     if self.app is not None:
                         self.app.pause_reading()  # until the remote is up
+                    if tls and self.route.dials_hbone(host, port):
+                        self._hbone(host, port)
+                        return
                     if tls and self._try_pool(host, port):
                         return
                     self.task = self.host.spawn(self._dial_remote(host, port, tls), "dial-remote")
@@ -872,9 +958,9 @@ class Conn:
 
     async def _dial_remote(self, host: str, port: int, tls: bool) -> None:
         state = self.tls
-        ctx = state.client_ptr if tls else None
+        ctx = (state.hbone_client_ptr if self.hbone_dial else state.client_ptr) if tls else None
         cache = state.sessions
-        key = f"{host}:{port}"
+        key = f"hbone:{host}:{port}" if self.hbone_dial else f"{host}:{port}"
         self.hs_started = self.host.loop.time()
 
         def factory() -> NetLeg:
@@ -951,7 +1037,7 @@ class Conn:
         """Did this connection relay, and end other than by a refusal? A stream the far
         sidecar never answered (ACCEPT) did not."""
         net = self.net
-        if isinstance(net, StreamLeg) and net.carrier.outbound and not net.accepted:
+        if isinstance(net, _STREAMS) and net.carrier.outbound and not net.accepted:
             return False
         return self.hs_done > 0 and not outcome.startswith(
             (f.Outcome.REJECTED, f.Outcome.UPSTREAM_FAILED)

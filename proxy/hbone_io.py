@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from cryptography import x509
@@ -19,10 +19,18 @@ from cryptography import x509
 from . import hbone, metrics, mux
 from .identity import SpiffeId
 from .pool import _INTERMEDIATES as _KNOWN_INTERMEDIATES
-from .pool import GOAWAY_GRACE, GOAWAY_OPEN_GRACE, StreamOwner, _remember_chain, _set_liveness
+from .pool import (
+    GOAWAY_GRACE,
+    GOAWAY_OPEN_GRACE,
+    Pool,
+    StreamOwner,
+    Unresponsive,
+    _remember_chain,
+    _set_liveness,
+)
 from .relay import _BUF, Buf, NetLeg, _Leg
 from .revocation import PeerCert
-from .tls import chain_anchored
+from .tls import TlsError, chain_anchored
 from .tls_ffi import ffi, peer_chain_ders
 
 log = logging.getLogger("mtls.hbone")
@@ -54,18 +62,21 @@ class HboneStream(_Leg):
     """The network leg of one application connection carried on an HBONE stream."""
 
     __slots__ = (
+        "accepted",
         "carrier",
         "consumed",
         "ended",
         "eof_in",
         "eof_out",
         "forwarded",
+        "heard_mark",
         "held",
         "info",
         "pending",
         "reset_code",
         "sid",
         "started",
+        "timer",
     )
 
     conn: StreamOwner
@@ -91,7 +102,56 @@ class HboneStream(_Leg):
         self.eof_out = False
         self.ended = False
         self.started = False
+        self.accepted = False  # outbound: the far side answered 200
         self.reset_code = mux.RESET_CANCEL
+        # Outbound: waiting for the far side's answer (a status) while this is set.
+        self.timer: asyncio.TimerHandle | None = None
+        self.heard_mark = 0
+
+    def wait_answer(self) -> None:
+        """Outbound: the answer must come within the connection's handshake timeout."""
+        carrier = self.carrier
+        self.heard_mark = carrier.heard
+        carrier.unanswered += 1
+        self.timer = carrier.host.loop.call_later(
+            self.conn.handshake_timeout, self._answer_timed_out
+        )
+
+    def _answered(self) -> None:
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+            self.carrier.unanswered -= 1
+
+    def _answer_timed_out(self) -> None:
+        if self.timer is None:
+            return
+        self.timer = None
+        carrier = self.carrier
+        carrier.unanswered -= 1
+        if self.ended:
+            return
+        seconds = self.conn.handshake_timeout
+        if carrier.heard != self.heard_mark:
+            self.conn.stream_unanswered(seconds)  # the peer lives; only this stream is stuck
+        else:
+            carrier.unresponsive(seconds)
+
+    def on_response(self, status: int) -> None:
+        """Outbound: the far side's answer. 200: relay (what the app sent meanwhile goes
+        now); anything else: refused, as the status says."""
+        if self.ended or self.accepted:
+            return
+        self._answered()
+        if status == hbone.STATUS_OK:
+            self.accepted = True
+            self.conn.confirm()
+            self.window_opened()
+            return
+        self.ended = True
+        self.carrier.forget(self)
+        self.conn.stream_refused(_CODE_FOR.get(status, mux.RESET_UPSTREAM))
 
     # --- what a connection asks of a network leg ---------------------------------------
 
@@ -112,9 +172,12 @@ class HboneStream(_Leg):
         """Nothing to arm: if this process dies, the carrier's TCP connection is reset."""
 
     def start(self) -> None:
-        """The app is reached: answer 200, then relay what came meanwhile."""
+        """Inbound: the app is reached: answer 200, then relay what came meanwhile.
+        Outbound: relay (the app's bytes wait for the far side's 200)."""
         self.started = True
         carrier = self.carrier
+        if carrier.outbound:
+            return
         carrier.h.respond(self.sid, hbone.STATUS_OK)
         carrier.flush_soon()
         held = self.held
@@ -137,6 +200,12 @@ class HboneStream(_Leg):
             pending += data
             return
         carrier = self.carrier
+        if carrier.outbound and not self.accepted:
+            # CONNECT's bytes follow its 200: hold them, and the app, until it comes.
+            self.pending = bytearray(data)
+            if not self.write_paused:
+                self.pause_writing()
+            return
         sent = carrier.h.send(self.sid, data)
         carrier.flush_soon()
         if sent < n:
@@ -172,9 +241,12 @@ class HboneStream(_Leg):
         if self.ended:
             return
         self.ended = True
+        self._answered()
         carrier = self.carrier
         h = carrier.h
-        if not self.started:
+        if carrier.outbound and not self.accepted:
+            h.reset(self.sid)
+        elif not carrier.outbound and not self.started:
             status = _STATUS_FOR.get(self.reset_code, hbone.STATUS_UNAVAILABLE)
             h.respond(self.sid, status)
         elif abort:
@@ -245,7 +317,7 @@ class HboneStream(_Leg):
 
     def window_opened(self) -> None:
         """More send window: send what waited, and let our app be read again."""
-        if self.ended:
+        if self.ended or (self.carrier.outbound and not self.accepted):
             return
         pending = self.pending
         carrier = self.carrier
@@ -265,7 +337,15 @@ class HboneStream(_Leg):
     def carrier_lost(self, exc: Exception) -> None:
         if self.ended:
             return
+        self._answered()
         self.ended = True
+        if self.carrier.outbound and not self.accepted:
+            if isinstance(exc, TlsError):
+                self.conn.net_failed(exc)  # the far side refused our certificate (an alert)
+                return
+            if isinstance(exc, Unresponsive):
+                self.conn.stream_unanswered(self.conn.handshake_timeout)
+                return
         self.conn.leg_lost(self, exc)
 
     def block(self, blocked: bool) -> None:
@@ -277,8 +357,17 @@ class HboneStream(_Leg):
             self.resume_writing()
 
 
+# What a refusal status means to the dialling side (mux RESET codes, as conn.Conn reads them).
+_CODE_FOR: dict[int, int] = {
+    hbone.STATUS_NOT_ALLOWED: mux.RESET_NOT_ALLOWED,
+    403: mux.RESET_NOT_ALLOWED,
+    hbone.STATUS_BAD_AUTHORITY: mux.RESET_BAD_DESTINATION,
+}
+
+
 class HboneCarrier:
-    """One accepted HBONE connection: owner of its TLS leg and of its streams."""
+    """One HBONE connection (accepted, or dialled and pooled): owner of its TLS leg and of
+    its streams."""
 
     def __init__(
         self,
@@ -290,19 +379,24 @@ class HboneCarrier:
         peer_facts: PeerCert | None,
         peername: tuple[str, int] | None,
         called: tuple[str, int] | None,
+        outbound: bool = False,
+        key: tuple[str, int, str | None] | None = None,
+        pool: Pool | None = None,
     ) -> None:
         self.host = host
         self.leg = leg
         self.route = route
-        self.outbound = False
-        self.direction = "inbound"
+        self.outbound = outbound
+        self.direction = "outbound" if outbound else "inbound"
+        self.key = key
+        self.pool = pool
         self.peer_id = peer_id
         self.peer_facts = peer_facts
         self.peer_der = leg.peer_der()
         self.tls_info = leg.tls_info()
         self.peername = peername
         self.called = called  # where the TLS connection arrived (its local address)
-        self.h = hbone.HboneConnection(client=False)
+        self.h = hbone.HboneConnection(client=outbound)
         self.streams: dict[int, HboneStream] = {}
         self.closed = False
         self.retiring = False
@@ -316,6 +410,15 @@ class HboneCarrier:
         self.created = now
         self.idle_since: float | None = now
         self.heard_at = now  # the last time the peer sent anything (liveness)
+        # Outbound: `heard` counts the batches of bytes the peer sent, `unanswered` the
+        # streams waiting for their status; a carrier with a stream waiting that heard
+        # nothing for a whole sweep is `suspect`, and takes no new streams.
+        self.heard = 0
+        self.heard_mark = 0
+        self.unanswered = 0
+        self.suspect = False
+        # Outbound: called at the far side's first bytes, which say it accepted us.
+        self.on_answer: Callable[[], None] | None = None
         self.total = 0
         self._flush_handle: asyncio.Handle | None = None
         self._gauges = metrics.pool_gauges(self.direction)
@@ -350,6 +453,10 @@ class HboneCarrier:
     def send(self, data: memoryview) -> None:
         """Decrypted bytes from the TLS leg: HTTP/2 frames."""
         self.heard_at = self.host.loop.time()
+        self.heard += 1
+        if self.on_answer is not None:
+            on_answer, self.on_answer = self.on_answer, None
+            on_answer()
         for ev in self.h.receive(data):
             if self.closed:
                 return
@@ -363,6 +470,10 @@ class HboneCarrier:
                 stream.on_data(ev.data, ev.flow)
             else:
                 self.h.consumed(ev.sid, ev.flow)
+        elif isinstance(ev, hbone.Response):
+            stream = self.streams.get(ev.sid)
+            if stream is not None:
+                stream.on_response(ev.status)
         elif isinstance(ev, hbone.StreamOpened):
             self.host.hbone_stream(self, ev)
         elif isinstance(ev, hbone.StreamEnded):
@@ -384,6 +495,8 @@ class HboneCarrier:
         elif isinstance(ev, hbone.GoAway):
             if ev.code:
                 self.fail(ConnectionResetError(f"peer sent GOAWAY (error {ev.code})"), "goaway")
+            elif self.outbound:
+                self.retire("goaway")  # no new streams; the open ones finish
             elif not self.streams:
                 self.close("peer_goaway")
         elif isinstance(ev, hbone.Broken):
@@ -404,6 +517,21 @@ class HboneCarrier:
 
     # --- streams ------------------------------------------------------------------------
 
+    @property
+    def available(self) -> bool:
+        return not self.closed and not self.retiring and not self.suspect
+
+    def open_stream(
+        self, conn: StreamOwner, dst: tuple[str, int], src: tuple[str, int] | None
+    ) -> HboneStream:
+        """Outbound: a CONNECT to `dst` for `conn`, sent with the next write."""
+        sid = self.h.open(dst, src)
+        stream = HboneStream(self, conn, sid, dst, src)
+        self.accept_stream(stream)
+        stream.wait_answer()
+        self.flush_soon()
+        return stream
+
     def accept_stream(self, stream: HboneStream) -> None:
         if not self.streams:
             self.idle_since = None
@@ -421,6 +549,12 @@ class HboneCarrier:
             self.idle_since = self.host.loop.time()
             if not self.closed:
                 self._gauges.idle.inc()
+                if self.retiring and self.outbound:
+                    self.host.loop.call_soon(self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if not self.streams and not self.closed:
+            self.close()
 
     def going_away(self, now: float) -> bool:
         """Did we tell the peer to go away long enough ago that its new streams are refused?"""
@@ -499,6 +633,12 @@ class HboneCarrier:
             return
         self.retiring = True
         metrics.POOL_RETIRED.labels(self.direction, why).inc()
+        if self.pool is not None:
+            self.pool.remove(self)  # type: ignore[arg-type]  # a pool of either carrier
+        if self.outbound:
+            if not self.streams:
+                self.close()
+            return
         self.goaway_at = self.host.loop.time()
         self.h.goaway()
         self.flush_soon()
@@ -530,6 +670,18 @@ class HboneCarrier:
             self.flush_soon()
         elif self.h.pings_out and silent < hbone.PING_INTERVAL:
             self.h.pings_out = 0  # heard since: alive, whatever became of the PING
+        if self.outbound:
+            heard = self.heard
+            self.suspect = bool(self.unanswered or self.h.pings_out) and heard == self.heard_mark
+            self.heard_mark = heard
+            if not self.retiring and now - self.created >= max_lifetime:
+                self.retire("max_lifetime")
+            idle = self.idle_since
+            if not self.streams and idle is not None and now - idle >= idle_timeout:
+                if not self.retiring:
+                    metrics.POOL_RETIRED.labels(self.direction, "idle").inc()
+                self.close()
+            return
         if self.streams or self.idle_since is None:
             return
         if self.goaway_at is not None and now - self.goaway_at >= GOAWAY_GRACE:
@@ -557,8 +709,23 @@ class HboneCarrier:
         self._end(exc if isinstance(exc, Exception) else ConnectionResetError(str(exc)))
         self.leg.close(abort=True)
 
+    def unresponsive(self, seconds: float) -> None:
+        """A stream's answer did not come and nothing else did either: close the carrier;
+        its streams still waiting fail as handshake timeouts."""
+        if self.closed:
+            return
+        log.warning(
+            "closing the HBONE connection to %s: no answer to a new stream within %gs",
+            self._who(),
+            seconds,
+            extra={"fields": {"event": "pool_unresponsive", "direction": self.direction}},
+        )
+        self.fail(Unresponsive(f"no answer within {seconds:g}s"), reason="unresponsive")
+
     def _end(self, exc: Exception) -> None:
         self.closed = True
+        if self.pool is not None:
+            self.pool.remove(self)  # type: ignore[arg-type]
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None

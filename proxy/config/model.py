@@ -14,6 +14,7 @@ from ..policy import SpiffePattern, parse_patterns
 from ..proxyproto import DEFAULT_ID_TLV, ProxyProtocolRoutes, parse_proxy_protocol, parse_tlv_type
 from .parse import (
     Address,
+    HboneOutbound,
     IPNetwork,
     parse_address,
     parse_bool,
@@ -23,6 +24,7 @@ from .parse import (
     parse_duration,
     parse_federated_bundles,
     parse_fingerprint,
+    parse_hbone_outbound,
     parse_int,
     parse_path,
     parse_port_list,
@@ -251,6 +253,18 @@ class Settings(BaseModel):
         description="Also accept HBONE (HTTP/2 CONNECT over mTLS) here; 'off' disables it. "
         "Default :15008 in transparent mode, off otherwise.",
         examples=[":15008"],
+    )
+
+    hbone_outbound: Annotated[HboneOutbound, _text(parse_hbone_outbound)] = Field(
+        default_factory=HboneOutbound,
+        description="Outbound route names (transparent mode: destination CIDRs or ports) "
+        "that dial HBONE instead of our own reuse protocol.",
+        examples=["db,10.8.0.0/16,8080"],
+    )
+    hbone_port: Port = Field(
+        15008,
+        description="The port an HBONE tunnel dials on the destination's host.",
+        examples=["15008"],
     )
 
     # Telling the app who called (PROXY protocol v2)
