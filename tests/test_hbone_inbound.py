@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -300,3 +301,36 @@ def test_limits_close_the_breaking_connection_only(
     errors = [e["reason"] for e in side.log_events() if e.get("event") == "pool_protocol_error"]
     assert errors == ["frame_size", "stream_limit", "flow_control"]
     assert side.proc.poll() is None
+
+
+def test_hbone_is_tls_13_only_even_where_12_is_allowed(pki: Pki, tmp_path: Path) -> None:
+    """MTLS_MIN_TLS_VERSION=1.2 opens the routes' own ports to TLS 1.2, never HBONE's:
+    `openssl s_client -tls1_2 -alpn h2` is refused there, while TLS 1.3 gets `h2`."""
+    hbone = free_port()
+    listen = free_port()
+    env = {
+        **identity_env(pki.server),
+        "MTLS_INBOUND": f"web=127.0.0.1:{listen}=127.0.0.1:{free_port()}",
+        "MTLS_HBONE_LISTEN": f"127.0.0.1:{hbone}",
+        "MTLS_MIN_TLS_VERSION": "1.2",
+    }
+    side = Sidecar(env, tmp_path / "sidecar.log")
+    ident = pki.client
+
+    def s_client(port: int, version: str) -> str:
+        argv = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", version, "-alpn", "h2"]
+        argv += ["-cert", str(ident.cert), "-key", str(ident.key), "-CAfile", str(ident.bundle)]
+        proc = subprocess.run(argv, input=b"", capture_output=True, timeout=20, check=False)
+        return proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+
+    with running(side):
+        side.wait_ready()
+        old = s_client(hbone, "-tls1_2")
+        assert "Cipher    : 0000" in old, old  # no session was made
+        got = side.wait_metric(
+            "mtls_connections_rejected_total", 1, route=str(hbone), reason="tls_version"
+        )
+        assert got == 1
+        new = s_client(hbone, "-tls1_3")
+        assert "ALPN protocol: h2" in new and "TLSv1.3" in new, new
+        assert "Protocol  : TLSv1.2" in s_client(listen, "-tls1_2")  # the route's own port
