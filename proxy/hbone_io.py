@@ -65,6 +65,7 @@ class HboneStream(_Leg):
         "accepted",
         "carrier",
         "consumed",
+        "draining",
         "ended",
         "eof_in",
         "eof_out",
@@ -101,6 +102,7 @@ class HboneStream(_Leg):
         self.eof_in = False
         self.eof_out = False
         self.ended = False
+        self.draining = False  # ended for its connection, its last bytes still to send
         self.started = False
         self.accepted = False  # outbound: the far side answered 200
         self.reset_code = mux.RESET_CANCEL
@@ -254,14 +256,18 @@ class HboneStream(_Leg):
         else:
             self.eof_out = True
             if self.pending is not None:
-                h.reset(self.sid)  # what the window held back cannot go any more
+                # The app's last bytes wait for the peer's window: the connection is over
+                # for its owner, but the stream stays with the carrier until they are sent,
+                # then ends (END_STREAM) as the app did.
+                self.draining = True
             else:
                 h.end(self.sid)
         if self.consumed:
             h.consumed(self.sid, self.consumed)  # the connection window comes back
             self.consumed = 0
         carrier.flush_soon()
-        carrier.forget(self)
+        if not self.draining:
+            carrier.forget(self)
 
     # --- what the carrier hands on ------------------------------------------------------
 
@@ -309,6 +315,10 @@ class HboneStream(_Leg):
             self.conn.net_eof()
 
     def on_reset(self, code: int) -> None:
+        if self.draining:
+            self.draining = False
+            self.pending = None
+            self.carrier.forget(self)
         if self.ended:
             return
         self.ended = True
@@ -317,7 +327,7 @@ class HboneStream(_Leg):
 
     def window_opened(self) -> None:
         """More send window: send what waited, and let our app be read again."""
-        if self.ended or (self.carrier.outbound and not self.accepted):
+        if (self.ended and not self.draining) or (self.carrier.outbound and not self.accepted):
             return
         pending = self.pending
         carrier = self.carrier
@@ -331,10 +341,15 @@ class HboneStream(_Leg):
             self.pending = None
             if self.eof_out:
                 carrier.h.end(self.sid)
+            if self.draining:
+                self.draining = False
+                carrier.forget(self)
+                return
         if self.write_paused and not carrier.write_blocked:
             self.resume_writing()
 
     def carrier_lost(self, exc: Exception) -> None:
+        self.draining = False
         if self.ended:
             return
         self._answered()

@@ -4,6 +4,7 @@ real TLS socket): status codes, PROXY v2 from `forwarded`, and a peer that break
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 import subprocess
@@ -16,7 +17,7 @@ from typing import Any
 import h2.settings
 import pytest
 
-from proxy.hbone import Data, HboneConnection, Response, StreamEnded
+from proxy.hbone import Data, HboneConnection, Response, StreamEnded, StreamReset
 from proxy.proxyproto import HeaderReader
 from tests.conftest import Pki
 from tests.harness import ScriptedApp, Sidecar, TcpApp, free_port, identity_env, running
@@ -334,3 +335,38 @@ def test_hbone_is_tls_13_only_even_where_12_is_allowed(pki: Pki, tmp_path: Path)
         new = s_client(hbone, "-tls1_3")
         assert "ALPN protocol: h2" in new and "TLSv1.3" in new, new
         assert "Protocol  : TLSv1.2" in s_client(listen, "-tls1_2")  # the route's own port
+
+
+def test_a_large_answer_after_the_callers_eof_arrives_whole(pki: Pki, tmp_path: Path) -> None:
+    """The caller half-closes at once; the app answers 20 MiB (five stream windows) and
+    closes: all of it arrives, paced by the caller's window, then END_STREAM, not a reset."""
+    answer = os.urandom(20 * 1024 * 1024)
+
+    def app(conn: socket.socket) -> None:
+        while conn.recv(65536):
+            pass
+        conn.sendall(answer)
+
+    backend = ScriptedApp(app)
+    hbone = free_port()
+    env = {
+        **identity_env(pki.server),
+        "MTLS_INBOUND": f"web=127.0.0.1:{free_port()}=127.0.0.1:{backend.port}",
+        "MTLS_HBONE_LISTEN": f"127.0.0.1:{hbone}",
+    }
+    side = Sidecar(env, tmp_path / "sidecar.log")
+    with running(side):
+        side.wait_ready()
+        client = HboneClient(hbone, pki.client)
+        try:
+            sid, status = client.connect(f"127.0.0.1:{backend.port}")
+            assert status == 200
+            client.send(sid, b"request", end=True)
+            assert client.wait(lambda: client.ended(sid), timeout=60)
+            assert client.received(sid) == answer
+            assert not any(isinstance(e, StreamReset) for e in client.events)
+        finally:
+            client.close()
+        backend.close()
+        line = [e for e in side.log_events() if e.get("event") == "conn_closed"][-1]
+        assert line["outcome"] == "ok" and line["bytes_out"] == len(answer)
