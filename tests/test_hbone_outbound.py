@@ -209,3 +209,66 @@ def test_frozen_envoy_server_is_let_go(pki: Pki, tmp_path: Path, echo: TcpApp) -
             assert side.metric("mtls_handshakes_total", direction="outbound") == 2
     finally:
         envoy.stop()
+
+
+@pytest.mark.parametrize(
+    ("inbound_env", "app_up", "out_reason", "in_reason"),
+    [
+        (
+            {"MTLS_ALLOW_PEERS": "spiffe://test.example/nobody"},
+            True,
+            "peer_not_allowed",
+            "peer_not_allowed",
+        ),
+        ({}, False, None, None),
+    ],
+    ids=["401", "503"],
+)
+def test_ours_to_ours_refusals(
+    pki: Pki,
+    tmp_path: Path,
+    echo: TcpApp,
+    inbound_env: dict[str, str],
+    app_up: bool,
+    out_reason: str | None,
+    in_reason: str | None,
+) -> None:
+    """A refused stream (401: the inbound policy; 503: its app is down) reaches the app as
+    a cut connection (nothing relayed), counted on the side that knows why."""
+    hbone = free_port()
+    app_port = echo.port if app_up else free_port()
+    inbound = Sidecar(
+        {
+            **identity_env(pki.server),
+            "MTLS_INBOUND": f"web=127.0.0.1:{free_port()}=127.0.0.1:{app_port}",
+            "MTLS_HBONE_LISTEN": f"127.0.0.1:{hbone}",
+            **inbound_env,
+        },
+        tmp_path / "inbound.log",
+    )
+    inbound.wait_ready()
+    outbound, port = _outbound(pki, tmp_path, app_port, hbone)
+    with running(inbound, outbound):
+        before = echo.connections
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"never relayed")
+            with contextlib.suppress(ConnectionResetError):
+                assert recv_all(s, 10) == b""
+        assert echo.connections == before
+        if out_reason is not None:
+            got = outbound.wait_metric(
+                "mtls_connections_rejected_total", 1, direction="outbound", reason=out_reason
+            )
+            assert got == 1
+            assert in_reason is not None
+            assert inbound.metric("mtls_connections_rejected_total", reason=in_reason) == 1
+            refused = [e for e in outbound.log_events() if e.get("event") == "rejected"]
+            assert refused and "stream refused" in refused[-1]["msg"]
+        else:
+            line = _closed(outbound, 1, "outbound")[0]
+            assert line["bytes_in"] == 0
+            got = inbound.wait_metric(
+                "mtls_upstream_connect_failures_total", 1, route="web", reason="connect_refused"
+            )
+            assert got == 1
+            assert line["outcome"] == "peer_reset"
