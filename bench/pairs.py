@@ -345,6 +345,60 @@ H2_WINDOWS = {"initial_stream_window_size": 4 * 1024 * 1024,
               "initial_connection_window_size": 16 * 1024 * 1024}  # fmt: skip
 
 
+def connect_hcm(cluster: str) -> Json:
+    """An HTTP/2 `http_connection_manager` that takes CONNECT (`allow_connect`, Istio's
+    windows) and carries each stream to `cluster`: Envoy as an HBONE server."""
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network"
+            ".http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "connect",
+            "codec_type": "HTTP2",
+            "http2_protocol_options": {"allow_connect": True, **H2_WINDOWS},
+            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+            "route_config": {
+                "virtual_hosts": [
+                    {
+                        "name": "connect",
+                        "domains": ["*"],
+                        "routes": [
+                            {
+                                "match": {"connect_matcher": {}},
+                                "route": {
+                                    "cluster": cluster,
+                                    "upgrade_configs": [
+                                        {"upgrade_type": "CONNECT", "connect_config": {}}
+                                    ],
+                                },
+                            }
+                        ],
+                    }
+                ]
+            },
+            "http_filters": [
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http"
+                        ".router.v3.Router"
+                    },
+                }
+            ],
+        },
+    }
+
+
+def h2_options() -> Json:
+    """A cluster's HTTP/2 upstream options with Istio's windows (an HBONE client's)."""
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": dict(H2_WINDOWS)},
+        }
+    }
+
+
 class Envoy(ProxyKind):
     """Envoy as Istio's sidecars run it: `tcp_proxy` to an mTLS upstream, TLS 1.3 only, the
     server's SPIFFE URI SAN matched; one mTLS connection per app connection. Default
@@ -411,13 +465,7 @@ class EnvoyPooled(Envoy):
     label = "Envoy, HTTP/2 CONNECT pooled"
 
     def _configs(self, ctx: Context, entry: int, middle: int, target: int) -> dict[str, Json]:
-        http2 = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/"
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": dict(H2_WINDOWS)},
-            }
-        }
+        http2 = h2_options()
         client = {
             "static_resources": {
                 "listeners": [
@@ -440,45 +488,7 @@ class EnvoyPooled(Envoy):
                 ],
             }
         }
-        hcm = {
-            "name": "envoy.filters.network.http_connection_manager",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network"
-                ".http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "connect",
-                "codec_type": "HTTP2",
-                "http2_protocol_options": {"allow_connect": True, **H2_WINDOWS},
-                "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-                "route_config": {
-                    "virtual_hosts": [
-                        {
-                            "name": "connect",
-                            "domains": ["*"],
-                            "routes": [
-                                {
-                                    "match": {"connect_matcher": {}},
-                                    "route": {
-                                        "cluster": "app",
-                                        "upgrade_configs": [
-                                            {"upgrade_type": "CONNECT", "connect_config": {}}
-                                        ],
-                                    },
-                                }
-                            ],
-                        }
-                    ]
-                },
-                "http_filters": [
-                    {
-                        "name": "envoy.filters.http.router",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http"
-                            ".router.v3.Router"
-                        },
-                    }
-                ],
-            },
-        }
+        hcm = connect_hcm("app")
         server = {
             "static_resources": {
                 "listeners": [

@@ -22,6 +22,8 @@ from prometheus_client import Counter
 from . import flow as f
 from . import mux
 from .errors import PolicyDenied
+from .hbone import ALPN as HBONE_ALPN
+from .hbone_io import HboneCarrier, HboneStream
 from .identity import SpiffeId, spiffe_id_from_der
 from .logs import RateLimit
 from .metrics import handshake_counter
@@ -41,6 +43,8 @@ from .tls_ffi import (
 )
 
 log = logging.getLogger("mtls.conn")
+# The network legs that are streams on a carrier (ours, or HBONE): no handshake of their own.
+_STREAMS = (StreamLeg, HboneStream)
 _OVERLOAD_LOG = RateLimit(1.0)
 # Refused streams cost a peer a few bytes each: one line a second per reason says it.
 _STREAM_REFUSAL_LOG: dict[f.Reason, RateLimit] = {}
@@ -75,6 +79,7 @@ class ConnHost(Protocol):
     tls: TlsState
     revocations: RevocationList | None
     pool: Pool | None  # outbound pooled connections (None: MTLS_CONNECTION_REUSE=false)
+    hbone_pool: Pool  # outbound HBONE connections (MTLS_HBONE_OUTBOUND)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]: ...
 
@@ -135,6 +140,21 @@ class ConnHost(Protocol):
         """Make `leg`, which negotiated connection reuse, a pooled connection."""
         ...
 
+    def new_hbone_carrier(
+        self,
+        leg: NetLeg,
+        route: Route,
+        *,
+        peer_id: SpiffeId | None,
+        peer_facts: PeerCert | None,
+        peername: tuple[str, int] | None,
+        called: tuple[str, int] | None,
+        outbound: bool = False,
+        key: Key | None = None,
+    ) -> HboneCarrier:
+        """Make `leg` an HBONE connection: accepted on the HBONE listener, or dialled."""
+        ...
+
     def stream_destination(
         self, dst: tuple[str, int]
     ) -> tuple[tuple[str, int] | None, tuple[f.Reason, str] | None]:
@@ -191,6 +211,7 @@ class Conn:
         "flushed_in",
         "flushed_out",
         "handshake_timeout",
+        "hbone_dial",
         "header",
         "header_timer",
         "held_app",
@@ -216,7 +237,7 @@ class Conn:
         self.route = route
         self.flow = f.Flow(route.flow_config, host.peer_check(route))
         self.tls = host.tls  # the identity this connection began with, kept to its end
-        self.net: NetLeg | StreamLeg | None = None
+        self.net: NetLeg | StreamLeg | HboneStream | None = None
         self.app: AppLeg | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -241,6 +262,7 @@ class Conn:
         self.peer_cert: PeerCert | None = None  # for revocation checks while open
         self.denied: tuple[f.Reason, str] | None = None  # refused inside the handshake
         self.pool_key: Key | None = None  # outbound: dialling a pooled connection for this
+        self.hbone_dial = False  # outbound: dialling an HBONE connection (then pool_key's pool)
         self.policy: Decision | None = None  # inbound, MTLS_POLICY_FILE: the last verdict
 
     # --- what the legs report ----------------------------------------------------------
@@ -307,10 +329,12 @@ class Conn:
                 return
         self._run(f.Dialled())
 
-    def _proxy_header(self, net: NetLeg | StreamLeg) -> bytes:
+    def _proxy_header(self, net: NetLeg | StreamLeg | HboneStream) -> bytes:
         """The PROXY v2 header telling the app who called: address, TLS facts, SPIFFE ID."""
         route = self.route
         src = self.peername or ("0.0.0.0", 0)
+        if isinstance(net, HboneStream) and net.forwarded is not None:
+            src = net.forwarded  # the caller behind the HBONE client (`forwarded: for=`)
         dst = self.called or ("0.0.0.0", 0)
         info = net.tls_info() if self.flow.security is f.Security.MTLS else None
         if info is None:
@@ -378,20 +402,25 @@ class Conn:
             )
         )
 
-    def stream_accepted(self, stream: StreamLeg) -> None:
+    def stream_accepted(
+        self, stream: StreamLeg | HboneStream, forbidden: tuple[f.Reason, str] | None = None
+    ) -> None:
         """Inbound: a stream on a pooled connection carries a new app connection; it is
         judged like a connection of its own (policy, revocation, destination) but has no
-        handshake of its own."""
+        handshake of its own. `forbidden`: refused already (an HBONE stream's authority)."""
         self.net = stream
         carrier = stream.carrier
         route = self.route
         self.peername = carrier.peername
         peer = _addr(self.peername) if self.peername is not None else "?"
         target = route.target
-        forbidden: tuple[f.Reason, str] | None = None
-        if route.transparent:
+        if forbidden is not None:
+            self.called = stream.info.dst
+        elif route.transparent:
             target, forbidden = self.host.stream_destination(stream.info.dst)
             self.called = stream.info.dst
+        elif isinstance(stream, HboneStream):
+            self.called = stream.info.dst  # the authority it named, an address of ours
         else:
             self.called = carrier.called
         self._judge_by_policy()
@@ -479,9 +508,9 @@ class Conn:
     def closed_before_hello(self, first: bytes) -> None:
         self._run(f.ClosedBeforeHello(len(first)))
 
-    def handshake_done(self, leg: NetLeg | StreamLeg) -> None:
+    def handshake_done(self, leg: NetLeg | StreamLeg | HboneStream) -> None:
         sid: SpiffeId | None
-        if isinstance(leg, StreamLeg):
+        if isinstance(leg, _STREAMS):
             # The carrier's peer, parsed once for all its streams.
             sid, facts = leg.carrier.peer_id, leg.carrier.peer_facts
         else:
@@ -494,11 +523,32 @@ class Conn:
         if facts is not None and facts.not_after <= time.time():
             expired = dt.datetime.fromtimestamp(facts.not_after, dt.UTC).isoformat()
         revoked = self._revoked_serial(facts)
-        if isinstance(leg, StreamLeg):
+        if isinstance(leg, _STREAMS):
             note = "a new stream on the pooled connection it opened before"
         else:
             note = "resumed session" if resumed else ""
-        if isinstance(leg, NetLeg) and leg.alpn() == mux.ALPN:
+        if isinstance(leg, NetLeg) and self.hbone_dial:
+            if leg.alpn() != HBONE_ALPN:
+                self._dial_done(None, 0)
+                self._run(
+                    f.HandshakeFailed(
+                        f.Reason.OTHER,
+                        f"{self.flow.who()} did not negotiate ALPN h2: not an HBONE server",
+                    )
+                )
+                return
+            self._hbone_out_carrier(leg, sid, facts, revoked, expired, note)
+        elif isinstance(leg, NetLeg) and self.route.hbone:
+            if leg.alpn() != HBONE_ALPN:
+                self._run(
+                    f.HandshakeFailed(
+                        f.Reason.OTHER, f"{self.flow.who()} did not negotiate ALPN h2 (HBONE)"
+                    )
+                )
+                return
+            if self._make_carrier(leg, sid, facts, revoked, expired, note):
+                return
+        elif isinstance(leg, NetLeg) and leg.alpn() == mux.ALPN:
             if self._make_carrier(leg, sid, facts, revoked, expired, note):
                 return
         elif self.pool_key is not None:
@@ -530,6 +580,20 @@ class Conn:
         route = self.route
         seconds = self.host.loop.time() - self.hs_started
         count_handshake = partial(self._count_handshake, leg, seconds)
+        if route.hbone:
+            count_handshake()
+            self.host.new_hbone_carrier(
+                leg,
+                route,
+                peer_id=sid,
+                peer_facts=facts,
+                peername=self.peername,
+                called=self.called,
+            )
+            self.closed = True
+            self.net = None
+            self.host.forget(self)
+            return True
         if route.direction == "inbound":
             count_handshake()
             self.host.new_carrier(
@@ -562,6 +626,68 @@ class Conn:
                 pool.add(key, carrier)
         return False
 
+    def _hbone_out_carrier(
+        self,
+        leg: NetLeg,
+        sid: SpiffeId | None,
+        facts: PeerCert | None,
+        revoked: str | None,
+        expired: str | None,
+        note: str,
+    ) -> None:
+        """Outbound: the HBONE connection we dialled is up: pool it, and make this
+        connection its first stream (judged next, as any handshake)."""
+        if self.flow.judge(sid, revoked, expired, note) is not None:
+            self._dial_done(None, 0)
+            return  # refused as any connection: the flow says so
+        target = self.target
+        assert target is not None and leg.transport is not None
+        raw = leg.transport.get_extra_info("peername")
+        where = (str(raw[0]), int(raw[1])) if isinstance(raw, tuple) else None
+        key = self._key(target[0], self.route.hbone_port)
+        carrier = self.host.new_hbone_carrier(
+            leg,
+            self.route,
+            peer_id=sid,
+            peer_facts=facts,
+            peername=where,
+            called=None,
+            outbound=True,
+            key=key,
+        )
+        carrier.on_answer = partial(
+            self._count_handshake, leg, self.host.loop.time() - self.hs_started
+        )
+        self.net = carrier.open_stream(self, self._authority(carrier), self.peername)
+        if self.pool_key is not None:
+            self._dial_done(carrier, 0)
+        else:
+            self.host.hbone_pool.add(key, carrier)  # type: ignore[arg-type]
+
+    def _authority(self, carrier: HboneCarrier) -> tuple[str, int]:
+        """The `:authority` of our CONNECT: the destination's address (the HBONE connection
+        went to its host) and port."""
+        target = self.target or ("", 0)
+        host = carrier.peername[0] if carrier.peername is not None else target[0]
+        return host, target[1]
+
+    def _hbone(self, host: str, port: int) -> None:
+        """Outbound: carry this connection as an HBONE stream to `host`'s HBONE port: on a
+        pooled HBONE connection, now or once the one being dialled is up, or on a new one."""
+        self.hbone_dial = True
+        pool = self.host.hbone_pool
+        hbone_port = self.route.hbone_port
+        key = self._key(host, hbone_port)
+        carrier = pool.take(key) if self.tls is self.host.tls else None
+        if carrier is not None:
+            self.use_carrier(carrier)
+            return
+        if pool.wait(key, self):
+            return
+        pool.dial_started(key)
+        self.pool_key = key
+        self.task = self.host.spawn(self._dial_remote(host, hbone_port, True), "dial-hbone")
+
     def _key(self, host: str, port: int) -> Key:
         """Pooled connections to (host, port) for this route's expected identity."""
         return (host, port, self.route.expected_peer)
@@ -571,11 +697,11 @@ class Conn:
         src = self.peername or ("", 0)
         return mux.OpenInfo(target, src)
 
-    def _dial_done(self, carrier: Carrier | None, ttl: float) -> None:
+    def _dial_done(self, carrier: Carrier | HboneCarrier | None, ttl: float) -> None:
         key, self.pool_key = self.pool_key, None
-        pool = self.host.pool
+        pool = self.host.hbone_pool if self.hbone_dial else self.host.pool
         if key is not None and pool is not None:
-            pool.dial_done(key, carrier, self.host.loop.time(), ttl)
+            pool.dial_done(key, carrier, self.host.loop.time(), ttl)  # type: ignore[arg-type]
 
     def _try_pool(self, host: str, port: int) -> bool:
         """Outbound: carry this connection on a pooled connection to (host, port), now or
@@ -596,7 +722,7 @@ class Conn:
         self.pool_key = key
         return False
 
-    def use_carrier(self, carrier: Carrier) -> None:
+    def use_carrier(self, carrier: Carrier | HboneCarrier) -> None:
         """Outbound: open this connection as a stream on `carrier`; its remote's identity
         is judged first, so a stream the policy denies is never opened."""
         if self.closed:
@@ -604,7 +730,10 @@ class Conn:
         if self.flow.judge(carrier.peer_id) is not None:
             self._run(f.HandshakeDone(carrier.peer_id))  # refused, as after a handshake
             return
-        self.net = carrier.open_stream(self, self._open_info())
+        if isinstance(carrier, HboneCarrier):
+            self.net = carrier.open_stream(self, self._authority(carrier), self.peername)
+        else:
+            self.net = carrier.open_stream(self, self._open_info())
         self.hs_started = self.host.loop.time()
         self._run(f.Dialled())  # then the stream's "handshake", done at once
 
@@ -613,6 +742,8 @@ class Conn:
         if self.closed or self.target is None:
             return
         host, port = self.target
+        if self.hbone_dial:
+            port = self.route.hbone_port
         self.task = self.host.spawn(self._dial_remote(host, port, True), "dial-remote")
 
     def stream_refused(self, code: int) -> None:
@@ -794,6 +925,9 @@ class Conn:
                 else:
                     if self.app is not None:
                         self.app.pause_reading()  # until the remote is up
+                    if tls and self.route.dials_hbone(host, port):
+                        self._hbone(host, port)
+                        return
                     if tls and self._try_pool(host, port):
                         return
                     self.task = self.host.spawn(self._dial_remote(host, port, tls), "dial-remote")
@@ -812,7 +946,7 @@ class Conn:
                 if leg is not None:
                     leg.send_eof()
             case f.Reject(reason=reason, message=message):
-                if isinstance(self.net, StreamLeg):
+                if isinstance(self.net, _STREAMS):
                     self.net.reset_code = _RESET_FOR.get(reason, mux.RESET_CANCEL)
                 self.route.metrics.rejected(reason).inc()
                 held: int | None = 0
@@ -820,7 +954,7 @@ class Conn:
                 if reason is f.Reason.TOO_MANY_CONNECTIONS:
                     # Overload must not also flood the log: one line a second says it.
                     limit = _OVERLOAD_LOG
-                elif isinstance(self.net, StreamLeg):
+                elif isinstance(self.net, _STREAMS):
                     limit = _STREAM_REFUSAL_LOG.get(reason)
                     if limit is None:
                         limit = _STREAM_REFUSAL_LOG[reason] = RateLimit(1.0)
@@ -836,7 +970,7 @@ class Conn:
                     message += f" ({held} more refused for this since the last line)"
                 log.warning("rejected: %s", message, extra={"fields": fields})
             case f.UpstreamFailed(reason=reason, text=text):
-                if isinstance(self.net, StreamLeg):
+                if isinstance(self.net, _STREAMS):
                     self.net.reset_code = mux.RESET_UPSTREAM
                 self.route.metrics.upstream_failure(reason).inc()
                 host, port = self.target or ("?", 0)
@@ -868,9 +1002,9 @@ class Conn:
 
     async def _dial_remote(self, host: str, port: int, tls: bool) -> None:
         state = self.tls
-        ctx = state.client_ptr if tls else None
+        ctx = (state.hbone_client_ptr if self.hbone_dial else state.client_ptr) if tls else None
         cache = state.sessions
-        key = f"{host}:{port}"
+        key = f"hbone:{host}:{port}" if self.hbone_dial else f"{host}:{port}"
         self.hs_started = self.host.loop.time()
 
         def factory() -> NetLeg:
@@ -947,7 +1081,7 @@ class Conn:
         """Did this connection relay, and end other than by a refusal? A stream the far
         sidecar never answered (ACCEPT) did not."""
         net = self.net
-        if isinstance(net, StreamLeg) and net.carrier.outbound and not net.accepted:
+        if isinstance(net, _STREAMS) and net.carrier.outbound and not net.accepted:
             return False
         return self.hs_done > 0 and not outcome.startswith(
             (f.Outcome.REJECTED, f.Outcome.UPSTREAM_FAILED)
@@ -996,7 +1130,7 @@ class Conn:
             "tls_cipher": cipher,
             "tls_group": group,
             "tls_resumed": net.resumed(),
-            "pooled": isinstance(net, StreamLeg),
+            "pooled": isinstance(net, _STREAMS),
         }
 
     def _policy_fields(self) -> dict[str, object]:

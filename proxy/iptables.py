@@ -75,12 +75,16 @@ class RuleConfig:
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[Network, ...] = ()
     admin_port: int | None = 15000
+    # HBONE (MTLS_HBONE_LISTEN, 15008 in transparent mode): peers dial it directly.
+    hbone_port: int | None = 15008
 
     def __post_init__(self) -> None:
         ports = [self.inbound_capture_port, self.outbound_capture_port]
         ports += [*self.exclude_inbound_ports, *self.exclude_outbound_ports]
         if self.admin_port is not None:
             ports.append(self.admin_port)
+        if self.hbone_port is not None:
+            ports.append(self.hbone_port)
         for port in ports:
             if not 1 <= port <= 65535:
                 raise ValueError(f"port {port} is out of range 1-65535")
@@ -99,6 +103,7 @@ class RuleConfig:
         admin = getattr(settings, "admin_listen", None)
         if admin is not None and not admin.port:
             admin = None
+        hbone = getattr(settings, "hbone_address", None)
         return cls(
             inbound_capture_port=int(settings.inbound_capture_port),
             outbound_capture_port=int(settings.outbound_capture_port),
@@ -109,13 +114,17 @@ class RuleConfig:
                 ipaddress.ip_network(str(c), strict=False) for c in settings.exclude_outbound_cidrs
             ),
             admin_port=None if admin is None else int(admin.port),
+            hbone_port=None if hbone is None else int(hbone.port),
         )
 
     def inbound_return_ports(self) -> list[int]:
-        """Ports never redirected inbound: capture ports, admin port, then the exclusions."""
+        """Ports never redirected inbound: capture ports, admin port, the HBONE port, then
+        the exclusions."""
         ports = [self.inbound_capture_port, self.outbound_capture_port]
         if self.admin_port is not None:
             ports.append(self.admin_port)
+        if self.hbone_port is not None:
+            ports.append(self.hbone_port)
         return _unique([*ports, *self.exclude_inbound_ports])
 
     def cidrs(self, family: Family) -> list[Network]:

@@ -141,7 +141,8 @@ POOL_RETIRED = Counter(
     "(our certificate or trust bundle changed), goaway (the peer's did), drain, revoked, "
     "broken (TCP or TLS error), protocol_error, flow_control (the peer sent beyond a stream's "
     "window), untrusted (the new trust bundle no longer trusts the peer), unresponsive (a new "
-    "stream got no answer, nor anything else), stream_ids (2**31 streams opened on it).",
+    "stream got no answer, nor anything else; HBONE: no answer to a PING), stream_ids (2**31 "
+    "streams opened on it); HBONE connections also stream_limit and frame_size.",
     ["direction", "reason"],
 )
 POOL_STREAM_ERRORS = Counter(

@@ -8,6 +8,7 @@ from prometheus_client import Counter as _Counter
 
 from . import metrics
 from .config import Address, Settings
+from .config.parse import HboneOutbound
 from .flow import Direction, FlowConfig, Mode
 from .proxyproto import sends_proxy_header
 
@@ -72,8 +73,23 @@ class Route:
     proxy_crc: bool = False
     # Outbound: each connection from the app's side starts with a PROXY v2 header.
     accept_proxy: bool = False
+    # Inbound: the HBONE listener (MTLS_HBONE_LISTEN). Its connections are HTTP/2 carriers;
+    # each CONNECT stream is judged under the route it names (see Worker.hbone_stream).
+    hbone: bool = False
+    # Outbound (MTLS_HBONE_OUTBOUND): dial HBONE to the destination host's `hbone_port`:
+    # every connection of a named route, or (transparent) those whose destination matches.
+    hbone_all: bool = False
+    hbone_match: HboneOutbound | None = None
+    hbone_port: int = 15008
     metrics: RouteMetrics = field(init=False)
     flow_config: FlowConfig = field(init=False)
+
+    def dials_hbone(self, host: str, port: int) -> bool:
+        """Outbound: does a connection to `host:port` go as an HBONE stream?"""
+        if self.hbone_all:
+            return True
+        match = self.hbone_match
+        return match is not None and match.matches(host, port)
 
     def __post_init__(self) -> None:
         self.metrics = RouteMetrics(self.direction, self.name)
@@ -90,8 +106,14 @@ def routes_for(settings: Settings) -> list[Route]:
             r.proxy_protocol = sends_proxy_header(settings.proxy_protocol, r.name)
             r.proxy_id_tlv = settings.proxy_protocol_id_tlv
             r.proxy_crc = settings.proxy_protocol_crc32c
-        elif not r.transparent:
-            r.accept_proxy = settings.outbound_accept_proxy_protocol
+        else:
+            if not r.transparent:
+                r.accept_proxy = settings.outbound_accept_proxy_protocol
+            r.hbone_port = settings.hbone_port
+            if r.transparent:
+                r.hbone_match = settings.hbone_outbound or None
+            else:
+                r.hbone_all = r.name in settings.hbone_outbound.routes
     return routes
 
 
@@ -118,6 +140,19 @@ def _routes(settings: Settings) -> list[Route]:
                 settings.outbound_mode,
                 expected_peer=str(o.expected_peer) if o.expected_peer is not None else None,
                 handshake_timeout=settings.handshake_timeout,
+            )
+        )
+    hbone = settings.hbone_address
+    if hbone is not None:
+        routes.append(
+            Route(
+                "inbound",
+                str(hbone.port),
+                hbone,
+                ("127.0.0.1", hbone.port),  # never dialled: each stream names its own
+                "strict",
+                handshake_timeout=settings.handshake_timeout,
+                hbone=True,
             )
         )
     if settings.transparent:

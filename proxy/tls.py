@@ -15,6 +15,7 @@ from OpenSSL import SSL, crypto
 
 from . import tls_ffi
 from .errors import CertError
+from .hbone import ALPN as HBONE_ALPN
 from .material import Material
 from .mux import ALPN
 from .tls_ffi import ffi, lib
@@ -244,6 +245,10 @@ class TlsState:
     sessions: SessionCache = field(default_factory=SessionCache)
     server_ptr: Any = None  # the SSL_CTX* of `server`, for tls_ffi.new_ssl
     client_ptr: Any = None
+    hbone_server: SSL.Context | None = None  # MTLS_HBONE_LISTEN: ALPN h2, TLS 1.3 only
+    hbone_server_ptr: Any = None
+    hbone_client: SSL.Context | None = None  # HBONE outbound: ALPN h2 offered, TLS 1.3 only
+    hbone_client_ptr: Any = None
 
     def cap_session_lifetime(self, now: dt.datetime | None = None) -> int:
         """Let sessions issued from now on end by the leaf's expiry (called once a second,
@@ -251,6 +256,9 @@ class TlsState:
         seconds = session_lifetime(self.material.not_after, now)
         lib.SSL_CTX_set_timeout(self.server_ptr, seconds)
         lib.SSL_CTX_set_timeout(self.client_ptr, seconds)
+        for ptr in (self.hbone_server_ptr, self.hbone_client_ptr):
+            if ptr is not None:
+                lib.SSL_CTX_set_timeout(ptr, seconds)
         return seconds
 
 
@@ -259,12 +267,18 @@ def tls_state_for(material: Material, settings: TlsSettings) -> TlsState:
     (before it accepts files, an enrolment, a renewal or a reload) and in each worker: the
     contexts this sidecar's settings build from it. Raises CertError."""
     return build_tls_state(
-        material, settings.min_tls_version, settings.tls_groups, reuse=settings.connection_reuse
+        material,
+        settings.min_tls_version,
+        settings.tls_groups,
+        reuse=settings.connection_reuse,
+        hbone=getattr(settings, "hbone_address", None) is not None,
     )
 
 
 # The server side's ALPN selection for connection reuse (one for every context).
 _ALPN_SELECT = tls_ffi.alpn_select_callback(ALPN)
+# HBONE's listener: `h2` or nothing (no_application_protocol alert), as ztunnel does.
+_HBONE_SELECT = tls_ffi.alpn_select_callback(HBONE_ALPN, required=True)
 
 
 def build_tls_state(
@@ -273,6 +287,7 @@ def build_tls_state(
     groups: Sequence[str] = DEFAULT_GROUPS,
     *,
     reuse: bool = False,
+    hbone: bool = False,
 ) -> TlsState:
     """Build server and client contexts; raises CertError, leaving nothing half-built.
 
@@ -289,6 +304,15 @@ def build_tls_state(
         # a server; a peer that does not speak it never sees anything but plain TLS.
         tls_ffi.set_alpn(_ctx_ptr(client), offer=ALPN)
         tls_ffi.set_alpn(_ctx_ptr(server), select=_ALPN_SELECT)
+    # HBONE outbound: a client context offering only `h2`, TLS 1.3 only.
+    hbone_client = _base_context(SSL.TLS_CLIENT_METHOD, material, "1.3", groups)
+    tls_ffi.set_alpn(_ctx_ptr(hbone_client), offer=HBONE_ALPN)
+    hbone_server: SSL.Context | None = None
+    if hbone:
+        # HBONE is TLS 1.3 only, whatever MTLS_MIN_TLS_VERSION allows elsewhere.
+        hbone_server = _base_context(SSL.TLS_SERVER_METHOD, material, "1.3", groups)
+        hbone_server.set_session_id(b"mtls-sidecar-hbone")
+        tls_ffi.set_alpn(_ctx_ptr(hbone_server), select=_HBONE_SELECT)
     return TlsState(
         material=material,
         server=server,
@@ -296,6 +320,10 @@ def build_tls_state(
         groups=groups,
         server_ptr=_ctx_ptr(server),
         client_ptr=_ctx_ptr(client),
+        hbone_server=hbone_server,
+        hbone_server_ptr=_ctx_ptr(hbone_server) if hbone_server is not None else None,
+        hbone_client=hbone_client,
+        hbone_client_ptr=_ctx_ptr(hbone_client),
     )
 
 

@@ -243,12 +243,13 @@ def text(ptr: Any) -> str:
     return ffi.string(ptr).decode("ascii", "replace") if ptr != NULL else ""
 
 
-def alpn_select_callback(protocol: bytes) -> Any:
+def alpn_select_callback(protocol: bytes, *, required: bool = False) -> Any:
     """An SSL_CTX_set_alpn_select_cb callback that selects `protocol` when the client offers
     it, and otherwise lets the handshake go on without ALPN (a client that offers other
-    protocols, or none, gets a plain TLS connection). Keep the returned object alive."""
+    protocols, or none, gets a plain TLS connection); with `required`, the handshake fails
+    instead (alert no_application_protocol). Keep the returned object alive."""
     ok = lib.SSL_TLSEXT_ERR_OK
-    noack = lib.SSL_TLSEXT_ERR_NOACK
+    noack = lib.SSL_TLSEXT_ERR_ALERT_FATAL if required else lib.SSL_TLSEXT_ERR_NOACK
 
     def callback(ssl: Any, out: Any, outlen: Any, offered: Any, inlen: int, arg: Any) -> int:
         data = bytes(ffi.buffer(offered, inlen))

@@ -26,8 +26,11 @@ from prometheus_client import Counter as _Counter
 from . import control, metrics
 from .config import Settings
 from .conn import Conn
-from .errors import CertError
+from .errors import CertError, PolicyDenied
 from .flow import PeerCheck, Reason
+from .hbone import MAX_STREAMS as HBONE_MAX_STREAMS
+from .hbone import StreamOpened
+from .hbone_io import HboneCarrier, HboneStream
 from .identity import SpiffeId, parse_spiffe_id
 from .material import load_material, with_federation
 from .mux import OpenInfo
@@ -116,7 +119,24 @@ class Worker:
             if settings.connection_reuse
             else None
         )
-        self.carriers: set[Carrier] = set()
+        self.carriers: set[Carrier | HboneCarrier] = set()
+        # Outbound HBONE connections (MTLS_HBONE_OUTBOUND), at most 100 streams each.
+        self.hbone_pool = Pool(
+            min(settings.pool_max_streams, HBONE_MAX_STREAMS),
+            settings.pool_idle_timeout,
+            settings.pool_max_lifetime,
+        )
+        # HBONE streams go to the inbound route whose target port they name (explicit mode),
+        # or to the transparent capture route.
+        self._hbone_routes: dict[int, Route] = {}
+        self._capture_route: Route | None = None
+        for route, _ in listeners:
+            if route.direction != "inbound" or route.hbone:
+                continue
+            if route.transparent:
+                self._capture_route = route
+            elif route.target is not None:
+                self._hbone_routes.setdefault(route.target[1], route)
 
     # --- material ------------------------------------------------------------------------
 
@@ -326,6 +346,8 @@ class Worker:
         target: tuple[str, int] | None = None,
         judged: Decision | None = None,
     ) -> PeerCheck:
+        if route.hbone:
+            return _hbone_carrier_check  # each stream is judged under its own route
         if route.direction == "inbound":
             authz = self.authz
             if authz is None:
@@ -468,7 +490,71 @@ class Worker:
         carrier.accept_stream(stream)
         conn.stream_accepted(stream)
 
-    def carrier_closed(self, carrier: Carrier) -> None:
+    def new_hbone_carrier(
+        self,
+        leg: NetLeg,
+        route: Route,
+        *,
+        peer_id: SpiffeId | None,
+        peer_facts: PeerCert | None,
+        peername: tuple[str, int] | None,
+        called: tuple[str, int] | None,
+        outbound: bool = False,
+        key: Key | None = None,
+    ) -> HboneCarrier:
+        carrier = HboneCarrier(
+            self,
+            leg,
+            route=route,
+            peer_id=peer_id,
+            peer_facts=peer_facts,
+            peername=peername,
+            called=called,
+            outbound=outbound,
+            key=key,
+            pool=self.hbone_pool if outbound else None,
+        )
+        self.carriers.add(carrier)
+        self._publish_count()
+        if self.draining:
+            carrier.retire("drain")
+        return carrier
+
+    def hbone_stream(self, carrier: HboneCarrier, opened: StreamOpened) -> None:
+        """A CONNECT on an HBONE connection: a connection of the route it names, judged
+        like any other (policy, revocation, limits, PROXY v2, its log line)."""
+        dst = opened.authority
+        forbidden: tuple[Reason, str] | None = None
+        route = self._capture_route if self.settings.transparent else None
+        if dst is None:
+            dst = ("0.0.0.0", 0)
+            forbidden = (Reason.BAD_DESTINATION, f"an HBONE stream was refused: {opened.problem}")
+        elif route is None:
+            route = self._hbone_routes.get(dst[1])
+            if route is None:
+                forbidden = (
+                    Reason.BAD_DESTINATION,
+                    f"an HBONE stream named {dst[0]}:{dst[1]}, but no inbound route forwards "
+                    f"to port {dst[1]}",
+                )
+            elif not self._arrived_at(dst[0], carrier):
+                forbidden = (
+                    Reason.BAD_DESTINATION,
+                    f"an HBONE stream named {dst[0]}:{dst[1]}, which is not an address of "
+                    "this host",
+                )
+        conn = Conn(self, route or carrier.route)
+        stream = HboneStream(carrier, conn, opened.sid, dst, opened.forwarded)
+        carrier.accept_stream(stream)
+        conn.stream_accepted(stream, forbidden)
+
+    def _arrived_at(self, host: str, carrier: HboneCarrier) -> bool:
+        called = carrier.called
+        return (called is not None and called[0] == host) or is_local_address(
+            host, self._addresses()
+        )
+
+    def carrier_closed(self, carrier: Carrier | HboneCarrier) -> None:
         self.carriers.discard(carrier)
         self._publish_count()
 
@@ -506,7 +592,7 @@ class Worker:
                 tls = self.tls
                 return NetLeg(
                     Conn(self, route),
-                    tls.server_ptr,
+                    tls.hbone_server_ptr if route.hbone else tls.server_ptr,
                     server_side=True,
                     domains=tls.material.checks_domains,
                 )
@@ -612,6 +698,12 @@ class Worker:
             log.warning("drain timeout: cut %d connection(s)", len(left))
         for carrier in list(self.carriers):
             carrier.close("drain")
+
+
+def _hbone_carrier_check(peer: SpiffeId | None) -> None:
+    """An HBONE connection needs a valid SPIFFE ID; policy is for each of its streams."""
+    if peer is None:
+        raise PolicyDenied("bad_cert", "peer certificate is no valid X509-SVID")
 
 
 def _accept_queued(route: Route, sock: socket.socket) -> list[socket.socket]:

@@ -31,6 +31,7 @@ EXCLUSIONS_ENV = {
     "MTLS_EXCLUDE_OUTBOUND_PORTS": "53,5432",
     "MTLS_EXCLUDE_OUTBOUND_CIDRS": "10.96.0.0/12,169.254.169.254/32,fd00:10:96::/112",
     "MTLS_ADMIN_LISTEN": "0.0.0.0:15020",
+    "MTLS_HBONE_LISTEN": ":16008",
 }
 
 
@@ -137,9 +138,9 @@ def test_cidrs_only_of_their_family() -> None:
 def test_inbound_returns_capture_admin_and_excluded_ports_once() -> None:
     inbound = [a for a in rules(cfg_exclusions(), "ipv4") if a[3] == "MTLS_INBOUND"]
     dports = [a[a.index("--dport") + 1] for a in inbound if "--dport" in a]
-    assert dports == ["16006", "16001", "15020", "22", "9090"]
+    assert dports == ["16006", "16001", "15020", "16008", "22", "9090"]
     assert inbound[-1][-2:] == ["-j", "MTLS_IN_REDIRECT"]
-    no_admin = RuleConfig(admin_port=None, exclude_inbound_ports=(15006,))
+    no_admin = RuleConfig(admin_port=None, hbone_port=None, exclude_inbound_ports=(15006,))
     assert no_admin.inbound_return_ports() == [15006, 15001]
 
 
@@ -172,6 +173,7 @@ def test_from_settings_reads_same_names() -> None:
         exclude_outbound_ports=(53, 5432),
         exclude_outbound_cidrs=["10.96.0.0/12", ipaddress.ip_network("fd00:10:96::/112")],
         admin_listen=SimpleNamespace(host="0.0.0.0", port=15020),
+        hbone_address=SimpleNamespace(host="", port=16008),
     )
     cfg = RuleConfig.from_settings(settings)
     assert cfg == RuleConfig(
@@ -182,6 +184,7 @@ def test_from_settings_reads_same_names() -> None:
         (53, 5432),
         (ipaddress.ip_network("10.96.0.0/12"), ipaddress.ip_network("fd00:10:96::/112")),
         15020,
+        16008,
     )
     # The env helper and Settings agree on the same inputs: the lead's swap is a one-liner.
     assert cfg.inbound_return_ports() == cfg_exclusions().inbound_return_ports()
@@ -242,6 +245,20 @@ def test_reads_only_its_variables_but_catches_typos() -> None:
 
 def test_admin_port_zero_is_not_excluded() -> None:
     assert cfg_from_env({"MTLS_ADMIN_LISTEN": "127.0.0.1:0"}).admin_port is None
+
+
+def test_hbone_port_is_never_captured() -> None:
+    """Peers dial HBONE (15008 by default in transparent mode) directly: the inbound rules
+    return it before the redirect, wherever MTLS_HBONE_LISTEN puts it; 'off' drops it."""
+    for env, port in (({}, "15008"), ({"MTLS_HBONE_LISTEN": "0.0.0.0:17008"}, "17008")):
+        cfg = cfg_from_env(env)
+        inbound = [a for a in rules(cfg, "ipv4") if a[3] == "MTLS_INBOUND"]
+        dports = [a[a.index("--dport") + 1] for a in inbound if "--dport" in a]
+        assert port in dports
+        assert inbound.index(next(a for a in inbound if port in a)) < len(inbound) - 1
+        assert f"{port} }} return" in nft_ruleset(cfg)
+    off = cfg_from_env({"MTLS_HBONE_LISTEN": "off"})
+    assert off.hbone_port is None and 15008 not in off.inbound_return_ports()
 
 
 # --- apply / clean against a fake iptables ------------------------------------------------

@@ -899,3 +899,65 @@ def test_routes_to_other_ports_and_hosts_are_no_loop() -> None:
         MTLS_OUTBOUND="db=127.0.0.1:15432=db.internal:8443,lo=127.0.0.1:15433=127.0.0.1:15434",
     )
     assert [r.name for r in s.outbound] == ["db", "lo"]
+
+
+# --- HBONE ------------------------------------------------------------------------------
+
+
+def test_hbone_listen_default_off_explicit_on_transparent() -> None:
+    assert load().hbone_address is None
+    assert str(load(MTLS_TRANSPARENT="true").hbone_address) == ":15008"
+    assert load(MTLS_TRANSPARENT="true", MTLS_HBONE_LISTEN="off").hbone_address is None
+    assert str(load(MTLS_HBONE_LISTEN="127.0.0.1:17008").hbone_address) == "127.0.0.1:17008"
+    assert redacted(load(MTLS_HBONE_LISTEN="off"))["MTLS_HBONE_LISTEN"] == "off"
+
+
+def test_hbone_listen_collision_is_reported() -> None:
+    (p,) = load_problems(MTLS_HBONE_LISTEN="0.0.0.0:8443")
+    assert p.var == "MTLS_HBONE_LISTEN" and "collides" in p.message
+
+
+def test_hbone_outbound_parsed_and_shown() -> None:
+    s = load(
+        MTLS_TRANSPARENT="true",
+        MTLS_OUTBOUND="db=127.0.0.1:15432=db.internal:5432",
+        MTLS_HBONE_OUTBOUND="db, 10.8.0.0/16, 8080, 9000-9002, fd00::/8",
+    )
+    h = s.hbone_outbound
+    assert h.routes == {"db"} and h.ports == {8080, 9000, 9001, 9002}
+    assert h.matches("10.8.1.2", 1) and h.matches("fd00::5", 1) and h.matches("10.9.0.1", 9001)
+    assert not h.matches("10.9.0.1", 80)
+    assert redacted(s)["MTLS_HBONE_OUTBOUND"] == "db,10.8.0.0/16,fd00::/8,8080,9000-9002"
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"MTLS_HBONE_OUTBOUND": "nosuch"}, "no outbound route named nosuch"),
+        ({"MTLS_HBONE_OUTBOUND": "10.0.0.0/8"}, "transparent mode only"),
+        ({"MTLS_HBONE_OUTBOUND": "a b"}, "neither an outbound route name"),
+        ({"MTLS_HBONE_OUTBOUND": "10.0.0.1/8"}, "host bits"),
+        ({"MTLS_HBONE_PORT": "0"}, ""),
+    ],
+)
+def test_hbone_outbound_errors(env: dict[str, str], words: str) -> None:
+    (p,) = load_problems(**env)
+    assert p.var in ("MTLS_HBONE_OUTBOUND", "MTLS_HBONE_PORT") and words in p.message
+
+
+def test_routes_dial_hbone_where_told() -> None:
+    from proxy.routes import routes_for
+
+    s = load(
+        MTLS_TRANSPARENT="true",
+        MTLS_OUTBOUND="db=127.0.0.1:15432=db.internal:5432,cache=127.0.0.1:16379=cache:6379",
+        MTLS_HBONE_OUTBOUND="db,10.8.0.0/16",
+        MTLS_HBONE_PORT="16008",
+    )
+    by_name = {r.name: r for r in routes_for(s) if r.direction == "outbound"}
+    assert by_name["db"].dials_hbone("db.internal", 5432) and by_name["db"].hbone_port == 16008
+    assert not by_name["cache"].dials_hbone("10.8.0.1", 6379)  # a named route is by name
+    capture = by_name["15001"]
+    assert capture.dials_hbone("10.8.0.1", 80) and not capture.dials_hbone("10.9.0.1", 80)
+    hbone = [r for r in routes_for(s) if r.hbone]
+    assert len(hbone) == 1 and hbone[0].listen.port == 15008 and hbone[0].mode == "strict"

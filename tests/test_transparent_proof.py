@@ -527,6 +527,30 @@ def test_a_pooled_connection_to_a_silent_peer_is_let_go_within_seconds(
         mesh.lab.run("b", ["iptables", "-w", "-D", *rule])
 
 
+def test_hbone_between_hosts_goes_to_port_15008_and_is_tls_only(
+    mesh: Mesh, show_logs: None
+) -> None:
+    """A dials HBONE for B's app port (MTLS_HBONE_OUTBOUND=8080): the captured connection
+    goes to B's port 15008 (which B's rules leave alone), as a CONNECT for B's address and
+    the app's port; B's sidecar hands it to its app on loopback. Only TLS on the wire."""
+    a = mesh.sidecar("a", MTLS_HBONE_OUTBOUND=str(APP_B))
+    b = mesh.sidecar("b")
+    ip_a, ip_b = mesh.lab["a"].v4, mesh.lab["b"].v4
+    cap = mesh.capture("b", "a-to-b-hbone")
+    result = mesh.dial("a", ip_b, APP_B)
+    pcap = cap.stop()
+    assert result["error"] is None and result["reply"] == PAYLOAD, result["error"]
+    assert MARKER not in pcap
+    records = tls_only(pcap, ip_a, ip_b)
+    assert {f[3] for f in records if f[0] == ip_a} == {15008}  # the HBONE port, not 8080
+    served = [e for e in b.log_events() if e.get("event") == "conn_closed" and e.get("pooled")]
+    assert served and served[-1]["target"] == f"127.0.0.1:{APP_B}"
+    assert served[-1]["bytes_in"] == len(PAYLOAD) and served[-1]["route"] == "15006"
+    dialled = [e for e in a.log_events() if e.get("event") == "conn_closed"][-1]
+    assert dialled["pooled"] and dialled["target"] == f"{ip_b}:{APP_B}"
+    assert a.metric("mtls_pool_streams_total", direction="outbound") >= 1
+
+
 def test_nft_backend_meshed_to_meshed(pki: Pki, tmp_path: Path) -> None:
     """The same interception with `iptables --apply --nft` (one inet table, IPv4 and IPv6)."""
     with build_mesh(pki, tmp_path, ["a", "b"], ["--nft"]) as m:

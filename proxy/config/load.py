@@ -23,6 +23,7 @@ RULE_FIELDS = (
     "exclude_outbound_ports",
     "exclude_outbound_cidrs",
     "admin_listen",
+    "hbone_listen",
 )
 """The Settings fields the interception rules (`mtls-sidecar iptables`) are made from."""
 
@@ -209,6 +210,28 @@ def cross_problems(s: Settings, bad: Collection[str] = ()) -> list[ConfigProblem
                 if address.port == port:
                     add(name, f"port {port} collides with {owner} listening on {address}")
         listeners += [(env_var(n), Address("", getattr(s, n))) for n in captures]
+
+    if ok("hbone_outbound", "outbound", "transparent") and s.hbone_outbound:
+        outbound_names = {r.name for r in s.outbound}
+        unknown = sorted(s.hbone_outbound.routes - outbound_names)
+        if unknown:
+            add(
+                "hbone_outbound",
+                f"no outbound route named {', '.join(unknown)} (MTLS_OUTBOUND has: "
+                f"{', '.join(sorted(outbound_names)) or 'none'})",
+            )
+        if (s.hbone_outbound.cidrs or s.hbone_outbound.ports) and not s.transparent:
+            add(
+                "hbone_outbound",
+                "CIDRs and ports name original destinations: transparent mode only",
+            )
+
+    hbone = s.hbone_address if ok("hbone_listen", "transparent") else None
+    if hbone is not None:
+        for owner, address in listeners:
+            if listen_conflict(hbone, address):
+                add("hbone_listen", f"{hbone} collides with {owner} listening on {address}")
+        listeners.append(("MTLS_HBONE_LISTEN", hbone))
 
     if ok("admin_listen"):
         for owner, address in listeners:

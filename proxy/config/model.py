@@ -14,6 +14,7 @@ from ..policy import SpiffePattern, parse_patterns
 from ..proxyproto import DEFAULT_ID_TLV, ProxyProtocolRoutes, parse_proxy_protocol, parse_tlv_type
 from .parse import (
     Address,
+    HboneOutbound,
     IPNetwork,
     parse_address,
     parse_bool,
@@ -23,6 +24,7 @@ from .parse import (
     parse_duration,
     parse_federated_bundles,
     parse_fingerprint,
+    parse_hbone_outbound,
     parse_int,
     parse_path,
     parse_port_list,
@@ -69,6 +71,16 @@ def _tls_groups(text: str) -> list[str]:
     from ..tls import parse_tls_groups  # the TLS engine knows which groups it supports
 
     return list(parse_tls_groups(text))
+
+
+HBONE_PORT = 15008  # ztunnel's, and hbone.PORT
+
+
+def _hbone_listen(text: str) -> Address:
+    """An address, or 'off' (kept as port 0: no HBONE listener, even in transparent mode)."""
+    if text.strip().lower() in ("off", "false", "none"):
+        return Address("", 0)
+    return parse_address(text)
 
 
 def _default_workers() -> int:
@@ -235,6 +247,26 @@ class Settings(BaseModel):
         3600.0, description="A pooled connection takes no new streams after this.", examples=["1h"]
     )
 
+    # HBONE, Istio ambient's tunnel (hbone.py, README "HBONE")
+    hbone_listen: Annotated[Address | None, _text(_hbone_listen)] = Field(
+        None,
+        description="Also accept HBONE (HTTP/2 CONNECT over mTLS) here; 'off' disables it. "
+        "Default :15008 in transparent mode, off otherwise.",
+        examples=[":15008"],
+    )
+
+    hbone_outbound: Annotated[HboneOutbound, _text(parse_hbone_outbound)] = Field(
+        default_factory=HboneOutbound,
+        description="Outbound route names (transparent mode: destination CIDRs or ports) "
+        "that dial HBONE instead of our own reuse protocol.",
+        examples=["db,10.8.0.0/16,8080"],
+    )
+    hbone_port: Port = Field(
+        15008,
+        description="The port an HBONE tunnel dials on the destination's host.",
+        examples=["15008"],
+    )
+
     # Telling the app who called (PROXY protocol v2)
     proxy_protocol: Annotated[ProxyProtocolRoutes, _text(parse_proxy_protocol)] = Field(
         "off",
@@ -274,6 +306,14 @@ class Settings(BaseModel):
     drop_privileges: Bool = Field(
         False, description="Switch to MTLS_PROXY_UID after binding.", examples=["true"]
     )
+
+    @property
+    def hbone_address(self) -> Address | None:
+        """Where HBONE is accepted: MTLS_HBONE_LISTEN, else :15008 in transparent mode."""
+        listen = self.hbone_listen
+        if listen is None:
+            return Address("", HBONE_PORT) if self.transparent else None
+        return None if listen.port == 0 else listen
 
     @property
     def effective_trust_domain(self) -> str | None:

@@ -369,3 +369,57 @@ def parse_federated_bundles(text: str) -> list[tuple[str, str]]:
     if not out:
         raise ValueError("no TRUST_DOMAIN=SOURCE pair given")
     return out
+
+
+@dataclass(frozen=True)
+class HboneOutbound:
+    """MTLS_HBONE_OUTBOUND: which outbound connections dial HBONE instead of our protocol."""
+
+    routes: frozenset[str] = frozenset()
+    cidrs: tuple[IPNetwork, ...] = ()
+    ports: frozenset[int] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.routes or self.cidrs or self.ports)
+
+    def __str__(self) -> str:
+        """The env-var syntax (what `check` shows): names, then CIDRs, then ports."""
+        items = [*sorted(self.routes), *(str(n) for n in self.cidrs)]
+        if self.ports:
+            items.append(format_port_list(sorted(self.ports)))
+        return ",".join(items)
+
+    def matches(self, host: str, port: int) -> bool:
+        """Transparent mode: does the original destination `host:port` dial HBONE?"""
+        if port in self.ports:
+            return True
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.cidrs)
+
+
+_HBONE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def parse_hbone_outbound(text: str) -> HboneOutbound:
+    """Comma-separated outbound route names, destination CIDRs (or addresses) and ports or
+    port ranges: 'db,10.8.0.0/16,8080,9000-9010'."""
+    routes: set[str] = set()
+    cidrs: list[IPNetwork] = []
+    ports: set[int] = set()
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item.replace("-", "").isdigit():
+            ports.update(parse_port_list(item))
+        elif "/" in item or ":" in item or item.replace(".", "").isdigit():
+            cidrs += parse_cidrs(item)
+        elif _HBONE_NAME_RE.fullmatch(item):
+            routes.add(item)
+        else:
+            raise ValueError(
+                f"{item!r} is neither an outbound route name, a CIDR nor a port (or range)"
+            )
+    return HboneOutbound(frozenset(routes), tuple(cidrs), frozenset(ports))

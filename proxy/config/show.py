@@ -25,6 +25,8 @@ def _jsonable(name: str, value: object) -> object:
         return format_port_list(value)
     if isinstance(value, list):
         return [str(item) for item in value]
+    if name == "hbone_listen" and getattr(value, "port", None) == 0:
+        return "off"
     if isinstance(value, frozenset):  # MTLS_PROXY_PROTOCOL's route names
         return ",".join(sorted(str(item) for item in value))
     return str(value)

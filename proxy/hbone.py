@@ -1,0 +1,414 @@
+"""HBONE (Istio ambient's tunnel) without I/O: HTTP/2 CONNECT streams over one connection.
+
+`HboneConnection` wraps `h2.H2Connection` the way h2 itself is used: bytes received go in
+(`receive`), events come out; commands (`open`, `respond`, `send`, `end`, `reset`, `ping`,
+`goaway`) go in, bytes to send come out (`data_to_send`). Every HTTP/2 rule (stream states,
+windows, stream limits, frame sizes) lives in h2; this module adds what HBONE asks on top:
+ztunnel's settings (4 MiB stream and 16 MiB connection windows, at most 100 streams, 1 MiB
+frames), `:authority` = the destination `ip:port`, `forwarded: for="ip:port"`, the status
+codes of a refusal, and PING liveness. A peer that breaks a connection-level rule gets the
+connection closed (GOAWAY) and a `Broken` event with a reason to count.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.connection import ConnectionState
+from h2.errors import ErrorCodes
+from h2.stream import StreamState
+from hyperframe.frame import DataFrame, GoAwayFrame
+
+_HALF_CLOSED_LOCAL = StreamState.HALF_CLOSED_LOCAL
+_CLOSED = ConnectionState.CLOSED
+
+ALPN = b"h2"
+PORT = 15008
+STREAM_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_STREAMS = 100
+MAX_FRAME = 1024 * 1024
+PING_INTERVAL = 10.0
+PING_TIMEOUT = 20.0
+_DEFAULT_WINDOW = 65_535
+# Headers we read are small; a peer sending more is refused by h2 (a connection error).
+MAX_HEADER_LIST = 64 * 1024
+
+# Refusals (before 200), as ztunnel answers them.
+STATUS_OK = 200
+STATUS_BAD_AUTHORITY = 400
+STATUS_NOT_ALLOWED = 401
+STATUS_UNAVAILABLE = 503
+
+
+# --- events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """Server side: a CONNECT arrived. `authority` is None when it is not `ip:port`
+    (`problem` says why: answer 400)."""
+
+    sid: int
+    authority: tuple[str, int] | None
+    forwarded: tuple[str, int] | None
+    problem: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """Client side: the answer to our CONNECT (200: the stream relays; else refused)."""
+
+    sid: int
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """Stream bytes. Hand `flow` back with `consumed(sid, flow)` once they are passed on."""
+
+    sid: int
+    data: bytes
+    flow: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer half-closed the stream (END_STREAM): EOF."""
+
+    sid: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The peer reset the stream (RST_STREAM with `code`)."""
+
+    sid: int
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOpened:
+    """The peer gave more send window: for stream `sid`, or for all (sid 0)."""
+
+    sid: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingAcked:
+    """Our PING was answered: the peer is alive."""
+
+
+@dataclass(frozen=True, slots=True)
+class GoAway:
+    """The peer takes no new streams; open ones up to `last_sid` finish."""
+
+    last_sid: int
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class Broken:
+    """The peer broke a connection-level rule: close the connection (GOAWAY is queued)."""
+
+    reason: str  # flow_control | stream_limit | frame_size | protocol_error
+    message: str
+
+
+Event = (
+    StreamOpened | Response | Data | StreamEnded | StreamReset | WindowOpened | PingAcked | GoAway
+) | Broken
+
+
+def parse_authority(value: str) -> tuple[str, int]:
+    """`ip:port` or `[v6]:port` -> (ip, port); ValueError says what is wrong. Only IP
+    literals: HBONE names the destination pod's address, never a host name."""
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{value!r} is not [IPv6]:port")
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            raise ValueError(f"{value!r} has no port")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: {host!r} is not an IP address") from None
+    if value.startswith("[") != (ip.version == 6):
+        raise ValueError(f"{value!r}: IPv6 addresses go in brackets, IPv4 ones not")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r}: port {port!r} is not 1-65535")
+    return str(ip), int(port)
+
+
+def format_authority(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_forwarded(value: str) -> tuple[str, int] | None:
+    """The caller in a `forwarded` header (RFC 7239) if it names an `ip:port`: the first
+    element's `for=` parameter. Anything else (obfuscated names, no port) is None."""
+    first = value.split(",", 1)[0]
+    for part in first.split(";"):
+        name, _, val = part.strip().partition("=")
+        if name.strip().lower() != "for":
+            continue
+        val = val.strip().strip('"')
+        try:
+            return parse_authority(val)
+        except ValueError:
+            return None
+    return None
+
+
+def format_forwarded(host: str, port: int) -> str:
+    return f'for="{format_authority(host, port)}"'
+
+
+class _DataFrame(DataFrame):
+    """A received DATA frame whose repr does not hex-dump its payload. h2 (4.4) formats
+    every frame it receives for its trace log, whether anything logs or not, and
+    hyperframe's repr hexlifies the whole body: 60% of the CPU of receiving bulk data."""
+
+    def _body_repr(self) -> str:
+        return f"<{len(self.data)} bytes>"
+
+
+class _H2(h2.connection.H2Connection):
+    """h2's connection, with a graceful GOAWAY received as RFC 9113 (6.8) says: no new
+    streams, while the open ones finish. h2 itself closes the whole connection on any
+    GOAWAY (and drops what waits to be sent), which would cut every open stream of a
+    carrier the peer only retired (a certificate rotation, a drain). And DATA frames with
+    a cheap repr (see _DataFrame)."""
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self._frame_dispatch_table[_DataFrame] = self._receive_data_frame
+
+    def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
+        if frame.__class__ is DataFrame:
+            frame.__class__ = _DataFrame  # same layout; only the repr differs
+        return super()._receive_frame(frame)
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[h2.events.Event]]:
+        if frame.error_code != ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        event = h2.events.ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+def _breach(exc: h2.exceptions.ProtocolError) -> Broken:
+    if isinstance(exc, h2.exceptions.TooManyStreamsError):
+        return Broken("stream_limit", f"more than {MAX_STREAMS} streams at once: {exc}")
+    code = getattr(exc, "error_code", None)
+    if isinstance(exc, h2.exceptions.FlowControlError) or code == ErrorCodes.FLOW_CONTROL_ERROR:
+        return Broken("flow_control", f"flow-control window exceeded: {exc}")
+    if code == ErrorCodes.FRAME_SIZE_ERROR or isinstance(
+        exc.__cause__, h2.exceptions.FrameTooLargeError
+    ):
+        return Broken("frame_size", f"frame too large: {exc}")
+    return Broken("protocol_error", f"HTTP/2 protocol error: {exc}")
+
+
+class HboneConnection:
+    """One HBONE connection, either side, as a pure object: bytes and commands in, events
+    and bytes out."""
+
+    def __init__(self, *, client: bool) -> None:
+        self.client = client
+        config = h2.config.H2Configuration(
+            client_side=client, header_encoding=None, validate_inbound_headers=True
+        )
+        self._h2 = _H2(config=config)
+        self._h2.local_settings = h2.settings.Settings(
+            client=client,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        # Values given this way are in force at once (h2 sends them in the preface), but
+        # the connection copied the defaults of these two before we replaced the settings.
+        self._h2.max_inbound_frame_size = MAX_FRAME
+        self._h2.decoder.max_header_list_size = MAX_HEADER_LIST
+        self._h2.initiate_connection()
+        self._h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
+        self.broken: Broken | None = None
+        self.pings_out = 0  # PINGs sent and not answered yet
+        self.goaway_sent = False
+        self._extra = b""  # frames written here, after h2's own
+
+    # --- bytes in, events out ---------------------------------------------------------
+
+    def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed bytes read from the peer; the events they make, in order."""
+        if self.broken is not None:
+            return []
+        try:
+            raw = self._h2.receive_data(bytes(data))
+        except h2.exceptions.ProtocolError as exc:
+            self.broken = _breach(exc)
+            return [self.broken]
+        out: list[Event] = []
+        for ev in raw:
+            self._translate(ev, out)
+        return out
+
+    def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
+        if isinstance(ev, h2.events.RequestReceived):
+            out.append(self._request(ev))
+        elif isinstance(ev, h2.events.ResponseReceived):
+            status = 0
+            for name, value in ev.headers or ():
+                if name == b":status":
+                    status = int(value) if value.isdigit() else 0
+            out.append(Response(ev.stream_id or 0, status))
+        elif isinstance(ev, h2.events.DataReceived):
+            sid = ev.stream_id or 0
+            if ev.data:
+                out.append(Data(sid, ev.data, ev.flow_controlled_length or 0))
+            elif ev.flow_controlled_length:
+                # Padding only: nothing to pass on, the window goes back at once.
+                self._h2.acknowledge_received_data(ev.flow_controlled_length, sid)
+        elif isinstance(ev, h2.events.StreamEnded):
+            out.append(StreamEnded(ev.stream_id or 0))
+        elif isinstance(ev, h2.events.StreamReset):
+            if ev.remote_reset:
+                out.append(StreamReset(ev.stream_id or 0, int(ev.error_code or 0)))
+        elif isinstance(ev, h2.events.WindowUpdated):
+            out.append(WindowOpened(ev.stream_id or 0))
+        elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            # A new initial window (or frame size) changes every stream's send room.
+            out.append(WindowOpened(0))
+        elif isinstance(ev, h2.events.PingAckReceived):
+            self.pings_out = 0
+            out.append(PingAcked())
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            out.append(GoAway(ev.last_stream_id or 0, int(ev.error_code or 0)))
+        elif isinstance(ev, h2.events.TrailersReceived | h2.events.InformationalResponseReceived):
+            pass  # nothing in HBONE uses them
+        # Anything else (SETTINGS acks, PINGs, priority) is h2's own business.
+
+    def _request(self, ev: h2.events.RequestReceived) -> StreamOpened:
+        sid = ev.stream_id or 0
+        headers = {name: value for name, value in ev.headers or ()}
+        method = headers.get(b":method", b"")
+        forwarded = parse_forwarded(headers.get(b"forwarded", b"").decode("latin-1"))
+        if method != b"CONNECT" or b":path" in headers or b":protocol" in headers:
+            what = method.decode("latin-1", "replace")
+            return StreamOpened(sid, None, forwarded, f"not a classic CONNECT ({what})")
+        try:
+            authority = parse_authority(headers.get(b":authority", b"").decode("latin-1"))
+        except ValueError as exc:
+            return StreamOpened(sid, None, forwarded, f"bad :authority: {exc}")
+        return StreamOpened(sid, authority, forwarded)
+
+    # --- commands in, bytes out -------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """The bytes to write to the peer now (and forget)."""
+        out = self._h2.data_to_send()
+        if self._extra:
+            out, self._extra = out + self._extra, b""
+        return out
+
+    def open(self, authority: tuple[str, int], forwarded: tuple[str, int] | None) -> int:
+        """Client side: a CONNECT for `authority`; its stream id."""
+        sid = self._h2.get_next_available_stream_id()
+        headers = [
+            (b":method", b"CONNECT"),
+            (b":authority", format_authority(*authority).encode()),
+        ]
+        if forwarded is not None:
+            headers.append((b"forwarded", format_forwarded(*forwarded).encode()))
+        self._h2.send_headers(sid, headers)
+        return sid
+
+    def respond(self, sid: int, status: int) -> None:
+        """Server side: 200 (the stream relays from now on) or a refusal (ends it)."""
+        if not self._open(sid):
+            return
+        self._h2.send_headers(sid, [(b":status", str(status).encode())], end_stream=status != 200)
+
+    def room(self, sid: int) -> int:
+        """How many bytes `send` may take for this stream now."""
+        stream = self._h2.streams.get(sid)
+        if stream is None or stream.closed or stream.state_machine.state is _HALF_CLOSED_LOCAL:
+            return 0
+        try:
+            return max(0, self._h2.local_flow_control_window(sid))
+        except h2.exceptions.StreamClosedError:
+            return 0
+
+    def send(self, sid: int, data: bytes | bytearray | memoryview) -> int:
+        """Send as much of `data` as the windows allow; how much that was."""
+        n = min(len(data), self.room(sid))
+        if n <= 0:
+            return 0
+        step = self._h2.max_outbound_frame_size
+        view = memoryview(data)
+        for i in range(0, n, step):
+            self._h2.send_data(sid, bytes(view[i : min(n, i + step)]))
+        return n
+
+    def end(self, sid: int) -> None:
+        """Our side of the stream is done (END_STREAM: the app's EOF)."""
+        if self._open(sid):
+            stream = self._h2.streams.get(sid)
+            if stream is not None and stream.state_machine.state is not _HALF_CLOSED_LOCAL:
+                self._h2.end_stream(sid)
+
+    def reset(self, sid: int, code: int = ErrorCodes.CANCEL) -> None:
+        if self._open(sid):
+            self._h2.reset_stream(sid, code)
+
+    def consumed(self, sid: int, n: int) -> None:
+        """`n` flow-controlled bytes of `sid` were passed on: the peer may send them again."""
+        if n > 0:
+            # h2 gives back the connection window even when the stream has ended.
+            self._h2.acknowledge_received_data(n, sid)
+
+    def ping(self) -> None:
+        """Ask the peer for a sign of life (PingAcked answers it)."""
+        if self.broken is None and not self.goaway_sent:
+            self._h2.ping(os.urandom(8))
+            self.pings_out += 1
+
+    def goaway(self, *, final: bool = False) -> None:
+        """No new streams. Graceful (default): a GOAWAY naming the last stream the peer
+        opened, while the open ones go on (h2 would close the whole connection, so the
+        frame is written here); `final`: the connection ends now."""
+        if final:
+            if self._h2.state_machine.state is not _CLOSED:
+                self._h2.close_connection(ErrorCodes.NO_ERROR)
+            return
+        if self.goaway_sent:
+            return
+        self.goaway_sent = True
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self._h2.highest_inbound_stream_id
+        frame.error_code = ErrorCodes.NO_ERROR
+        self._extra += frame.serialize()
+
+    @property
+    def open_streams(self) -> int:
+        return int(self._h2.open_inbound_streams + self._h2.open_outbound_streams)
+
+    def _open(self, sid: int) -> bool:
+        stream = self._h2.streams.get(sid)
+        return stream is not None and not stream.closed
