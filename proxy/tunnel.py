@@ -1,0 +1,598 @@
+"""Connection reuse as a sans-IO state machine (pure: no sockets, no asyncio; time passed in).
+
+A `Tunnel` is one end of one pooled connection, modelled on h2's `H2Connection`: the I/O side
+hands it the bytes it received (`receive_data`, which returns events) and its commands
+(`open_stream`, `accept`, `send_data`, `send_eof`, `reset`, `credit`, `goaway`, `ping`,
+`tick`), and writes out what `data_to_send` returns. The rules live here, and only here:
+
+- stream life cycle: the dialling side opens streams with increasing ids; a stream ends when
+  both sides sent EOF, or either sent RESET; frames naming a stream that never existed, or
+  out of order, break the connection;
+- flow control per stream (WINDOW_SIZE) and, on version 2, per connection
+  (CONNECTION_WINDOW_SIZE): `sendable(sid)` says how much may be sent now, and sending more is
+  refused, so our side never overshoots; a peer that does is a protocol error
+  (`flow_control`). A version 1 peer may overshoot a stream window by one read (WINDOW_SLACK);
+- the stream limit (`max_streams` open at once from the peer) and the frame size limits;
+- GOAWAY: after ours, the peer's new streams are flagged (`StreamOpened.after_goaway`);
+  after the peer's, `open_stream` is refused;
+- liveness (version 2): `tick(now)` sends a PING once nothing was heard for `ping_after`
+  seconds (and again each `ping_after` while still silent), and gives the connection up
+  (`ConnectionFailed("unresponsive")`) after `dead_after` seconds of silence.
+
+A protocol error is an event (`ConnectionFailed` with the reason it is counted under), after
+which the tunnel takes nothing more: the I/O side closes the connection. A stream-level
+breach (DATA after the sender's EOF) resets only that stream (`StreamBroken`).
+
+The wire format itself is a *dialect* (`Dialect`: received bytes -> frames, frames -> bytes).
+mux.py's format is the one dialect here (`MuxDialect`, versions 1 and 2); another (HTTP/2
+CONNECT) can sit under the same rules by mapping its frames onto these kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from . import mux
+from .mux import MuxError, OpenInfo
+
+PING_AFTER = 10.0  # seconds without a frame before we PING (ztunnel's interval)
+DEAD_AFTER = 20.0  # seconds without a frame before the connection is given up
+STREAM_UPDATE_AT = mux.WINDOW_UPDATE_AT
+MAX_STREAMS = 100
+
+
+class TunnelError(RuntimeError):
+    """A command the state machine does not allow now (a bug on our side, never the peer's)."""
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """The peer opened stream `sid` for an app connection (accept or reset it)."""
+
+    sid: int
+    info: OpenInfo
+    after_goaway: bool  # it came after our GOAWAY
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAccepted:
+    """The far side reached its app: the stream relays."""
+
+    sid: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """DATA for the app; `credit` it once the app took it. Valid only during the call when
+    it is a memoryview (the I/O side's receive buffer)."""
+
+    sid: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer's app half-closed: no more DATA on `sid` from it."""
+
+    sid: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The peer ended stream `sid` now with `code` (a mux.RESET_* code, or one the format
+    does not define: `known` is False)."""
+
+    sid: int
+    code: int
+    known: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StreamBroken:
+    """The peer broke a stream rule: we reset the stream (RESET_PROTOCOL). Counted."""
+
+    sid: int
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOpened:
+    """More may be sent on `sid` (0: on every stream, the connection window grew)."""
+
+    sid: int
+
+
+@dataclass(frozen=True, slots=True)
+class GoawayReceived:
+    """The peer wants no new streams on this connection; open ones finish."""
+
+
+@dataclass(frozen=True, slots=True)
+class PingAcked:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailed:
+    """The connection is broken (a protocol error, or the peer went silent): close it and
+    count `reason`. Nothing more comes from this tunnel."""
+
+    reason: str
+    message: str
+
+
+Event = (
+    StreamOpened
+    | StreamAccepted
+    | DataReceived
+    | StreamEnded
+    | StreamReset
+    | StreamBroken
+    | WindowOpened
+    | GoawayReceived
+    | PingAcked
+    | ConnectionFailed
+)
+
+
+# --- dialects ------------------------------------------------------------------------------
+
+FrameHandler = Callable[[int, int, bytes], None]
+
+
+class Dialect(Protocol):
+    """A wire format: parses received bytes into frames (kind, sid, payload), kinds being
+    mux's frame types, DATA possibly in pieces; encodes frames. Raises MuxError on bytes
+    that break the format."""
+
+    version: int
+
+    def feed(self, data: bytes | memoryview, on_frame: FrameHandler) -> None: ...
+
+    def encode(self, kind: int, sid: int, payload: bytes = b"") -> bytes: ...
+
+
+class MuxDialect:
+    """Ours: mux.py's frames, version 1 or 2."""
+
+    __slots__ = ("_demux", "_handler", "version")
+
+    def __init__(self, version: int) -> None:
+        if version not in (1, 2):
+            raise ValueError(f"no mtls-sidecar version {version}")
+        self.version = version
+        self._handler: FrameHandler | None = None
+        self._demux = mux.Demuxer(self, version)
+
+    def feed(self, data: bytes | memoryview, on_frame: FrameHandler) -> None:
+        self._handler = on_frame
+        try:
+            self._demux.feed(memoryview(data))
+        finally:
+            self._handler = None
+
+    def on_data(self, sid: int, data: memoryview) -> None:
+        assert self._handler is not None
+        self._handler(mux.DATA, sid, bytes(data))
+
+    def on_frame(self, kind: int, sid: int, payload: bytes) -> None:
+        assert self._handler is not None
+        self._handler(kind, sid, payload)
+
+    def encode(self, kind: int, sid: int, payload: bytes = b"") -> bytes:
+        return mux.frame(kind, sid, payload)
+
+
+# --- liveness ------------------------------------------------------------------------------
+
+NOTHING = 0
+SEND_PING = 1
+DEAD = 2
+
+
+class Liveness:
+    """When to PING and when to give up, from when a frame last arrived (pure)."""
+
+    __slots__ = ("dead_after", "last_heard", "last_ping", "ping_after")
+
+    def __init__(self, now: float, ping_after: float = PING_AFTER, dead_after: float = DEAD_AFTER):
+        self.ping_after = ping_after
+        self.dead_after = dead_after
+        self.last_heard = now
+        self.last_ping: float | None = None
+
+    def heard(self, now: float) -> None:
+        self.last_heard = now
+        self.last_ping = None
+
+    def due(self, now: float) -> int:
+        """NOTHING, SEND_PING (noted as sent now) or DEAD."""
+        silent = now - self.last_heard
+        if silent >= self.dead_after:
+            return DEAD
+        if silent >= self.ping_after and (
+            self.last_ping is None or now - self.last_ping >= self.ping_after
+        ):
+            self.last_ping = now
+            return SEND_PING
+        return NOTHING
+
+    def silent_for(self, now: float) -> float:
+        return now - self.last_heard
+
+
+# --- the state machine ---------------------------------------------------------------------
+
+
+class _Stream:
+    __slots__ = (
+        "accepted",
+        "eof_in",
+        "eof_out",
+        "held",
+        "receivable",
+        "sid",
+        "uncredited",
+        "window",
+    )
+
+    def __init__(self, sid: int, window: int, receivable: int) -> None:
+        self.sid = sid
+        self.window = window  # bytes we may still send before the peer credits more
+        self.receivable = receivable  # bytes the peer may still send before we credit more
+        self.held = 0  # received, not yet taken by our app (credit() takes them)
+        self.uncredited = 0  # taken by our app, not yet credited back
+        self.eof_in = False
+        self.eof_out = False
+        self.accepted = False
+
+
+class Tunnel:
+    """One end of a pooled connection; `client` is the dialling side (it opens streams)."""
+
+    def __init__(
+        self,
+        *,
+        client: bool,
+        dialect: Dialect,
+        now: float = 0.0,
+        max_streams: int = MAX_STREAMS,
+        ping_after: float = PING_AFTER,
+        dead_after: float = DEAD_AFTER,
+        stream_window: int = mux.WINDOW_SIZE,
+        connection_window: int = mux.CONNECTION_WINDOW_SIZE,
+    ) -> None:
+        """The windows are the format's (both ends must agree); smaller ones are for tests."""
+        self.client = client
+        self.dialect = dialect
+        self.version = dialect.version
+        v2 = self.version >= 2
+        self.max_streams = max_streams
+        self.streams: dict[int, _Stream] = {}
+        self.next_sid = 1  # client: the next id to open; server: the lowest id a new OPEN may use
+        # Version 2's connection windows; version 1 has none (None: unbounded).
+        self.window: int | None = connection_window if v2 else None
+        self.receivable: int | None = connection_window if v2 else None
+        self.uncredited = 0  # taken by our apps (or dropped), not yet credited on stream 0
+        self._connection_update_at = connection_window // 4
+        self._stream_window = stream_window
+        # A version 1 peer may overshoot a stream window by one read; a version 2 one never.
+        self._stream_receivable = stream_window + (0 if v2 else mux.WINDOW_SLACK)
+        self.goaway_sent = False
+        self.goaway_received = False
+        self.failed: str | None = None
+        self.liveness = Liveness(now, ping_after, dead_after) if v2 else None
+        self._heard = False
+        self._ping_count = 0
+        self._out = bytearray()
+        self._events: list[Event] = []
+
+    # --- received bytes ------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | memoryview) -> list[Event]:
+        """Parse received bytes (any split of the stream); the events they cause."""
+        if self.failed is not None or not data:
+            return []
+        self._heard = True
+        events = self._events = []
+        try:
+            self.dialect.feed(data, self._frame)
+        except MuxError as exc:
+            self._fail(exc.reason, str(exc))
+        return events
+
+    def _fail(self, reason: str, message: str) -> None:
+        self.failed = reason
+        self._events.append(ConnectionFailed(reason, message))
+
+    def _frame(self, kind: int, sid: int, payload: bytes) -> None:
+        if self.failed is not None:
+            return
+        if kind == mux.DATA:
+            self._data(sid, payload)
+            return
+        if sid == 0:
+            self._connection_frame(kind, payload)
+            return
+        stream = self.streams.get(sid)
+        if kind == mux.OPEN:
+            self._open(sid, payload, stream)
+            return
+        if stream is None:
+            if not self._existed(sid):
+                raise MuxError(f"{mux.FRAME_NAMES[kind]} for stream {sid}, which was never opened")
+            if kind == mux.RESET:
+                mux.decode_reset(payload)
+            elif kind == mux.WINDOW:
+                mux.decode_window(payload)
+            elif kind in (mux.PING, mux.PING_ACK, mux.GOAWAY):
+                raise MuxError(f"{mux.FRAME_NAMES[kind]} on stream {sid}, not 0")
+            return  # about a stream that ended here already
+        if kind == mux.WINDOW:
+            n = mux.decode_window(payload)
+            stream.window += n
+            if stream.window > mux.MAX_WINDOW:
+                raise mux.WindowExceeded(f"stream {sid} credited beyond 2^31-1 bytes")
+            self._events.append(WindowOpened(sid))
+        elif kind == mux.EOF:
+            if stream.eof_in:
+                return
+            stream.eof_in = True
+            self._events.append(StreamEnded(sid))
+            if stream.eof_out:
+                self._remove(stream)
+        elif kind == mux.ACCEPT:
+            if not self.client:
+                raise MuxError(f"ACCEPT for stream {sid} from the dialling side")
+            if stream.accepted:
+                raise MuxError(f"a second ACCEPT for stream {sid}")
+            stream.accepted = True
+            self._events.append(StreamAccepted(sid))
+        elif kind == mux.RESET:
+            code = mux.decode_reset(payload)
+            self._remove(stream)
+            self._events.append(StreamReset(sid, code, code in mux.RESET_NAMES))
+        else:
+            raise MuxError(f"{mux.FRAME_NAMES[kind]} on stream {sid}, not 0")
+
+    def _existed(self, sid: int) -> bool:
+        return 0 < sid < self.next_sid
+
+    def _connection_frame(self, kind: int, payload: bytes) -> None:
+        if kind == mux.GOAWAY:
+            if not self.goaway_received:
+                self.goaway_received = True
+                self._events.append(GoawayReceived())
+        elif kind == mux.WINDOW and self.window is not None:
+            self.window += mux.decode_window(payload)
+            if self.window > mux.MAX_WINDOW:
+                raise mux.WindowExceeded("connection credited beyond 2^31-1 bytes")
+            self._events.append(WindowOpened(0))
+        elif kind == mux.PING:
+            self._out += self.dialect.encode(mux.PING_ACK, 0, mux.decode_ping(payload))
+        elif kind == mux.PING_ACK:
+            self._events.append(PingAcked(mux.decode_ping(payload)))
+        else:
+            raise MuxError(f"{mux.FRAME_NAMES[kind]} for stream 0, which was never opened")
+
+    def _open(self, sid: int, payload: bytes, stream: _Stream | None) -> None:
+        if stream is not None:
+            raise MuxError(f"OPEN for stream {sid}, which is open")
+        if self.client:
+            raise MuxError("the accepting side opened a stream")
+        if sid < self.next_sid:
+            raise MuxError(f"OPEN for stream {sid}, not above {self.next_sid - 1}")
+        if len(self.streams) >= self.max_streams:
+            raise _StreamLimit(f"OPEN beyond the limit of {self.max_streams} streams at once")
+        info = mux.decode_open(payload)
+        self.next_sid = sid + 1
+        self.streams[sid] = _Stream(sid, self._stream_window, self._stream_receivable)
+        self._events.append(StreamOpened(sid, info, self.goaway_sent))
+
+    def _data(self, sid: int, data: bytes) -> None:
+        n = len(data)
+        if self.receivable is not None:
+            self.receivable -= n
+            if self.receivable < 0:
+                raise mux.WindowExceeded(
+                    f"{-self.receivable} byte(s) beyond the connection's flow-control window"
+                )
+        stream = self.streams.get(sid)
+        if stream is None:
+            if not self._existed(sid):
+                raise MuxError(f"DATA for stream {sid}, which was never opened")
+            # A stream that ended here: its data is dropped (and credited on stream 0), and
+            # the sender told, as TCP answers data for a closed socket with a reset.
+            self._credit_connection(n)
+            self._out += self.dialect.encode(mux.RESET, sid, bytes([mux.RESET_UNKNOWN_STREAM]))
+            return
+        stream.receivable -= n
+        if stream.receivable < 0:
+            raise mux.WindowExceeded(
+                f"stream {sid} sent {-stream.receivable} byte(s) beyond its flow-control window"
+            )
+        if stream.eof_in:
+            self._credit_connection(n)
+            self._events.append(StreamBroken(sid, "data_after_eof", "DATA after its EOF"))
+            self._send_reset(stream, mux.RESET_PROTOCOL)
+            return
+        stream.held += n
+        events = self._events
+        last = events[-1] if events else None
+        if type(last) is DataReceived and last.sid == sid:
+            events[-1] = DataReceived(sid, last.data + data)
+        else:
+            events.append(DataReceived(sid, data))
+
+    # --- commands ------------------------------------------------------------------------
+
+    def _stream(self, sid: int) -> _Stream:
+        stream = self.streams.get(sid)
+        if stream is None:
+            raise TunnelError(f"stream {sid} is not open")
+        return stream
+
+    def _check_open(self) -> None:
+        if self.failed is not None:
+            raise TunnelError(f"the connection failed ({self.failed})")
+
+    def can_open(self) -> bool:
+        return (
+            self.client
+            and self.failed is None
+            and not self.goaway_received
+            and len(self.streams) < self.max_streams
+            and self.next_sid <= mux.MAX_STREAM_ID
+        )
+
+    def open_stream(self, info: OpenInfo) -> int:
+        """Dialling side: open a stream for an app connection; its id."""
+        self._check_open()
+        if not self.client:
+            raise TunnelError("only the dialling side opens streams")
+        if not self.can_open():
+            raise TunnelError("no new stream on this connection (limit, ids, or GOAWAY)")
+        sid = self.next_sid
+        self.next_sid += 1
+        self.streams[sid] = _Stream(sid, self._stream_window, self._stream_receivable)
+        self._out += self.dialect.encode(mux.OPEN, sid, mux.encode_open(info))
+        return sid
+
+    def accept(self, sid: int) -> None:
+        """Accepting side: the app is reached, the stream relays."""
+        self._check_open()
+        stream = self._stream(sid)
+        if self.client or stream.accepted:
+            raise TunnelError(f"stream {sid} cannot be accepted")
+        stream.accepted = True
+        self._out += self.dialect.encode(mux.ACCEPT, sid)
+
+    def sendable(self, sid: int) -> int:
+        """How many bytes of DATA may be sent on `sid` now (0 when none, or it is gone)."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.eof_out or self.failed is not None:
+            return 0
+        n = stream.window
+        if self.window is not None and self.window < n:
+            n = self.window
+        return max(0, min(n, mux.MAX_PAYLOAD))
+
+    def sent(self, sid: int, n: int) -> None:
+        """`n` bytes of DATA on `sid` go out in a frame the caller writes itself (the
+        zero-copy path); they must fit in `sendable(sid)`."""
+        if n > self.sendable(sid):
+            raise TunnelError(f"{n} bytes on stream {sid} exceed its window")
+        stream = self.streams[sid]
+        stream.window -= n
+        if self.window is not None:
+            self.window -= n
+
+    def send_data(self, sid: int, data: bytes | bytearray | memoryview) -> None:
+        self.sent(sid, len(data))
+        if data:
+            self._out += self.dialect.encode(mux.DATA, sid, bytes(data))
+
+    def send_eof(self, sid: int) -> None:
+        self._check_open()
+        stream = self._stream(sid)
+        if stream.eof_out:
+            return
+        stream.eof_out = True
+        self._out += self.dialect.encode(mux.EOF, sid)
+        if stream.eof_in:
+            self._remove(stream)
+
+    def reset(self, sid: int, code: int = mux.RESET_CANCEL) -> None:
+        """End stream `sid` now (a no-op for a stream already gone)."""
+        stream = self.streams.get(sid)
+        if stream is not None and self.failed is None:
+            self._send_reset(stream, code)
+
+    def _send_reset(self, stream: _Stream, code: int) -> None:
+        self._remove(stream)
+        self._out += self.dialect.encode(mux.RESET, stream.sid, bytes([code]))
+
+    def _remove(self, stream: _Stream) -> None:
+        del self.streams[stream.sid]
+        # What it still held at our side is dropped: the connection window gets it back.
+        if stream.held:
+            self._credit_connection(stream.held)
+            stream.held = 0
+
+    def credit(self, sid: int, n: int, minimum: int = 1) -> bool:
+        """Our app took `n` more bytes of `sid`: once at least `minimum` are uncredited, give
+        the peer that much window back (True if a WINDOW frame was queued)."""
+        stream = self.streams.get(sid)
+        if stream is None or self.failed is not None:
+            return False
+        if n > stream.held:
+            raise TunnelError(f"stream {sid}: {n} bytes taken, {stream.held} held")
+        stream.held -= n
+        stream.uncredited += n
+        self._credit_connection(n)
+        give = stream.uncredited
+        if give < minimum or give <= 0:
+            return False
+        stream.uncredited = 0
+        stream.receivable += give
+        self._out += self.dialect.encode(mux.WINDOW, sid, mux.encode_window(give))
+        return True
+
+    def _credit_connection(self, n: int) -> None:
+        if self.receivable is None or n <= 0:
+            return
+        self.uncredited += n
+        if self.uncredited >= self._connection_update_at:
+            give, self.uncredited = self.uncredited, 0
+            self.receivable += give
+            self._out += self.dialect.encode(mux.WINDOW, 0, mux.encode_window(give))
+
+    def goaway(self) -> None:
+        """No new streams from the peer; open ones finish."""
+        if self.goaway_sent or self.failed is not None:
+            return
+        self.goaway_sent = True
+        self._out += self.dialect.encode(mux.GOAWAY, 0)
+
+    def ping(self) -> bytes:
+        """Version 2: send a PING; its payload (the PING_ACK echoes it)."""
+        self._check_open()
+        if self.version < 2:
+            raise TunnelError("PING needs mtls-sidecar/2")
+        self._ping_count += 1
+        payload = self._ping_count.to_bytes(mux.PING_SIZE, "big")
+        self._out += self.dialect.encode(mux.PING, 0, payload)
+        return payload
+
+    def tick(self, now: float) -> list[Event]:
+        """Timers: note when the peer was last heard, PING a silent peer, give up on a dead
+        one (`ConnectionFailed("unresponsive")`)."""
+        live = self.liveness
+        if live is None or self.failed is not None:
+            return []
+        if self._heard:
+            self._heard = False
+            live.heard(now)
+        due = live.due(now)
+        if due == SEND_PING:
+            self.ping()
+        elif due == DEAD:
+            self.failed = "unresponsive"
+            silent = live.silent_for(now)
+            return [ConnectionFailed("unresponsive", f"nothing heard for {silent:.1f}s")]
+        return []
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+
+class _StreamLimit(MuxError):
+    reason = "stream_limit"
