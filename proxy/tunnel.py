@@ -12,7 +12,8 @@ hands it the bytes it received (`receive_data`, which returns events) and its co
   (CONNECTION_WINDOW_SIZE): `sendable(sid)` says how much may be sent now, and sending more is
   refused, so our side never overshoots; a peer that does is a protocol error
   (`flow_control`). A version 1 peer may overshoot a stream window by one read (WINDOW_SLACK);
-- the stream limit (`max_streams` open at once from the peer) and the frame size limits;
+- the stream limit (`max_streams` open at once from the peer: one more is refused with RESET
+  code 6, as the format cannot tell the peer our limit) and the frame size limits;
 - GOAWAY: after ours, the peer's new streams are flagged (`StreamOpened.after_goaway`);
   after the peer's, `open_stream` is refused;
 - liveness (version 2): `tick(now)` sends a PING once nothing was heard for `ping_after`
@@ -39,6 +40,9 @@ from .mux import MuxError, OpenInfo
 
 PING_AFTER = 10.0  # seconds without a frame before we PING (ztunnel's interval)
 DEAD_AFTER = 20.0  # seconds without a frame before the connection is given up
+# A PING unanswered this long (a healthy peer answers in a round trip) makes the connection
+# suspect: it takes no new streams, which get a fresh connection instead of waiting.
+SUSPECT_AFTER = 1.0
 STREAM_UPDATE_AT = mux.WINDOW_UPDATE_AT
 MAX_STREAMS = 100
 
@@ -66,13 +70,14 @@ class StreamAccepted:
     sid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataReceived:
-    """DATA for the app; `credit` it once the app took it. Valid only during the call when
-    it is a memoryview (the I/O side's receive buffer)."""
+    """DATA for the app; `credit` it once the app took it. A memoryview is a view of the
+    bytes given to `receive_data`: valid as long as they are (hand the events on before
+    reusing that buffer)."""
 
     sid: int
-    data: bytes
+    data: memoryview | bytearray | bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +104,16 @@ class StreamBroken:
     sid: int
     reason: str
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRefused:
+    """We refused stream `sid` the peer opened beyond our stream limit, with `code`
+    (RESET_LIMIT, or RESET_GOING_AWAY after our GOAWAY). Count it as a refused connection."""
+
+    sid: int
+    info: OpenInfo
+    code: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +149,7 @@ Event = (
     | StreamEnded
     | StreamReset
     | StreamBroken
+    | StreamRefused
     | WindowOpened
     | GoawayReceived
     | PingAcked
@@ -141,19 +157,28 @@ Event = (
 )
 
 
+_MAX_PAYLOAD = mux.MAX_PAYLOAD
+
+
+def _nowhere(event: Event) -> None:
+    raise TunnelError("an event outside receive_data")
+
+
 # --- dialects ------------------------------------------------------------------------------
 
-FrameHandler = Callable[[int, int, bytes], None]
+
+class Parser(Protocol):
+    def feed(self, data: memoryview) -> None: ...
 
 
 class Dialect(Protocol):
-    """A wire format: parses received bytes into frames (kind, sid, payload), kinds being
-    mux's frame types, DATA possibly in pieces; encodes frames. Raises MuxError on bytes
-    that break the format."""
+    """A wire format. Its parser hands a `mux.FrameSink` the frames it parses, as mux's
+    frame kinds (DATA in pieces as they arrive), and raises MuxError on bytes that break
+    the format; `encode` makes one frame."""
 
     version: int
 
-    def feed(self, data: bytes | memoryview, on_frame: FrameHandler) -> None: ...
+    def parser(self, sink: mux.FrameSink) -> Parser: ...
 
     def encode(self, kind: int, sid: int, payload: bytes = b"") -> bytes: ...
 
@@ -161,29 +186,15 @@ class Dialect(Protocol):
 class MuxDialect:
     """Ours: mux.py's frames, version 1 or 2."""
 
-    __slots__ = ("_demux", "_handler", "version")
+    __slots__ = ("version",)
 
     def __init__(self, version: int) -> None:
         if version not in (1, 2):
             raise ValueError(f"no mtls-sidecar version {version}")
         self.version = version
-        self._handler: FrameHandler | None = None
-        self._demux = mux.Demuxer(self, version)
 
-    def feed(self, data: bytes | memoryview, on_frame: FrameHandler) -> None:
-        self._handler = on_frame
-        try:
-            self._demux.feed(memoryview(data))
-        finally:
-            self._handler = None
-
-    def on_data(self, sid: int, data: memoryview) -> None:
-        assert self._handler is not None
-        self._handler(mux.DATA, sid, bytes(data))
-
-    def on_frame(self, kind: int, sid: int, payload: bytes) -> None:
-        assert self._handler is not None
-        self._handler(kind, sid, payload)
+    def parser(self, sink: mux.FrameSink) -> Parser:
+        return mux.Demuxer(sink, self.version)
 
     def encode(self, kind: int, sid: int, payload: bytes = b"") -> bytes:
         return mux.frame(kind, sid, payload)
@@ -199,17 +210,18 @@ DEAD = 2
 class Liveness:
     """When to PING and when to give up, from when a frame last arrived (pure)."""
 
-    __slots__ = ("dead_after", "last_heard", "last_ping", "ping_after")
+    __slots__ = ("dead_after", "first_ping", "last_heard", "last_ping", "ping_after")
 
     def __init__(self, now: float, ping_after: float = PING_AFTER, dead_after: float = DEAD_AFTER):
         self.ping_after = ping_after
         self.dead_after = dead_after
         self.last_heard = now
         self.last_ping: float | None = None
+        self.first_ping: float | None = None  # the first PING not answered yet
 
     def heard(self, now: float) -> None:
         self.last_heard = now
-        self.last_ping = None
+        self.last_ping = self.first_ping = None
 
     def due(self, now: float) -> int:
         """NOTHING, SEND_PING (noted as sent now) or DEAD."""
@@ -220,8 +232,15 @@ class Liveness:
             self.last_ping is None or now - self.last_ping >= self.ping_after
         ):
             self.last_ping = now
+            if self.first_ping is None:
+                self.first_ping = now
             return SEND_PING
         return NOTHING
+
+    def suspect(self, now: float) -> bool:
+        """A PING went unanswered for SUSPECT_AFTER: no new streams should wait on this."""
+        first = self.first_ping
+        return first is not None and now - first >= SUSPECT_AFTER
 
     def silent_for(self, now: float) -> float:
         return now - self.last_heard
@@ -291,31 +310,54 @@ class Tunnel:
         self._heard = False
         self._ping_count = 0
         self._out = bytearray()
-        self._events: list[Event] = []
+        self._emit: Callable[[Event], None] = _nowhere
+        self._pending: DataReceived | None = None  # DATA not yet handed on (see _data)
+        self._parser = dialect.parser(self)
 
     # --- received bytes ------------------------------------------------------------------
 
-    def receive_data(self, data: bytes | memoryview) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Parse received bytes (any split of the stream); the events they cause."""
+        events: list[Event] = []
+        self.receive_into(data, events.append)
+        return events
+
+    def receive_into(
+        self, data: bytes | bytearray | memoryview, emit: Callable[[Event], None]
+    ) -> None:
+        """`receive_data`, handing each event to `emit` as soon as it is known, so that what
+        the caller does about one frame (say, refuse a stream, which frees its place) is
+        done before the next frame is judged, as if the frames had come one by one."""
         if self.failed is not None or not data:
-            return []
+            return
         self._heard = True
-        events = self._events = []
+        self._emit = emit
         try:
-            self.dialect.feed(data, self._frame)
+            self._parser.feed(data if type(data) is memoryview else memoryview(data))
         except MuxError as exc:
             self._fail(exc.reason, str(exc))
-        return events
+        finally:
+            self._flush_data()
+            self._emit = _nowhere
+
+    def _event(self, event: Event) -> None:
+        if self._pending is not None:
+            self._flush_data()
+        self._emit(event)
+
+    def _flush_data(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            self._emit(pending)
 
     def _fail(self, reason: str, message: str) -> None:
         self.failed = reason
-        self._events.append(ConnectionFailed(reason, message))
+        self._event(ConnectionFailed(reason, message))
 
-    def _frame(self, kind: int, sid: int, payload: bytes) -> None:
+    def on_frame(self, kind: int, sid: int, payload: bytes) -> None:
+        """(mux.FrameSink) A whole frame other than DATA from the parser."""
         if self.failed is not None:
-            return
-        if kind == mux.DATA:
-            self._data(sid, payload)
             return
         if sid == 0:
             self._connection_frame(kind, payload)
@@ -339,12 +381,12 @@ class Tunnel:
             stream.window += n
             if stream.window > mux.MAX_WINDOW:
                 raise mux.WindowExceeded(f"stream {sid} credited beyond 2^31-1 bytes")
-            self._events.append(WindowOpened(sid))
+            self._event(WindowOpened(sid))
         elif kind == mux.EOF:
             if stream.eof_in:
                 return
             stream.eof_in = True
-            self._events.append(StreamEnded(sid))
+            self._event(StreamEnded(sid))
             if stream.eof_out:
                 self._remove(stream)
         elif kind == mux.ACCEPT:
@@ -353,11 +395,11 @@ class Tunnel:
             if stream.accepted:
                 raise MuxError(f"a second ACCEPT for stream {sid}")
             stream.accepted = True
-            self._events.append(StreamAccepted(sid))
+            self._event(StreamAccepted(sid))
         elif kind == mux.RESET:
             code = mux.decode_reset(payload)
             self._remove(stream)
-            self._events.append(StreamReset(sid, code, code in mux.RESET_NAMES))
+            self._event(StreamReset(sid, code, code in mux.RESET_NAMES))
         else:
             raise MuxError(f"{mux.FRAME_NAMES[kind]} on stream {sid}, not 0")
 
@@ -368,16 +410,16 @@ class Tunnel:
         if kind == mux.GOAWAY:
             if not self.goaway_received:
                 self.goaway_received = True
-                self._events.append(GoawayReceived())
+                self._event(GoawayReceived())
         elif kind == mux.WINDOW and self.window is not None:
             self.window += mux.decode_window(payload)
             if self.window > mux.MAX_WINDOW:
                 raise mux.WindowExceeded("connection credited beyond 2^31-1 bytes")
-            self._events.append(WindowOpened(0))
+            self._event(WindowOpened(0))
         elif kind == mux.PING:
             self._out += self.dialect.encode(mux.PING_ACK, 0, mux.decode_ping(payload))
         elif kind == mux.PING_ACK:
-            self._events.append(PingAcked(mux.decode_ping(payload)))
+            self._event(PingAcked(mux.decode_ping(payload)))
         else:
             raise MuxError(f"{mux.FRAME_NAMES[kind]} for stream 0, which was never opened")
 
@@ -388,14 +430,24 @@ class Tunnel:
             raise MuxError("the accepting side opened a stream")
         if sid < self.next_sid:
             raise MuxError(f"OPEN for stream {sid}, not above {self.next_sid - 1}")
-        if len(self.streams) >= self.max_streams:
-            raise _StreamLimit(f"OPEN beyond the limit of {self.max_streams} streams at once")
         info = mux.decode_open(payload)
         self.next_sid = sid + 1
+        if len(self.streams) >= self.max_streams:
+            # Refused, the connection kept: the format has no way to tell the peer our limit,
+            # so a peer configured with a higher one is not misbehaving. What it costs us is
+            # bounded all the same (no state is kept for the stream).
+            # After our GOAWAY the peer should open no more here at all: say that instead.
+            code = mux.RESET_GOING_AWAY if self.goaway_sent else mux.RESET_LIMIT
+            self._out += self.dialect.encode(mux.RESET, sid, bytes([code]))
+            self._event(StreamRefused(sid, info, code))
+            return
         self.streams[sid] = _Stream(sid, self._stream_window, self._stream_receivable)
-        self._events.append(StreamOpened(sid, info, self.goaway_sent))
+        self._event(StreamOpened(sid, info, self.goaway_sent))
 
-    def _data(self, sid: int, data: bytes) -> None:
+    def on_data(self, sid: int, data: memoryview) -> None:
+        """(mux.FrameSink) A piece of a DATA frame from the parser."""
+        if self.failed is not None:
+            return
         n = len(data)
         if self.receivable is not None:
             self.receivable -= n
@@ -419,16 +471,23 @@ class Tunnel:
             )
         if stream.eof_in:
             self._credit_connection(n)
-            self._events.append(StreamBroken(sid, "data_after_eof", "DATA after its EOF"))
+            self._event(StreamBroken(sid, "data_after_eof", "DATA after its EOF"))
             self._send_reset(stream, mux.RESET_PROTOCOL)
             return
         stream.held += n
-        events = self._events
-        last = events[-1] if events else None
-        if type(last) is DataReceived and last.sid == sid:
-            events[-1] = DataReceived(sid, last.data + data)
-        else:
-            events.append(DataReceived(sid, data))
+        # A batch often holds the end of one DATA frame and the start of the next of the
+        # same stream: one event (one write to the app) instead of two. So DATA is handed on
+        # once something else comes, or at the end of the batch.
+        last = self._pending
+        if last is not None:
+            if last.sid == sid:
+                joined = last.data
+                if type(joined) is not bytearray:
+                    joined = last.data = bytearray(joined)
+                joined += data
+                return
+            self._flush_data()
+        self._pending = DataReceived(sid, data)
 
     # --- commands ------------------------------------------------------------------------
 
@@ -479,19 +538,30 @@ class Tunnel:
         if stream is None or stream.eof_out or self.failed is not None:
             return 0
         n = stream.window
-        if self.window is not None and self.window < n:
-            n = self.window
-        return max(0, min(n, mux.MAX_PAYLOAD))
+        w = self.window
+        if w is not None and w < n:
+            n = w
+        if n > _MAX_PAYLOAD:
+            return _MAX_PAYLOAD
+        return n if n > 0 else 0
 
     def sent(self, sid: int, n: int) -> None:
         """`n` bytes of DATA on `sid` go out in a frame the caller writes itself (the
         zero-copy path); they must fit in `sendable(sid)`."""
-        if n > self.sendable(sid):
+        stream = self.streams.get(sid)
+        w = self.window
+        if (
+            stream is None
+            or stream.eof_out
+            or n > stream.window
+            or (w is not None and n > w)
+            or n > _MAX_PAYLOAD
+            or self.failed is not None
+        ):
             raise TunnelError(f"{n} bytes on stream {sid} exceed its window")
-        stream = self.streams[sid]
         stream.window -= n
-        if self.window is not None:
-            self.window -= n
+        if w is not None:
+            self.window = w - n
 
     def send_data(self, sid: int, data: bytes | bytearray | memoryview) -> None:
         self.sent(sid, len(data))
@@ -499,9 +569,9 @@ class Tunnel:
             self._out += self.dialect.encode(mux.DATA, sid, bytes(data))
 
     def send_eof(self, sid: int) -> None:
-        self._check_open()
-        stream = self._stream(sid)
-        if stream.eof_out:
+        """Our app half-closed `sid` (a no-op for a stream already gone)."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.eof_out or self.failed is not None:
             return
         stream.eof_out = True
         self._out += self.dialect.encode(mux.EOF, sid)
@@ -588,11 +658,15 @@ class Tunnel:
             return [ConnectionFailed("unresponsive", f"nothing heard for {silent:.1f}s")]
         return []
 
-    def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
+    def suspect(self, now: float) -> bool:
+        """Version 2: a PING has gone unanswered (as of the last `tick`) for SUSPECT_AFTER."""
+        live = self.liveness
+        return live is not None and not self._heard and live.suspect(now)
+
+    def data_to_send(self) -> bytes | bytearray:
+        """The bytes to send, handed over (the caller may keep and change them)."""
+        out = self._out
+        if not out:
+            return b""
+        self._out = bytearray()
         return out
-
-
-class _StreamLimit(MuxError):
-    reason = "stream_limit"

@@ -22,6 +22,7 @@ from proxy.tunnel import (
     StreamBroken,
     StreamEnded,
     StreamOpened,
+    StreamRefused,
     StreamReset,
     Tunnel,
     TunnelError,
@@ -159,7 +160,15 @@ def test_stream_limit_and_stream_ids() -> None:
     t = server(max_streams=2)
     opened(t, 1)
     opened(t, 3)  # ids may skip, never go back
-    assert failed(t.receive_data(mux.frame(mux.OPEN, 4, mux.encode_open(INFO)))) == "stream_limit"
+    # one more is refused (our limit cannot be told to the peer), the connection kept
+    events = t.receive_data(mux.frame(mux.OPEN, 4, mux.encode_open(INFO)))
+    assert events == [StreamRefused(4, INFO, mux.RESET_LIMIT)]
+    assert t.data_to_send() == mux.frame(mux.RESET, 4, bytes([mux.RESET_LIMIT]))
+    assert sorted(t.streams) == [1, 3] and t.failed is None
+    t.receive_data(mux.frame(mux.EOF, 1) + mux.frame(mux.DATA, 4, b"late"))  # 4: answered
+    assert t.data_to_send() == mux.frame(mux.RESET, 4, bytes([mux.RESET_UNKNOWN_STREAM]))
+    t.send_eof(1)
+    opened(t, 5)  # stream 1 ended both ways: room again
     t = server()
     opened(t, 5)
     bad = t.receive_data(mux.frame(mux.OPEN, 4, mux.encode_open(INFO)))
@@ -231,9 +240,12 @@ def test_liveness_pings_a_silent_peer_and_gives_it_up() -> None:
     assert c.tick(105.0) == [] and c.data_to_send() == b""
     assert c.tick(110.0) == []  # 10 s silent: a PING
     assert s.receive_data(c.data_to_send()) == []
+    assert not c.suspect(110.5)
+    assert c.suspect(111.0)  # unanswered for a second: no new streams on it
     assert c.tick(115.0) == [] and c.data_to_send() == b""  # one PING per interval
     # the answer counts as heard: the silence starts again
     assert c.receive_data(s.data_to_send()) == [PingAcked((1).to_bytes(8, "big"))]
+    assert not c.suspect(116.0)
     assert c.tick(116.0) == []
     assert c.tick(125.0) == [] and c.data_to_send() == b""
     assert c.tick(126.0) == [] and c.data_to_send()[:1] == bytes([mux.PING])
@@ -264,8 +276,10 @@ def _joined(events: list[Event]) -> list[Event]:
     for e in events:
         last = out[-1] if out else None
         if isinstance(e, DataReceived) and isinstance(last, DataReceived) and last.sid == e.sid:
-            out[-1] = DataReceived(e.sid, last.data + e.data)
-        elif not (isinstance(e, DataReceived) and not e.data):
+            out[-1] = DataReceived(e.sid, bytes(last.data) + bytes(e.data))
+        elif isinstance(e, DataReceived):
+            out.append(DataReceived(e.sid, bytes(e.data)))
+        else:
             out.append(e)
     return out
 
