@@ -458,7 +458,7 @@ class Conn:
             note = "a new stream on the pooled connection it opened before"
         else:
             note = "resumed session" if resumed else ""
-        if isinstance(leg, NetLeg) and leg.alpn() == mux.ALPN:
+        if isinstance(leg, NetLeg) and leg.alpn() in mux.ALPN_VERSIONS:
             if self._make_carrier(leg, sid, facts, revoked, expired, note):
                 return
         elif self.pool_key is not None:

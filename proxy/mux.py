@@ -44,7 +44,6 @@ from typing import Protocol
 
 ALPN_V1 = b"mtls-sidecar/1"
 ALPN_V2 = b"mtls-sidecar/2"
-ALPN = ALPN_V1
 ALPN_VERSIONS = {ALPN_V1: 1, ALPN_V2: 2}
 
 HEADER = struct.Struct("!II")  # (type << 24 | length, stream id)

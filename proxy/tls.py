@@ -16,7 +16,7 @@ from OpenSSL import SSL, crypto
 from . import tls_ffi
 from .errors import CertError
 from .material import Material
-from .mux import ALPN
+from .mux import ALPN_VERSIONS
 from .tls_ffi import ffi, lib
 
 
@@ -31,6 +31,9 @@ class TlsSettings(Protocol):
 
     @property
     def connection_reuse(self) -> bool: ...
+
+    @property
+    def pool_protocol(self) -> int: ...
 
 
 # ECDHE with AEAD ciphers only, for TLS 1.2 when it is enabled (TLS 1.3 suites are all AEAD).
@@ -259,12 +262,22 @@ def tls_state_for(material: Material, settings: TlsSettings) -> TlsState:
     (before it accepts files, an enrolment, a renewal or a reload) and in each worker: the
     contexts this sidecar's settings build from it. Raises CertError."""
     return build_tls_state(
-        material, settings.min_tls_version, settings.tls_groups, reuse=settings.connection_reuse
+        material,
+        settings.min_tls_version,
+        settings.tls_groups,
+        reuse=settings.connection_reuse,
+        reuse_version=settings.pool_protocol,
     )
 
 
-# The server side's ALPN selection for connection reuse (one for every context).
-_ALPN_SELECT = tls_ffi.alpn_select_callback(ALPN)
+# Connection reuse's ALPN names from a newest version down, newest first: a client offers
+# them all, a server selects the newest the client offered. One selection callback each,
+# for every context.
+def _alpn_names(newest: int) -> tuple[bytes, ...]:
+    return tuple(sorted((n for n, v in ALPN_VERSIONS.items() if v <= newest), reverse=True))
+
+
+_ALPN_SELECT = {v: tls_ffi.alpn_select_callback(_alpn_names(v)) for v in ALPN_VERSIONS.values()}
 
 
 def build_tls_state(
@@ -273,6 +286,7 @@ def build_tls_state(
     groups: Sequence[str] = DEFAULT_GROUPS,
     *,
     reuse: bool = False,
+    reuse_version: int = 2,
 ) -> TlsState:
     """Build server and client contexts; raises CertError, leaving nothing half-built.
 
@@ -287,8 +301,9 @@ def build_tls_state(
     if reuse:
         # Connection reuse (pool.py) is negotiated: we offer it as a client and select it as
         # a server; a peer that does not speak it never sees anything but plain TLS.
-        tls_ffi.set_alpn(_ctx_ptr(client), offer=ALPN)
-        tls_ffi.set_alpn(_ctx_ptr(server), select=_ALPN_SELECT)
+        # `reuse_version` is the newest version we speak (MTLS_POOL_PROTOCOL).
+        tls_ffi.set_alpn(_ctx_ptr(client), offer=_alpn_names(reuse_version))
+        tls_ffi.set_alpn(_ctx_ptr(server), select=_ALPN_SELECT[reuse_version])
     return TlsState(
         material=material,
         server=server,

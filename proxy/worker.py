@@ -112,6 +112,8 @@ class Worker:
             else None
         )
         self.carriers: set[Carrier] = set()
+        self.max_streams = settings.pool_max_streams
+        self.ping_interval = settings.pool_ping_interval
 
     # --- material ------------------------------------------------------------------------
 
