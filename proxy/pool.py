@@ -1,7 +1,10 @@
 """Connection reuse: pooled mTLS connections between two sidecars, each carrying many streams.
 
-A *carrier* is one mTLS connection on which both ends negotiated ALPN `mtls-sidecar/1`
-(mux.py has the wire format). Each application connection is then a *stream* on a carrier:
+A *carrier* is one mTLS connection on which both ends negotiated ALPN `mtls-sidecar/2` or
+`mtls-sidecar/1` (mux.py has the wire format). The protocol itself (stream states, windows,
+limits, GOAWAY, PING liveness) is the carrier's `tunnel` (tunnel.py, without I/O): a carrier
+hands it the bytes it receives and writes what it answers; the decisions are the tunnel's.
+Each application connection is then a *stream* on a carrier:
 no handshake of its own, and no TLS state of its own while it is idle. A `StreamLeg` is the
 network leg of such a connection; to the connection (conn.Conn) it looks like a network leg
 whose handshake completes at once with the carrier's peer.
@@ -34,7 +37,6 @@ from .tls import TlsError, chain_anchored
 from .tls_ffi import ffi, peer_chain_ders
 from .tunnel import (
     ConnectionFailed,
-    DataReceived,
     GoawayReceived,
     MuxDialect,
     StreamAccepted,
@@ -66,9 +68,11 @@ FOREIGN_TTL = 60.0
 # DATA frames smaller than this wait for the end of the event loop's turn and go out together;
 # larger ones (bulk) go out at once, with whatever waits before them.
 CORK_BELOW = 16 * 1024
-# A peer that stops answering is found out two ways. The kernel: TCP keepalive probes after
-# 10 s without traffic, every 5 s, and TCP_USER_TIMEOUT closes a connection whose sent data
-# stays unacknowledged for 20 s (packets dropped, host gone). The peer itself (a frozen
+# A peer that stops answering is found out three ways. Version 2: PING after
+# MTLS_POOL_PING_INTERVAL of silence, the carrier closed after twice that (tunnel.py). The
+# kernel: TCP keepalive probes after 10 s without traffic, every 5 s, and TCP_USER_TIMEOUT
+# closes a connection whose sent data stays unacknowledged for 20 s (packets dropped, host
+# gone). The peer itself (a frozen
 # process's kernel still acknowledges): a stream not answered (ACCEPT or RESET) within the
 # route's handshake timeout fails as `handshake_timeout`, and if nothing at all came from the
 # peer since the stream was opened, the carrier is closed as unresponsive.
@@ -172,6 +176,7 @@ class StreamLeg(_Leg):
         "heard_mark",
         "held",
         "info",
+        "read_limit",
         "reset_code",
         "sid",
         "started",
@@ -194,6 +199,9 @@ class StreamLeg(_Leg):
         self.eof_in = False
         self.eof_out = False
         self.eof_wanted = False  # our app half-closed while `unsent` still waits
+        # What our app leg may read at once: the room left in the window after our last
+        # send (a hint: other streams use the connection window too; sends are exact).
+        self.read_limit = mux.WINDOW_SIZE
         self.ended = False
         self.started = False
         self.accepted = False
@@ -269,8 +277,8 @@ class StreamLeg(_Leg):
             self.conn.net_eof()
 
     def room(self) -> int:
-        """How many bytes our app leg may read for this stream now: the window left."""
-        return self.carrier.tunnel.sendable(self.sid)
+        """How many bytes our app leg should read for this stream now: the window left."""
+        return self.read_limit
 
     def send(self, data: Buf) -> None:
         if self.ended or self.eof_out:
@@ -281,16 +289,14 @@ class StreamLeg(_Leg):
         self.conn.bytes_out += n
         if self.unsent:
             self._stash(data)
-            n = 0
-        else:
-            room = self.room()
-            if n > room:
-                self._stash(data[room:])
-                data = data[:room]
-                n = room
-        if n:
-            self.carrier.send_data(self.sid, data)
-        self._sent()
+            self._sent(0, n)
+            return
+        m = self.carrier.tunnel.reserve(self.sid, n)
+        if m < n:
+            self._stash(data[m:])
+        if m:
+            self.carrier.send_data(self.sid, data[:m] if m < n else data)
+        self._sent(m, n)
 
     def send_framed(self, n: int) -> None:
         """Send the `n` bytes the app leg read into the shared buffer after the header's room."""
@@ -299,42 +305,47 @@ class StreamLeg(_Leg):
         self.conn.bytes_out += n
         if self.unsent:
             self._stash(_FRAMED_VIEW[:n])
-            self._sent()
+            self._sent(0, n)
             return
-        room = self.carrier.tunnel.sendable(self.sid)
-        if n > room:
-            self._stash(_FRAMED_VIEW[room:n])
-            n = room
-        if n:
-            self.carrier.send_data_in_place(self.sid, n)
-        if room - n <= 0 and not self.write_paused:
-            self.pause_writing()  # the app leg stops reading until the far side credits us
+        m = self.carrier.tunnel.reserve(self.sid, n)
+        if m < n:
+            self._stash(_FRAMED_VIEW[m:n])
+        if m:
+            self.carrier.send_data_in_place(self.sid, m)
+        self._sent(m, n)
 
     def _stash(self, data: Buf) -> None:
         if self.unsent is None:
             self.unsent = bytearray()
         self.unsent += data
 
-    def _sent(self) -> None:
-        if not self.write_paused and (self.unsent or self.room() <= 0):
+    def _sent(self, m: int, n: int) -> None:
+        """`m` of `n` bytes from our app went out (the rest waits in `unsent`)."""
+        t = self.carrier.tunnel
+        left = self.read_limit = t.room_left if m else 0
+        if left <= 0 and not self.write_paused:
             self.pause_writing()  # the app leg stops reading until the far side credits us
+        if t.window == 0:
+            self.carrier.connection_window_used()
 
     def _send_unsent(self) -> None:
         """The window grew: what waits goes first."""
         unsent = self.unsent
         if unsent is None or self.ended:
             return
-        room = self.room()
-        if room <= 0:
+        t = self.carrier.tunnel
+        m = t.reserve(self.sid, len(unsent))
+        self.read_limit = t.room_left
+        if not m:
             return
-        if room >= len(unsent):
+        if m == len(unsent):
             self.unsent = None
             self.carrier.send_data(self.sid, unsent)
             if self.eof_wanted:
                 self.send_eof()
             return
-        self.carrier.send_data(self.sid, unsent[:room])
-        del unsent[:room]
+        self.carrier.send_data(self.sid, unsent[:m])
+        del unsent[:m]
 
     def send_eof(self) -> None:
         if self.ended or self.eof_out:
@@ -436,6 +447,7 @@ class StreamLeg(_Leg):
             return
         if self.unsent:
             self._send_unsent()
+        self.read_limit = self.carrier.tunnel.sendable(self.sid)
         self._resume_if_clear()
 
     def accepted_by_peer(self) -> None:
@@ -500,7 +512,7 @@ class StreamLeg(_Leg):
             self.write_paused
             and not self.unsent
             and not self.carrier.write_blocked
-            and self.room() > 0
+            and self.carrier.tunnel.sendable(self.sid) > 0
         ):
             self.resume_writing()
 
@@ -511,6 +523,8 @@ class Carrier:
     __slots__ = (
         "_flush_handle",
         "_gauges",
+        "_on_data",
+        "_on_event",
         "active",
         "bytes_in",
         "bytes_out",
@@ -599,6 +613,8 @@ class Carrier:
             ping_after=ping,
             dead_after=2 * ping,
         )
+        self._on_event = self._event
+        self._on_data = self._stream_data
         # Outbound: called at the far side's first frame, which says it accepted us (with TLS
         # 1.3 it judges our certificate after our side of the handshake is done).
         self.on_answer: Callable[[], None] | None = None
@@ -715,20 +731,18 @@ class Carrier:
         messages of many streams cost one TLS record and one send() (keep-alive traffic)."""
         if self.closed:
             return
-        self.tunnel.sent(sid, len(data))
         out = self._waiting()
         out += mux.header(mux.DATA, len(data), sid)
         out += data
 
     def send_data(self, sid: int, data: Buf) -> None:
-        """DATA on `sid`; it must fit in the stream's window (`tunnel.sendable`)."""
+        """DATA on `sid`, already accounted in the tunnel (`Tunnel.reserve`)."""
         n = len(data)
         if n < CORK_BELOW:
             self._cork(sid, data)
             return
         if self.closed:
             return
-        self.tunnel.sent(sid, n)
         out = self.out
         if out is None:
             out = bytearray()
@@ -739,17 +753,24 @@ class Carrier:
         self._write(out)
 
     def send_data_in_place(self, sid: int, n: int) -> None:
-        """DATA whose payload sits in the shared buffer after `HEADER_SIZE` bytes of room."""
+        """DATA whose payload sits in the shared buffer after `HEADER_SIZE` bytes of room,
+        already accounted in the tunnel (`Tunnel.reserve`)."""
         if n < CORK_BELOW:
             self._cork(sid, memoryview(_BUF)[_HEADER_SIZE : _HEADER_SIZE + n])
             return
         if self.closed:
             return
-        self.tunnel.sent(sid, n)
         if self.out is not None:
             self._flush_now()  # what waits goes first, on its own: no copy of a big frame
         _pack_header(_BUF, 0, _DATA_WORD | n, sid)
         self._write_ptr(_PTR, n + _HEADER_SIZE)
+
+    def connection_window_used(self) -> None:
+        """Version 2: the connection window is used up: every stream's app stops reading
+        (rather than each reading once more, into memory) until the far side credits it."""
+        for stream in list(self.streams.values()):
+            if not stream.write_paused:
+                stream.pause_writing()
 
     def _write(self, data: Buf) -> None:
         if not self.closed:
@@ -778,20 +799,23 @@ class Carrier:
         if self.on_answer is not None:
             on_answer, self.on_answer = self.on_answer, None
             on_answer()
-        self.tunnel.receive_into(data, self._event)
+        self.tunnel.receive_into(data, self._on_event, self._on_data)
         self.pull()
+
+    def _stream_data(self, sid: int, data: memoryview | bytearray) -> None:
+        """DATA the tunnel let through, for a stream's app."""
+        if self.closed:
+            return
+        stream = self.streams.get(sid)
+        if stream is not None:
+            stream.on_data(data)
+        else:
+            # Ended on our side, not yet on the far side's: dropped, credited.
+            self.tunnel.credit(sid, len(data))
 
     def _event(self, event: tunnel.Event) -> None:
         """What the tunnel made of a frame (or a DATA batch), as soon as it is known."""
         if self.closed:
-            return
-        if type(event) is DataReceived:
-            stream = self.streams.get(event.sid)
-            if stream is not None:
-                stream.on_data(event.data)
-            else:
-                # Ended on our side, not yet on the far side's: dropped, credited.
-                self.tunnel.credit(event.sid, len(event.data))
             return
         if isinstance(event, StreamOpened):
             self.host.carrier_stream(self, event.sid, event.info)

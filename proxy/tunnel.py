@@ -158,6 +158,7 @@ Event = (
 
 
 _MAX_PAYLOAD = mux.MAX_PAYLOAD
+DataHandler = Callable[[int, "memoryview | bytearray"], None]
 
 
 def _nowhere(event: Event) -> None:
@@ -303,6 +304,8 @@ class Tunnel:
         self._stream_window = stream_window
         # A version 1 peer may overshoot a stream window by one read; a version 2 one never.
         self._stream_receivable = stream_window + (0 if v2 else mux.WINDOW_SLACK)
+        self.room_left = 0  # see reserve()
+        self._told_unknown = 0  # the ended stream whose DATA we last answered with RESET 7
         self.goaway_sent = False
         self.goaway_received = False
         self.failed: str | None = None
@@ -311,7 +314,10 @@ class Tunnel:
         self._ping_count = 0
         self._out = bytearray()
         self._emit: Callable[[Event], None] = _nowhere
-        self._pending: DataReceived | None = None  # DATA not yet handed on (see _data)
+        self._data_to: DataHandler | None = None
+        # DATA not yet handed on (see on_data): its stream and bytes.
+        self._pend_sid = 0
+        self._pend: memoryview | bytearray | None = None
         self._parser = dialect.parser(self)
 
     # --- received bytes ------------------------------------------------------------------
@@ -323,15 +329,21 @@ class Tunnel:
         return events
 
     def receive_into(
-        self, data: bytes | bytearray | memoryview, emit: Callable[[Event], None]
+        self,
+        data: bytes | bytearray | memoryview,
+        emit: Callable[[Event], None],
+        on_data: DataHandler | None = None,
     ) -> None:
         """`receive_data`, handing each event to `emit` as soon as it is known, so that what
         the caller does about one frame (say, refuse a stream, which frees its place) is
-        done before the next frame is judged, as if the frames had come one by one."""
+        done before the next frame is judged, as if the frames had come one by one. With
+        `on_data`, DATA goes there as (sid, bytes) instead of as DataReceived events (the
+        I/O side's fast path: no event object per piece)."""
         if self.failed is not None or not data:
             return
         self._heard = True
         self._emit = emit
+        self._data_to = on_data
         try:
             self._parser.feed(data if type(data) is memoryview else memoryview(data))
         except MuxError as exc:
@@ -339,17 +351,22 @@ class Tunnel:
         finally:
             self._flush_data()
             self._emit = _nowhere
+            self._data_to = None
 
     def _event(self, event: Event) -> None:
-        if self._pending is not None:
+        if self._pend is not None:
             self._flush_data()
         self._emit(event)
 
     def _flush_data(self) -> None:
-        pending = self._pending
-        if pending is not None:
-            self._pending = None
-            self._emit(pending)
+        pend = self._pend
+        if pend is not None:
+            self._pend = None
+            to = self._data_to
+            if to is not None:
+                to(self._pend_sid, pend)
+            else:
+                self._emit(DataReceived(self._pend_sid, pend))
 
     def _fail(self, reason: str, message: str) -> None:
         self.failed = reason
@@ -460,9 +477,12 @@ class Tunnel:
             if not self._existed(sid):
                 raise MuxError(f"DATA for stream {sid}, which was never opened")
             # A stream that ended here: its data is dropped (and credited on stream 0), and
-            # the sender told, as TCP answers data for a closed socket with a reset.
+            # the sender told, as TCP answers data for a closed socket with a reset: once (a
+            # frame comes in pieces, and more may be on the way before the RESET arrives).
             self._credit_connection(n)
-            self._out += self.dialect.encode(mux.RESET, sid, bytes([mux.RESET_UNKNOWN_STREAM]))
+            if self._told_unknown != sid:
+                self._told_unknown = sid
+                self._out += self.dialect.encode(mux.RESET, sid, bytes([mux.RESET_UNKNOWN_STREAM]))
             return
         stream.receivable -= n
         if stream.receivable < 0:
@@ -478,16 +498,16 @@ class Tunnel:
         # A batch often holds the end of one DATA frame and the start of the next of the
         # same stream: one event (one write to the app) instead of two. So DATA is handed on
         # once something else comes, or at the end of the batch.
-        last = self._pending
-        if last is not None:
-            if last.sid == sid:
-                joined = last.data
-                if type(joined) is not bytearray:
-                    joined = last.data = bytearray(joined)
-                joined += data
+        pend = self._pend
+        if pend is not None:
+            if self._pend_sid == sid:
+                if type(pend) is not bytearray:
+                    pend = self._pend = bytearray(pend)
+                pend += data
                 return
             self._flush_data()
-        self._pending = DataReceived(sid, data)
+        self._pend_sid = sid
+        self._pend = data
 
     # --- commands ------------------------------------------------------------------------
 
@@ -562,6 +582,33 @@ class Tunnel:
         stream.window -= n
         if w is not None:
             self.window = w - n
+
+    def reserve(self, sid: int, n: int) -> int:
+        """Up to `n` bytes of DATA on `sid` within the windows: how many (accounted as sent;
+        the caller writes the frame itself). 0 when the window is used up or the stream
+        gone. `room_left` is then what may still be sent on `sid` after them."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.eof_out or self.failed is not None:
+            self.room_left = 0
+            return 0
+        m = stream.window
+        w = self.window
+        if w is not None and w < m:
+            m = w
+        if n < m:
+            m = n
+        if m <= 0:
+            self.room_left = 0
+            return 0
+        if m > _MAX_PAYLOAD:
+            m = _MAX_PAYLOAD
+        left = stream.window = stream.window - m
+        if w is not None:
+            w = self.window = w - m
+            if w < left:
+                left = w
+        self.room_left = left
+        return m
 
     def send_data(self, sid: int, data: bytes | bytearray | memoryview) -> None:
         self.sent(sid, len(data))

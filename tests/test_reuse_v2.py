@@ -17,7 +17,14 @@ import pytest
 from .conftest import Pki, start_pair
 from .harness import TcpApp, exchange
 from .netns import MuxClient
-from .test_reuse_hostile import _app_result, _inbound, _process_tree, _stream_answer
+from .test_reuse_hostile import (
+    _app_result,
+    _frame,
+    _inbound,
+    _process_tree,
+    _Sink,
+    _stream_answer,
+)
 
 ACCEPT, DATA, WINDOW, PING, PING_ACK = 2, 3, 6, 8, 9
 V1, V2 = "mtls-sidecar/1", "mtls-sidecar/2"
@@ -57,6 +64,35 @@ def test_the_inbound_selects_version_2_and_still_serves_a_version_1_peer(
         assert sc.wait_metric("mtls_pool_retired_total", 1, reason="protocol_error") == 1
         old.sock.close()
         new.sock.close()
+
+
+def test_a_version_2_peer_that_overruns_the_connection_window_loses_the_connection(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """Five streams to an app that does not read, each within its own 4 MiB window, but
+    together beyond the 16 MiB connection window (and a version 2 peer gets no slack): the
+    pooled connection is closed (`flow_control`), so what one connection holds stays bounded."""
+    sink = _Sink()
+    try:
+        with _inbound(pki, tmp_path, sink.app.port) as (sc, port):
+            c = _client(pki, port, (V2,))
+            assert c.alpn == V2
+            chunk = b"w" * 65536
+            with pytest.raises(OSError):  # reset once the connection window is overrun
+                c.sock.settimeout(20)
+                for sid in range(1, 6):
+                    c.open(sid, "127.0.0.1", sink.app.port)
+                    for _ in range(64):  # 4 MiB: the stream's whole window
+                        c.sock.sendall(_frame(DATA, sid, chunk))
+                for _ in range(200):
+                    c.send(PING, 0, b"8 bytes!")
+                    c.until(PING_ACK, 0)
+            name = "mtls_pool_retired_total"
+            assert sc.wait_metric(name, 1, direction="inbound", reason="flow_control") == 1
+            lines = [e for e in sc.log_events() if e.get("event") == "pool_protocol_error"]
+            assert len(lines) == 1 and "connection's flow-control window" in lines[0]["msg"]
+    finally:
+        sink.close()
 
 
 @pytest.mark.parametrize("old_side", ["inbound", "outbound"])

@@ -147,6 +147,19 @@ def test_the_connection_window_bounds_all_streams_together() -> None:
     assert c.sendable(sids[4]) == mux.WINDOW_SIZE
 
 
+def test_reserve_takes_what_both_windows_allow() -> None:
+    """The I/O side's send path: `reserve` accounts what it may send, never more."""
+    c, _ = pair(stream_window=1000, connection_window=1500)
+    one, two = c.open_stream(INFO), c.open_stream(INFO)
+    assert c.reserve(one, 300) == 300 and c.room_left == 700
+    assert c.reserve(one, 5000) == 700 and c.room_left == 0
+    assert c.reserve(two, 5000) == 500 and c.room_left == 0  # the connection's 1500 used
+    assert c.reserve(two, 1) == 0 and c.window == 0
+    v1, _ = pair(1, stream_window=1000, connection_window=1500)
+    one, two = v1.open_stream(INFO), v1.open_stream(INFO)
+    assert v1.reserve(one, 5000) == 1000 and v1.reserve(two, 5000) == 1000  # no such window
+
+
 def test_a_peer_that_overruns_the_connection_window_breaks_the_connection() -> None:
     t = server()
     for sid in range(1, 6):
@@ -412,9 +425,18 @@ def test_two_cores_stay_consistent_under_any_interleaving(
     pattern = bytes(range(256)) * 20
 
     def send(side: Side, sid: int, n: int) -> None:
+        done = len(side.sent.setdefault(sid, bytearray()))
+        if n % 2:  # as the I/O side does: reserve the window, write the frame itself
+            m = side.t.reserve(sid, n)
+            assert m <= n and side.t.room_left == side.t.sendable(sid)
+            if m:
+                chunk = pattern[done % 256 : done % 256 + m]
+                _flush(side)  # what the tunnel queued goes first
+                side.wire += mux.frame(mux.DATA, sid, chunk)
+                side.sent[sid].extend(chunk)
+            return
         n = min(n, side.t.sendable(sid))
         if n:
-            done = len(side.sent.setdefault(sid, bytearray()))
             chunk = pattern[done % 256 : done % 256 + n]
             side.t.send_data(sid, chunk)
             side.sent[sid].extend(chunk)
