@@ -307,11 +307,18 @@ class StreamLeg(_Leg):
             self._stash(_FRAMED_VIEW[:n])
             self._sent(0, n)
             return
-        m = self.carrier.tunnel.reserve(self.sid, n)
-        if m < n:
-            self._stash(_FRAMED_VIEW[m:n])
+        carrier = self.carrier
+        t = carrier.tunnel
+        m = t.reserve(self.sid, n)
+        if m == n:  # the usual case: all of it fits (the app leg read at most the room)
+            carrier.send_data_in_place(self.sid, n)
+            left = self.read_limit = t.room_left
+            if left <= 0 or t.window == 0:
+                self._sent(m, n)
+            return
+        self._stash(_FRAMED_VIEW[m:n])
         if m:
-            self.carrier.send_data_in_place(self.sid, m)
+            carrier.send_data_in_place(self.sid, m)
         self._sent(m, n)
 
     def _stash(self, data: Buf) -> None:
@@ -523,8 +530,6 @@ class Carrier:
     __slots__ = (
         "_flush_handle",
         "_gauges",
-        "_on_data",
-        "_on_event",
         "active",
         "bytes_in",
         "bytes_out",
@@ -613,8 +618,7 @@ class Carrier:
             ping_after=ping,
             dead_after=2 * ping,
         )
-        self._on_event = self._event
-        self._on_data = self._stream_data
+        self.tunnel.bind(self._event, self._stream_data)
         # Outbound: called at the far side's first frame, which says it accepted us (with TLS
         # 1.3 it judges our certificate after our side of the handshake is done).
         self.on_answer: Callable[[], None] | None = None
@@ -799,8 +803,10 @@ class Carrier:
         if self.on_answer is not None:
             on_answer, self.on_answer = self.on_answer, None
             on_answer()
-        self.tunnel.receive_into(data, self._on_event, self._on_data)
-        self.pull()
+        t = self.tunnel
+        t.receive(data)
+        if t.out:
+            self.pull()
 
     def _stream_data(self, sid: int, data: memoryview | bytearray) -> None:
         """DATA the tunnel let through, for a stream's app."""
@@ -814,19 +820,23 @@ class Carrier:
             self.tunnel.credit(sid, len(data))
 
     def _event(self, event: tunnel.Event) -> None:
-        """What the tunnel made of a frame (or a DATA batch), as soon as it is known."""
+        """What the tunnel made of a frame, as soon as it is known (the commonest first)."""
         if self.closed:
             return
-        if isinstance(event, StreamOpened):
+        kind = type(event)
+        if kind is StreamEnded or kind is StreamAccepted or kind is StreamReset:
+            stream = self.streams.get(event.sid)  # type: ignore[union-attr]
+            if stream is None:
+                return
+            if type(event) is StreamEnded:
+                stream.eof_received()
+            elif type(event) is StreamAccepted:
+                stream.accepted_by_peer()
+            elif type(event) is StreamReset:
+                stream.reset_by_peer(event.code, event.known)
+        elif type(event) is StreamOpened:
             self.host.carrier_stream(self, event.sid, event.info)
-            return
-        if isinstance(event, ConnectionFailed):
-            self._protocol_error(event.reason, event.message)
-            return
-        if isinstance(event, GoawayReceived):
-            self._goaway_received()
-            return
-        if isinstance(event, WindowOpened):
+        elif type(event) is WindowOpened:
             if event.sid:
                 stream = self.streams.get(event.sid)
                 if stream is not None:
@@ -834,26 +844,17 @@ class Carrier:
             else:
                 for stream in list(self.streams.values()):
                     stream.window_opened()
-            return
-        if isinstance(event, StreamBroken):
+        elif type(event) is ConnectionFailed:
+            self._protocol_error(event.reason, event.message)
+        elif type(event) is GoawayReceived:
+            self._goaway_received()
+        elif type(event) is StreamBroken:
             stream = self.streams.get(event.sid)
             if stream is not None:
                 stream.broken(event.reason, event.message)
-            return
-        if isinstance(event, StreamRefused):
+        elif type(event) is StreamRefused:
             self._refused(event.sid, event.code)
-            return
-        if not isinstance(event, (StreamAccepted, StreamEnded, StreamReset)):
-            return  # PingAcked: hearing it is all that counts
-        stream = self.streams.get(event.sid)
-        if stream is None:
-            return
-        if isinstance(event, StreamAccepted):
-            stream.accepted_by_peer()
-        elif isinstance(event, StreamEnded):
-            stream.eof_received()
-        else:
-            stream.reset_by_peer(event.code, event.known)
+        # PingAcked: hearing it is all that counts
 
     def _refused(self, sid: int, code: int) -> None:
         """The tunnel refused a stream beyond the stream limit: counted as any refused

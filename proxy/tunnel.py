@@ -54,7 +54,7 @@ class TunnelError(RuntimeError):
 # --- events --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamOpened:
     """The peer opened stream `sid` for an app connection (accept or reset it)."""
 
@@ -63,7 +63,7 @@ class StreamOpened:
     after_goaway: bool  # it came after our GOAWAY
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamAccepted:
     """The far side reached its app: the stream relays."""
 
@@ -80,14 +80,14 @@ class DataReceived:
     data: memoryview | bytearray | bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamEnded:
     """The peer's app half-closed: no more DATA on `sid` from it."""
 
     sid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamReset:
     """The peer ended stream `sid` now with `code` (a mux.RESET_* code, or one the format
     does not define: `known` is False)."""
@@ -97,7 +97,7 @@ class StreamReset:
     known: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamBroken:
     """The peer broke a stream rule: we reset the stream (RESET_PROTOCOL). Counted."""
 
@@ -106,7 +106,7 @@ class StreamBroken:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamRefused:
     """We refused stream `sid` the peer opened beyond our stream limit, with `code`
     (RESET_LIMIT, or RESET_GOING_AWAY after our GOAWAY). Count it as a refused connection."""
@@ -116,24 +116,24 @@ class StreamRefused:
     code: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WindowOpened:
     """More may be sent on `sid` (0: on every stream, the connection window grew)."""
 
     sid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GoawayReceived:
     """The peer wants no new streams on this connection; open ones finish."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PingAcked:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionFailed:
     """The connection is broken (a protocol error, or the peer went silent): close it and
     count `reason`. Nothing more comes from this tunnel."""
@@ -158,6 +158,15 @@ Event = (
 
 
 _MAX_PAYLOAD = mux.MAX_PAYLOAD
+_OPEN = mux.OPEN
+_ACCEPT = mux.ACCEPT
+_DATA = mux.DATA
+_EOF = mux.EOF
+_RESET = mux.RESET
+_WINDOW = mux.WINDOW
+_GOAWAY = mux.GOAWAY
+_PING = mux.PING
+_PING_ACK = mux.PING_ACK
 DataHandler = Callable[[int, "memoryview | bytearray"], None]
 
 
@@ -312,7 +321,8 @@ class Tunnel:
         self.liveness = Liveness(now, ping_after, dead_after) if v2 else None
         self._heard = False
         self._ping_count = 0
-        self._out = bytearray()
+        # What to send (data_to_send hands it over); non-empty when there is something.
+        self.out = bytearray()
         self._emit: Callable[[Event], None] = _nowhere
         self._data_to: DataHandler | None = None
         # DATA not yet handed on (see on_data): its stream and bytes.
@@ -325,33 +335,33 @@ class Tunnel:
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Parse received bytes (any split of the stream); the events they cause."""
         events: list[Event] = []
-        self.receive_into(data, events.append)
+        bound = self._emit, self._data_to
+        self.bind(events.append)
+        try:
+            self.receive(data)
+        finally:
+            self._emit, self._data_to = bound
         return events
 
-    def receive_into(
-        self,
-        data: bytes | bytearray | memoryview,
-        emit: Callable[[Event], None],
-        on_data: DataHandler | None = None,
-    ) -> None:
-        """`receive_data`, handing each event to `emit` as soon as it is known, so that what
-        the caller does about one frame (say, refuse a stream, which frees its place) is
-        done before the next frame is judged, as if the frames had come one by one. With
-        `on_data`, DATA goes there as (sid, bytes) instead of as DataReceived events (the
-        I/O side's fast path: no event object per piece)."""
+    def bind(self, emit: Callable[[Event], None], on_data: DataHandler | None = None) -> None:
+        """Where `receive` hands what it finds: each event to `emit` as soon as it is known,
+        so that what the caller does about one frame (say, refuse a stream, which frees its
+        place) is done before the next frame is judged, as if the frames had come one by
+        one. With `on_data`, DATA goes there as (sid, bytes) instead of as DataReceived
+        events (the I/O side's fast path: no event object per piece)."""
+        self._emit = emit
+        self._data_to = on_data
+
+    def receive(self, data: bytes | bytearray | memoryview) -> None:
+        """`receive_data` for a tunnel that was bound (`bind`) to its handlers."""
         if self.failed is not None or not data:
             return
         self._heard = True
-        self._emit = emit
-        self._data_to = on_data
         try:
             self._parser.feed(data if type(data) is memoryview else memoryview(data))
         except MuxError as exc:
             self._fail(exc.reason, str(exc))
-        finally:
-            self._flush_data()
-            self._emit = _nowhere
-            self._data_to = None
+        self._flush_data()
 
     def _event(self, event: Event) -> None:
         if self._pend is not None:
@@ -380,40 +390,40 @@ class Tunnel:
             self._connection_frame(kind, payload)
             return
         stream = self.streams.get(sid)
-        if kind == mux.OPEN:
+        if kind == _OPEN:
             self._open(sid, payload, stream)
             return
         if stream is None:
             if not self._existed(sid):
                 raise MuxError(f"{mux.FRAME_NAMES[kind]} for stream {sid}, which was never opened")
-            if kind == mux.RESET:
+            if kind == _RESET:
                 mux.decode_reset(payload)
-            elif kind == mux.WINDOW:
+            elif kind == _WINDOW:
                 mux.decode_window(payload)
-            elif kind in (mux.PING, mux.PING_ACK, mux.GOAWAY):
+            elif kind in (_PING, _PING_ACK, _GOAWAY):
                 raise MuxError(f"{mux.FRAME_NAMES[kind]} on stream {sid}, not 0")
             return  # about a stream that ended here already
-        if kind == mux.WINDOW:
+        if kind == _WINDOW:
             n = mux.decode_window(payload)
             stream.window += n
             if stream.window > mux.MAX_WINDOW:
                 raise mux.WindowExceeded(f"stream {sid} credited beyond 2^31-1 bytes")
             self._event(WindowOpened(sid))
-        elif kind == mux.EOF:
+        elif kind == _EOF:
             if stream.eof_in:
                 return
             stream.eof_in = True
             self._event(StreamEnded(sid))
             if stream.eof_out:
                 self._remove(stream)
-        elif kind == mux.ACCEPT:
+        elif kind == _ACCEPT:
             if not self.client:
                 raise MuxError(f"ACCEPT for stream {sid} from the dialling side")
             if stream.accepted:
                 raise MuxError(f"a second ACCEPT for stream {sid}")
             stream.accepted = True
             self._event(StreamAccepted(sid))
-        elif kind == mux.RESET:
+        elif kind == _RESET:
             code = mux.decode_reset(payload)
             self._remove(stream)
             self._event(StreamReset(sid, code, code in mux.RESET_NAMES))
@@ -424,18 +434,18 @@ class Tunnel:
         return 0 < sid < self.next_sid
 
     def _connection_frame(self, kind: int, payload: bytes) -> None:
-        if kind == mux.GOAWAY:
+        if kind == _GOAWAY:
             if not self.goaway_received:
                 self.goaway_received = True
                 self._event(GoawayReceived())
-        elif kind == mux.WINDOW and self.window is not None:
+        elif kind == _WINDOW and self.window is not None:
             self.window += mux.decode_window(payload)
             if self.window > mux.MAX_WINDOW:
                 raise mux.WindowExceeded("connection credited beyond 2^31-1 bytes")
             self._event(WindowOpened(0))
-        elif kind == mux.PING:
-            self._out += self.dialect.encode(mux.PING_ACK, 0, mux.decode_ping(payload))
-        elif kind == mux.PING_ACK:
+        elif kind == _PING:
+            self.out += self.dialect.encode(_PING_ACK, 0, mux.decode_ping(payload))
+        elif kind == _PING_ACK:
             self._event(PingAcked(mux.decode_ping(payload)))
         else:
             raise MuxError(f"{mux.FRAME_NAMES[kind]} for stream 0, which was never opened")
@@ -455,7 +465,7 @@ class Tunnel:
             # bounded all the same (no state is kept for the stream).
             # After our GOAWAY the peer should open no more here at all: say that instead.
             code = mux.RESET_GOING_AWAY if self.goaway_sent else mux.RESET_LIMIT
-            self._out += self.dialect.encode(mux.RESET, sid, bytes([code]))
+            self.out += self.dialect.encode(_RESET, sid, bytes([code]))
             self._event(StreamRefused(sid, info, code))
             return
         self.streams[sid] = _Stream(sid, self._stream_window, self._stream_receivable)
@@ -482,7 +492,7 @@ class Tunnel:
             self._credit_connection(n)
             if self._told_unknown != sid:
                 self._told_unknown = sid
-                self._out += self.dialect.encode(mux.RESET, sid, bytes([mux.RESET_UNKNOWN_STREAM]))
+                self.out += self.dialect.encode(_RESET, sid, bytes([mux.RESET_UNKNOWN_STREAM]))
             return
         stream.receivable -= n
         if stream.receivable < 0:
@@ -540,7 +550,7 @@ class Tunnel:
         sid = self.next_sid
         self.next_sid += 1
         self.streams[sid] = _Stream(sid, self._stream_window, self._stream_receivable)
-        self._out += self.dialect.encode(mux.OPEN, sid, mux.encode_open(info))
+        self.out += self.dialect.encode(_OPEN, sid, mux.encode_open(info))
         return sid
 
     def accept(self, sid: int) -> None:
@@ -550,7 +560,7 @@ class Tunnel:
         if self.client or stream.accepted:
             raise TunnelError(f"stream {sid} cannot be accepted")
         stream.accepted = True
-        self._out += self.dialect.encode(mux.ACCEPT, sid)
+        self.out += self.dialect.encode(_ACCEPT, sid)
 
     def sendable(self, sid: int) -> int:
         """How many bytes of DATA may be sent on `sid` now (0 when none, or it is gone)."""
@@ -613,7 +623,7 @@ class Tunnel:
     def send_data(self, sid: int, data: bytes | bytearray | memoryview) -> None:
         self.sent(sid, len(data))
         if data:
-            self._out += self.dialect.encode(mux.DATA, sid, bytes(data))
+            self.out += self.dialect.encode(_DATA, sid, bytes(data))
 
     def send_eof(self, sid: int) -> None:
         """Our app half-closed `sid` (a no-op for a stream already gone)."""
@@ -621,7 +631,7 @@ class Tunnel:
         if stream is None or stream.eof_out or self.failed is not None:
             return
         stream.eof_out = True
-        self._out += self.dialect.encode(mux.EOF, sid)
+        self.out += self.dialect.encode(_EOF, sid)
         if stream.eof_in:
             self._remove(stream)
 
@@ -633,7 +643,7 @@ class Tunnel:
 
     def _send_reset(self, stream: _Stream, code: int) -> None:
         self._remove(stream)
-        self._out += self.dialect.encode(mux.RESET, stream.sid, bytes([code]))
+        self.out += self.dialect.encode(_RESET, stream.sid, bytes([code]))
 
     def _remove(self, stream: _Stream) -> None:
         del self.streams[stream.sid]
@@ -658,7 +668,7 @@ class Tunnel:
             return False
         stream.uncredited = 0
         stream.receivable += give
-        self._out += self.dialect.encode(mux.WINDOW, sid, mux.encode_window(give))
+        self.out += self.dialect.encode(_WINDOW, sid, mux.encode_window(give))
         return True
 
     def _credit_connection(self, n: int) -> None:
@@ -668,14 +678,14 @@ class Tunnel:
         if self.uncredited >= self._connection_update_at:
             give, self.uncredited = self.uncredited, 0
             self.receivable += give
-            self._out += self.dialect.encode(mux.WINDOW, 0, mux.encode_window(give))
+            self.out += self.dialect.encode(_WINDOW, 0, mux.encode_window(give))
 
     def goaway(self) -> None:
         """No new streams from the peer; open ones finish."""
         if self.goaway_sent or self.failed is not None:
             return
         self.goaway_sent = True
-        self._out += self.dialect.encode(mux.GOAWAY, 0)
+        self.out += self.dialect.encode(_GOAWAY, 0)
 
     def ping(self) -> bytes:
         """Version 2: send a PING; its payload (the PING_ACK echoes it)."""
@@ -684,7 +694,7 @@ class Tunnel:
             raise TunnelError("PING needs mtls-sidecar/2")
         self._ping_count += 1
         payload = self._ping_count.to_bytes(mux.PING_SIZE, "big")
-        self._out += self.dialect.encode(mux.PING, 0, payload)
+        self.out += self.dialect.encode(_PING, 0, payload)
         return payload
 
     def tick(self, now: float) -> list[Event]:
@@ -712,8 +722,8 @@ class Tunnel:
 
     def data_to_send(self) -> bytes | bytearray:
         """The bytes to send, handed over (the caller may keep and change them)."""
-        out = self._out
+        out = self.out
         if not out:
             return b""
-        self._out = bytearray()
+        self.out = bytearray()
         return out

@@ -19,7 +19,6 @@ from .harness import TcpApp, exchange
 from .netns import MuxClient
 from .test_reuse_hostile import (
     _app_result,
-    _frame,
     _inbound,
     _process_tree,
     _Sink,
@@ -66,24 +65,53 @@ def test_the_inbound_selects_version_2_and_still_serves_a_version_1_peer(
         new.sock.close()
 
 
+def _credits(c: MuxClient) -> dict[int, int]:
+    """The WINDOW credits that came, per stream (0: the connection), until the peer is
+    quiet for half a second."""
+    got: dict[int, int] = {}
+    c.sock.settimeout(0.5)
+    with contextlib.suppress(TimeoutError):
+        while True:
+            kind, sid, payload = c.frame()
+            if kind == WINDOW:
+                got[sid] = got.get(sid, 0) + struct.unpack("!I", payload)[0]
+    c.sock.settimeout(20)
+    return got
+
+
 def test_a_version_2_peer_that_overruns_the_connection_window_loses_the_connection(
     pki: Pki, tmp_path: Path
 ) -> None:
-    """Five streams to an app that does not read, each within its own 4 MiB window, but
-    together beyond the 16 MiB connection window (and a version 2 peer gets no slack): the
-    pooled connection is closed (`flow_control`), so what one connection holds stays bounded."""
+    """A peer that keeps to every stream's 4 MiB window but not to the 16 MiB connection
+    window (streams to an app that does not read): the pooled connection is closed
+    (`flow_control`), so what one connection holds stays bounded. The peer counts the credit
+    it got (the app's socket buffers take some, and are credited) and sends one byte beyond
+    it, on new streams."""
     sink = _Sink()
     try:
         with _inbound(pki, tmp_path, sink.app.port) as (sc, port):
             c = _client(pki, port, (V2,))
             assert c.alpn == V2
-            chunk = b"w" * 65536
-            with pytest.raises(OSError):  # reset once the connection window is overrun
-                c.sock.settimeout(20)
-                for sid in range(1, 6):
+            window = 4 << 20
+            sent: dict[int, int] = {}
+            for sid in range(1, 5):  # 16 MiB: the whole connection window
+                c.open(sid, "127.0.0.1", sink.app.port)
+                for _ in range(64):
+                    c.send(DATA, sid, b"w" * 65536)
+                sent[sid] = window
+            credit = _credits(c)
+            room = (16 << 20) + credit.get(0, 0) - sum(sent.values())
+            assert room >= 0, credit
+            sid = 5
+            with pytest.raises((OSError, EOFError)):  # closed once the window is overrun
+                while room >= 0:  # one byte beyond the connection window, no stream's
                     c.open(sid, "127.0.0.1", sink.app.port)
-                    for _ in range(64):  # 4 MiB: the stream's whole window
-                        c.sock.sendall(_frame(DATA, sid, chunk))
+                    # 1 MiB a stream: less than a receiver credits at once (2 MiB), so no
+                    # credit can come back while these are on the way
+                    n = min(room + 1, 1 << 20)
+                    c.send(DATA, sid, b"w" * n)
+                    room -= n
+                    sid += 1
                 for _ in range(200):
                     c.send(PING, 0, b"8 bytes!")
                     c.until(PING_ACK, 0)
