@@ -643,13 +643,12 @@ class Carrier:
 
     @property
     def available(self) -> bool:
-        return (
-            not self.closed
-            and not self.retiring
-            and not self.suspect
-            and self.tunnel.can_open()
-            and not self.tunnel.suspect(self.host.loop.time())
-        )
+        t = self.tunnel
+        if self.closed or self.retiring or self.suspect or not t.can_open():
+            return False
+        live = t.liveness
+        # a PING unanswered for a second: new streams go elsewhere
+        return live is None or live.first_ping is None or not t.suspect(self.host.loop.time())
 
     @property
     def open_streams(self) -> int:

@@ -206,8 +206,7 @@ class MuxDialect:
     def parser(self, sink: mux.FrameSink) -> Parser:
         return mux.Demuxer(sink, self.version)
 
-    def encode(self, kind: int, sid: int, payload: bytes = b"") -> bytes:
-        return mux.frame(kind, sid, payload)
+    encode = staticmethod(mux.frame)  # one frame, as bytes
 
 
 # --- liveness ------------------------------------------------------------------------------
@@ -329,6 +328,7 @@ class Tunnel:
         self._pend_sid = 0
         self._pend: memoryview | bytearray | None = None
         self._parser = dialect.parser(self)
+        self._encode = dialect.encode
 
     # --- received bytes ------------------------------------------------------------------
 
@@ -403,13 +403,7 @@ class Tunnel:
             elif kind in (_PING, _PING_ACK, _GOAWAY):
                 raise MuxError(f"{mux.FRAME_NAMES[kind]} on stream {sid}, not 0")
             return  # about a stream that ended here already
-        if kind == _WINDOW:
-            n = mux.decode_window(payload)
-            stream.window += n
-            if stream.window > mux.MAX_WINDOW:
-                raise mux.WindowExceeded(f"stream {sid} credited beyond 2^31-1 bytes")
-            self._event(WindowOpened(sid))
-        elif kind == _EOF:
+        if kind == _EOF:  # the commonest first
             if stream.eof_in:
                 return
             stream.eof_in = True
@@ -423,6 +417,12 @@ class Tunnel:
                 raise MuxError(f"a second ACCEPT for stream {sid}")
             stream.accepted = True
             self._event(StreamAccepted(sid))
+        elif kind == _WINDOW:
+            n = mux.decode_window(payload)
+            stream.window += n
+            if stream.window > mux.MAX_WINDOW:
+                raise mux.WindowExceeded(f"stream {sid} credited beyond 2^31-1 bytes")
+            self._event(WindowOpened(sid))
         elif kind == _RESET:
             code = mux.decode_reset(payload)
             self._remove(stream)
@@ -444,7 +444,7 @@ class Tunnel:
                 raise mux.WindowExceeded("connection credited beyond 2^31-1 bytes")
             self._event(WindowOpened(0))
         elif kind == _PING:
-            self.out += self.dialect.encode(_PING_ACK, 0, mux.decode_ping(payload))
+            self.out += self._encode(_PING_ACK, 0, mux.decode_ping(payload))
         elif kind == _PING_ACK:
             self._event(PingAcked(mux.decode_ping(payload)))
         else:
@@ -465,7 +465,7 @@ class Tunnel:
             # bounded all the same (no state is kept for the stream).
             # After our GOAWAY the peer should open no more here at all: say that instead.
             code = mux.RESET_GOING_AWAY if self.goaway_sent else mux.RESET_LIMIT
-            self.out += self.dialect.encode(_RESET, sid, bytes([code]))
+            self.out += self._encode(_RESET, sid, bytes([code]))
             self._event(StreamRefused(sid, info, code))
             return
         self.streams[sid] = _Stream(sid, self._stream_window, self._stream_receivable)
@@ -492,7 +492,7 @@ class Tunnel:
             self._credit_connection(n)
             if self._told_unknown != sid:
                 self._told_unknown = sid
-                self.out += self.dialect.encode(_RESET, sid, bytes([mux.RESET_UNKNOWN_STREAM]))
+                self.out += self._encode(_RESET, sid, bytes([mux.RESET_UNKNOWN_STREAM]))
             return
         stream.receivable -= n
         if stream.receivable < 0:
@@ -550,7 +550,7 @@ class Tunnel:
         sid = self.next_sid
         self.next_sid += 1
         self.streams[sid] = _Stream(sid, self._stream_window, self._stream_receivable)
-        self.out += self.dialect.encode(_OPEN, sid, mux.encode_open(info))
+        self.out += self._encode(_OPEN, sid, mux.encode_open(info))
         return sid
 
     def accept(self, sid: int) -> None:
@@ -560,7 +560,7 @@ class Tunnel:
         if self.client or stream.accepted:
             raise TunnelError(f"stream {sid} cannot be accepted")
         stream.accepted = True
-        self.out += self.dialect.encode(_ACCEPT, sid)
+        self.out += self._encode(_ACCEPT, sid)
 
     def sendable(self, sid: int) -> int:
         """How many bytes of DATA may be sent on `sid` now (0 when none, or it is gone)."""
@@ -623,7 +623,7 @@ class Tunnel:
     def send_data(self, sid: int, data: bytes | bytearray | memoryview) -> None:
         self.sent(sid, len(data))
         if data:
-            self.out += self.dialect.encode(_DATA, sid, bytes(data))
+            self.out += self._encode(_DATA, sid, bytes(data))
 
     def send_eof(self, sid: int) -> None:
         """Our app half-closed `sid` (a no-op for a stream already gone)."""
@@ -631,7 +631,7 @@ class Tunnel:
         if stream is None or stream.eof_out or self.failed is not None:
             return
         stream.eof_out = True
-        self.out += self.dialect.encode(_EOF, sid)
+        self.out += self._encode(_EOF, sid)
         if stream.eof_in:
             self._remove(stream)
 
@@ -643,7 +643,7 @@ class Tunnel:
 
     def _send_reset(self, stream: _Stream, code: int) -> None:
         self._remove(stream)
-        self.out += self.dialect.encode(_RESET, stream.sid, bytes([code]))
+        self.out += self._encode(_RESET, stream.sid, bytes([code]))
 
     def _remove(self, stream: _Stream) -> None:
         del self.streams[stream.sid]
@@ -668,7 +668,7 @@ class Tunnel:
             return False
         stream.uncredited = 0
         stream.receivable += give
-        self.out += self.dialect.encode(_WINDOW, sid, mux.encode_window(give))
+        self.out += self._encode(_WINDOW, sid, mux.encode_window(give))
         return True
 
     def _credit_connection(self, n: int) -> None:
@@ -678,14 +678,14 @@ class Tunnel:
         if self.uncredited >= self._connection_update_at:
             give, self.uncredited = self.uncredited, 0
             self.receivable += give
-            self.out += self.dialect.encode(_WINDOW, 0, mux.encode_window(give))
+            self.out += self._encode(_WINDOW, 0, mux.encode_window(give))
 
     def goaway(self) -> None:
         """No new streams from the peer; open ones finish."""
         if self.goaway_sent or self.failed is not None:
             return
         self.goaway_sent = True
-        self.out += self.dialect.encode(_GOAWAY, 0)
+        self.out += self._encode(_GOAWAY, 0)
 
     def ping(self) -> bytes:
         """Version 2: send a PING; its payload (the PING_ACK echoes it)."""
@@ -694,7 +694,7 @@ class Tunnel:
             raise TunnelError("PING needs mtls-sidecar/2")
         self._ping_count += 1
         payload = self._ping_count.to_bytes(mux.PING_SIZE, "big")
-        self.out += self.dialect.encode(_PING, 0, payload)
+        self.out += self._encode(_PING, 0, payload)
         return payload
 
     def tick(self, now: float) -> list[Event]:
