@@ -548,7 +548,7 @@ class Conn:
                 return
             if self._make_carrier(leg, sid, facts, revoked, expired, note):
                 return
-        elif isinstance(leg, NetLeg) and leg.alpn() == mux.ALPN:
+        elif isinstance(leg, NetLeg) and leg.alpn() in mux.ALPN_VERSIONS:
             if self._make_carrier(leg, sid, facts, revoked, expired, note):
                 return
         elif self.pool_key is not None:

@@ -536,6 +536,11 @@ class HboneCarrier:
     def available(self) -> bool:
         return not self.closed and not self.retiring and not self.suspect
 
+    @property
+    def open_streams(self) -> int:
+        """Streams open on this connection (what Pool.take balances on)."""
+        return len(self.streams)
+
     def open_stream(
         self, conn: StreamOwner, dst: tuple[str, int], src: tuple[str, int] | None
     ) -> HboneStream:

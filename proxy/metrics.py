@@ -140,16 +140,18 @@ POOL_RETIRED = Counter(
     "Pooled mTLS connections retired, by direction and why: idle, max_lifetime, rotation "
     "(our certificate or trust bundle changed), goaway (the peer's did), drain, revoked, "
     "broken (TCP or TLS error), protocol_error, flow_control (the peer sent beyond a stream's "
-    "window), untrusted (the new trust bundle no longer trusts the peer), unresponsive (a new "
-    "stream got no answer, nor anything else; HBONE: no answer to a PING), stream_ids (2**31 "
-    "streams opened on it); HBONE connections also stream_limit and frame_size.",
+    "or the connection's window), untrusted (the new trust bundle no longer trusts the peer), "
+    "unresponsive (a new stream got no answer, nor anything else; or PINGs went unanswered; "
+    "HBONE: no answer to a PING), stream_ids (2**31 streams opened on it); HBONE connections "
+    "also stream_limit and frame_size.",
     ["direction", "reason"],
 )
 POOL_STREAM_ERRORS = Counter(
     "mtls_pool_stream_errors",
     "Streams on pooled mTLS connections that the peer ended by breaking a stream rule of the "
     "wire format, by direction and reason: data_after_eof (we reset the stream), "
-    "unknown_reset_code (a RESET with a code the format does not define).",
+    "unknown_reset_code (a RESET with a code the format does not define), stream_limit "
+    "(opened beyond MTLS_POOL_MAX_STREAMS at once: refused).",
     ["direction", "reason"],
 )
 

@@ -1,8 +1,8 @@
 """The wire format of connection reuse between two sidecars (pure: no I/O).
 
-When both sidecars speak it (ALPN `mtls-sidecar/1`, see README "Connection reuse"), one mTLS
-connection carries many application connections as *streams*. Every frame starts with an
-8-byte header:
+When both sidecars speak it (ALPN `mtls-sidecar/2`, or `mtls-sidecar/1` with an older peer;
+see README "Connection reuse"), one mTLS connection carries many application connections as
+*streams*. Every frame starts with an 8-byte header:
 
     byte 0      type
     bytes 1-3   payload length (big-endian, up to 16 MiB - 1)
@@ -21,9 +21,19 @@ on one connection. Frame types:
     WINDOW  payload: 4 bytes, more bytes the receiver of this frame may send on the stream.
     GOAWAY  stream 0, empty. No new streams on this connection; open ones finish.
 
-Flow control is per stream: each side may have at most WINDOW_SIZE bytes of DATA in flight
-per stream that the other side has not yet handed to its app, so one slow reader never
-stalls the other streams of the connection.
+Version 2 (`mtls-sidecar/2`) adds, on stream 0 only:
+
+    WINDOW  on stream 0: more bytes the receiver of this frame may send on the whole
+            connection (all streams together).
+    PING    payload: 8 bytes, any. The receiver answers with PING_ACK at once.
+    PING_ACK payload: the 8 bytes of the PING it answers.
+
+Flow control is per stream (both versions): each side may have at most WINDOW_SIZE bytes of
+DATA in flight per stream that the other side has not yet handed to its app, so one slow
+reader never stalls the other streams of the connection. Version 2 adds a connection window
+of CONNECTION_WINDOW_SIZE bytes over all streams (bounding what one connection may hold at the
+receiver), credited by WINDOW frames on stream 0. The state machine that applies these rules
+is tunnel.py; this module only encodes and parses.
 """
 
 from __future__ import annotations
@@ -32,7 +42,9 @@ import struct
 from dataclasses import dataclass
 from typing import Protocol
 
-ALPN = b"mtls-sidecar/1"
+ALPN_V1 = b"mtls-sidecar/1"
+ALPN_V2 = b"mtls-sidecar/2"
+ALPN_VERSIONS = {ALPN_V1: 1, ALPN_V2: 2}
 
 HEADER = struct.Struct("!II")  # (type << 24 | length, stream id)
 HEADER_SIZE = HEADER.size
@@ -46,7 +58,9 @@ EOF = 4
 RESET = 5
 WINDOW = 6
 GOAWAY = 7
-FRAME_NAMES = {
+PING = 8  # version 2
+PING_ACK = 9  # version 2
+FRAME_NAMES_V1 = {
     OPEN: "OPEN",
     ACCEPT: "ACCEPT",
     DATA: "DATA",
@@ -55,11 +69,16 @@ FRAME_NAMES = {
     WINDOW: "WINDOW",
     GOAWAY: "GOAWAY",
 }
+FRAME_NAMES = {**FRAME_NAMES_V1, PING: "PING", PING_ACK: "PING_ACK"}
+PING_SIZE = 8
 
 WINDOW_SIZE = 4 << 20  # bytes in flight per stream and direction
-# A sender stops reading its app once its window is used up, so the read in flight when it
-# ran out (up to 1 MiB) may overshoot the window: the receiver allows that much more, and
-# closes the connection when a peer sends beyond it (a protocol error, `flow_control`).
+CONNECTION_WINDOW_SIZE = 16 << 20  # version 2: bytes in flight per connection and direction
+MAX_WINDOW = (1 << 31) - 1  # a window credited beyond this is a protocol error
+# A version 1 sender stops reading its app once its window is used up, so the read in
+# flight when it ran out (up to 1 MiB) may overshoot the window: the receiver allows that
+# much more from a version 1 peer, and closes the connection when a peer sends beyond it (a
+# protocol error, `flow_control`). A version 2 sender never reads more than its window.
 WINDOW_SLACK = 1 << 20
 RECEIVE_LIMIT = WINDOW_SIZE + WINDOW_SLACK
 WINDOW_UPDATE_AT = WINDOW_SIZE // 2  # credit back once this much was handed to the app
@@ -170,6 +189,12 @@ def decode_window(payload: bytes) -> int:
     return n
 
 
+def decode_ping(payload: bytes) -> bytes:
+    if len(payload) != PING_SIZE:
+        raise MuxError(f"PING frame payload is not {PING_SIZE} bytes")
+    return payload
+
+
 def decode_reset(payload: bytes) -> int:
     if len(payload) != 1:
         raise MuxError("RESET frame payload is not 1 byte")
@@ -194,10 +219,11 @@ class Demuxer:
     once complete. Raises MuxError on an unknown frame type or an oversized control frame.
     """
 
-    __slots__ = ("_ctl", "_head", "_kind", "_left", "_sid", "sink")
+    __slots__ = ("_ctl", "_head", "_kind", "_kinds", "_left", "_sid", "sink")
 
-    def __init__(self, sink: FrameSink) -> None:
+    def __init__(self, sink: FrameSink, version: int = 1) -> None:
         self.sink = sink
+        self._kinds = FRAME_NAMES if version >= 2 else FRAME_NAMES_V1
         self._head = bytearray()  # a header split across reads
         self._kind = 0  # the frame being read (0: between frames)
         self._sid = 0
@@ -242,7 +268,7 @@ class Demuxer:
             self._start(word >> 24, word & MAX_PAYLOAD, sid)
 
     def _start(self, kind: int, length: int, sid: int) -> None:
-        if kind not in FRAME_NAMES:
+        if kind not in self._kinds:
             raise MuxError(f"unknown frame type {kind}")
         self._sid = sid
         if kind == DATA:

@@ -1,7 +1,10 @@
 """Connection reuse: pooled mTLS connections between two sidecars, each carrying many streams.
 
-A *carrier* is one mTLS connection on which both ends negotiated ALPN `mtls-sidecar/1`
-(mux.py has the wire format). Each application connection is then a *stream* on a carrier:
+A *carrier* is one mTLS connection on which both ends negotiated ALPN `mtls-sidecar/2` or
+`mtls-sidecar/1` (mux.py has the wire format). The protocol itself (stream states, windows,
+limits, GOAWAY, PING liveness) is the carrier's `tunnel` (tunnel.py, without I/O): a carrier
+hands it the bytes it receives and writes what it answers; the decisions are the tunnel's.
+Each application connection is then a *stream* on a carrier:
 no handshake of its own, and no TLS state of its own while it is idle. A `StreamLeg` is the
 network leg of such a connection; to the connection (conn.Conn) it looks like a network leg
 whose handshake completes at once with the carrier's peer.
@@ -25,22 +28,33 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from . import metrics, mux
+from . import metrics, mux, tunnel
 from .identity import SpiffeId
 from .logs import RateLimit
-from .relay import _BUF, _PTR, Buf, LegOwner, NetLeg, _Leg
+from .relay import _BUF, _FRAMED_VIEW, _PTR, Buf, LegOwner, NetLeg, _Leg
 from .revocation import PeerCert
 from .tls import TlsError, chain_anchored
 from .tls_ffi import ffi, peer_chain_ders
+from .tunnel import (
+    ConnectionFailed,
+    GoawayReceived,
+    MuxDialect,
+    StreamAccepted,
+    StreamBroken,
+    StreamEnded,
+    StreamOpened,
+    StreamRefused,
+    StreamReset,
+    Tunnel,
+    WindowOpened,
+)
 
 log = logging.getLogger("mtls.pool")
 
 _pack_header = mux.HEADER.pack_into
 _HEADER_SIZE = mux.HEADER_SIZE
 _DATA_WORD = mux.DATA << 24
-_WINDOW_SIZE = mux.WINDOW_SIZE
 _UPDATE_AT = mux.WINDOW_UPDATE_AT
-_RECEIVE_LIMIT = mux.RECEIVE_LIMIT
 
 # A carrier that was told to go away but whose peer keeps it open after its streams ended
 # is closed by us after this long (the peer had time to see our GOAWAY).
@@ -54,9 +68,11 @@ FOREIGN_TTL = 60.0
 # DATA frames smaller than this wait for the end of the event loop's turn and go out together;
 # larger ones (bulk) go out at once, with whatever waits before them.
 CORK_BELOW = 16 * 1024
-# A peer that stops answering is found out two ways. The kernel: TCP keepalive probes after
-# 10 s without traffic, every 5 s, and TCP_USER_TIMEOUT closes a connection whose sent data
-# stays unacknowledged for 20 s (packets dropped, host gone). The peer itself (a frozen
+# A peer that stops answering is found out three ways. Version 2: PING after
+# MTLS_POOL_PING_INTERVAL of silence, the carrier closed after twice that (tunnel.py). The
+# kernel: TCP keepalive probes after 10 s without traffic, every 5 s, and TCP_USER_TIMEOUT
+# closes a connection whose sent data stays unacknowledged for 20 s (packets dropped, host
+# gone). The peer itself (a frozen
 # process's kernel still acknowledges): a stream not answered (ACCEPT or RESET) within the
 # route's handshake timeout fails as `handshake_timeout`, and if nothing at all came from the
 # peer since the stream was opened, the carrier is closed as unresponsive.
@@ -134,6 +150,8 @@ class CarrierHost(Protocol):
     """What a carrier needs from the worker."""
 
     loop: asyncio.AbstractEventLoop
+    max_streams: int  # streams at once the far side may open on an inbound carrier
+    ping_interval: float  # version 2: PING after this long without a frame, give up at 2x
 
     def carrier_stream(self, carrier: Carrier, sid: int, info: mux.OpenInfo) -> None:
         """Inbound: the peer opened stream `sid`; make its connection."""
@@ -142,7 +160,10 @@ class CarrierHost(Protocol):
 
 
 class StreamLeg(_Leg):
-    """The network leg of one application connection carried on a carrier."""
+    """The network leg of one application connection carried on a carrier.
+
+    The carrier's `tunnel` (tunnel.py) holds the stream's protocol state (its windows, its
+    half-closes); this leg moves the bytes between it and the app leg."""
 
     __slots__ = (
         "accepted",
@@ -151,15 +172,16 @@ class StreamLeg(_Leg):
         "ended",
         "eof_in",
         "eof_out",
+        "eof_wanted",
         "heard_mark",
         "held",
         "info",
-        "receivable",
+        "read_limit",
         "reset_code",
         "sid",
         "started",
         "timer",
-        "window",
+        "unsent",
     )
 
     conn: StreamOwner
@@ -169,14 +191,17 @@ class StreamLeg(_Leg):
         self.carrier = carrier
         self.sid = sid
         self.info = info
-        self.window = _WINDOW_SIZE  # bytes we may still send before the far side credits more
         self.consumed = 0  # bytes handed to our app's transport, not yet credited back
-        # DATA bytes the far side may still send before we credit more: received but
-        # uncredited bytes (held, or in our app's transport) never exceed the window.
-        self.receivable = _RECEIVE_LIMIT
         self.held: bytearray | None = None  # DATA that came before the app leg was up
+        # App bytes read beyond the window (a read larger than the room left: rare, as the
+        # app leg reads at most the room), sent as soon as the far side credits more.
+        self.unsent: bytearray | None = None
         self.eof_in = False
         self.eof_out = False
+        self.eof_wanted = False  # our app half-closed while `unsent` still waits
+        # What our app leg may read at once: the room left in the window after our last
+        # send (a hint: other streams use the connection window too; sends are exact).
+        self.read_limit = mux.WINDOW_SIZE
         self.ended = False
         self.started = False
         self.accepted = False
@@ -214,7 +239,7 @@ class StreamLeg(_Leg):
             # The peer is alive (it sent something since), only this stream is stuck.
             self.conn.stream_unanswered(seconds)
         else:
-            carrier.unresponsive(seconds)
+            carrier.unresponsive(f"no answer to a new stream within {seconds:g}s")
 
     # --- what a connection asks of a network leg ---------------------------------------
 
@@ -241,13 +266,19 @@ class StreamLeg(_Leg):
         carrier = self.carrier
         if carrier.outbound:
             return
-        carrier.queue(mux.frame(mux.ACCEPT, self.sid))
+        if not self.ended:
+            carrier.tunnel.accept(self.sid)
+            carrier.pull()
         held = self.held
         if held:
             self.held = None
             self._deliver(held)
         if self.eof_in:
             self.conn.net_eof()
+
+    def room(self) -> int:
+        """How many bytes our app leg should read for this stream now: the window left."""
+        return self.read_limit
 
     def send(self, data: Buf) -> None:
         if self.ended or self.eof_out:
@@ -256,27 +287,83 @@ class StreamLeg(_Leg):
         if not n:
             return
         self.conn.bytes_out += n
-        self.carrier.send_data(self.sid, data)
-        self._sent(n)
+        if self.unsent:
+            self._stash(data)
+            self._sent(0, n)
+            return
+        m = self.carrier.tunnel.reserve(self.sid, n)
+        if m < n:
+            self._stash(data[m:])
+        if m:
+            self.carrier.send_data(self.sid, data[:m] if m < n else data)
+        self._sent(m, n)
 
     def send_framed(self, n: int) -> None:
         """Send the `n` bytes the app leg read into the shared buffer after the header's room."""
         if self.ended or self.eof_out:
             return
         self.conn.bytes_out += n
-        self.carrier.send_data_in_place(self.sid, n)
-        self._sent(n)
+        if self.unsent:
+            self._stash(_FRAMED_VIEW[:n])
+            self._sent(0, n)
+            return
+        carrier = self.carrier
+        t = carrier.tunnel
+        m = t.reserve(self.sid, n)
+        if m == n:  # the usual case: all of it fits (the app leg read at most the room)
+            carrier.send_data_in_place(self.sid, n)
+            left = self.read_limit = t.room_left
+            if left <= 0 or t.window == 0:
+                self._sent(m, n)
+            return
+        self._stash(_FRAMED_VIEW[m:n])
+        if m:
+            carrier.send_data_in_place(self.sid, m)
+        self._sent(m, n)
 
-    def _sent(self, n: int) -> None:
-        self.window -= n
-        if self.window <= 0 and not self.write_paused:
+    def _stash(self, data: Buf) -> None:
+        if self.unsent is None:
+            self.unsent = bytearray()
+        self.unsent += data
+
+    def _sent(self, m: int, n: int) -> None:
+        """`m` of `n` bytes from our app went out (the rest waits in `unsent`)."""
+        t = self.carrier.tunnel
+        left = self.read_limit = t.room_left if m else 0
+        if left <= 0 and not self.write_paused:
             self.pause_writing()  # the app leg stops reading until the far side credits us
+        if t.window == 0:
+            self.carrier.connection_window_used()
+
+    def _send_unsent(self) -> None:
+        """The window grew: what waits goes first."""
+        unsent = self.unsent
+        if unsent is None or self.ended:
+            return
+        t = self.carrier.tunnel
+        m = t.reserve(self.sid, len(unsent))
+        self.read_limit = t.room_left
+        if not m:
+            return
+        if m == len(unsent):
+            self.unsent = None
+            self.carrier.send_data(self.sid, unsent)
+            if self.eof_wanted:
+                self.send_eof()
+            return
+        self.carrier.send_data(self.sid, unsent[:m])
+        del unsent[:m]
 
     def send_eof(self) -> None:
         if self.ended or self.eof_out:
             return
+        if self.unsent:
+            self.eof_wanted = True
+            return
         self.eof_out = True
-        self.carrier.queue(mux.frame(mux.EOF, self.sid))
+        carrier = self.carrier
+        carrier.tunnel.send_eof(self.sid)
+        carrier.pull()
 
     def pause_reading(self) -> None:
         self.read_blocked = True  # our app reads slowly: its buffer holds back the credit
@@ -293,29 +380,25 @@ class StreamLeg(_Leg):
         if self.ended:
             return
         self._answered()
-        if abort or not self.accepted_or_started():
-            self.carrier.queue(mux.frame(mux.RESET, self.sid, bytes([self.reset_code])))
+        carrier = self.carrier
+        if abort or not self.accepted_or_started() or self.unsent:
+            carrier.tunnel.reset(self.sid, self.reset_code)
         else:
             self.send_eof()
+        carrier.pull()
         self.ended = True
-        self.carrier.forget(self)
+        carrier.forget(self)
 
     def accepted_or_started(self) -> bool:
         return self.accepted if self.carrier.outbound else self.started
 
     # --- what the carrier hands on ------------------------------------------------------
 
-    def on_data(self, data: memoryview | bytearray) -> None:
-        left = self.receivable - len(data)
-        if left < 0:
-            raise mux.WindowExceeded(
-                f"stream {self.sid} sent {-left} byte(s) beyond its flow-control window"
-            )
-        self.receivable = left
+    def on_data(self, data: memoryview | bytearray | bytes) -> None:
         if self.ended:
-            return
-        if self.eof_in:
-            self._broke("data_after_eof", "DATA after its EOF")
+            # Our side is done with the stream (the far side has not ended it yet): what
+            # still comes is dropped, and its window given back.
+            self.carrier.tunnel.credit(self.sid, len(data))
             return
         if not self.started or self.peer is None:
             if self.held is None:
@@ -324,16 +407,19 @@ class StreamLeg(_Leg):
             return
         self._deliver(data)
 
-    def _broke(self, reason: str, what: str) -> None:
-        """The far side broke a stream rule: reset the stream (RESET_PROTOCOL), count it."""
+    def broken(self, reason: str, what: str) -> None:
+        """The far side broke a stream rule; the tunnel reset the stream: count it, end it."""
         carrier = self.carrier
         _stream_error(
             carrier.direction,
             reason,
             f"resetting stream {self.sid} of the pooled connection with {carrier._who()}: {what}",
         )
-        self.reset_code = mux.RESET_PROTOCOL
-        self.close(abort=True)
+        if self.ended:
+            return
+        self._answered()
+        self.ended = True
+        carrier.forget(self)
         self.conn.leg_lost(self, ConnectionResetError(f"protocol error: {what}"))
 
     def _deliver(self, data: Buf) -> None:
@@ -356,47 +442,52 @@ class StreamLeg(_Leg):
         t = peer.transport if peer is not None else None
         buffered = t.get_write_buffer_size() if t is not None else 0
         give = self.consumed - buffered
-        if give < minimum:
+        if give < minimum or give <= 0:
             return
-        self.carrier.queue(mux.frame(mux.WINDOW, self.sid, mux.encode_window(give)))
         self.consumed -= give
-        self.receivable += give
+        carrier = self.carrier
+        if carrier.tunnel.credit(self.sid, give):
+            carrier.pull()
 
-    def on_frame(self, kind: int, payload: bytes) -> None:
+    def window_opened(self) -> None:
         if self.ended:
             return
-        if kind == mux.WINDOW:
-            self.window += mux.decode_window(payload)
-            self._resume_if_clear()
-        elif kind == mux.EOF:
-            if self.eof_in:
-                return
-            self.eof_in = True
-            if self.started:
-                self.conn.net_eof()
-        elif kind == mux.ACCEPT:
-            if self.carrier.outbound and not self.accepted:
-                self.accepted = True
-                self._answered()
-                self.conn.confirm()
-        elif kind == mux.RESET:
-            code = mux.decode_reset(payload)
-            if code not in mux.RESET_NAMES:
-                _stream_error(
-                    self.carrier.direction,
-                    "unknown_reset_code",
-                    f"stream {self.sid} of the pooled connection with {self.carrier._who()} "
-                    f"was reset with code {code}, which the format does not define",
-                )
-            self._answered()
-            self.ended = True
-            self.carrier.forget(self)
-            if self.carrier.outbound and not self.accepted and code != mux.RESET_CANCEL:
-                self.conn.stream_refused(code)
-            else:
-                self.conn.leg_lost(self, ConnectionResetError(f"stream reset by peer ({code})"))
-        elif kind == mux.OPEN:
-            raise mux.MuxError(f"OPEN for stream {self.sid}, which is open")
+        if self.unsent:
+            self._send_unsent()
+        self.read_limit = self.carrier.tunnel.sendable(self.sid)
+        self._resume_if_clear()
+
+    def accepted_by_peer(self) -> None:
+        if self.ended or self.accepted:
+            return
+        self.accepted = True
+        self._answered()
+        self.conn.confirm()
+
+    def eof_received(self) -> None:
+        if self.ended or self.eof_in:
+            return
+        self.eof_in = True
+        if self.started:
+            self.conn.net_eof()
+
+    def reset_by_peer(self, code: int, known: bool) -> None:
+        if not known:
+            _stream_error(
+                self.carrier.direction,
+                "unknown_reset_code",
+                f"stream {self.sid} of the pooled connection with {self.carrier._who()} "
+                f"was reset with code {code}, which the format does not define",
+            )
+        if self.ended:
+            return
+        self._answered()
+        self.ended = True
+        self.carrier.forget(self)
+        if self.carrier.outbound and not self.accepted and code != mux.RESET_CANCEL:
+            self.conn.stream_refused(code)
+        else:
+            self.conn.leg_lost(self, ConnectionResetError(f"stream reset by peer ({code})"))
 
     def carrier_lost(self, exc: Exception) -> None:
         if self.ended:
@@ -424,7 +515,12 @@ class StreamLeg(_Leg):
 
     def _resume_if_clear(self) -> None:
         """Let our app be read again once both the window and the carrier have room."""
-        if self.write_paused and self.window > 0 and not self.carrier.write_blocked:
+        if (
+            self.write_paused
+            and not self.unsent
+            and not self.carrier.write_blocked
+            and self.carrier.tunnel.sendable(self.sid) > 0
+        ):
             self.resume_writing()
 
 
@@ -434,15 +530,12 @@ class Carrier:
     __slots__ = (
         "_flush_handle",
         "_gauges",
-        "_pend",
-        "_pend_sid",
         "active",
         "bytes_in",
         "bytes_out",
         "called",
         "closed",
         "created",
-        "demux",
         "direction",
         "goaway_at",
         "heard",
@@ -451,7 +544,6 @@ class Carrier:
         "idle_since",
         "key",
         "leg",
-        "next_sid",
         "on_answer",
         "out",
         "outbound",
@@ -466,7 +558,9 @@ class Carrier:
         "suspect",
         "tls_info",
         "total",
+        "tunnel",
         "unanswered",
+        "version",
         "write_blocked",
         "write_paused",
     )
@@ -499,7 +593,6 @@ class Carrier:
         self.key = key
         self.pool = pool
         self.streams: dict[int, StreamLeg] = {}
-        self.next_sid = 1
         self.total = 0
         self.closed = False
         self.retiring = False
@@ -513,11 +606,19 @@ class Carrier:
         self.goaway_at: float | None = None
         self.out: bytearray | None = None  # control frames waiting for the next flush
         self._flush_handle: asyncio.Handle | None = None
-        # DATA pieces of one stream within one batch of decrypted bytes, handed on as one.
-        self._pend: memoryview | bytearray | None = None
-        self._pend_sid = 0
         self._gauges = metrics.pool_gauges(self.direction)
-        self.demux = mux.Demuxer(self)
+        # The protocol: stream states, windows, limits, liveness. We only move its bytes.
+        self.version = mux.ALPN_VERSIONS.get(leg.alpn(), 1)
+        ping = host.ping_interval
+        self.tunnel = Tunnel(
+            client=outbound,
+            dialect=MuxDialect(self.version),
+            now=self.created,
+            max_streams=host.max_streams,
+            ping_after=ping,
+            dead_after=2 * ping,
+        )
+        self.tunnel.bind(self._event, self._stream_data)
         # Outbound: called at the far side's first frame, which says it accepted us (with TLS
         # 1.3 it judges our certificate after our side of the handshake is done).
         self.on_answer: Callable[[], None] | None = None
@@ -542,18 +643,29 @@ class Carrier:
 
     @property
     def available(self) -> bool:
-        return not self.closed and not self.retiring and not self.suspect
+        t = self.tunnel
+        if self.closed or self.retiring or self.suspect or not t.can_open():
+            return False
+        live = t.liveness
+        # a PING unanswered for a second: new streams go elsewhere
+        return live is None or live.first_ping is None or not t.suspect(self.host.loop.time())
+
+    @property
+    def open_streams(self) -> int:
+        """Streams open as the protocol counts them (until both sides ended them), which
+        is what the far side's stream limit counts."""
+        return len(self.tunnel.streams)
 
     def open_stream(self, conn: StreamOwner, info: mux.OpenInfo) -> StreamLeg:
         """Outbound: a new stream for `conn`; its OPEN goes out with the next write."""
-        sid = self.next_sid
-        self.next_sid += 1
-        if self.next_sid > mux.MAX_STREAM_ID:
+        t = self.tunnel
+        sid = t.open_stream(info)
+        if t.next_sid > mux.MAX_STREAM_ID:
             self.retire("stream_ids")  # 2**31 streams opened on it
         stream = StreamLeg(self, conn, sid, info)
         self._add(stream)
         stream.wait_answer()
-        self.queue(mux.frame(mux.OPEN, sid, mux.encode_open(info)))
+        self.pull()
         if self.write_blocked:
             stream.block(True)
         return stream
@@ -592,10 +704,17 @@ class Carrier:
                 self._flush_handle = self.host.loop.call_soon(self._flush_queued)
         return out
 
-    def queue(self, data: bytes) -> None:
-        """A control frame: written with the next DATA frame, or at the end of this turn of
-        the event loop (many frames of one turn go out in one TLS record)."""
-        if not self.closed:
+    def pull(self) -> None:
+        """Take what the tunnel has to send (control frames): written with the next DATA
+        frame, or at the end of this turn of the event loop (many frames of one turn go out
+        in one TLS record)."""
+        data = self.tunnel.data_to_send()
+        if not data or self.closed:
+            return
+        if self.out is None and type(data) is bytearray:
+            self._waiting()
+            self.out = data  # handed over: no copy
+        else:
             self._waiting().extend(data)
 
     def _flush_queued(self) -> None:
@@ -620,9 +739,12 @@ class Carrier:
         out += data
 
     def send_data(self, sid: int, data: Buf) -> None:
+        """DATA on `sid`, already accounted in the tunnel (`Tunnel.reserve`)."""
         n = len(data)
         if n < CORK_BELOW:
             self._cork(sid, data)
+            return
+        if self.closed:
             return
         out = self.out
         if out is None:
@@ -634,14 +756,24 @@ class Carrier:
         self._write(out)
 
     def send_data_in_place(self, sid: int, n: int) -> None:
-        """DATA whose payload sits in the shared buffer after `HEADER_SIZE` bytes of room."""
+        """DATA whose payload sits in the shared buffer after `HEADER_SIZE` bytes of room,
+        already accounted in the tunnel (`Tunnel.reserve`)."""
         if n < CORK_BELOW:
             self._cork(sid, memoryview(_BUF)[_HEADER_SIZE : _HEADER_SIZE + n])
+            return
+        if self.closed:
             return
         if self.out is not None:
             self._flush_now()  # what waits goes first, on its own: no copy of a big frame
         _pack_header(_BUF, 0, _DATA_WORD | n, sid)
         self._write_ptr(_PTR, n + _HEADER_SIZE)
+
+    def connection_window_used(self) -> None:
+        """Version 2: the connection window is used up: every stream's app stops reading
+        (rather than each reading once more, into memory) until the far side credits it."""
+        for stream in list(self.streams.values()):
+            if not stream.write_paused:
+                stream.pause_writing()
 
     def _write(self, data: Buf) -> None:
         if not self.closed:
@@ -665,81 +797,91 @@ class Carrier:
         return 0.0
 
     def send(self, data: memoryview) -> None:
-        """Decrypted bytes from the TLS leg: frames."""
+        """Decrypted bytes from the TLS leg: frames, for the tunnel to judge."""
         self.heard += 1
         if self.on_answer is not None:
             on_answer, self.on_answer = self.on_answer, None
             on_answer()
-        try:
-            self.demux.feed(data)
-            self._data_done()
-        except mux.MuxError as exc:
-            log.warning(
-                "closing a pooled connection with %s: %s",
-                self._who(),
-                exc,
-                extra={
-                    "fields": {
-                        "event": "pool_protocol_error",
-                        "direction": self.direction,
-                        "reason": exc.reason,
-                    }
-                },
-            )
-            self.fail(ConnectionResetError(f"protocol error: {exc}"), reason=exc.reason)
+        t = self.tunnel
+        t.receive(data)
+        if t.out:
+            self.pull()
 
-    def on_data(self, sid: int, data: memoryview) -> None:
-        # A batch often holds the end of one DATA frame and the start of the next of the same
-        # stream: one write to the app (one copy, one send) instead of two.
-        pend = self._pend
-        if pend is not None:
-            if self._pend_sid == sid:
-                if type(pend) is not bytearray:
-                    pend = self._pend = bytearray(pend)
-                pend += data
-                return
-            self._data_done()
-        self._pend_sid = sid
-        self._pend = data
-
-    def _data_done(self) -> None:
-        pend = self._pend
-        if pend is not None:
-            self._pend = None
-            self._data(self._pend_sid, pend)
-
-    def _data(self, sid: int, data: memoryview | bytearray) -> None:
+    def _stream_data(self, sid: int, data: memoryview | bytearray) -> None:
+        """DATA the tunnel let through, for a stream's app."""
+        if self.closed:
+            return
         stream = self.streams.get(sid)
         if stream is not None:
             stream.on_data(data)
-        elif sid >= self.next_sid or not sid:
-            raise mux.MuxError(f"DATA for stream {sid}, which was never opened")
         else:
-            # A stream that ended here: its data is dropped, and the sender told, as TCP
-            # answers data for a closed socket with a reset.
-            self.queue(mux.frame(mux.RESET, sid, bytes([mux.RESET_UNKNOWN_STREAM])))
+            # Ended on our side, not yet on the far side's: dropped, credited.
+            self.tunnel.credit(sid, len(data))
 
-    def on_frame(self, kind: int, sid: int, payload: bytes) -> None:
-        self._data_done()  # data before a frame (an EOF, say) is handed on before it
-        if kind == mux.GOAWAY:
+    def _event(self, event: tunnel.Event) -> None:
+        """What the tunnel made of a frame, as soon as it is known (the commonest first)."""
+        if self.closed:
+            return
+        kind = type(event)
+        if kind is StreamEnded or kind is StreamAccepted or kind is StreamReset:
+            stream = self.streams.get(event.sid)  # type: ignore[union-attr]
+            if stream is None:
+                return
+            if type(event) is StreamEnded:
+                stream.eof_received()
+            elif type(event) is StreamAccepted:
+                stream.accepted_by_peer()
+            elif type(event) is StreamReset:
+                stream.reset_by_peer(event.code, event.known)
+        elif type(event) is StreamOpened:
+            self.host.carrier_stream(self, event.sid, event.info)
+        elif type(event) is WindowOpened:
+            if event.sid:
+                stream = self.streams.get(event.sid)
+                if stream is not None:
+                    stream.window_opened()
+            else:
+                for stream in list(self.streams.values()):
+                    stream.window_opened()
+        elif type(event) is ConnectionFailed:
+            self._protocol_error(event.reason, event.message)
+        elif type(event) is GoawayReceived:
             self._goaway_received()
-            return
-        stream = self.streams.get(sid)
-        if stream is not None:
-            stream.on_frame(kind, payload)
-            return
-        if kind != mux.OPEN:
-            if sid >= self.next_sid or not sid:
-                raise mux.MuxError(
-                    f"{mux.FRAME_NAMES[kind]} for stream {sid}, which was never opened"
-                )
-            return  # about a stream that ended here already
-        if self.outbound:
-            raise mux.MuxError("the accepting side opened a stream")
-        if sid < self.next_sid:
-            raise mux.MuxError(f"OPEN for stream {sid}, not above {self.next_sid - 1}")
-        self.next_sid = sid + 1
-        self.host.carrier_stream(self, sid, mux.decode_open(payload))
+        elif type(event) is StreamBroken:
+            stream = self.streams.get(event.sid)
+            if stream is not None:
+                stream.broken(event.reason, event.message)
+        elif type(event) is StreamRefused:
+            self._refused(event.sid, event.code)
+        # PingAcked: hearing it is all that counts
+
+    def _refused(self, sid: int, code: int) -> None:
+        """The tunnel refused a stream beyond the stream limit: counted as any refused
+        connection (`too_many_connections`, or `going_away` after our GOAWAY)."""
+        reason = mux.RESET_NAMES[code]
+        self.route.metrics.rejected(reason).inc()
+        limit = self.host.max_streams
+        _stream_error(
+            self.direction,
+            "stream_limit",
+            f"refused stream {sid} of the pooled connection with {self._who()}: "
+            f"more than MTLS_POOL_MAX_STREAMS={limit} streams at once ({reason})",
+        )
+
+    def _protocol_error(self, reason: str, message: str) -> None:
+        log.warning(
+            "closing a pooled connection with %s: %s",
+            self._who(),
+            message,
+            extra={
+                "fields": {
+                    "event": "pool_protocol_error",
+                    "direction": self.direction,
+                    "reason": reason,
+                }
+            },
+        )
+        self.fail(ConnectionResetError(f"protocol error: {message}"), reason=reason)
 
     def accept_stream(self, stream: StreamLeg) -> None:
         """Inbound: take in a stream the worker made for an OPEN."""
@@ -816,7 +958,8 @@ class Carrier:
             self.pool.remove(self)
         if not self.outbound:
             self.goaway_at = self.host.loop.time()
-            self.queue(mux.frame(mux.GOAWAY, 0))
+            self.tunnel.goaway()
+            self.pull()
         elif not self.streams:
             self.close()
 
@@ -838,23 +981,29 @@ class Carrier:
         if self.outbound:
             self.retire("goaway")
 
-    def unresponsive(self, seconds: float) -> None:
-        """A stream's answer did not come and nothing else did either: the peer is gone or
-        frozen. Close the carrier; its streams still waiting fail as handshake timeouts."""
+    def unresponsive(self, why: str) -> None:
+        """The peer is gone or frozen (a stream's answer did not come and nothing else did
+        either, or a PING went unanswered): close the carrier; its streams still waiting
+        fail as handshake timeouts, the others as resets."""
         if self.closed:
             return
         log.warning(
-            "closing the pooled connection to %s: no answer to a new stream within %gs",
+            "closing the pooled connection with %s: %s",
             self._who(),
-            seconds,
+            why,
             extra={"fields": {"event": "pool_unresponsive", "direction": self.direction}},
         )
-        self.fail(Unresponsive(f"no answer within {seconds:g}s"), reason="unresponsive")
+        self.fail(Unresponsive(why), reason="unresponsive")
 
     def sweep(self, now: float, idle_timeout: float, max_lifetime: float) -> None:
         """Once a second (the worker's sweep): idle and age limits, liveness."""
         if self.closed:
             return
+        for event in self.tunnel.tick(now):  # version 2: PING a silent peer, or give it up
+            if isinstance(event, ConnectionFailed):
+                self.unresponsive(f"{event.message} (PING unanswered)")
+                return
+        self.pull()
         if self.outbound:
             heard = self.heard
             self.suspect = bool(self.unanswered) and heard == self.heard_mark
@@ -901,7 +1050,6 @@ class Carrier:
 
     def _end(self, exc: Exception) -> None:
         self.closed = True
-        self._pend = None
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -954,11 +1102,11 @@ class Pool:
         """The least busy carrier for `key` with room for one more stream."""
         best: Carrier | None = None
         for carrier in self.carriers.get(key, ()):
-            n = len(carrier.streams)
+            n = carrier.open_streams
             if (
                 n < self.max_streams
                 and carrier.available
-                and (best is None or n < len(best.streams))
+                and (best is None or n < best.open_streams)
             ):
                 best = carrier
         return best

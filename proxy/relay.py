@@ -39,6 +39,7 @@ _PTR = ffi.from_buffer(_BUF)  # the same buffer for OpenSSL: SSL_read and BIO_wr
 # header (mux.HEADER_SIZE), so the frame goes to SSL_write without a copy.
 FRAME_ROOM = 8
 _FRAMED_VIEW = _VIEW[FRAME_ROOM:]
+_FRAMED_SIZE = len(_FRAMED_VIEW)
 
 # Bytes a transport may buffer before the other leg stops reading.
 WRITE_HIGH = 256 * 1024
@@ -154,6 +155,10 @@ class _Leg(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         return _VIEW
 
+    def room(self) -> int:
+        """How many bytes the other leg may read for us now (a stream: its window)."""
+        return BUF_SIZE
+
     # Our transport is full: the peer must stop feeding us.
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -235,7 +240,13 @@ class AppLeg(_Leg):
         self.conn.app_connected(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _FRAMED_VIEW if self.framed else _VIEW
+        if self.framed:
+            # Read no more than the stream may send now (its window), so a read never
+            # overshoots it (what would not fit waits in the stream leg, a copy).
+            peer = self.peer
+            room = peer.room() if peer is not None else 0
+            return _FRAMED_VIEW[:room] if 0 < room < _FRAMED_SIZE else _FRAMED_VIEW
+        return _VIEW
 
     def buffer_updated(self, nbytes: int) -> None:
         conn = self.conn

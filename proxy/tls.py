@@ -17,7 +17,7 @@ from . import tls_ffi
 from .errors import CertError
 from .hbone import ALPN as HBONE_ALPN
 from .material import Material
-from .mux import ALPN
+from .mux import ALPN_VERSIONS
 from .tls_ffi import ffi, lib
 
 
@@ -32,6 +32,9 @@ class TlsSettings(Protocol):
 
     @property
     def connection_reuse(self) -> bool: ...
+
+    @property
+    def pool_protocol(self) -> int: ...
 
 
 # ECDHE with AEAD ciphers only, for TLS 1.2 when it is enabled (TLS 1.3 suites are all AEAD).
@@ -272,13 +275,20 @@ def tls_state_for(material: Material, settings: TlsSettings) -> TlsState:
         settings.tls_groups,
         reuse=settings.connection_reuse,
         hbone=getattr(settings, "hbone_address", None) is not None,
+        reuse_version=settings.pool_protocol,
     )
 
 
-# The server side's ALPN selection for connection reuse (one for every context).
-_ALPN_SELECT = tls_ffi.alpn_select_callback(ALPN)
+# Connection reuse's ALPN names from a newest version down, newest first: a client offers
+# them all, a server selects the newest the client offered. One selection callback each,
+# for every context.
+def _alpn_names(newest: int) -> tuple[bytes, ...]:
+    return tuple(sorted((n for n, v in ALPN_VERSIONS.items() if v <= newest), reverse=True))
+
+
+_ALPN_SELECT = {v: tls_ffi.alpn_select_callback(_alpn_names(v)) for v in ALPN_VERSIONS.values()}
 # HBONE's listener: `h2` or nothing (no_application_protocol alert), as ztunnel does.
-_HBONE_SELECT = tls_ffi.alpn_select_callback(HBONE_ALPN, required=True)
+_HBONE_SELECT = tls_ffi.alpn_select_callback((HBONE_ALPN,), required=True)
 
 
 def build_tls_state(
@@ -288,6 +298,7 @@ def build_tls_state(
     *,
     reuse: bool = False,
     hbone: bool = False,
+    reuse_version: int = 2,
 ) -> TlsState:
     """Build server and client contexts; raises CertError, leaving nothing half-built.
 
@@ -302,11 +313,12 @@ def build_tls_state(
     if reuse:
         # Connection reuse (pool.py) is negotiated: we offer it as a client and select it as
         # a server; a peer that does not speak it never sees anything but plain TLS.
-        tls_ffi.set_alpn(_ctx_ptr(client), offer=ALPN)
-        tls_ffi.set_alpn(_ctx_ptr(server), select=_ALPN_SELECT)
+        # `reuse_version` is the newest version we speak (MTLS_POOL_PROTOCOL).
+        tls_ffi.set_alpn(_ctx_ptr(client), offer=_alpn_names(reuse_version))
+        tls_ffi.set_alpn(_ctx_ptr(server), select=_ALPN_SELECT[reuse_version])
     # HBONE outbound: a client context offering only `h2`, TLS 1.3 only.
     hbone_client = _base_context(SSL.TLS_CLIENT_METHOD, material, "1.3", groups)
-    tls_ffi.set_alpn(_ctx_ptr(hbone_client), offer=HBONE_ALPN)
+    tls_ffi.set_alpn(_ctx_ptr(hbone_client), offer=(HBONE_ALPN,))
     hbone_server: SSL.Context | None = None
     if hbone:
         # HBONE is TLS 1.3 only, whatever MTLS_MIN_TLS_VERSION allows elsewhere.

@@ -8,7 +8,7 @@ the names exported here, so a binding change breaks loudly at import, not at run
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography.hazmat.bindings.openssl.binding import Binding
@@ -243,24 +243,29 @@ def text(ptr: Any) -> str:
     return ffi.string(ptr).decode("ascii", "replace") if ptr != NULL else ""
 
 
-def alpn_select_callback(protocol: bytes, *, required: bool = False) -> Any:
-    """An SSL_CTX_set_alpn_select_cb callback that selects `protocol` when the client offers
-    it, and otherwise lets the handshake go on without ALPN (a client that offers other
-    protocols, or none, gets a plain TLS connection); with `required`, the handshake fails
-    instead (alert no_application_protocol). Keep the returned object alive."""
+def alpn_select_callback(protocols: Sequence[bytes], *, required: bool = False) -> Any:
+    """An SSL_CTX_set_alpn_select_cb callback that selects the first of `protocols` (ours,
+    in order of preference) the client offers, and otherwise lets the handshake go on without
+    ALPN (a client that offers other protocols, or none, gets a plain TLS connection); with
+    `required`, the handshake fails instead (alert no_application_protocol). Keep the
+    returned object alive."""
     ok = lib.SSL_TLSEXT_ERR_OK
     noack = lib.SSL_TLSEXT_ERR_ALERT_FATAL if required else lib.SSL_TLSEXT_ERR_NOACK
 
     def callback(ssl: Any, out: Any, outlen: Any, offered: Any, inlen: int, arg: Any) -> int:
         data = bytes(ffi.buffer(offered, inlen))
+        where: dict[bytes, int] = {}
         pos = 0
         while pos < inlen:
             n = data[pos]
-            if data[pos + 1 : pos + 1 + n] == protocol:
-                out[0] = offered + pos + 1
-                outlen[0] = n
-                return int(ok)
+            where.setdefault(data[pos + 1 : pos + 1 + n], pos + 1)
             pos += 1 + n
+        for protocol in protocols:
+            at = where.get(protocol)
+            if at is not None:
+                out[0] = offered + at
+                outlen[0] = len(protocol)
+                return int(ok)
         return int(noack)
 
     return ffi.callback(
@@ -269,10 +274,10 @@ def alpn_select_callback(protocol: bytes, *, required: bool = False) -> Any:
     )
 
 
-def set_alpn(ctx_ptr: Any, *, offer: bytes | None = None, select: Any = None) -> None:
-    """Client context: offer the protocol `offer`; server context: select with `select`."""
-    if offer is not None:
-        wire = bytes([len(offer)]) + offer
+def set_alpn(ctx_ptr: Any, *, offer: Sequence[bytes] = (), select: Any = None) -> None:
+    """Client context: offer the protocols `offer`; server context: select with `select`."""
+    if offer:
+        wire = b"".join(bytes([len(p)]) + p for p in offer)
         if lib.SSL_CTX_set_alpn_protos(ctx_ptr, wire, len(wire)) != 0:  # 0 is success here
             errors()
             raise MemoryError("SSL_CTX_set_alpn_protos failed")

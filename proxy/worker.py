@@ -137,6 +137,8 @@ class Worker:
                 self._capture_route = route
             elif route.target is not None:
                 self._hbone_routes.setdefault(route.target[1], route)
+        self.max_streams = settings.pool_max_streams
+        self.ping_interval = settings.pool_ping_interval
 
     # --- material ------------------------------------------------------------------------
 

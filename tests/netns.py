@@ -570,14 +570,23 @@ class MuxClient:
     """Speaks `mtls-sidecar/1` (README "Wire format") to an inbound sidecar: a client of our
     own, written from the documented format rather than from proxy/mux.py."""
 
-    def __init__(self, host: str, port: int, cert: str, key: str, ca: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        cert: str,
+        key: str,
+        ca: str,
+        *,
+        alpn: tuple[str, ...] = ("mtls-sidecar/1",),
+    ) -> None:
         import ssl
 
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.load_verify_locations(ca)
         ctx.load_cert_chain(cert, key)
-        ctx.set_alpn_protocols(["mtls-sidecar/1"])
+        ctx.set_alpn_protocols(list(alpn))
         raw = socket.create_connection((host, port), timeout=10)
         self.sock = ctx.wrap_socket(raw)
         self.alpn = self.sock.selected_alpn_protocol()

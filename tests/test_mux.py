@@ -44,7 +44,7 @@ def test_golden_frames() -> None:
     assert mux.encode_open(info) == (
         b"\x0810.0.0.5" + (8080).to_bytes(2, "big") + b"\x0810.0.0.9" + (40000).to_bytes(2, "big")
     )
-    assert mux.ALPN == b"mtls-sidecar/1"
+    assert mux.ALPN_V1 == b"mtls-sidecar/1"
 
 
 @given(

@@ -15,10 +15,10 @@ KEY = ("10.0.0.5", 8443, "spiffe://td.example/db")
 
 
 class FakeCarrier:
-    """What the pool reads of a carrier: its streams, whether it takes new ones, its key."""
+    """What the pool reads of a carrier: its open streams, whether it takes new ones, its key."""
 
     def __init__(self, streams: int = 0, available: bool = True) -> None:
-        self.streams: dict[int, Any] = dict.fromkeys(range(streams))
+        self.open_streams = streams
         self.available = available
         self.key = KEY
 

@@ -105,6 +105,7 @@ DURATION_FIELDS = frozenset(
         "bundle_refresh",
         "pool_idle_timeout",
         "pool_max_lifetime",
+        "pool_ping_interval",
     }
 )
 PORT_LIST_FIELDS = frozenset({"exclude_inbound_ports", "exclude_outbound_ports"})
@@ -245,6 +246,18 @@ class Settings(BaseModel):
     )
     pool_max_lifetime: Duration = Field(
         3600.0, description="A pooled connection takes no new streams after this.", examples=["1h"]
+    )
+    pool_protocol: Annotated[int, _int(1, 2)] = Field(
+        2,
+        description="The newest connection reuse version to offer and select "
+        "(1: mtls-sidecar/1 only, as before PING and the connection window).",
+        examples=["2"],
+    )
+    pool_ping_interval: Duration = Field(
+        10.0,
+        description="mtls-sidecar/2: PING a pooled connection silent this long; "
+        "close it after twice as long.",
+        examples=["10s"],
     )
 
     # HBONE, Istio ambient's tunnel (hbone.py, README "HBONE")
