@@ -313,3 +313,12 @@ def test_bench_report_only_on_results_without_noreuse(
     assert states["newconn >= 3x haproxy"] == "MISSED"
     assert states["bulk >= 1.2x haproxy"] == "met"
     assert len(states) == len(report.TARGETS)
+
+
+def test_bench_h2_cost_moves_every_byte_and_stream() -> None:
+    """bench/h2_cost.py's loops (what README's HBONE cost figures come from) run on the
+    HBONE layer as it is: every byte arrives, every stream ends both ways (they raise if not)."""
+    from bench import h2_cost
+
+    assert h2_cost.bulk(total=8 << 20, chunk=1 << 20) > 0
+    assert h2_cost.streams(count=250, batch=100) > 0
