@@ -44,6 +44,8 @@ class Pair:
     name: str
     entry_port: int
     procs: list[Managed] = field(default_factory=list)
+    # The sidecars' admin ports ("client", "server"), where they have one.
+    admin: dict[str, int] = field(default_factory=dict)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
@@ -81,6 +83,11 @@ class ProxyKind:
         """Start both processes (appending them to `pair.procs`) and wait for them."""
         raise NotImplementedError
 
+    def evidence(self, pair: Pair) -> dict[str, float]:
+        """Counters read from a running pair before it stops, proving what the pair really
+        did (summed over its pairs into results.json); none by default."""
+        return {}
+
     @contextlib.contextmanager
     def running(self, ctx: Context, target_port: int) -> Iterator[Pair]:
         """A fresh pair in front of `target_port`; both processes stopped on exit."""
@@ -107,6 +114,9 @@ class PairCache:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._pairs: dict[tuple[str, int], Pair] = {}
+        self._kinds: dict[str, ProxyKind] = {}
+        # Each kind's `evidence`, summed over its pairs, read as each pair stops.
+        self.evidence: dict[str, dict[str, float]] = {}
 
     def get(self, kind: ProxyKind, target_port: int) -> Pair:
         key = (kind.name, target_port)
@@ -115,17 +125,28 @@ class PairCache:
             self.drop(kind)
             pair = None
         if pair is None:
+            self._kinds[kind.name] = kind
             pair = self._pairs[key] = kind.start(self.ctx, target_port)
         return pair
+
+    def _stop(self, key: tuple[str, int]) -> None:
+        pair = self._pairs.pop(key)
+        try:
+            found = self._kinds[key[0]].evidence(pair)
+        finally:
+            stop_pair(self.ctx, pair)
+        total = self.evidence.setdefault(key[0], {}) if found else {}
+        for name, value in found.items():
+            total[name] = total.get(name, 0.0) + value
 
     def drop(self, kind: ProxyKind) -> None:
         """Stop every cached pair of this kind."""
         for key in [k for k in self._pairs if k[0] == kind.name]:
-            stop_pair(self.ctx, self._pairs.pop(key))
+            self._stop(key)
 
     def close(self) -> None:
         for key in list(self._pairs):
-            stop_pair(self.ctx, self._pairs.pop(key))
+            self._stop(key)
 
 
 class NoProxy(ProxyKind):
@@ -521,7 +542,9 @@ class Sidecar(ProxyKind):
             return "proxy/__main__.py does not exist yet (the sidecar is not written)"
         return None
 
-    def _env(self, ctx: Context, side: str, admin: int, route: str) -> dict[str, str]:
+    def _env(
+        self, ctx: Context, side: str, admin: int, route: str, more: Mapping[str, str] = {}
+    ) -> dict[str, str]:
         leaf = ctx.certs.client if side == "client" else ctx.certs.server
         env = {k: v for k, v in os.environ.items() if not k.startswith("MTLS_")}
         env.update(
@@ -538,24 +561,33 @@ class Sidecar(ProxyKind):
             }
         )
         env["MTLS_OUTBOUND" if side == "client" else "MTLS_INBOUND"] = route
+        env.update(more)
         env.update(self.extra_env)
         env.update(self.forced_env)
         return env
 
+    def _sides(
+        self, ctx: Context, pair: Pair, target_port: int
+    ) -> tuple[dict[str, dict[str, str]], list[int]]:
+        """Each side's settings (server first: MTLS_INBOUND, MTLS_OUTBOUND and any other), and
+        the ports to wait for: the client's route dials the server's inbound route, which
+        relays to the app."""
+        middle = ctx.ports.get()
+        server = {"MTLS_INBOUND": f"127.0.0.1:{middle}=127.0.0.1:{target_port}"}
+        client = {"MTLS_OUTBOUND": f"127.0.0.1:{pair.entry_port}=127.0.0.1:{middle}@{SERVER_ID}"}
+        return {"server": server, "client": client}, [middle]
+
     def _launch(self, ctx: Context, target_port: int, pair: Pair) -> None:
-        entry, middle = pair.entry_port, ctx.ports.get()
-        admin_client, admin_server = ctx.ports.get(), ctx.ports.get()
+        sides, ports = self._sides(ctx, pair, target_port)
         argv = [sys.executable, "-m", "proxy", "run"]
-        server_route = f"127.0.0.1:{middle}=127.0.0.1:{target_port}"
-        client_route = f"127.0.0.1:{entry}=127.0.0.1:{middle}@{SERVER_ID}"
-        for side, admin, route in (
-            ("server", admin_server, server_route),
-            ("client", admin_client, client_route),
-        ):
-            env = self._env(ctx, side, admin, route)
+        for side, routes in sides.items():
+            pair.admin[side] = admin = ctx.ports.get()
+            route = routes.pop("MTLS_OUTBOUND" if side == "client" else "MTLS_INBOUND")
+            env = self._env(ctx, side, admin, route, routes)
             pair.procs.append(ctx.procs.start(f"{self.name}-{side}", argv, env=env, cwd=REPO_ROOT))
-        wait_listening([entry, middle, admin_client, admin_server], pair.procs, START_TIMEOUT)
-        for admin in (admin_client, admin_server):
+        ports = [pair.entry_port, *ports, *pair.admin.values()]
+        wait_listening(ports, pair.procs, START_TIMEOUT)
+        for admin in pair.admin.values():
             wait_ready(admin, pair, START_TIMEOUT)
 
 
@@ -577,6 +609,87 @@ class SidecarNoReuse(Sidecar):
         if unknown:
             return f"this sidecar has no {', '.join(unknown)} setting (yet)"
         return None
+
+
+class SidecarHbone(Sidecar):
+    """Two of our sidecars over HBONE (HTTP/2 CONNECT over mTLS, as Istio ambient tunnels)
+    instead of our own protocol: the client's route is named in MTLS_HBONE_OUTBOUND, so it
+    dials the server's MTLS_HBONE_LISTEN (MTLS_HBONE_PORT) and sends `CONNECT` for the app,
+    which the server maps to its inbound route of that target. Connections are pooled."""
+
+    name = "mtls-sidecar-hbone"
+    label = "mtls-sidecar, HBONE"
+    ROUTE = "bench"  # the client's route, and the server's inbound route
+
+    def unavailable(self) -> str | None:
+        reason = super().unavailable()
+        if reason is not None:
+            return reason
+        from proxy.config import known_variables
+
+        needed = {"MTLS_HBONE_LISTEN", "MTLS_HBONE_OUTBOUND", "MTLS_HBONE_PORT"}
+        unknown = sorted(needed - set(known_variables()))
+        if unknown:
+            return f"this sidecar has no {', '.join(unknown)} setting (yet)"
+        return None
+
+    def _sides(
+        self, ctx: Context, pair: Pair, target_port: int
+    ) -> tuple[dict[str, dict[str, str]], list[int]]:
+        middle, hbone = ctx.ports.get(), ctx.ports.get()
+        # The route's REMOTE is the app itself (the CONNECT's authority), not the server's
+        # own-protocol listener: a client that did not speak HBONE would reach no sidecar.
+        server = {
+            "MTLS_INBOUND": f"{self.ROUTE}=127.0.0.1:{middle}=127.0.0.1:{target_port}",
+            "MTLS_HBONE_LISTEN": f"127.0.0.1:{hbone}",
+        }
+        client = {
+            "MTLS_OUTBOUND": f"{self.ROUTE}=127.0.0.1:{pair.entry_port}="
+            f"127.0.0.1:{target_port}@{SERVER_ID}",
+            "MTLS_HBONE_OUTBOUND": self.ROUTE,
+            "MTLS_HBONE_PORT": str(hbone),
+        }
+        return {"server": server, "client": client}, [middle, hbone]
+
+    def evidence(self, pair: Pair) -> dict[str, float]:
+        """The server's inbound streams and bytes on pooled connections (what crossed as
+        HBONE: the client dials nothing else) and the client's outbound streams."""
+        out: dict[str, float] = {}
+        for side, direction in (("server", "inbound"), ("client", "outbound")):
+            if side not in pair.admin or not all(p.alive() for p in pair.procs):
+                return out
+            samples = scrape_metrics(pair.admin[side])
+            labels = {"direction": direction}
+            out[f"{side}_pool_streams"] = sum_metric(samples, "mtls_pool_streams_total", labels)
+            labels = {"direction": direction, "route": self.ROUTE, "security": "mtls"}
+            out[f"{side}_route_bytes"] = sum_metric(samples, "mtls_bytes_total", labels)
+        return out
+
+
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+def scrape_metrics(admin_port: int) -> Samples:
+    """A sidecar's GET /metrics as (name, labels, value) samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = response.read().decode()
+    return [
+        (s.name, dict(s.labels), float(s.value))
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    ]
+
+
+def sum_metric(samples: Samples, name: str, labels: Mapping[str, str]) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    return sum(
+        value
+        for n, have, value in samples
+        if n == name and all(have.get(k) == v for k, v in labels.items())
+    )
 
 
 def wait_ready(admin_port: int, pair: Pair, timeout: float) -> None:
@@ -602,8 +715,9 @@ def wait_ready(admin_port: int, pair: Pair, timeout: float) -> None:
 
 SIDECAR = Sidecar()
 SIDECAR_NOREUSE = SidecarNoReuse()
+SIDECAR_HBONE = SidecarHbone()
 # The contenders that take `--sidecar-env`.
-SIDECARS: list[Sidecar] = [SIDECAR, SIDECAR_NOREUSE]
+SIDECARS: list[Sidecar] = [SIDECAR, SIDECAR_NOREUSE, SIDECAR_HBONE]
 ALL_KINDS: list[ProxyKind] = [
     NoProxy(),
     Stunnel(),
@@ -612,5 +726,6 @@ ALL_KINDS: list[ProxyKind] = [
     EnvoyPooled(),
     SIDECAR,
     SIDECAR_NOREUSE,
+    SIDECAR_HBONE,
 ]
 KINDS_BY_NAME = {kind.name: kind for kind in ALL_KINDS}

@@ -8,17 +8,20 @@ from typing import Any, NamedTuple
 
 SIDECAR = "mtls-sidecar"
 NOREUSE = "mtls-sidecar-noreuse"
+HBONE = "mtls-sidecar-hbone"
 ENVOY = "envoy"
 ENVOY_H2 = "envoy-h2"
 # mtls-sidecar's medians are divided by each of these: the other proxies, and the same sidecar
-# without connection reuse (what reuse gains), with the heading of each ratio column.
-PEERS = ("stunnel", "haproxy", ENVOY, ENVOY_H2, NOREUSE)
+# without connection reuse (what reuse gains) and over HBONE instead of our own protocol (what
+# our framing gains), with the heading of each ratio column.
+PEERS = ("stunnel", "haproxy", ENVOY, ENVOY_H2, NOREUSE, HBONE)
 RATIO_HEADS = {
     "stunnel": "ours/stunnel",
     "haproxy": "ours/haproxy",
     ENVOY: "ours/envoy",
     ENVOY_H2: "ours/envoy-h2",
     NOREUSE: "ours/noreuse",
+    HBONE: "ours/hbone",
 }
 
 # (row key, workload, field, label, unit, higher is better). The CPU rows are the CPU time of
@@ -211,9 +214,15 @@ COLOURS = {
     ENVOY_H2: "#d9a3d9",
     SIDECAR: "#3a9a5b",
     NOREUSE: "#9fd4ad",
+    HBONE: "#1f6b3a",
 }
 # Names too long for a bar's width on the chart.
-TICK_LABELS = {NOREUSE: "mtls-sidecar\nno reuse", ENVOY: "Envoy\n1:1", ENVOY_H2: "Envoy\nh2 pooled"}
+TICK_LABELS = {
+    NOREUSE: "mtls-sidecar\nno reuse",
+    HBONE: "mtls-sidecar\nHBONE",
+    ENVOY: "Envoy\n1:1",
+    ENVOY_H2: "Envoy\nh2 pooled",
+}
 
 
 def chart(

@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         "proxies": [k.name for k in kinds],
         "skipped": skipped,
         "errors": errors,
+        # Counters read from the pairs before they stopped (what crossed how).
+        "evidence": pairs.evidence,
         "runs": runs,
         "summary": summary,
         "ratios": report.ratios(summary),
@@ -375,6 +377,10 @@ def _report(results: dict[str, Any], out: Path) -> None:
     if load > (meta["cpus"] or 1):
         # Taken before the benchmark started anything: this load is someone else's.
         print(f"\nnote: load average was {load:.1f} at the start: figures are noisy")
+    for proxy, found in results.get("evidence", {}).items():
+        if found:
+            counts = ", ".join(f"{k} {v:,.0f}" for k, v in found.items())
+            print(f"\n{proxy}, read from its sidecars: {counts}")
     if results["errors"]:
         print(f"\n{len(results['errors'])} measurement(s) failed: see results.json and logs/")
     reps = meta["repetitions"]

