@@ -906,8 +906,37 @@ class Conn:
     # --- carrying out the flow's actions ------------------------------------------------
 
     def _run(self, event: f.Event, first: bytes = b"") -> None:
-        for action in self.flow.handle(event):
-            self._do(action, first)
+        try:
+            for action in self.flow.handle(event):
+                self._do(action, first)
+        except Exception:
+            self._internal_error(event)
+
+    def _internal_error(self, event: f.Event) -> None:
+        """A bug of ours while handling `event`: never leave the connection hanging (its
+        legs open, its app waiting) nor the worker's loop with a half-done connection.
+        Reset both legs, count it, log the traceback; every other connection goes on."""
+        if self.closed:
+            log.debug("error after the connection ended (%s)", type(event).__name__, exc_info=True)
+            return
+        self.route.metrics.internal_errors.inc()
+        log.exception(
+            "internal error handling %s: connection reset",
+            type(event).__name__,
+            extra={
+                "fields": {
+                    "event": "internal_error",
+                    "direction": self.route.direction,
+                    "route": self.route.name,
+                    "peer": self.peer_addr,
+                }
+            },
+        )
+        try:
+            self._finish(f.Outcome.INTERNAL_ERROR, abort=True, logged=False)
+        except Exception:
+            log.exception("internal error while resetting the connection")
+            self.closed = True
 
     def _do(self, action: f.Action, first: bytes) -> None:
         match action:

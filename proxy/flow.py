@@ -79,6 +79,7 @@ class Outcome(StrEnum):
     REVOKED = "revoked"  # the peer's certificate was revoked while the connection was open
     POLICY_CHANGED = "policy_changed"  # a new policy file denies the peer of an open connection
     CLOSED_BEFORE_HELLO = "closed_before_hello"
+    INTERNAL_ERROR = "internal_error"  # the sidecar failed handling it (a bug): reset, logged
 
 
 class Side(StrEnum):

@@ -109,6 +109,13 @@ REVOKED_CLOSED = Counter(
     "Open connections closed because a new revocation list lists their peer's certificate.",
     ["direction", "route"],
 )
+INTERNAL_ERRORS = Counter(
+    "mtls_internal_errors",
+    "Connections cut because the sidecar itself failed while handling them (a bug: the "
+    "connection is reset and logged with its traceback, event=internal_error; every other "
+    "connection goes on).",
+    ["direction", "route"],
+)
 HANDSHAKES = Counter(
     "mtls_handshakes",
     "Completed mTLS handshakes, by direction, key-exchange group (e.g. X25519MLKEM768 is "

@@ -30,6 +30,8 @@ class RouteMetrics:
         }
         self.handshake = metrics.HANDSHAKE.labels(direction)
         self.revoked_closed = metrics.REVOKED_CLOSED.labels(direction, route)
+        self.internal_errors = metrics.INTERNAL_ERRORS.labels(direction, route)
+        self.internal_errors.inc(0)  # a series to alert on, from the first scrape
         self._rejected: dict[str, _Counter] = {}
         self._upstream: dict[str, _Counter] = {}
         # Touch the series users alert on, so they exist (at 0) from the first scrape.
