@@ -1,13 +1,18 @@
 """HBONE (Istio ambient's tunnel) without I/O: HTTP/2 CONNECT streams over one connection.
 
-`HboneConnection` wraps `h2.H2Connection` the way h2 itself is used: bytes received go in
-(`receive`), events come out; commands (`open`, `respond`, `send`, `end`, `reset`, `ping`,
-`goaway`) go in, bytes to send come out (`data_to_send`). Every HTTP/2 rule (stream states,
-windows, stream limits, frame sizes) lives in h2; this module adds what HBONE asks on top:
-ztunnel's settings (4 MiB stream and 16 MiB connection windows, at most 100 streams, 1 MiB
-frames), `:authority` = the destination `ip:port`, `forwarded: for="ip:port"`, the status
-codes of a refusal, and PING liveness. A peer that breaks a connection-level rule gets the
-connection closed (GOAWAY) and a `Broken` event with a reason to count.
+Two pure objects, both wrapping `h2.H2Connection` (HTTP/2 framing, HPACK, stream states and
+its own window bookkeeping stay h2's); what HBONE asks on top: ztunnel's settings (4 MiB
+stream and 16 MiB connection windows, at most 100 streams, 1 MiB frames), `:authority` =
+the destination `ip:port`, `forwarded: for="ip:port"`, the status codes of a refusal.
+
+- `HboneDialect`: HBONE as a dialect of the tunnel core (tunnel.Tunnel), which then owns the
+  stream life cycle, the windows' accounting, the stream limit, GOAWAY and liveness exactly
+  as for our own format; tested in memory beside it (tests/test_tunnel_dialects.py).
+- `HboneConnection`: the older wrapper hbone_io's carrier still runs on: bytes received go
+  in (`receive`), events come out; commands (`open`, `respond`, `send`, `end`, `reset`,
+  `ping`, `goaway`) go in, bytes to send come out (`data_to_send`). A peer that breaks a
+  connection-level rule gets the connection closed (GOAWAY) and a `Broken` event with a
+  reason to count. Its liveness is the carrier's tunnel.Liveness, as our own carriers'.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_STREAMS = 100
 MAX_FRAME = 1024 * 1024
-PING_INTERVAL = 10.0
-PING_TIMEOUT = 20.0
+PING_INTERVAL = tunnel.PING_AFTER  # ztunnel's: 10 s, as our own carriers by default
+PING_TIMEOUT = tunnel.DEAD_AFTER  # 20 s
 _DEFAULT_WINDOW = 65_535
 # Headers we read are small; a peer sending more is refused by h2 (a connection error).
 MAX_HEADER_LIST = 64 * 1024
@@ -281,7 +286,6 @@ class HboneConnection:
         self.client = client
         self._h2 = _new_h2(client)
         self.broken: Broken | None = None
-        self.pings_out = 0  # PINGs sent and not answered yet
         self.goaway_sent = False
         self._extra = b""  # frames written here, after h2's own
 
@@ -328,7 +332,6 @@ class HboneConnection:
             # A new initial window (or frame size) changes every stream's send room.
             out.append(WindowOpened(0))
         elif isinstance(ev, h2.events.PingAckReceived):
-            self.pings_out = 0
             out.append(PingAcked())
         elif isinstance(ev, h2.events.ConnectionTerminated):
             out.append(GoAway(ev.last_stream_id or 0, int(ev.error_code or 0)))
@@ -408,7 +411,6 @@ class HboneConnection:
         """Ask the peer for a sign of life (PingAcked answers it)."""
         if self.broken is None and not self.goaway_sent:
             self._h2.ping(os.urandom(8))
-            self.pings_out += 1
 
     def goaway(self, *, final: bool = False) -> None:
         """No new streams. Graceful (default): a GOAWAY naming the last stream the peer

@@ -16,12 +16,13 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from . import hbone, metrics, mux
+from . import hbone, metrics, mux, tunnel
 from .identity import SpiffeId
 from .pool import _INTERMEDIATES as _KNOWN_INTERMEDIATES
 from .pool import (
     GOAWAY_GRACE,
     GOAWAY_OPEN_GRACE,
+    AnswerLeg,
     Pool,
     StreamOwner,
     Unresponsive,
@@ -58,7 +59,7 @@ class HboneHost(Protocol):
     def carrier_closed(self, carrier: Any) -> None: ...
 
 
-class HboneStream(_Leg):
+class HboneStream(AnswerLeg):
     """The network leg of one application connection carried on an HBONE stream."""
 
     __slots__ = (
@@ -70,17 +71,16 @@ class HboneStream(_Leg):
         "eof_in",
         "eof_out",
         "forwarded",
-        "heard_mark",
         "held",
         "info",
         "pending",
         "reset_code",
         "sid",
         "started",
-        "timer",
     )
 
     conn: StreamOwner
+    carrier: HboneCarrier
 
     def __init__(
         self,
@@ -109,36 +109,6 @@ class HboneStream(_Leg):
         # Outbound: waiting for the far side's answer (a status) while this is set.
         self.timer: asyncio.TimerHandle | None = None
         self.heard_mark = 0
-
-    def wait_answer(self) -> None:
-        """Outbound: the answer must come within the connection's handshake timeout."""
-        carrier = self.carrier
-        self.heard_mark = carrier.heard
-        carrier.unanswered += 1
-        self.timer = carrier.host.loop.call_later(
-            self.conn.handshake_timeout, self._answer_timed_out
-        )
-
-    def _answered(self) -> None:
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
-            self.carrier.unanswered -= 1
-
-    def _answer_timed_out(self) -> None:
-        if self.timer is None:
-            return
-        self.timer = None
-        carrier = self.carrier
-        carrier.unanswered -= 1
-        if self.ended:
-            return
-        seconds = self.conn.handshake_timeout
-        if carrier.heard != self.heard_mark:
-            self.conn.stream_unanswered(seconds)  # the peer lives; only this stream is stuck
-        else:
-            carrier.unresponsive(seconds)
 
     def on_response(self, status: int) -> None:
         """Outbound: the far side's answer. 200: relay (what the app sent meanwhile goes
@@ -424,10 +394,12 @@ class HboneCarrier:
         now = host.loop.time()
         self.created = now
         self.idle_since: float | None = now
-        self.heard_at = now  # the last time the peer sent anything (liveness)
-        # Outbound: `heard` counts the batches of bytes the peer sent, `unanswered` the
-        # streams waiting for their status; a carrier with a stream waiting that heard
-        # nothing for a whole sweep is `suspect`, and takes no new streams.
+        # Liveness (tunnel.Liveness, as our own carriers): PING after PING_INTERVAL of
+        # silence, give up after PING_TIMEOUT. `heard` counts the batches of bytes the peer
+        # sent (the sweep notes when it moved), `unanswered` the streams waiting for their
+        # status; a carrier with a stream waiting that heard nothing for a whole sweep, or
+        # whose PING is unanswered, is `suspect`, and takes no new streams.
+        self.liveness = tunnel.Liveness(now, hbone.PING_INTERVAL, hbone.PING_TIMEOUT)
         self.heard = 0
         self.heard_mark = 0
         self.unanswered = 0
@@ -467,7 +439,6 @@ class HboneCarrier:
 
     def send(self, data: memoryview) -> None:
         """Decrypted bytes from the TLS leg: HTTP/2 frames."""
-        self.heard_at = self.host.loop.time()
         self.heard += 1
         if self.on_answer is not None:
             on_answer, self.on_answer = self.on_answer, None
@@ -531,6 +502,10 @@ class HboneCarrier:
             self.fail(ConnectionResetError(f"protocol error: {ev.message}"), reason=ev.reason)
 
     # --- streams ------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.host.loop
 
     @property
     def available(self) -> bool:
@@ -675,25 +650,21 @@ class HboneCarrier:
         """Once a second (the worker's sweep): liveness, then idle and retirement."""
         if self.closed:
             return
-        silent = now - self.heard_at
-        if silent >= hbone.PING_TIMEOUT and self.h.pings_out:
-            log.warning(
-                "closing the HBONE connection with %s: no answer to PING for %gs",
-                self._who(),
-                hbone.PING_TIMEOUT,
-                extra={"fields": {"event": "pool_unresponsive", "direction": self.direction}},
-            )
-            self.fail(ConnectionResetError("HBONE peer unresponsive"), reason="unresponsive")
+        heard = self.heard
+        live = self.liveness
+        if heard != self.heard_mark:
+            live.heard(now)
+        due = live.due(now)
+        if due == tunnel.DEAD:
+            self.unresponsive(f"nothing heard for {live.silent_for(now):.1f}s (PING unanswered)")
             return
-        if silent >= hbone.PING_INTERVAL and not self.h.pings_out:
+        if due == tunnel.SEND_PING:
             self.h.ping()
             self.flush_soon()
-        elif self.h.pings_out and silent < hbone.PING_INTERVAL:
-            self.h.pings_out = 0  # heard since: alive, whatever became of the PING
+        suspect = bool(self.unanswered) and heard == self.heard_mark
+        self.heard_mark = heard
         if self.outbound:
-            heard = self.heard
-            self.suspect = bool(self.unanswered or self.h.pings_out) and heard == self.heard_mark
-            self.heard_mark = heard
+            self.suspect = suspect or live.suspect(now)
             if not self.retiring and now - self.created >= max_lifetime:
                 self.retire("max_lifetime")
             idle = self.idle_since
@@ -729,18 +700,19 @@ class HboneCarrier:
         self._end(exc if isinstance(exc, Exception) else ConnectionResetError(str(exc)))
         self.leg.close(abort=True)
 
-    def unresponsive(self, seconds: float) -> None:
-        """A stream's answer did not come and nothing else did either: close the carrier;
-        its streams still waiting fail as handshake timeouts."""
+    def unresponsive(self, why: str) -> None:
+        """The peer is gone or frozen (a stream's answer did not come and nothing else did
+        either, or a PING went unanswered): close the carrier; its streams still waiting
+        fail as handshake timeouts, the others as resets."""
         if self.closed:
             return
         log.warning(
-            "closing the HBONE connection to %s: no answer to a new stream within %gs",
+            "closing the HBONE connection with %s: %s",
             self._who(),
-            seconds,
+            why,
             extra={"fields": {"event": "pool_unresponsive", "direction": self.direction}},
         )
-        self.fail(Unresponsive(f"no answer within {seconds:g}s"), reason="unresponsive")
+        self.fail(Unresponsive(why), reason="unresponsive")
 
     def _end(self, exc: Exception) -> None:
         self.closed = True
