@@ -489,6 +489,8 @@ class HboneDialect:
     `increment_flow_control_window` (never h2's automatic `acknowledge_received_data`), so
     h2's receive windows are the core's. Our windows and stream limit are told to the peer
     in the SETTINGS h2 sends; the peer's reach the core as PEER_SETTINGS and WINDOW frames.
+    The accepting side sends nothing on a stream before it answers (`accept`, or a reset:
+    a refusal status), as the I/O side never does: TunnelError.
     h2 answers PINGs itself; a breach h2 finds fails the connection with `_breach`'s reason.
     """
 
@@ -601,6 +603,9 @@ class HboneDialect:
     def encode(self, kind: int, sid: int, payload: bytes = b"") -> bytes:
         h2sid = 2 * sid - 1
         conn = self._h2
+        if kind in _AFTER_ANSWER and h2sid in self._unanswered:
+            # HTTP/2 has no way to say it: the stream's bytes follow its response.
+            raise tunnel.TunnelError(f"stream {sid}: DATA or EOF before the answer (accept)")
         if kind == mux.DATA:
             step = conn.max_outbound_frame_size
             if len(payload) <= step:
@@ -655,6 +660,7 @@ class HboneDialect:
 
 
 _SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+_AFTER_ANSWER = (mux.DATA, mux.EOF)
 
 
 def _core_sid(h2sid: int | None) -> int:

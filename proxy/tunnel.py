@@ -25,8 +25,10 @@ which the tunnel takes nothing more: the I/O side closes the connection. A strea
 breach (DATA after the sender's EOF) resets only that stream (`StreamBroken`).
 
 The wire format itself is a *dialect* (`Dialect`: received bytes -> frames, frames -> bytes).
-mux.py's format is the one dialect here (`MuxDialect`, versions 1 and 2); another (HTTP/2
-CONNECT) can sit under the same rules by mapping its frames onto these kinds.
+Two run under these rules: mux.py's format (`MuxDialect` here, versions 1 and 2) and HBONE
+(`hbone.HboneDialect`: HTTP/2 CONNECT through h2, its frames mapped onto these kinds; the
+peer's SETTINGS arrive as PEER_SETTINGS, its initial windows as the dialect's
+`send_windows`). tests/test_tunnel_dialects.py runs the same scenarios under both.
 """
 
 from __future__ import annotations

@@ -220,6 +220,14 @@ def test_hbone_is_http2_connect_on_the_wire() -> None:
     assert got == [StreamAccepted(sid), StreamReset(two, mux.RESET_UPSTREAM, True)]
 
 
+def test_hbone_the_server_sends_nothing_before_its_answer() -> None:
+    c, s = pair("hbone")
+    sid = c.open_stream(INFO)
+    move(c, s)
+    with pytest.raises(TunnelError):
+        s.send_eof(sid)
+
+
 def test_hbone_a_bad_authority_is_answered_400() -> None:
     s_dialect = HboneDialect(client=False)
     s = Tunnel(client=False, dialect=s_dialect)
@@ -289,3 +297,91 @@ def test_hbone_any_split_of_the_received_bytes_gives_the_same_events(cuts: list[
     assert _joined(got) == expected
     assert split.streams.keys() == whole.streams.keys()
     assert split.receivable == whole.receivable
+
+
+def _agree(t: Tunnel) -> None:
+    """The core's windows are h2's, stream by stream and for the connection."""
+    d = t.dialect
+    assert isinstance(d, HboneDialect)
+    conn = d._h2
+    assert t.window == conn.outbound_flow_control_window
+    assert t.receivable == conn._inbound_flow_control_window_manager.current_window_size
+    for sid, stream in t.streams.items():
+        h2stream = conn.streams.get(2 * sid - 1)
+        if h2stream is None or h2stream.closed:
+            continue
+        assert stream.window == h2stream.outbound_flow_control_window
+        assert stream.receivable == h2stream._inbound_window_manager.current_window_size
+
+
+hbone_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("open"), st.just(0), st.just(0)),
+        st.tuples(st.just("accept"), st.integers(0, 5), st.just(0)),
+        st.tuples(st.sampled_from(["send", "back"]), st.integers(0, 5), st.integers(1, 200_000)),
+        st.tuples(st.sampled_from(["take", "give"]), st.integers(0, 5), st.integers(1, 200_000)),
+        st.tuples(st.sampled_from(["eof", "reset"]), st.integers(0, 5), st.integers(0, 1)),
+        st.tuples(st.sampled_from(["to_server", "to_client"]), st.just(0), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(hbone_ops)
+def test_hbone_the_cores_windows_agree_with_h2s_under_any_commands(
+    ops: list[tuple[str, int, int]],
+) -> None:
+    """Small windows (a stream 100,000 bytes, the connection 150,000) used up, credited,
+    streams ended and reset in any order: the core and h2 never disagree on a window, and
+    neither end ever finds the other breaking a rule."""
+    kw: dict[str, Any] = {"stream_window": 100_000, "connection_window": 150_000}
+    c, s = pair("hbone", **kw)
+    held: dict[tuple[bool, int], int] = {}  # (at the client?, sid): received, not yet taken
+
+    def receive(src: Tunnel, dst: Tunnel, at_client: bool) -> None:
+        for e in dst.receive_data(src.data_to_send()):
+            assert not isinstance(e, ConnectionFailed), e
+            if isinstance(e, DataReceived):
+                held[at_client, e.sid] = held.get((at_client, e.sid), 0) + len(e.data)
+            elif isinstance(e, StreamReset):
+                held.pop((at_client, e.sid), None)
+
+    for op, i, n in ops:
+        sids = sorted(c.streams) if op in ("send", "take", "eof", "reset") else sorted(s.streams)
+        sid = sids[i % len(sids)] if sids else 0
+        if op == "open" and c.can_open():
+            c.open_stream(INFO)
+        elif op == "accept" and sid and not s.streams[sid].accepted:
+            s.accept(sid)
+        elif op in ("send", "back") and sid:
+            t = c if op == "send" else s
+            room = min(n, t.sendable(sid))
+            if room and (t is c or s.streams[sid].accepted):  # a server sends after its 200
+                t.send_data(sid, b"x" * room)
+        elif op in ("take", "give") and sid:
+            at_client = op == "take"
+            t = c if at_client else s
+            got = min(n, held.get((at_client, sid), 0))
+            if got and sid in t.streams:
+                held[at_client, sid] -= got
+                t.credit(sid, got)
+        elif op in ("eof", "reset") and sid:
+            t = c if n else s
+            if sid in t.streams and (t is c or op == "reset" or s.streams[sid].accepted):
+                if op == "eof":
+                    t.send_eof(sid)
+                else:
+                    t.reset(sid)
+                    held.pop((t is c, sid), None)
+        elif op == "to_server":
+            receive(c, s, False)
+        elif op == "to_client":
+            receive(s, c, True)
+        _agree(c)
+        _agree(s)
+    receive(c, s, False)
+    receive(s, c, True)
+    _agree(c)
+    _agree(s)
+    assert c.failed is None and s.failed is None
