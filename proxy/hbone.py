@@ -8,11 +8,12 @@ the destination `ip:port`, `forwarded: for="ip:port"`, the status codes of a ref
 - `HboneDialect`: HBONE as a dialect of the tunnel core (tunnel.Tunnel), which then owns the
   stream life cycle, the windows' accounting, the stream limit, GOAWAY and liveness exactly
   as for our own format; tested in memory beside it (tests/test_tunnel_dialects.py).
-- `HboneConnection`: the older wrapper hbone_io's carrier still runs on: bytes received go
-  in (`receive`), events come out; commands (`open`, `respond`, `send`, `end`, `reset`,
-  `ping`, `goaway`) go in, bytes to send come out (`data_to_send`). A peer that breaks a
-  connection-level rule gets the connection closed (GOAWAY) and a `Broken` event with a
-  reason to count. Its liveness is the carrier's tunnel.Liveness, as our own carriers'.
+  hbone_io's carrier runs on it.
+- `HboneConnection`: a plain HBONE end on h2 without the core, which the tests and the bench
+  use as an independent peer (a ztunnel-like client or server): bytes received go in
+  (`receive`), events come out; commands (`open`, `respond`, `send`, `end`, `reset`, `ping`,
+  `goaway`) go in, bytes to send come out (`data_to_send`). A peer that breaks a
+  connection-level rule gets the connection closed (GOAWAY) and a `Broken` event.
 """
 
 from __future__ import annotations
@@ -469,6 +470,7 @@ _STATUS_OF_RESET = {
 }
 _RESET_OF_STATUS = {
     STATUS_NOT_ALLOWED: mux.RESET_NOT_ALLOWED,
+    403: mux.RESET_NOT_ALLOWED,
     STATUS_BAD_AUTHORITY: mux.RESET_BAD_DESTINATION,
     STATUS_UNAVAILABLE: mux.RESET_UPSTREAM,
 }
@@ -515,18 +517,38 @@ class HboneDialect:
     def pending(self) -> bytes:
         return self._h2.data_to_send()
 
+    def close_connection(self) -> bytes:
+        """The last bytes of the connection: a GOAWAY that ends it now (naming the last
+        stream the peer opened)."""
+        if self._h2.state_machine.state is _CLOSED:
+            return b""
+        self._h2.close_connection(ErrorCodes.NO_ERROR)
+        return self._h2.data_to_send()
+
     def parser(self, sink: mux.FrameSink) -> HboneDialect:
         self._sink = sink
         return self
 
     def feed(self, data: memoryview) -> None:
+        conn = self._h2
+        window = conn._inbound_flow_control_window_manager
+        before = window.current_window_size
         try:
-            events = self._h2.receive_data(bytes(data))
+            events = conn.receive_data(bytes(data))
         except h2.exceptions.ProtocolError as exc:
             broken = _breach(exc)
             err = mux.MuxError(broken.message)
             err.reason = broken.reason
             raise err from None
+        # DATA for a stream h2 had closed (we reset it) never reaches the core, which does
+        # not count it either: h2's connection window gets it back at once, so that both
+        # windows stay the same.
+        unseen = before - window.current_window_size
+        for ev in events:
+            if type(ev) is h2.events.DataReceived:
+                unseen -= ev.flow_controlled_length or 0
+        if unseen > 0:
+            conn.increment_flow_control_window(unseen)
         sink = self._sink
         for ev in events:
             if type(ev) is h2.events.DataReceived:
@@ -557,7 +579,9 @@ class HboneDialect:
                 sink.on_frame(mux.PING_ACK, 0, ev.ping_data or b"")
             elif type(ev) is h2.events.ConnectionTerminated:
                 if ev.error_code != ErrorCodes.NO_ERROR:
-                    raise mux.MuxError(f"the peer closed the connection (HTTP/2 {ev.error_code})")
+                    err = mux.MuxError(f"peer sent GOAWAY (error {ev.error_code})")
+                    err.reason = "goaway"
+                    raise err
                 sink.on_frame(mux.GOAWAY, 0, b"")
             # Anything else (SETTINGS acks, PINGs h2 answered, trailers, priority) is h2's.
 
