@@ -1,13 +1,19 @@
 """HBONE (Istio ambient's tunnel) without I/O: HTTP/2 CONNECT streams over one connection.
 
-`HboneConnection` wraps `h2.H2Connection` the way h2 itself is used: bytes received go in
-(`receive`), events come out; commands (`open`, `respond`, `send`, `end`, `reset`, `ping`,
-`goaway`) go in, bytes to send come out (`data_to_send`). Every HTTP/2 rule (stream states,
-windows, stream limits, frame sizes) lives in h2; this module adds what HBONE asks on top:
-ztunnel's settings (4 MiB stream and 16 MiB connection windows, at most 100 streams, 1 MiB
-frames), `:authority` = the destination `ip:port`, `forwarded: for="ip:port"`, the status
-codes of a refusal, and PING liveness. A peer that breaks a connection-level rule gets the
-connection closed (GOAWAY) and a `Broken` event with a reason to count.
+Two pure objects, both wrapping `h2.H2Connection` (HTTP/2 framing, HPACK, stream states and
+its own window bookkeeping stay h2's); what HBONE asks on top: ztunnel's settings (4 MiB
+stream and 16 MiB connection windows, at most 100 streams, 1 MiB frames), `:authority` =
+the destination `ip:port`, `forwarded: for="ip:port"`, the status codes of a refusal.
+
+- `HboneDialect`: HBONE as a dialect of the tunnel core (tunnel.Tunnel), which then owns the
+  stream life cycle, the windows' accounting, the stream limit, GOAWAY and liveness exactly
+  as for our own format; tested in memory beside it (tests/test_tunnel_dialects.py).
+  hbone_io's carrier runs on it.
+- `HboneConnection`: a plain HBONE end on h2 without the core, which the tests and the bench
+  use as an independent peer (a ztunnel-like client or server): bytes received go in
+  (`receive`), events come out; commands (`open`, `respond`, `send`, `end`, `reset`, `ping`,
+  `goaway`) go in, bytes to send come out (`data_to_send`). A peer that breaks a
+  connection-level rule gets the connection closed (GOAWAY) and a `Broken` event.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from h2.errors import ErrorCodes
 from h2.stream import StreamState
 from hyperframe.frame import DataFrame, GoAwayFrame
 
+from . import mux, tunnel
+
 _HALF_CLOSED_LOCAL = StreamState.HALF_CLOSED_LOCAL
 _CLOSED = ConnectionState.CLOSED
 
@@ -36,8 +44,8 @@ STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_STREAMS = 100
 MAX_FRAME = 1024 * 1024
-PING_INTERVAL = 10.0
-PING_TIMEOUT = 20.0
+PING_INTERVAL = tunnel.PING_AFTER  # ztunnel's: 10 s, as our own carriers by default
+PING_TIMEOUT = tunnel.DEAD_AFTER  # 20 s
 _DEFAULT_WINDOW = 65_535
 # Headers we read are small; a peer sending more is refused by h2 (a connection error).
 MAX_HEADER_LIST = 64 * 1024
@@ -209,6 +217,37 @@ class _H2(h2.connection.H2Connection):
         return [], [event]
 
 
+def _new_h2(
+    client: bool,
+    max_streams: int = MAX_STREAMS,
+    stream_window: int = STREAM_WINDOW,
+    connection_window: int = CONNECTION_WINDOW,
+) -> _H2:
+    """An h2 connection with HBONE's settings, its preface (and connection window) queued."""
+    config = h2.config.H2Configuration(
+        client_side=client, header_encoding=None, validate_inbound_headers=True
+    )
+    conn = _H2(config=config)
+    conn.local_settings = h2.settings.Settings(
+        client=client,
+        initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        },
+    )
+    # Values given this way are in force at once (h2 sends them in the preface), but the
+    # connection copied the defaults of these two before we replaced the settings.
+    conn.max_inbound_frame_size = MAX_FRAME
+    conn.decoder.max_header_list_size = MAX_HEADER_LIST
+    conn.initiate_connection()
+    if connection_window > _DEFAULT_WINDOW:
+        conn.increment_flow_control_window(connection_window - _DEFAULT_WINDOW)
+    return conn
+
+
 def _breach(exc: h2.exceptions.ProtocolError) -> Broken:
     if isinstance(exc, h2.exceptions.TooManyStreamsError):
         return Broken("stream_limit", f"more than {MAX_STREAMS} streams at once: {exc}")
@@ -222,34 +261,32 @@ def _breach(exc: h2.exceptions.ProtocolError) -> Broken:
     return Broken("protocol_error", f"HTTP/2 protocol error: {exc}")
 
 
+def _connect_request(
+    ev: h2.events.RequestReceived,
+) -> tuple[tuple[str, int] | None, tuple[str, int] | None, str]:
+    """A request's (authority, forwarded, problem): authority None (and a problem, to be
+    answered 400) unless it is a classic CONNECT to an `ip:port`."""
+    headers = {name: value for name, value in ev.headers or ()}
+    method = headers.get(b":method", b"")
+    forwarded = parse_forwarded(headers.get(b"forwarded", b"").decode("latin-1"))
+    if method != b"CONNECT" or b":path" in headers or b":protocol" in headers:
+        what = method.decode("latin-1", "replace")
+        return None, forwarded, f"not a classic CONNECT ({what})"
+    try:
+        authority = parse_authority(headers.get(b":authority", b"").decode("latin-1"))
+    except ValueError as exc:
+        return None, forwarded, f"bad :authority: {exc}"
+    return authority, forwarded, ""
+
+
 class HboneConnection:
     """One HBONE connection, either side, as a pure object: bytes and commands in, events
     and bytes out."""
 
     def __init__(self, *, client: bool) -> None:
         self.client = client
-        config = h2.config.H2Configuration(
-            client_side=client, header_encoding=None, validate_inbound_headers=True
-        )
-        self._h2 = _H2(config=config)
-        self._h2.local_settings = h2.settings.Settings(
-            client=client,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            },
-        )
-        # Values given this way are in force at once (h2 sends them in the preface), but
-        # the connection copied the defaults of these two before we replaced the settings.
-        self._h2.max_inbound_frame_size = MAX_FRAME
-        self._h2.decoder.max_header_list_size = MAX_HEADER_LIST
-        self._h2.initiate_connection()
-        self._h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
+        self._h2 = _new_h2(client)
         self.broken: Broken | None = None
-        self.pings_out = 0  # PINGs sent and not answered yet
         self.goaway_sent = False
         self._extra = b""  # frames written here, after h2's own
 
@@ -296,7 +333,6 @@ class HboneConnection:
             # A new initial window (or frame size) changes every stream's send room.
             out.append(WindowOpened(0))
         elif isinstance(ev, h2.events.PingAckReceived):
-            self.pings_out = 0
             out.append(PingAcked())
         elif isinstance(ev, h2.events.ConnectionTerminated):
             out.append(GoAway(ev.last_stream_id or 0, int(ev.error_code or 0)))
@@ -305,18 +341,7 @@ class HboneConnection:
         # Anything else (SETTINGS acks, PINGs, priority) is h2's own business.
 
     def _request(self, ev: h2.events.RequestReceived) -> StreamOpened:
-        sid = ev.stream_id or 0
-        headers = {name: value for name, value in ev.headers or ()}
-        method = headers.get(b":method", b"")
-        forwarded = parse_forwarded(headers.get(b"forwarded", b"").decode("latin-1"))
-        if method != b"CONNECT" or b":path" in headers or b":protocol" in headers:
-            what = method.decode("latin-1", "replace")
-            return StreamOpened(sid, None, forwarded, f"not a classic CONNECT ({what})")
-        try:
-            authority = parse_authority(headers.get(b":authority", b"").decode("latin-1"))
-        except ValueError as exc:
-            return StreamOpened(sid, None, forwarded, f"bad :authority: {exc}")
-        return StreamOpened(sid, authority, forwarded)
+        return StreamOpened(ev.stream_id or 0, *_connect_request(ev))
 
     # --- commands in, bytes out -------------------------------------------------------
 
@@ -387,7 +412,6 @@ class HboneConnection:
         """Ask the peer for a sign of life (PingAcked answers it)."""
         if self.broken is None and not self.goaway_sent:
             self._h2.ping(os.urandom(8))
-            self.pings_out += 1
 
     def goaway(self, *, final: bool = False) -> None:
         """No new streams. Graceful (default): a GOAWAY naming the last stream the peer
@@ -412,3 +436,256 @@ class HboneConnection:
     def _open(self, sid: int) -> bool:
         stream = self._h2.streams.get(sid)
         return stream is not None and not stream.closed
+
+
+# --- HBONE as a dialect of the tunnel core -----------------------------------------------
+
+# Why a stream ended, both ways between HTTP/2's RST_STREAM codes and the core's RESET codes.
+_RESET_FROM_H2: dict[int, int] = {
+    ErrorCodes.NO_ERROR: mux.RESET_CANCEL,
+    ErrorCodes.CANCEL: mux.RESET_CANCEL,
+    ErrorCodes.REFUSED_STREAM: mux.RESET_LIMIT,
+    ErrorCodes.PROTOCOL_ERROR: mux.RESET_PROTOCOL,
+    ErrorCodes.STREAM_CLOSED: mux.RESET_UNKNOWN_STREAM,
+    ErrorCodes.CONNECT_ERROR: mux.RESET_UPSTREAM,
+}
+_RESET_TO_H2: dict[int, int] = {
+    mux.RESET_CANCEL: ErrorCodes.CANCEL,
+    mux.RESET_LIMIT: ErrorCodes.REFUSED_STREAM,
+    mux.RESET_GOING_AWAY: ErrorCodes.REFUSED_STREAM,
+    mux.RESET_PROTOCOL: ErrorCodes.PROTOCOL_ERROR,
+    mux.RESET_UNKNOWN_STREAM: ErrorCodes.STREAM_CLOSED,
+    mux.RESET_UPSTREAM: ErrorCodes.CONNECT_ERROR,
+}
+# A refusal before the answer is a status, as ztunnel answers it.
+_STATUS_OF_RESET = {
+    mux.RESET_NOT_ALLOWED: STATUS_NOT_ALLOWED,
+    mux.RESET_REVOKED: STATUS_NOT_ALLOWED,
+    mux.RESET_EXPIRED: STATUS_NOT_ALLOWED,
+    mux.RESET_BAD_DESTINATION: STATUS_BAD_AUTHORITY,
+    mux.RESET_UPSTREAM: STATUS_UNAVAILABLE,
+    mux.RESET_LIMIT: STATUS_UNAVAILABLE,
+    mux.RESET_GOING_AWAY: STATUS_UNAVAILABLE,
+    mux.RESET_CANCEL: STATUS_UNAVAILABLE,
+}
+_RESET_OF_STATUS = {
+    STATUS_NOT_ALLOWED: mux.RESET_NOT_ALLOWED,
+    403: mux.RESET_NOT_ALLOWED,
+    STATUS_BAD_AUTHORITY: mux.RESET_BAD_DESTINATION,
+    STATUS_UNAVAILABLE: mux.RESET_UPSTREAM,
+}
+# A CONNECT whose authority is not `ip:port` reaches the core with this destination; the
+# dialect's `problems` says what was wrong (reset it with RESET_BAD_DESTINATION: a 400).
+NO_AUTHORITY = ("", 0)
+
+
+class HboneDialect:
+    """HBONE under the tunnel core (tunnel.Tunnel): h2 does the HTTP/2 (framing, HPACK, its
+    own flow-control bookkeeping, which the core's agrees with); this maps h2's events onto
+    the core's frame kinds and the core's frames onto h2's commands.
+
+    The core numbers streams 1, 2, 3...; HTTP/2 numbers the client's streams 1, 3, 5...
+    CONNECT is OPEN (`:authority` the destination, `forwarded` the source), 200 is ACCEPT, a
+    refusal status is RESET (and RESET before the answer a status), END_STREAM is EOF. The
+    core decides every window: its WINDOW frames become WINDOW_UPDATEs through h2's
+    `increment_flow_control_window` (never h2's automatic `acknowledge_received_data`), so
+    h2's receive windows are the core's. Our windows and stream limit are told to the peer
+    in the SETTINGS h2 sends; the peer's reach the core as PEER_SETTINGS and WINDOW frames.
+    The accepting side sends nothing on a stream before it answers (`accept`, or a reset:
+    a refusal status), as the I/O side never does: TunnelError.
+    h2 answers PINGs itself; a breach h2 finds fails the connection with `_breach`'s reason.
+    """
+
+    version = 2  # PING and a connection window
+    buffered = True
+    send_windows = (_DEFAULT_WINDOW, _DEFAULT_WINDOW)  # HTTP/2's, until the peer says more
+
+    def __init__(
+        self,
+        *,
+        client: bool,
+        max_streams: int = MAX_STREAMS,
+        stream_window: int = STREAM_WINDOW,
+        connection_window: int = CONNECTION_WINDOW,
+    ) -> None:
+        self.client = client
+        self._h2 = _new_h2(client, max_streams, stream_window, connection_window)
+        self._sink: Any = None
+        self._unanswered: set[int] = set()  # server: CONNECTs not yet answered (h2 ids)
+        self.problems: dict[int, str] = {}  # server: core sid -> why its CONNECT is bad
+
+    def pending(self) -> bytes:
+        return self._h2.data_to_send()
+
+    def close_connection(self) -> bytes:
+        """The last bytes of the connection: a GOAWAY that ends it now (naming the last
+        stream the peer opened)."""
+        if self._h2.state_machine.state is _CLOSED:
+            return b""
+        self._h2.close_connection(ErrorCodes.NO_ERROR)
+        return self._h2.data_to_send()
+
+    def parser(self, sink: mux.FrameSink) -> HboneDialect:
+        self._sink = sink
+        return self
+
+    def feed(self, data: memoryview) -> None:
+        conn = self._h2
+        window = conn._inbound_flow_control_window_manager
+        before = window.current_window_size
+        try:
+            events = conn.receive_data(bytes(data))
+        except h2.exceptions.ProtocolError as exc:
+            broken = _breach(exc)
+            err = mux.MuxError(broken.message)
+            err.reason = broken.reason
+            raise err from None
+        # DATA for a stream h2 had closed (we reset it) never reaches the core, which does
+        # not count it either: h2's connection window gets it back at once, so that both
+        # windows stay the same.
+        unseen = before - window.current_window_size
+        for ev in events:
+            if type(ev) is h2.events.DataReceived:
+                unseen -= ev.flow_controlled_length or 0
+        if unseen > 0:
+            conn.increment_flow_control_window(unseen)
+        sink = self._sink
+        for ev in events:
+            if type(ev) is h2.events.DataReceived:
+                self._data(sink, ev)
+            elif type(ev) is h2.events.StreamEnded:
+                sink.on_frame(mux.EOF, _core_sid(ev.stream_id), b"")
+            elif type(ev) is h2.events.WindowUpdated:
+                sid = ev.stream_id or 0
+                sink.on_frame(mux.WINDOW, _core_sid(sid) if sid else 0, mux.encode_window(ev.delta))
+            elif type(ev) is h2.events.RequestReceived:
+                self._request(sink, ev)
+            elif type(ev) is h2.events.ResponseReceived:
+                self._response(sink, ev)
+            elif type(ev) is h2.events.StreamReset:
+                h2sid = ev.stream_id or 0
+                self._unanswered.discard(h2sid)
+                code = _RESET_FROM_H2.get(ev.error_code, mux.RESET_CANCEL)
+                if not ev.remote_reset:
+                    code = mux.RESET_PROTOCOL  # h2 reset it: the peer broke a stream rule
+                sink.on_frame(mux.RESET, _core_sid(h2sid), bytes([code]))
+            elif type(ev) is h2.events.RemoteSettingsChanged:
+                settings = self._h2.remote_settings
+                payload = tunnel.encode_peer_settings(
+                    settings.initial_window_size, settings.max_concurrent_streams
+                )
+                sink.on_frame(tunnel.PEER_SETTINGS, 0, payload)
+            elif type(ev) is h2.events.PingAckReceived:
+                sink.on_frame(mux.PING_ACK, 0, ev.ping_data or b"")
+            elif type(ev) is h2.events.ConnectionTerminated:
+                if ev.error_code != ErrorCodes.NO_ERROR:
+                    err = mux.MuxError(f"peer sent GOAWAY (error {ev.error_code})")
+                    err.reason = "goaway"
+                    raise err
+                sink.on_frame(mux.GOAWAY, 0, b"")
+            # Anything else (SETTINGS acks, PINGs h2 answered, trailers, priority) is h2's.
+
+    def _data(self, sink: mux.FrameSink, ev: h2.events.DataReceived) -> None:
+        h2sid = ev.stream_id or 0
+        data = ev.data or b""
+        padding = (ev.flow_controlled_length or 0) - len(data)
+        if padding > 0:  # the core counts data only: padding goes back at once
+            self._h2.increment_flow_control_window(padding)
+            self._h2.increment_flow_control_window(padding, h2sid)
+        if data:
+            sink.on_data(_core_sid(h2sid), memoryview(data))
+
+    def _request(self, sink: mux.FrameSink, ev: h2.events.RequestReceived) -> None:
+        h2sid = ev.stream_id or 0
+        sid = _core_sid(h2sid)
+        authority, forwarded, problem = _connect_request(ev)
+        if authority is None:
+            authority = NO_AUTHORITY
+            self.problems[sid] = problem
+        self._unanswered.add(h2sid)
+        info = mux.OpenInfo(authority, forwarded or NO_AUTHORITY)
+        sink.on_frame(mux.OPEN, sid, mux.encode_open(info))
+
+    def _response(self, sink: mux.FrameSink, ev: h2.events.ResponseReceived) -> None:
+        h2sid = ev.stream_id or 0
+        status = 0
+        for name, value in ev.headers or ():
+            if name == b":status":
+                status = int(value) if value.isdigit() else 0
+        if status == STATUS_OK:
+            sink.on_frame(mux.ACCEPT, _core_sid(h2sid), b"")
+            return
+        code = _RESET_OF_STATUS.get(status, mux.RESET_UPSTREAM)
+        sink.on_frame(mux.RESET, _core_sid(h2sid), bytes([code]))
+        self._reset(h2sid, ErrorCodes.CANCEL)  # refused: our half ends too
+
+    def _reset(self, h2sid: int, code: int) -> None:
+        stream = self._h2.streams.get(h2sid)
+        if stream is not None and not stream.closed:
+            self._h2.reset_stream(h2sid, code)
+
+    def encode(self, kind: int, sid: int, payload: bytes = b"") -> bytes:
+        h2sid = 2 * sid - 1
+        conn = self._h2
+        if kind in _AFTER_ANSWER and h2sid in self._unanswered:
+            # HTTP/2 has no way to say it: the stream's bytes follow its response.
+            raise tunnel.TunnelError(f"stream {sid}: DATA or EOF before the answer (accept)")
+        if kind == mux.DATA:
+            step = conn.max_outbound_frame_size
+            if len(payload) <= step:
+                conn.send_data(h2sid, payload)
+            else:
+                view = memoryview(payload)
+                for i in range(0, len(payload), step):
+                    conn.send_data(h2sid, bytes(view[i : i + step]))
+        elif kind == mux.WINDOW:
+            n = mux.decode_window(payload)
+            if sid == 0:
+                conn.increment_flow_control_window(n)
+            else:
+                stream = conn.streams.get(h2sid)
+                if stream is not None and stream.open:
+                    conn.increment_flow_control_window(n, h2sid)
+        elif kind == mux.EOF:
+            stream = conn.streams.get(h2sid)
+            if stream is not None and stream.state_machine.state in _SENDING:
+                conn.end_stream(h2sid)
+        elif kind == mux.OPEN:
+            info = mux.decode_open(payload)
+            headers = [
+                (b":method", b"CONNECT"),
+                (b":authority", format_authority(*info.dst).encode()),
+            ]
+            if info.src != NO_AUTHORITY:
+                headers.append((b"forwarded", format_forwarded(*info.src).encode()))
+            conn.send_headers(h2sid, headers)
+        elif kind == mux.ACCEPT:
+            self._unanswered.discard(h2sid)
+            conn.send_headers(h2sid, [(b":status", b"200")])
+        elif kind == mux.RESET:
+            code = payload[0]
+            self.problems.pop(sid, None)
+            if h2sid in self._unanswered:
+                self._unanswered.discard(h2sid)
+                status = str(_STATUS_OF_RESET.get(code, STATUS_UNAVAILABLE)).encode()
+                conn.send_headers(h2sid, [(b":status", status)], end_stream=True)
+            else:
+                self._reset(h2sid, _RESET_TO_H2.get(code, ErrorCodes.CANCEL))
+        elif kind == mux.PING:
+            conn.ping(payload)
+        elif kind == mux.GOAWAY:
+            # Graceful (RFC 9113 6.8): the open streams finish (h2's own would close all).
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = conn.highest_inbound_stream_id
+            frame.error_code = ErrorCodes.NO_ERROR
+            return conn.data_to_send() + frame.serialize()
+        # PING_ACK: h2 answered the PING already.
+        return conn.data_to_send()
+
+
+_SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+_AFTER_ANSWER = (mux.DATA, mux.EOF)
+
+
+def _core_sid(h2sid: int | None) -> int:
+    return ((h2sid or 0) + 1) // 2

@@ -1,7 +1,10 @@
 """HBONE's I/O edge: an accepted TLS connection speaking HBONE, and its streams as legs.
 
-The protocol is `hbone.HboneConnection` (pure); this module only moves bytes between it, the
-TLS leg (relay.NetLeg) and each stream's connection (conn.Conn). An `HboneStream` is the
+The protocol is the tunnel core (tunnel.Tunnel, pure: stream life cycle, windows, the stream
+limit, GOAWAY, PING liveness), in its HBONE dialect (hbone.HboneDialect, on h2), exactly as
+pool.Carrier runs our own format on it; this module only moves bytes between it, the TLS leg
+(relay.NetLeg) and each stream's connection (conn.Conn), and shares with pool.py the wait for
+a stream's answer (pool.AnswerLeg). An `HboneStream` is the
 network leg of one application connection: to its `Conn` it looks like a pooled stream of
 our own protocol (its handshake was the carrier's), so every stream is judged, counted and
 logged exactly as any inbound connection.
@@ -16,12 +19,13 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from . import hbone, metrics, mux
+from . import hbone, metrics, mux, tunnel
 from .identity import SpiffeId
 from .pool import _INTERMEDIATES as _KNOWN_INTERMEDIATES
 from .pool import (
     GOAWAY_GRACE,
     GOAWAY_OPEN_GRACE,
+    AnswerLeg,
     Pool,
     StreamOwner,
     Unresponsive,
@@ -35,17 +39,6 @@ from .tls_ffi import ffi, peer_chain_ders
 
 log = logging.getLogger("mtls.hbone")
 
-# What a refusal of a stream (a mux RESET code, set by conn.Conn) answers to the caller.
-_STATUS_FOR: dict[int, int] = {
-    mux.RESET_NOT_ALLOWED: hbone.STATUS_NOT_ALLOWED,
-    mux.RESET_REVOKED: hbone.STATUS_NOT_ALLOWED,
-    mux.RESET_EXPIRED: hbone.STATUS_NOT_ALLOWED,
-    mux.RESET_BAD_DESTINATION: hbone.STATUS_BAD_AUTHORITY,
-    mux.RESET_UPSTREAM: hbone.STATUS_UNAVAILABLE,
-    mux.RESET_LIMIT: hbone.STATUS_UNAVAILABLE,
-    mux.RESET_GOING_AWAY: hbone.STATUS_UNAVAILABLE,
-}
-
 
 class HboneHost(Protocol):
     """What an HBONE carrier needs from the worker."""
@@ -58,7 +51,7 @@ class HboneHost(Protocol):
     def carrier_closed(self, carrier: Any) -> None: ...
 
 
-class HboneStream(_Leg):
+class HboneStream(AnswerLeg):
     """The network leg of one application connection carried on an HBONE stream."""
 
     __slots__ = (
@@ -70,17 +63,16 @@ class HboneStream(_Leg):
         "eof_in",
         "eof_out",
         "forwarded",
-        "heard_mark",
         "held",
         "info",
         "pending",
         "reset_code",
         "sid",
         "started",
-        "timer",
     )
 
     conn: StreamOwner
+    carrier: HboneCarrier
 
     def __init__(
         self,
@@ -96,8 +88,8 @@ class HboneStream(_Leg):
         src = forwarded or carrier.peername or ("", 0)
         self.info = mux.OpenInfo(dst, src)
         self.forwarded = forwarded  # the caller, as the HBONE client says (PROXY v2 source)
-        self.consumed = 0  # flow-controlled bytes handed to our app, not yet given back
-        self.held: list[tuple[bytes, int]] | None = None  # data before the app leg was up
+        self.consumed = 0  # bytes handed to our app's transport, not yet credited back
+        self.held: list[Buf] | None = None  # data before the app leg was up
         self.pending: bytearray | None = None  # from our app, beyond the send window
         self.eof_in = False
         self.eof_out = False
@@ -110,50 +102,23 @@ class HboneStream(_Leg):
         self.timer: asyncio.TimerHandle | None = None
         self.heard_mark = 0
 
-    def wait_answer(self) -> None:
-        """Outbound: the answer must come within the connection's handshake timeout."""
-        carrier = self.carrier
-        self.heard_mark = carrier.heard
-        carrier.unanswered += 1
-        self.timer = carrier.host.loop.call_later(
-            self.conn.handshake_timeout, self._answer_timed_out
-        )
-
-    def _answered(self) -> None:
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
-            self.carrier.unanswered -= 1
-
-    def _answer_timed_out(self) -> None:
-        if self.timer is None:
-            return
-        self.timer = None
-        carrier = self.carrier
-        carrier.unanswered -= 1
-        if self.ended:
-            return
-        seconds = self.conn.handshake_timeout
-        if carrier.heard != self.heard_mark:
-            self.conn.stream_unanswered(seconds)  # the peer lives; only this stream is stuck
-        else:
-            carrier.unresponsive(seconds)
-
-    def on_response(self, status: int) -> None:
-        """Outbound: the far side's answer. 200: relay (what the app sent meanwhile goes
-        now); anything else: refused, as the status says."""
+    def on_accepted(self) -> None:
+        """Outbound: the far side answered 200: relay (what the app sent meanwhile goes now)."""
         if self.ended or self.accepted:
             return
         self._answered()
-        if status == hbone.STATUS_OK:
-            self.accepted = True
-            self.conn.confirm()
-            self.window_opened()
+        self.accepted = True
+        self.conn.confirm()
+        self.window_opened()
+
+    def on_refused(self, code: int) -> None:
+        """Outbound: refused (a status, as the core's RESET code: 401 is RESET_NOT_ALLOWED)."""
+        if self.ended:
             return
+        self._answered()
         self.ended = True
         self.carrier.forget(self)
-        self.conn.stream_refused(_CODE_FOR.get(status, mux.RESET_UPSTREAM))
+        self.conn.stream_refused(code)
 
     # --- what a connection asks of a network leg ---------------------------------------
 
@@ -180,13 +145,13 @@ class HboneStream(_Leg):
         carrier = self.carrier
         if carrier.outbound:
             return
-        carrier.h.respond(self.sid, hbone.STATUS_OK)
+        carrier.tunnel.accept(self.sid)
         carrier.flush_soon()
         held = self.held
         if held:
             self.held = None
-            for data, flow in held:
-                self._deliver(data, flow)
+            for data in held:
+                self._deliver(data)
         if self.eof_in:
             self.conn.net_eof()
 
@@ -208,8 +173,7 @@ class HboneStream(_Leg):
             if not self.write_paused:
                 self.pause_writing()
             return
-        sent = carrier.h.send(self.sid, data)
-        carrier.flush_soon()
+        sent = carrier.send_data(self.sid, data)
         if sent < n:
             # The window is used up: keep the rest, stop reading our app until it opens.
             self.pending = bytearray(memoryview(data)[sent:])
@@ -225,7 +189,7 @@ class HboneStream(_Leg):
             return
         self.eof_out = True
         if self.pending is None:
-            self.carrier.h.end(self.sid)
+            self.carrier.tunnel.send_eof(self.sid)
             self.carrier.flush_soon()
         # else: END_STREAM follows the pending bytes (window_opened)
 
@@ -245,14 +209,13 @@ class HboneStream(_Leg):
         self.ended = True
         self._answered()
         carrier = self.carrier
-        h = carrier.h
+        t = carrier.tunnel
         if carrier.outbound and not self.accepted:
-            h.reset(self.sid)
+            t.reset(self.sid)
         elif not carrier.outbound and not self.started:
-            status = _STATUS_FOR.get(self.reset_code, hbone.STATUS_UNAVAILABLE)
-            h.respond(self.sid, status)
+            t.reset(self.sid, self.reset_code)  # a refusal: its status
         elif abort:
-            h.reset(self.sid)
+            t.reset(self.sid)
         else:
             self.eof_out = True
             if self.pending is not None:
@@ -261,9 +224,9 @@ class HboneStream(_Leg):
                 # then ends (END_STREAM) as the app did.
                 self.draining = True
             else:
-                h.end(self.sid)
+                t.send_eof(self.sid)
         if self.consumed:
-            h.consumed(self.sid, self.consumed)  # the connection window comes back
+            t.credit(self.sid, self.consumed)  # the windows come back
             self.consumed = 0
         carrier.flush_soon()
         if not self.draining:
@@ -271,24 +234,25 @@ class HboneStream(_Leg):
 
     # --- what the carrier hands on ------------------------------------------------------
 
-    def on_data(self, data: bytes, flow: int) -> None:
+    def on_data(self, data: Buf) -> None:
         if self.ended:
-            self.carrier.h.consumed(self.sid, flow)
+            self.carrier.tunnel.credit(self.sid, len(data))
             return
         if not self.started or self.peer is None:
             if self.held is None:
                 self.held = []
-            self.held.append((data, flow))
+            self.held.append(data)
             return
-        self._deliver(data, flow)
+        self._deliver(data)
 
-    def _deliver(self, data: bytes, flow: int) -> None:
+    def _deliver(self, data: Buf) -> None:
         conn = self.conn
         conn.active = True
-        conn.bytes_in += len(data)
+        n = len(data)
+        conn.bytes_in += n
         assert self.peer is not None
         self.peer.send(data)
-        self.consumed += flow
+        self.consumed += n
         if not self.read_blocked:
             self._credit()
 
@@ -304,8 +268,10 @@ class HboneStream(_Leg):
         if give <= 0:
             return
         self.consumed -= give
-        self.carrier.h.consumed(self.sid, give)
-        self.carrier.flush_soon()
+        # The core gives the stream's window back once half of it is taken (the
+        # connection's at a quarter): one WINDOW_UPDATE per 2 MiB, not one per read.
+        if self.carrier.tunnel.credit(self.sid, give, _CREDIT_AT):
+            self.carrier.flush_soon()
 
     def on_end(self) -> None:
         if self.ended or self.eof_in:
@@ -332,15 +298,14 @@ class HboneStream(_Leg):
         pending = self.pending
         carrier = self.carrier
         if pending is not None:
-            sent = carrier.h.send(self.sid, pending)
-            if sent:
-                carrier.flush_soon()
+            sent = carrier.send_data(self.sid, pending)
             if sent < len(pending):
                 del pending[:sent]
                 return
             self.pending = None
             if self.eof_out:
-                carrier.h.end(self.sid)
+                carrier.tunnel.send_eof(self.sid)
+                carrier.flush_soon()
             if self.draining:
                 self.draining = False
                 carrier.forget(self)
@@ -372,12 +337,7 @@ class HboneStream(_Leg):
             self.resume_writing()
 
 
-# What a refusal status means to the dialling side (mux RESET codes, as conn.Conn reads them).
-_CODE_FOR: dict[int, int] = {
-    hbone.STATUS_NOT_ALLOWED: mux.RESET_NOT_ALLOWED,
-    403: mux.RESET_NOT_ALLOWED,
-    hbone.STATUS_BAD_AUTHORITY: mux.RESET_BAD_DESTINATION,
-}
+_CREDIT_AT = hbone.STREAM_WINDOW // 2
 
 
 class HboneCarrier:
@@ -411,7 +371,21 @@ class HboneCarrier:
         self.tls_info = leg.tls_info()
         self.peername = peername
         self.called = called  # where the TLS connection arrived (its local address)
-        self.h = hbone.HboneConnection(client=outbound)
+        now = host.loop.time()
+        # The protocol: stream states, windows, limits, GOAWAY, liveness (PING after
+        # PING_INTERVAL of silence, given up after PING_TIMEOUT), as for our own format; h2
+        # does the HTTP/2 under it. We only move its bytes.
+        self.dialect = hbone.HboneDialect(client=outbound)
+        self.tunnel = tunnel.Tunnel(
+            client=outbound,
+            dialect=self.dialect,
+            now=now,
+            max_streams=hbone.MAX_STREAMS,
+            ping_after=hbone.PING_INTERVAL,
+            dead_after=hbone.PING_TIMEOUT,
+            stream_window=hbone.STREAM_WINDOW,
+            connection_window=hbone.CONNECTION_WINDOW,
+        )
         self.streams: dict[int, HboneStream] = {}
         self.closed = False
         self.retiring = False
@@ -421,13 +395,11 @@ class HboneCarrier:
         self.active = True
         self.bytes_in = 0
         self.bytes_out = 0
-        now = host.loop.time()
         self.created = now
         self.idle_since: float | None = now
-        self.heard_at = now  # the last time the peer sent anything (liveness)
-        # Outbound: `heard` counts the batches of bytes the peer sent, `unanswered` the
-        # streams waiting for their status; a carrier with a stream waiting that heard
-        # nothing for a whole sweep is `suspect`, and takes no new streams.
+        # `heard` counts the batches of bytes the peer sent, `unanswered` the streams
+        # waiting for their status; a carrier with a stream waiting that heard nothing for a
+        # whole sweep, or whose PING is unanswered, is `suspect`, and takes no new streams.
         self.heard = 0
         self.heard_mark = 0
         self.unanswered = 0
@@ -459,7 +431,7 @@ class HboneCarrier:
         self._flush_handle = None
         if self.closed:
             return
-        data = self.h.data_to_send()
+        data = self.tunnel.data_to_send()
         if data:
             exc = self.leg.write_ptr(ffi.from_buffer(data), len(data))
             if exc is not None:
@@ -467,39 +439,37 @@ class HboneCarrier:
 
     def send(self, data: memoryview) -> None:
         """Decrypted bytes from the TLS leg: HTTP/2 frames."""
-        self.heard_at = self.host.loop.time()
         self.heard += 1
         if self.on_answer is not None:
             on_answer, self.on_answer = self.on_answer, None
             on_answer()
-        for ev in self.h.receive(data):
+        for ev in self.tunnel.receive_data(data):
             if self.closed:
                 return
             self._event(ev)
         self.flush_soon()
 
-    def _event(self, ev: hbone.Event) -> None:
-        if isinstance(ev, hbone.Data):
+    def send_data(self, sid: int, data: Buf) -> int:
+        """As much of `data` as the windows allow now, on stream `sid`; how much."""
+        t = self.tunnel
+        n = min(len(data), t.sendable(sid))
+        if n <= 0:
+            return 0
+        t.send_data(sid, data if n == len(data) else memoryview(data)[:n])
+        self.flush_soon()
+        return n
+
+    def _event(self, ev: tunnel.Event) -> None:
+        cls = type(ev)
+        if cls is tunnel.DataReceived:
+            assert isinstance(ev, tunnel.DataReceived)
             stream = self.streams.get(ev.sid)
             if stream is not None:
-                stream.on_data(ev.data, ev.flow)
+                stream.on_data(ev.data)
             else:
-                self.h.consumed(ev.sid, ev.flow)
-        elif isinstance(ev, hbone.Response):
-            stream = self.streams.get(ev.sid)
-            if stream is not None:
-                stream.on_response(ev.status)
-        elif isinstance(ev, hbone.StreamOpened):
-            self.host.hbone_stream(self, ev)
-        elif isinstance(ev, hbone.StreamEnded):
-            stream = self.streams.get(ev.sid)
-            if stream is not None:
-                stream.on_end()
-        elif isinstance(ev, hbone.StreamReset):
-            stream = self.streams.get(ev.sid)
-            if stream is not None:
-                stream.on_reset(ev.code)
-        elif isinstance(ev, hbone.WindowOpened):
+                self.tunnel.credit(ev.sid, len(ev.data))
+        elif cls is tunnel.WindowOpened:
+            assert isinstance(ev, tunnel.WindowOpened)
             if ev.sid:
                 stream = self.streams.get(ev.sid)
                 if stream is not None:
@@ -507,14 +477,39 @@ class HboneCarrier:
             else:
                 for stream in list(self.streams.values()):
                     stream.window_opened()
-        elif isinstance(ev, hbone.GoAway):
-            if ev.code:
-                self.fail(ConnectionResetError(f"peer sent GOAWAY (error {ev.code})"), "goaway")
-            elif self.outbound:
+        elif isinstance(ev, tunnel.StreamEnded):
+            stream = self.streams.get(ev.sid)
+            if stream is not None:
+                stream.on_end()
+        elif isinstance(ev, tunnel.StreamAccepted):
+            stream = self.streams.get(ev.sid)
+            if stream is not None:
+                stream.on_accepted()
+        elif isinstance(ev, tunnel.StreamOpened):
+            problem = self.dialect.problems.pop(ev.sid, "")
+            info = ev.info
+            opened = hbone.StreamOpened(
+                ev.sid,
+                None if problem else info.dst,
+                None if info.src == hbone.NO_AUTHORITY else info.src,
+                problem,
+            )
+            self.host.hbone_stream(self, opened)
+        elif isinstance(ev, tunnel.StreamReset | tunnel.StreamBroken):
+            stream = self.streams.get(ev.sid)
+            if stream is None:
+                return
+            code = ev.code if isinstance(ev, tunnel.StreamReset) else mux.RESET_PROTOCOL
+            if self.outbound and not stream.accepted:
+                stream.on_refused(code)
+            else:
+                stream.on_reset(code)
+        elif isinstance(ev, tunnel.GoawayReceived):
+            if self.outbound:
                 self.retire("goaway")  # no new streams; the open ones finish
             elif not self.streams:
                 self.close("peer_goaway")
-        elif isinstance(ev, hbone.Broken):
+        elif isinstance(ev, tunnel.ConnectionFailed):
             log.warning(
                 "closing an HBONE connection with %s: %s",
                 self._who(),
@@ -529,12 +524,22 @@ class HboneCarrier:
             )
             self._flush()  # the GOAWAY saying why
             self.fail(ConnectionResetError(f"protocol error: {ev.message}"), reason=ev.reason)
+        # PingAcked: liveness noted it; StreamRefused: h2 refuses beyond the limit first.
 
     # --- streams ------------------------------------------------------------------------
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.host.loop
+
+    @property
     def available(self) -> bool:
-        return not self.closed and not self.retiring and not self.suspect
+        t = self.tunnel
+        if self.closed or self.retiring or self.suspect or not t.can_open():
+            return False
+        live = t.liveness
+        # a PING unanswered for a second: new streams go elsewhere
+        return live is None or live.first_ping is None or not t.suspect(self.host.loop.time())
 
     @property
     def open_streams(self) -> int:
@@ -545,7 +550,7 @@ class HboneCarrier:
         self, conn: StreamOwner, dst: tuple[str, int], src: tuple[str, int] | None
     ) -> HboneStream:
         """Outbound: a CONNECT to `dst` for `conn`, sent with the next write."""
-        sid = self.h.open(dst, src)
+        sid = self.tunnel.open_stream(mux.OpenInfo(dst, src or hbone.NO_AUTHORITY))
         stream = HboneStream(self, conn, sid, dst, src)
         self.accept_stream(stream)
         stream.wait_answer()
@@ -660,7 +665,7 @@ class HboneCarrier:
                 self.close()
             return
         self.goaway_at = self.host.loop.time()
-        self.h.goaway()
+        self.tunnel.goaway()
         self.flush_soon()
 
     def trusted_by(self, roots: Sequence[x509.Certificate]) -> bool:
@@ -675,25 +680,17 @@ class HboneCarrier:
         """Once a second (the worker's sweep): liveness, then idle and retirement."""
         if self.closed:
             return
-        silent = now - self.heard_at
-        if silent >= hbone.PING_TIMEOUT and self.h.pings_out:
-            log.warning(
-                "closing the HBONE connection with %s: no answer to PING for %gs",
-                self._who(),
-                hbone.PING_TIMEOUT,
-                extra={"fields": {"event": "pool_unresponsive", "direction": self.direction}},
-            )
-            self.fail(ConnectionResetError("HBONE peer unresponsive"), reason="unresponsive")
-            return
-        if silent >= hbone.PING_INTERVAL and not self.h.pings_out:
-            self.h.ping()
-            self.flush_soon()
-        elif self.h.pings_out and silent < hbone.PING_INTERVAL:
-            self.h.pings_out = 0  # heard since: alive, whatever became of the PING
+        for event in self.tunnel.tick(now):  # PING a silent peer, or give it up
+            if isinstance(event, tunnel.ConnectionFailed):
+                self.unresponsive(f"{event.message} (PING unanswered)")
+                return
+        if self.tunnel.out:
+            self.flush_soon()  # a PING
+        heard = self.heard
+        suspect = bool(self.unanswered) and heard == self.heard_mark
+        self.heard_mark = heard
         if self.outbound:
-            heard = self.heard
-            self.suspect = bool(self.unanswered or self.h.pings_out) and heard == self.heard_mark
-            self.heard_mark = heard
+            self.suspect = suspect
             if not self.retiring and now - self.created >= max_lifetime:
                 self.retire("max_lifetime")
             idle = self.idle_since
@@ -714,8 +711,10 @@ class HboneCarrier:
         """End the carrier: open streams end as resets; GOAWAY, close_notify, then FIN."""
         if self.closed:
             return
-        self.h.goaway(final=True)
         self._flush()
+        final = self.dialect.close_connection()
+        if final:
+            self.leg.write_ptr(ffi.from_buffer(final), len(final))
         self._end(ConnectionResetError(f"HBONE connection {reason}"))
         self.leg.send_eof()
         self.leg.close()
@@ -729,18 +728,19 @@ class HboneCarrier:
         self._end(exc if isinstance(exc, Exception) else ConnectionResetError(str(exc)))
         self.leg.close(abort=True)
 
-    def unresponsive(self, seconds: float) -> None:
-        """A stream's answer did not come and nothing else did either: close the carrier;
-        its streams still waiting fail as handshake timeouts."""
+    def unresponsive(self, why: str) -> None:
+        """The peer is gone or frozen (a stream's answer did not come and nothing else did
+        either, or a PING went unanswered): close the carrier; its streams still waiting
+        fail as handshake timeouts, the others as resets."""
         if self.closed:
             return
         log.warning(
-            "closing the HBONE connection to %s: no answer to a new stream within %gs",
+            "closing the HBONE connection with %s: %s",
             self._who(),
-            seconds,
+            why,
             extra={"fields": {"event": "pool_unresponsive", "direction": self.direction}},
         )
-        self.fail(Unresponsive(f"no answer within {seconds:g}s"), reason="unresponsive")
+        self.fail(Unresponsive(why), reason="unresponsive")
 
     def _end(self, exc: Exception) -> None:
         self.closed = True

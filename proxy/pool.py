@@ -159,7 +159,61 @@ class CarrierHost(Protocol):
     def carrier_closed(self, carrier: Carrier) -> None: ...
 
 
-class StreamLeg(_Leg):
+class AnsweredCarrier(Protocol):
+    """What a stream waiting for its answer needs of its carrier (ours, or HBONE's)."""
+
+    heard: int  # batches of bytes the peer sent
+    unanswered: int  # outbound streams waiting for their answer
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    def unresponsive(self, why: str) -> None: ...
+
+
+class AnswerLeg(_Leg):
+    """An outbound stream's wait for the far side's answer (ACCEPT or RESET; HBONE: a
+    status), for the stream legs of both dialects: no answer within the handshake timeout
+    fails the stream if the peer was heard meanwhile, else the whole carrier."""
+
+    __slots__ = ("heard_mark", "timer")
+    carrier: AnsweredCarrier
+    conn: StreamOwner
+    ended: bool
+    timer: asyncio.TimerHandle | None  # set while the answer is awaited
+    heard_mark: int  # the carrier's `heard` when it began
+
+    def wait_answer(self) -> None:
+        """Outbound: the answer must come within the connection's handshake timeout."""
+        carrier = self.carrier
+        self.heard_mark = carrier.heard
+        carrier.unanswered += 1
+        self.timer = carrier.loop.call_later(self.conn.handshake_timeout, self._answer_timed_out)
+
+    def _answered(self) -> None:
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+            self.carrier.unanswered -= 1
+
+    def _answer_timed_out(self) -> None:
+        if self.timer is None:
+            return
+        self.timer = None
+        carrier = self.carrier
+        carrier.unanswered -= 1
+        if self.ended:
+            return
+        seconds = self.conn.handshake_timeout
+        if carrier.heard != self.heard_mark:
+            # The peer is alive (it sent something since), only this stream is stuck.
+            self.conn.stream_unanswered(seconds)
+        else:
+            carrier.unresponsive(f"no answer to a new stream within {seconds:g}s")
+
+
+class StreamLeg(AnswerLeg):
     """The network leg of one application connection carried on a carrier.
 
     The carrier's `tunnel` (tunnel.py) holds the stream's protocol state (its windows, its
@@ -173,18 +227,17 @@ class StreamLeg(_Leg):
         "eof_in",
         "eof_out",
         "eof_wanted",
-        "heard_mark",
         "held",
         "info",
         "read_limit",
         "reset_code",
         "sid",
         "started",
-        "timer",
         "unsent",
     )
 
     conn: StreamOwner
+    carrier: Carrier
 
     def __init__(self, carrier: Carrier, conn: StreamOwner, sid: int, info: mux.OpenInfo) -> None:
         super().__init__(conn)
@@ -209,37 +262,6 @@ class StreamLeg(_Leg):
         # Outbound: waiting for the far side's answer (ACCEPT or RESET) while this is set.
         self.timer: asyncio.TimerHandle | None = None
         self.heard_mark = 0
-
-    def wait_answer(self) -> None:
-        """Outbound: the answer must come within the connection's handshake timeout."""
-        carrier = self.carrier
-        self.heard_mark = carrier.heard
-        carrier.unanswered += 1
-        self.timer = carrier.host.loop.call_later(
-            self.conn.handshake_timeout, self._answer_timed_out
-        )
-
-    def _answered(self) -> None:
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
-            self.carrier.unanswered -= 1
-
-    def _answer_timed_out(self) -> None:
-        if self.timer is None:
-            return
-        self.timer = None
-        carrier = self.carrier
-        carrier.unanswered -= 1
-        if self.ended:
-            return
-        seconds = self.conn.handshake_timeout
-        if carrier.heard != self.heard_mark:
-            # The peer is alive (it sent something since), only this stream is stuck.
-            self.conn.stream_unanswered(seconds)
-        else:
-            carrier.unresponsive(f"no answer to a new stream within {seconds:g}s")
 
     # --- what a connection asks of a network leg ---------------------------------------
 
@@ -640,6 +662,10 @@ class Carrier:
         leg.start()
 
     # --- streams ------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.host.loop
 
     @property
     def available(self) -> bool:

@@ -25,8 +25,10 @@ which the tunnel takes nothing more: the I/O side closes the connection. A strea
 breach (DATA after the sender's EOF) resets only that stream (`StreamBroken`).
 
 The wire format itself is a *dialect* (`Dialect`: received bytes -> frames, frames -> bytes).
-mux.py's format is the one dialect here (`MuxDialect`, versions 1 and 2); another (HTTP/2
-CONNECT) can sit under the same rules by mapping its frames onto these kinds.
+Two run under these rules: mux.py's format (`MuxDialect` here, versions 1 and 2) and HBONE
+(`hbone.HboneDialect`: HTTP/2 CONNECT through h2, its frames mapped onto these kinds; the
+peer's SETTINGS arrive as PEER_SETTINGS, its initial windows as the dialect's
+`send_windows`). tests/test_tunnel_dialects.py runs the same scenarios under both.
 """
 
 from __future__ import annotations
@@ -167,6 +169,10 @@ _WINDOW = mux.WINDOW
 _GOAWAY = mux.GOAWAY
 _PING = mux.PING
 _PING_ACK = mux.PING_ACK
+# A dialect-only frame kind (no mtls-sidecar frame has it): the peer's settings changed, as an
+# HTTP/2 SETTINGS frame says them. Payload: its initial stream window and its stream limit,
+# 4 bytes each (see encode_peer_settings).
+PEER_SETTINGS = 0x80
 DataHandler = Callable[[int, "memoryview | bytearray"], None]
 
 
@@ -181,12 +187,27 @@ class Parser(Protocol):
     def feed(self, data: memoryview) -> None: ...
 
 
+def encode_peer_settings(initial_window: int, max_streams: int) -> bytes:
+    return mux.encode_window(initial_window) + mux.encode_window(max_streams)
+
+
 class Dialect(Protocol):
     """A wire format. Its parser hands a `mux.FrameSink` the frames it parses, as mux's
-    frame kinds (DATA in pieces as they arrive), and raises MuxError on bytes that break
-    the format; `encode` makes one frame."""
+    frame kinds (DATA in pieces as they arrive; PEER_SETTINGS when the peer states its
+    windows), and raises MuxError on bytes that break the format; `encode` makes one frame.
+
+    `send_windows`: what the peer lets us send, per stream and on the connection, before it
+    says otherwise (None: the windows both ends use, as in mux's format). A `buffered`
+    dialect may also have bytes of its own to send (its preface, answers to the peer's
+    control frames): the tunnel takes them with `pending()` after each batch received."""
 
     version: int
+    buffered: bool
+
+    @property
+    def send_windows(self) -> tuple[int, int] | None: ...
+
+    def pending(self) -> bytes: ...
 
     def parser(self, sink: mux.FrameSink) -> Parser: ...
 
@@ -197,11 +218,16 @@ class MuxDialect:
     """Ours: mux.py's frames, version 1 or 2."""
 
     __slots__ = ("version",)
+    buffered = False
+    send_windows = None
 
     def __init__(self, version: int) -> None:
         if version not in (1, 2):
             raise ValueError(f"no mtls-sidecar version {version}")
         self.version = version
+
+    def pending(self) -> bytes:
+        return b""
 
     def parser(self, sink: mux.FrameSink) -> Parser:
         return mux.Demuxer(sink, self.version)
@@ -302,14 +328,17 @@ class Tunnel:
         self.version = dialect.version
         v2 = self.version >= 2
         self.max_streams = max_streams
+        self.peer_max_streams = max_streams  # what the peer takes, if it says so
         self.streams: dict[int, _Stream] = {}
         self.next_sid = 1  # client: the next id to open; server: the lowest id a new OPEN may use
         # Version 2's connection windows; version 1 has none (None: unbounded).
         self.window: int | None = connection_window if v2 else None
+        self._send_window = stream_window  # the send window of a new stream
+        if dialect.send_windows is not None:
+            self._send_window, self.window = dialect.send_windows
         self.receivable: int | None = connection_window if v2 else None
         self.uncredited = 0  # taken by our apps (or dropped), not yet credited on stream 0
         self._connection_update_at = connection_window // 4
-        self._stream_window = stream_window
         # A version 1 peer may overshoot a stream window by one read; a version 2 one never.
         self._stream_receivable = stream_window + (0 if v2 else mux.WINDOW_SLACK)
         self.room_left = 0  # see reserve()
@@ -329,6 +358,9 @@ class Tunnel:
         self._pend: memoryview | bytearray | None = None
         self._parser = dialect.parser(self)
         self._encode = dialect.encode
+        self._buffered = dialect.buffered
+        if self._buffered:
+            self.out += dialect.pending()
 
     # --- received bytes ------------------------------------------------------------------
 
@@ -362,6 +394,8 @@ class Tunnel:
         except MuxError as exc:
             self._fail(exc.reason, str(exc))
         self._flush_data()
+        if self._buffered:
+            self.out += self.dialect.pending()
 
     def _event(self, event: Event) -> None:
         if self._pend is not None:
@@ -447,8 +481,25 @@ class Tunnel:
             self.out += self._encode(_PING_ACK, 0, mux.decode_ping(payload))
         elif kind == _PING_ACK:
             self._event(PingAcked(mux.decode_ping(payload)))
+        elif kind == PEER_SETTINGS:
+            self._peer_settings(payload)
         else:
             raise MuxError(f"{mux.FRAME_NAMES[kind]} for stream 0, which was never opened")
+
+    def _peer_settings(self, payload: bytes) -> None:
+        window = int.from_bytes(payload[:4], "big")
+        self.peer_max_streams = min(self.max_streams, int.from_bytes(payload[4:8], "big"))
+        delta = window - self._send_window
+        if not delta:
+            return
+        # As HTTP/2 says (RFC 9113 6.9.2): every open stream's window moves by the change.
+        self._send_window = window
+        for stream in self.streams.values():
+            stream.window += delta
+            if stream.window > mux.MAX_WINDOW:
+                raise mux.WindowExceeded(f"stream {stream.sid} credited beyond 2^31-1 bytes")
+        if delta > 0:
+            self._event(WindowOpened(0))
 
     def _open(self, sid: int, payload: bytes, stream: _Stream | None) -> None:
         if stream is not None:
@@ -468,7 +519,7 @@ class Tunnel:
             self.out += self._encode(_RESET, sid, bytes([code]))
             self._event(StreamRefused(sid, info, code))
             return
-        self.streams[sid] = _Stream(sid, self._stream_window, self._stream_receivable)
+        self.streams[sid] = _Stream(sid, self._send_window, self._stream_receivable)
         self._event(StreamOpened(sid, info, self.goaway_sent))
 
     def on_data(self, sid: int, data: memoryview) -> None:
@@ -536,7 +587,7 @@ class Tunnel:
             self.client
             and self.failed is None
             and not self.goaway_received
-            and len(self.streams) < self.max_streams
+            and len(self.streams) < self.peer_max_streams
             and self.next_sid <= mux.MAX_STREAM_ID
         )
 
@@ -549,7 +600,7 @@ class Tunnel:
             raise TunnelError("no new stream on this connection (limit, ids, or GOAWAY)")
         sid = self.next_sid
         self.next_sid += 1
-        self.streams[sid] = _Stream(sid, self._stream_window, self._stream_receivable)
+        self.streams[sid] = _Stream(sid, self._send_window, self._stream_receivable)
         self.out += self._encode(_OPEN, sid, mux.encode_open(info))
         return sid
 
