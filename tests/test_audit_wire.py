@@ -313,9 +313,11 @@ def test_our_mtls_between_sidecars(audited: Audited) -> None:
     # The sidecars keep this connection open: its bytes come from conntrack once it is older
     # than --exact-within (30 s). They are the wire's: the app's bytes plus TLS's and the reuse
     # protocol's own (handshake with certificates and ML-KEM shares, record headers and tags,
-    # frame headers, window updates), and any retransmission: a few per cent at most.
+    # frame headers, window and PING frames), and any retransmission: a few per cent at most
+    # (3.6 % seen once on a loaded machine, where the exact windows of mtls-sidecar/2 cut
+    # some reads short: more, smaller records).
     got = au.auditor.wait_bytes(conn["key"], 2 * len(payload), timeout=90)
-    assert 2 * len(payload) <= got <= 2 * len(payload) * 1.03, got
+    assert 2 * len(payload) <= got <= 2 * len(payload) * 1.05, got
     assert au.auditor.metric("mtls_audit_tls_key_exchange_total", group="X25519MLKEM768") >= 1
 
 
