@@ -14,28 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol
-
-from cryptography import x509
 
 from . import hbone, metrics, mux, tunnel
 from .identity import SpiffeId
-from .pool import _INTERMEDIATES as _KNOWN_INTERMEDIATES
 from .pool import (
     GOAWAY_GRACE,
     GOAWAY_OPEN_GRACE,
     AnswerLeg,
+    CarrierBase,
     Pool,
     StreamOwner,
     Unresponsive,
     _remember_chain,
     _set_liveness,
 )
-from .relay import _BUF, Buf, NetLeg, _Leg
+from .relay import _BUF, Buf, NetLeg
 from .revocation import PeerCert
-from .tls import TlsError, chain_anchored
-from .tls_ffi import ffi, peer_chain_ders
+from .tls import TlsError
+from .tls_ffi import ffi
 
 log = logging.getLogger("mtls.hbone")
 
@@ -340,9 +338,13 @@ class HboneStream(AnswerLeg):
 _CREDIT_AT = hbone.STREAM_WINDOW // 2
 
 
-class HboneCarrier:
+class HboneCarrier(CarrierBase):
     """One HBONE connection (accepted, or dialled and pooled): owner of its TLS leg and of
     its streams."""
+
+    NOUN = "HBONE connection"
+    LOG = log
+    host: HboneHost
 
     def __init__(
         self,
@@ -529,19 +531,6 @@ class HboneCarrier:
     # --- streams ------------------------------------------------------------------------
 
     @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self.host.loop
-
-    @property
-    def available(self) -> bool:
-        t = self.tunnel
-        if self.closed or self.retiring or self.suspect or not t.can_open():
-            return False
-        live = t.liveness
-        # a PING unanswered for a second: new streams go elsewhere
-        return live is None or live.first_ping is None or not t.suspect(self.host.loop.time())
-
-    @property
     def open_streams(self) -> int:
         """Streams open on this connection (what Pool.take balances on)."""
         return len(self.streams)
@@ -577,78 +566,10 @@ class HboneCarrier:
                 if self.retiring and self.outbound:
                     self.host.loop.call_soon(self._close_if_idle)
 
-    def _close_if_idle(self) -> None:
-        if not self.streams and not self.closed:
-            self.close()
-
     def going_away(self, now: float) -> bool:
         """Did we tell the peer to go away long enough ago that its new streams are refused?"""
         at = self.goaway_at
         return at is not None and now - at >= GOAWAY_OPEN_GRACE
-
-    # --- what the TLS leg reports (a LegOwner) ------------------------------------------
-
-    @property
-    def established(self) -> bool:
-        return True
-
-    @property
-    def handshake_timeout(self) -> float:
-        return 0.0
-
-    def pause_reading(self) -> None:
-        """The TLS leg's TCP buffer is full: every stream's app stops reading."""
-        self.write_blocked = True
-        for stream in list(self.streams.values()):
-            stream.block(True)
-
-    def resume_reading(self) -> None:
-        self.write_blocked = False
-        for stream in list(self.streams.values()):
-            stream.block(False)
-
-    def net_eof(self) -> None:
-        self.close(reason="peer_closed")
-
-    def net_failed(self, exc: BaseException) -> None:
-        self.fail(exc)
-
-    def leg_lost(self, leg: _Leg, exc: Exception | None) -> None:
-        if not self.closed:
-            self.fail(exc or ConnectionResetError("HBONE connection closed"))
-
-    def confirm(self) -> None:
-        pass
-
-    def net_connected(self, leg: NetLeg) -> bool:
-        return False
-
-    def app_connected(self, leg: Any) -> None:
-        pass
-
-    def sniffed(self, tls: bool, first: bytes) -> None:
-        pass
-
-    def closed_before_hello(self, first: bytes) -> None:
-        pass
-
-    def verify_peer(self, der: bytes, anchor: bytes | None = None) -> int:
-        return 0
-
-    def handshake_done(self, leg: NetLeg) -> None:
-        pass
-
-    def handshake_failed(self, exc: BaseException) -> None:
-        self.fail(exc)
-
-    def handshake_timed_out(self) -> None:
-        pass
-
-    def hold_from_app(self, data: bytes) -> bool:
-        return True
-
-    def app_eof(self) -> None:
-        pass
 
     # --- retiring and closing -----------------------------------------------------------
 
@@ -667,14 +588,6 @@ class HboneCarrier:
         self.goaway_at = self.host.loop.time()
         self.tunnel.goaway()
         self.flush_soon()
-
-    def trusted_by(self, roots: Sequence[x509.Certificate]) -> bool:
-        """Does the peer's certificate chain still end at one of these trust roots?"""
-        leg = self.leg
-        if leg.ssl is None or self.peer_der is None:
-            return False
-        ders = [self.peer_der, *peer_chain_ders(leg.ssl)]
-        return chain_anchored(ders, roots, tuple(_KNOWN_INTERMEDIATES))
 
     def sweep(self, now: float, idle_timeout: float, max_lifetime: float) -> None:
         """Once a second (the worker's sweep): liveness, then idle and retirement."""
@@ -719,29 +632,6 @@ class HboneCarrier:
         self.leg.send_eof()
         self.leg.close()
 
-    def fail(self, exc: BaseException, reason: str = "broken") -> None:
-        """The carrier broke: its streams end as resets, the TCP connection is reset."""
-        if self.closed:
-            return
-        if not self.retiring:
-            metrics.POOL_RETIRED.labels(self.direction, reason).inc()
-        self._end(exc if isinstance(exc, Exception) else ConnectionResetError(str(exc)))
-        self.leg.close(abort=True)
-
-    def unresponsive(self, why: str) -> None:
-        """The peer is gone or frozen (a stream's answer did not come and nothing else did
-        either, or a PING went unanswered): close the carrier; its streams still waiting
-        fail as handshake timeouts, the others as resets."""
-        if self.closed:
-            return
-        log.warning(
-            "closing the HBONE connection with %s: %s",
-            self._who(),
-            why,
-            extra={"fields": {"event": "pool_unresponsive", "direction": self.direction}},
-        )
-        self.fail(Unresponsive(why), reason="unresponsive")
-
     def _end(self, exc: Exception) -> None:
         self.closed = True
         if self.pool is not None:
@@ -760,7 +650,3 @@ class HboneCarrier:
         metrics.POOL_STREAMS_PER_CONNECTION.labels(self.direction).observe(self.total)
         self.host.carrier_closed(self)
         self.leg.peer = None
-
-    def _who(self) -> str:
-        p = self.peername
-        return f"{p[0]}:{p[1]}" if p else "?"

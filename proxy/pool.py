@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from cryptography import x509
@@ -546,7 +546,181 @@ class StreamLeg(AnswerLeg):
             self.resume_writing()
 
 
-class Carrier:
+class _Blockable(Protocol):
+    def block(self, blocked: bool) -> None: ...
+
+
+class _LoopHost(Protocol):
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+
+class CarrierBase:
+    """What both kinds of carrier (ours, `Carrier`, and HBONE's, `hbone_io.HboneCarrier`) do
+    the same way: the TLS leg's owner (LegOwner) once its handshake is over, availability for
+    new streams, failing, giving up on a silent peer, and whether the peer is still trusted.
+    A subclass sets up the attributes below and writes `close` and `_end`."""
+
+    __slots__ = (
+        "closed",
+        "direction",
+        "host",
+        "leg",
+        "peer_der",
+        "peername",
+        "retiring",
+        "streams",
+        "suspect",
+        "tunnel",
+        "write_blocked",
+    )
+
+    NOUN = "pooled connection"  # in log lines and the streams' reset messages
+    LOG = log
+
+    host: _LoopHost
+    leg: NetLeg
+    tunnel: Tunnel
+    streams: Mapping[int, _Blockable]
+    direction: str
+    peername: tuple[str, int] | None
+    peer_der: bytes | None
+    closed: bool
+    retiring: bool
+    suspect: bool
+    write_blocked: bool
+
+    def close(self, reason: str = "closed") -> None:
+        raise NotImplementedError
+
+    def _end(self, exc: Exception) -> None:
+        raise NotImplementedError
+
+    # --- streams ------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.host.loop
+
+    @property
+    def available(self) -> bool:
+        t = self.tunnel
+        if self.closed or self.retiring or self.suspect or not t.can_open():
+            return False
+        live = t.liveness
+        # a PING unanswered for a second: new streams go elsewhere
+        return live is None or live.first_ping is None or not t.suspect(self.host.loop.time())
+
+    def _close_if_idle(self) -> None:
+        if not self.streams and not self.closed:
+            self.close()
+
+    # --- what the TLS leg reports (LegOwner) --------------------------------------------
+
+    @property
+    def established(self) -> bool:
+        return True
+
+    @property
+    def handshake_timeout(self) -> float:
+        return 0.0
+
+    def pause_reading(self) -> None:
+        """The TLS leg's TCP buffer is full: every stream's app stops reading."""
+        self.write_blocked = True
+        for stream in list(self.streams.values()):
+            stream.block(True)
+
+    def resume_reading(self) -> None:
+        self.write_blocked = False
+        for stream in list(self.streams.values()):
+            stream.block(False)
+
+    def net_eof(self) -> None:
+        """The peer closed the carrier (close_notify or FIN)."""
+        self.close(reason="peer_closed")
+
+    def net_failed(self, exc: BaseException) -> None:
+        self.fail(exc)
+
+    def leg_lost(self, leg: _Leg, exc: Exception | None) -> None:
+        if not self.closed:
+            self.fail(exc or ConnectionResetError(f"{self.NOUN} closed"))
+
+    def confirm(self) -> None:
+        pass
+
+    # The handshake is over before a leg is handed to a carrier: nothing of it is left.
+    def net_connected(self, leg: NetLeg) -> bool:
+        return False
+
+    def app_connected(self, leg: Any) -> None:
+        pass
+
+    def sniffed(self, tls: bool, first: bytes) -> None:
+        pass
+
+    def closed_before_hello(self, first: bytes) -> None:
+        pass
+
+    def verify_peer(self, der: bytes, anchor: bytes | None = None) -> int:
+        return 0
+
+    def handshake_done(self, leg: NetLeg) -> None:
+        pass
+
+    def handshake_failed(self, exc: BaseException) -> None:
+        self.fail(exc)
+
+    def handshake_timed_out(self) -> None:
+        pass
+
+    def hold_from_app(self, data: bytes) -> bool:
+        return True
+
+    def app_eof(self) -> None:
+        pass
+
+    # --- failing ------------------------------------------------------------------------
+
+    def trusted_by(self, roots: Sequence[x509.Certificate]) -> bool:
+        """Does the peer's certificate chain still end at one of these trust roots?"""
+        leg = self.leg
+        if leg.ssl is None or self.peer_der is None:
+            return False
+        ders = [self.peer_der, *peer_chain_ders(leg.ssl)]
+        return chain_anchored(ders, roots, tuple(_INTERMEDIATES))
+
+    def fail(self, exc: BaseException, reason: str = "broken") -> None:
+        """The carrier broke: its streams end as resets, the TCP connection is reset."""
+        if self.closed:
+            return
+        if not self.retiring:
+            metrics.POOL_RETIRED.labels(self.direction, reason).inc()
+        self._end(exc if isinstance(exc, Exception) else ConnectionResetError(str(exc)))
+        self.leg.close(abort=True)
+
+    def unresponsive(self, why: str) -> None:
+        """The peer is gone or frozen (a stream's answer did not come and nothing else did
+        either, or a PING went unanswered): close the carrier; its streams still waiting
+        fail as handshake timeouts, the others as resets."""
+        if self.closed:
+            return
+        self.LOG.warning(
+            "closing the %s with %s: %s",
+            self.NOUN,
+            self._who(),
+            why,
+            extra={"fields": {"event": "pool_unresponsive", "direction": self.direction}},
+        )
+        self.fail(Unresponsive(why), reason="unresponsive")
+
+    def _who(self) -> str:
+        p = self.peername
+        return f"{p[0]}:{p[1]}" if p else "?"
+
+
+class Carrier(CarrierBase):
     """One pooled mTLS connection: the owner of its TLS leg, and the sink of its frames."""
 
     __slots__ = (
@@ -556,36 +730,27 @@ class Carrier:
         "bytes_in",
         "bytes_out",
         "called",
-        "closed",
         "created",
-        "direction",
         "goaway_at",
         "heard",
         "heard_mark",
-        "host",
         "idle_since",
         "key",
-        "leg",
         "on_answer",
         "out",
         "outbound",
-        "peer_der",
         "peer_facts",
         "peer_id",
-        "peername",
         "pool",
-        "retiring",
         "route",
-        "streams",
-        "suspect",
         "tls_info",
         "total",
-        "tunnel",
         "unanswered",
         "version",
-        "write_blocked",
         "write_paused",
     )
+
+    host: CarrierHost
 
     def __init__(
         self,
@@ -664,19 +829,6 @@ class Carrier:
     # --- streams ------------------------------------------------------------------------
 
     @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self.host.loop
-
-    @property
-    def available(self) -> bool:
-        t = self.tunnel
-        if self.closed or self.retiring or self.suspect or not t.can_open():
-            return False
-        live = t.liveness
-        # a PING unanswered for a second: new streams go elsewhere
-        return live is None or live.first_ping is None or not t.suspect(self.host.loop.time())
-
-    @property
     def open_streams(self) -> int:
         """Streams open as the protocol counts them (until both sides ended them), which
         is what the far side's stream limit counts."""
@@ -713,10 +865,6 @@ class Carrier:
                 self._gauges.idle.inc()
                 if self.retiring and self.outbound:
                     self.host.loop.call_soon(self._close_if_idle)
-
-    def _close_if_idle(self) -> None:
-        if not self.streams and not self.closed:
-            self.close()
 
     # --- writing ------------------------------------------------------------------------
 
@@ -814,14 +962,6 @@ class Carrier:
 
     # --- what the TLS leg reports (LegOwner) --------------------------------------------
 
-    @property
-    def established(self) -> bool:
-        return True
-
-    @property
-    def handshake_timeout(self) -> float:
-        return 0.0
-
     def send(self, data: memoryview) -> None:
         """Decrypted bytes from the TLS leg: frames, for the tunnel to judge."""
         self.heard += 1
@@ -915,62 +1055,6 @@ class Carrier:
         if self.write_blocked:
             stream.block(True)
 
-    def pause_reading(self) -> None:
-        """The TLS leg's TCP buffer is full: every stream's app stops reading."""
-        self.write_blocked = True
-        for stream in list(self.streams.values()):
-            stream.block(True)
-
-    def resume_reading(self) -> None:
-        self.write_blocked = False
-        for stream in list(self.streams.values()):
-            stream.block(False)
-
-    def net_eof(self) -> None:
-        """The peer closed the carrier (close_notify or FIN)."""
-        self.close(reason="peer_closed")
-
-    def net_failed(self, exc: BaseException) -> None:
-        self.fail(exc)
-
-    def leg_lost(self, leg: _Leg, exc: Exception | None) -> None:
-        if not self.closed:
-            self.fail(exc or ConnectionResetError("pooled connection closed"))
-
-    def confirm(self) -> None:
-        pass
-
-    # The handshake is over before a leg is handed to a carrier: nothing of it is left.
-    def net_connected(self, leg: NetLeg) -> bool:
-        return False
-
-    def app_connected(self, leg: Any) -> None:
-        pass
-
-    def sniffed(self, tls: bool, first: bytes) -> None:
-        pass
-
-    def closed_before_hello(self, first: bytes) -> None:
-        pass
-
-    def verify_peer(self, der: bytes, anchor: bytes | None = None) -> int:
-        return 0
-
-    def handshake_done(self, leg: NetLeg) -> None:
-        pass
-
-    def handshake_failed(self, exc: BaseException) -> None:
-        self.fail(exc)
-
-    def handshake_timed_out(self) -> None:
-        pass
-
-    def hold_from_app(self, data: bytes) -> bool:
-        return True
-
-    def app_eof(self) -> None:
-        pass
-
     # --- retiring and closing -----------------------------------------------------------
 
     def retire(self, why: str) -> None:
@@ -995,31 +1079,9 @@ class Carrier:
         at = self.goaway_at
         return at is not None and now - at >= GOAWAY_OPEN_GRACE
 
-    def trusted_by(self, roots: Sequence[x509.Certificate]) -> bool:
-        """Does the peer's certificate chain still end at one of these trust roots?"""
-        leg = self.leg
-        if leg.ssl is None or self.peer_der is None:
-            return False
-        ders = [self.peer_der, *peer_chain_ders(leg.ssl)]
-        return chain_anchored(ders, roots, tuple(_INTERMEDIATES))
-
     def _goaway_received(self) -> None:
         if self.outbound:
             self.retire("goaway")
-
-    def unresponsive(self, why: str) -> None:
-        """The peer is gone or frozen (a stream's answer did not come and nothing else did
-        either, or a PING went unanswered): close the carrier; its streams still waiting
-        fail as handshake timeouts, the others as resets."""
-        if self.closed:
-            return
-        log.warning(
-            "closing the pooled connection with %s: %s",
-            self._who(),
-            why,
-            extra={"fields": {"event": "pool_unresponsive", "direction": self.direction}},
-        )
-        self.fail(Unresponsive(why), reason="unresponsive")
 
     def sweep(self, now: float, idle_timeout: float, max_lifetime: float) -> None:
         """Once a second (the worker's sweep): idle and age limits, liveness."""
@@ -1065,15 +1127,6 @@ class Carrier:
         self.leg.send_eof()
         self.leg.close()
 
-    def fail(self, exc: BaseException, reason: str = "broken") -> None:
-        """The carrier broke: its streams end as resets, the TCP connection is reset."""
-        if self.closed:
-            return
-        if not self.retiring:
-            metrics.POOL_RETIRED.labels(self.direction, reason).inc()
-        self._end(exc if isinstance(exc, Exception) else ConnectionResetError(str(exc)))
-        self.leg.close(abort=True)
-
     def _end(self, exc: Exception) -> None:
         self.closed = True
         if self._flush_handle is not None:
@@ -1093,10 +1146,6 @@ class Carrier:
         metrics.POOL_STREAMS_PER_CONNECTION.labels(self.direction).observe(self.total)
         self.host.carrier_closed(self)
         self.leg.peer = None
-
-    def _who(self) -> str:
-        p = self.peername
-        return f"{p[0]}:{p[1]}" if p else "?"
 
 
 Key = tuple[str, int, str | None]
