@@ -480,10 +480,7 @@ class Worker:
             key=key,
             pool=self.pool if route.direction == "outbound" else None,
         )
-        self.carriers.add(carrier)
-        self._publish_count()
-        if self.draining:
-            carrier.retire("drain")
+        self._keep_carrier(carrier)
         return carrier
 
     def carrier_stream(self, carrier: Carrier, sid: int, info: OpenInfo) -> None:
@@ -516,11 +513,15 @@ class Worker:
             key=key,
             pool=self.hbone_pool if outbound else None,
         )
+        self._keep_carrier(carrier)
+        return carrier
+
+    def _keep_carrier(self, carrier: Carrier | HboneCarrier) -> None:
+        """A new carrier of either kind: counted, and retired at once while draining."""
         self.carriers.add(carrier)
         self._publish_count()
         if self.draining:
             carrier.retire("drain")
-        return carrier
 
     def hbone_stream(self, carrier: HboneCarrier, opened: StreamOpened) -> None:
         """A CONNECT on an HBONE connection: a connection of the route it names, judged
