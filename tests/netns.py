@@ -346,8 +346,19 @@ class Capture:
                 self.stderr += os.read(self.proc.stderr.fileno(), 4096)
 
     def stop(self) -> bytes:
-        """Let the last FIN/ACKs pass, stop tcpdump, return the pcap file's bytes."""
-        time.sleep(0.3)
+        """Let the last FIN/ACKs pass (the pcap file has stopped growing for 0.3 s: tcpdump
+        writes each packet at once), stop tcpdump, return the pcap file's bytes. A packet
+        that arrives while tcpdump stops is counted by its filter but not written, so the
+        capture is stopped in a quiet moment."""
+        size, quiet_since = -1, time.monotonic()
+        deadline = quiet_since + 5
+        while time.monotonic() < deadline:
+            now_size = self.path.stat().st_size if self.path.exists() else 0
+            if now_size != size:
+                size, quiet_since = now_size, time.monotonic()
+            elif time.monotonic() - quiet_since >= 0.3:
+                break
+            time.sleep(0.05)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:

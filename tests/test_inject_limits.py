@@ -4,6 +4,7 @@ pathological YAML (deep nesting, alias bombs), deeply nested JSON, slow clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -279,7 +280,10 @@ def test_malformed_http_is_a_400_and_one_line(
             socket.create_connection(("127.0.0.1", _port(url)), timeout=10) as raw,
             ctx.wrap_socket(raw, server_hostname="localhost") as tls,
         ):
-            tls.sendall(payload)
+            # The injector answers 400 as soon as the header is over its limit and closes:
+            # the rest of a long payload may meet a closed connection, the answer is there.
+            with contextlib.suppress(ssl.SSLEOFError, ConnectionResetError, BrokenPipeError):
+                tls.sendall(payload)
             assert tls.recv(100).startswith(b"HTTP/1.0 400"), payload[:20]
     deadline = time.monotonic() + 10
     log: list[str] = []
