@@ -31,10 +31,17 @@ API_ID = f"spiffe://{TD}/ns/shop/sa/api"
 WEB_ID = f"spiffe://{TD}/ns/shop/sa/web"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct ports free on 127.0.0.1 now: all held at once while they are
+    picked, so the kernel cannot hand the same port out twice."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _say(text: str) -> None:
@@ -119,12 +126,10 @@ def run_demo(workdir: Path) -> int:
     ca = CaDir.init(workdir / "ca", TD)
     fp = fingerprint(ca.root(1))
     print(f"   root fingerprint {fp}")
-    ca_port = _free_port()
+    ca_port, app_port, in_port, out_port, in_admin, out_admin = _free_ports(6)
     tokens = {sid: make_token(ca.token_secret(), sid, 600) for sid in (API_ID, WEB_ID)}
     print("   join tokens made for", API_ID, "and", WEB_ID)
 
-    app_port, in_port, out_port = _free_port(), _free_port(), _free_port()
-    in_admin, out_admin = _free_port(), _free_port()
     api_app = http.server.ThreadingHTTPServer(("127.0.0.1", app_port), _Api)
     threading.Thread(target=api_app.serve_forever, daemon=True).start()
 
