@@ -41,15 +41,16 @@ ROWS: list[tuple[str, str, str, str, str, bool]] = [
 
 
 class Target(NamedTuple):
-    """A bound on mtls-sidecar's median of `row`: its ratio to `peer`'s median, or the value
-    itself when `peer` is None; "min": at least `bound`, "max": at most. `source` says where
-    the target comes from (the heading it is printed under)."""
+    """A bound on `subject`'s median of `row` (mtls-sidecar unless said): its ratio to
+    `peer`'s median, or the value itself when `peer` is None; "min": at least `bound`, "max":
+    at most. `source` says where the target comes from (the heading it is printed under)."""
 
     row: str
     peer: str | None
     bound: float
     kind: str
     source: str
+    subject: str = SIDECAR
 
 
 ISSUE_7 = "issue 7"
@@ -80,6 +81,10 @@ TARGETS: list[Target] = [
     Target("keepalive_cpu", ENVOY_H2, 1.0, "max", ENVOY_TARGETS),
     Target("idle", ENVOY_H2, 0.5, "max", ENVOY_TARGETS),
     Target("bulk", ENVOY, 1.0, "min", ENVOY_TARGETS),
+    # What every foreign peer gets (one mTLS connection per app connection): at least
+    # haproxy's new connections, at most its memory per idle connection.
+    Target("newconn", "haproxy", 1.0, "min", ENVOY_TARGETS, NOREUSE),
+    Target("idle", "haproxy", 1.0, "max", ENVOY_TARGETS, NOREUSE),
 ]
 
 
@@ -120,17 +125,20 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Each target with the measured value and whether it is met (None: not measured)."""
-    rat = ratios(summary)
-    ours = summary.get(SIDECAR, {})
     out: list[dict[str, Any]] = []
-    for row, peer, bound, kind, source in TARGETS:
+    for row, peer, bound, kind, source, subject in TARGETS:
+        ours = summary.get(subject, {}).get(row)
         value: float | None
+        who = "" if subject == SIDECAR else f"{subject}: "
         if peer is None:
-            value = ours[row]["median"] if row in ours else None
-            text = f"{row} {'<=' if kind == 'max' else '>='} {bound:g}"
+            value = ours["median"] if ours else None
+            text = f"{who}{row} {'<=' if kind == 'max' else '>='} {bound:g}"
         else:
-            value = rat.get(row, {}).get(peer)
-            text = f"{row} {'<=' if kind == 'max' else '>='} {bound:g}x {peer}"
+            theirs = summary.get(peer, {}).get(row)
+            value = (
+                ours["median"] / theirs["median"] if ours and theirs and theirs["median"] else None
+            )
+            text = f"{who}{row} {'<=' if kind == 'max' else '>='} {bound:g}x {peer}"
         met = None if value is None else (value >= bound if kind == "min" else value <= bound)
         out.append({"target": text, "value": value, "met": met, "source": source})
     return out
@@ -193,7 +201,7 @@ def targets_text(summary: dict[str, dict[str, Any]]) -> str:
     for source in dict.fromkeys(t["source"] for t in found):
         if lines:
             lines.append("")
-        lines.append(f"{source} targets ({SIDECAR}, medians):")
+        lines.append(f"{source} targets ({SIDECAR} unless named, medians):")
         for t in found:
             if t["source"] != source:
                 continue
