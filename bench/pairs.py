@@ -316,11 +316,27 @@ def _tls_socket(ctx: Context, side: str, alpn: list[str]) -> Json:
     return {"name": "envoy.transport_sockets.tls", "typed_config": config}
 
 
+# Istio lifts Envoy's default circuit breakers (1,024 connections, pending requests and
+# requests per cluster) to the maximum on every cluster it writes; without this, the 1,025th
+# idle connection through the pair is reset.
+_ISTIO_CIRCUIT_BREAKERS: Json = {
+    "thresholds": [
+        {
+            "max_connections": 4294967295,
+            "max_pending_requests": 4294967295,
+            "max_requests": 4294967295,
+            "max_retries": 4294967295,
+        }
+    ]
+}
+
+
 def _cluster(name: str, port: int, **extra: object) -> Json:
     return {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "5s",
+        "circuit_breakers": _ISTIO_CIRCUIT_BREAKERS,
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [
