@@ -226,8 +226,9 @@ COLOURS = {
 }
 # Names too long for a bar's width on the chart.
 TICK_LABELS = {
-    NOREUSE: "mtls-sidecar\nno reuse",
-    HBONE: "mtls-sidecar\nHBONE",
+    SIDECAR: "mtls-\nsidecar",
+    NOREUSE: "mtls-\nsidecar\nno reuse",
+    HBONE: "mtls-\nsidecar\nHBONE",
     ENVOY: "Envoy\n1:1",
     ENVOY_H2: "Envoy\nh2 pooled",
 }

@@ -328,3 +328,34 @@ def test_bench_h2_cost_moves_every_byte_and_stream() -> None:
 
     assert h2_cost.bulk(total=8 << 20, chunk=1 << 20) > 0
     assert h2_cost.streams(count=250, batch=100) > 0
+
+
+def test_bench_profile_sums_py_spy_samples_over_processes(tmp_path: Path) -> None:
+    """bench/profile.py's summary (what the README's profile shares come from): own samples of
+    the innermost frame, and samples under each of the sidecar's functions, over all files."""
+    from bench import profile
+
+    a = tmp_path / "1.txt"
+    b = tmp_path / "2.txt"
+    run = "Runner.run (/x/lib/python3.11/asyncio/runners.py:118)"
+    pump = "NetLeg._pump_in (/w/proxy/relay.py:400)"
+    send = "AppLeg.send (/w/proxy/relay.py:200)"
+    a.write_text(f"{run};{pump};{send} 30\n{run} 50\n")
+    b.write_text(f"{run};{pump} 20\nnot a sample line\n")
+    text = profile.summarise([a, b], top=5)
+    assert text.splitlines()[0].startswith("100 samples")
+    assert "  50.0 %  Runner.run (lib/python3.11/asyncio/runners.py)" in text
+    assert "  30.0 %  AppLeg.send (proxy/relay.py)" in text
+    ours = text.split("under them:")[1]
+    assert "  50.0 %  NetLeg._pump_in (proxy/relay.py)" in ours  # 30 + 20, inclusive
+    assert "Runner.run" not in ours
+    assert profile.summarise([], top=5).startswith("no samples")
+
+
+def test_bench_profile_refuses_without_py_spy(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import profile
+
+    with pytest.raises(SystemExit) as exc:
+        profile.parse_args(["mtls-sidecar", "bulk", "--py-spy", "/nonexistent/py-spy"])
+    assert exc.value.code == 2
+    assert "py-spy not found" in capsys.readouterr().err
