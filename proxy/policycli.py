@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TextIO
 
+from .identity import parse_spiffe_id
 from .policyfile import PolicyFileError, read_policy
 from .policyreplay import connections, replay, report
 
 USAGE = """\
-usage: mtls-sidecar policy test --policy FILE [--format text|json] LOG...
+usage: mtls-sidecar policy test --policy FILE [--trust-domain TD] [--format text|json] LOG...
 
 Replays the `conn_closed` JSON log lines of LOG files ('-': stdin), inbound and outbound,
 against the candidate policy FILE: per route and peer identity (outbound: and destination),
 which past connections it would have denied, and which rules never matched. Exit 1 when it
-would deny any, 0 when not, 2 on bad input.
+would deny any, 0 when not, 2 on bad input. --trust-domain (default: MTLS_TRUST_DOMAIN) is
+the sidecar's own trust domain: an allowing `default` lets in only its identities, as the
+running sidecar does; without it, the default is judged for any trust domain.
 """
 
 
@@ -43,6 +47,7 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
     parser = _Parser(prog="mtls-sidecar policy test", add_help=False)
     parser.add_argument("--policy", required=True)
     parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--trust-domain", default=os.environ.get("MTLS_TRUST_DOMAIN") or None)
     parser.add_argument("logs", nargs="+")
     try:
         args = parser.parse_args(argv[1:])
@@ -65,7 +70,14 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
             print(f"mtls-sidecar policy test: {name}: {exc.strerror or exc}", file=sys.stderr)
             return 2
         records.extend(connections(text.splitlines()))
-    result = replay(policy, records)
+    own_domain = args.trust_domain
+    if own_domain is not None:
+        try:
+            own_domain = parse_spiffe_id(f"spiffe://{own_domain}").trust_domain
+        except ValueError as exc:
+            print(f"mtls-sidecar policy test: --trust-domain: {exc}", file=sys.stderr)
+            return 2
+    result = replay(policy, records, own_domain)
     if args.format == "json":
         print(json.dumps(result.to_json(), indent=2), file=stdout)
     else:

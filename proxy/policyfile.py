@@ -276,15 +276,25 @@ class Decision:
         return "allow" if self.allow else "deny"
 
 
-def decide(policy: Policy, route: str, peer: SpiffeId, source_ip: str | None) -> Decision:
+def decide(
+    policy: Policy,
+    route: str,
+    peer: SpiffeId,
+    source_ip: str | None,
+    own_domain: str | None = None,
+) -> Decision:
     """Judge one inbound connection on `route` from `peer` at `source_ip`.
 
     A route with a rule allows a peer matching one of its patterns (and, when the rule
     lists source CIDRs, coming from one of them); anything else on that route is denied by
-    the rule as a whole. A route without a rule gets the file's default.
+    the rule as a whole. A route without a rule gets the file's default; an allowing default
+    lets in identities of `own_domain` only (when known), as MTLS_ALLOW_PEERS does: a
+    federated trust domain's peers get in only where a pattern names them.
     """
     rule = policy.inbound.get(route)
     if rule is None:
+        if policy.default == "allow" and own_domain and peer.trust_domain != own_domain:
+            return Decision(False, "default.trust_domain", policy.dry_run)
         return Decision(policy.default == "allow", "default", policy.dry_run)
     dry_run = policy.dry_run if rule.dry_run is None else rule.dry_run
     if rule.source_cidrs is not None:
@@ -619,8 +629,10 @@ def policy_check(
     route: str,
     source_ip: str | None,
     on_decision: Callable[[SpiffeId, Decision], None],
+    own_domain: str | None = None,
 ) -> Callable[[SpiffeId | None], None]:
-    """The identity check of one inbound connection (a flow.PeerCheck) under `policy`.
+    """The identity check of one inbound connection (a flow.PeerCheck) under `policy`
+    (`own_domain`: see `decide`).
 
     Decides once per peer identity (the handshake and its end both ask), tells
     `on_decision` (to count and log it), and raises PolicyDenied('peer_not_allowed') for an
@@ -634,7 +646,7 @@ def policy_check(
         if decided and decided[0][0] == peer:
             decision = decided[0][1]
         else:
-            decision = decide(policy, route, peer, source_ip)
+            decision = decide(policy, route, peer, source_ip, own_domain)
             decided[:] = [(peer, decision)]
             on_decision(peer, decision)
         if decision.enforced_deny:

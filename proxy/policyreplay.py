@@ -104,7 +104,9 @@ def destination(target: object) -> tuple[str, int] | None:
 _Key = tuple[str, str, str | None, str | None, Decision]
 
 
-def _judge(policy: Policy, record: dict[str, object], out: Replay) -> _Key | None:
+def _judge(
+    policy: Policy, record: dict[str, object], out: Replay, own_domain: str | None
+) -> _Key | None:
     route = record.get("policy_route") or record.get("route")
     identity = record.get("peer_identity")
     if not isinstance(route, str):
@@ -126,20 +128,23 @@ def _judge(policy: Policy, record: dict[str, object], out: Replay) -> _Key | Non
     if peer is None:
         out.skipped_no_identity += 1
         return None
-    decision = decide(policy, route, peer, source_ip(record.get("peer")))
+    decision = decide(policy, route, peer, source_ip(record.get("peer")), own_domain)
     return ("inbound", route, None, str(peer), decision)
 
 
-def replay(policy: Policy, records: Iterable[dict[str, object]]) -> Replay:
+def replay(
+    policy: Policy, records: Iterable[dict[str, object]], own_domain: str | None = None
+) -> Replay:
     """Judge each past connection as `policy` would have, grouped by direction, route,
     destination (outbound), peer identity and verdict (a rule with source_cidrs can judge
     one identity two ways). Inbound lines without a peer identity (plaintext) are skipped;
-    outbound ones are judged by their destination, as the running sidecar does."""
+    outbound ones are judged by their destination, as the running sidecar does.
+    `own_domain`: the sidecar's trust domain, which an allowing default is limited to."""
     out = Replay()
     counts: dict[_Key, int] = {}
     matched: set[str] = set()
     for record in records:
-        key = _judge(policy, record, out)
+        key = _judge(policy, record, out, own_domain)
         if key is None:
             continue
         out.connections += 1

@@ -373,7 +373,7 @@ class Worker:
                         },
                     )
 
-            return policy_check(authz, name, ip, decided)
+            return policy_check(authz, name, ip, decided, self.trust_domain)
         exp: SpiffeId | None = None
         if route.expected_peer is not None:
             exp = self._expected.get(route.expected_peer)

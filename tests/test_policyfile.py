@@ -305,3 +305,40 @@ def test_policy_test_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFi
     policy.write_text("default: deny\ninbound: [\n")
     assert cli.main(["policy", "test", "--policy", str(policy), str(log)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_an_allowing_default_is_our_own_trust_domains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As MTLS_ALLOW_PEERS's default: a federated domain's peer is let in by a rule that
+    names it, never by `default: allow`; the replay judges the same with --trust-domain."""
+    policy = parse_policy(
+        "default: allow\ninbound:\n  api: {allow: [spiffe://partner.example/billing]}\n"
+    )
+    ours = parse_spiffe_id(TD + "/ns/shop/web")
+    partner = parse_spiffe_id("spiffe://partner.example/billing")
+    own = "corp.example"
+    assert decide(policy, "z", ours, None, own) == Decision(True, "default", False)
+    assert decide(policy, "z", partner, None, own) == Decision(False, "default.trust_domain", False)
+    assert decide(policy, "api", partner, None, own) == Decision(
+        True, "inbound.api.allow[0]", False
+    )
+    # Without our trust domain (it is not known yet), any domain's peer, as before.
+    assert decide(policy, "z", partner, None) == Decision(True, "default", False)
+
+    path = tmp_path / "p.yaml"
+    path.write_text("default: allow\n")
+    log = tmp_path / "a.log"
+    log.write_text(_closed("api", "spiffe://partner.example/billing") + "\n")
+    monkeypatch.delenv("MTLS_TRUST_DOMAIN", raising=False)
+    assert cli.main(["policy", "test", "--policy", str(path), str(log)]) == 0
+    assert cli.main(["policy", "test", "--policy", str(path), "--trust-domain", own, str(log)]) == 1
+    assert "default.trust_domain" in capsys.readouterr().out
+    monkeypatch.setenv("MTLS_TRUST_DOMAIN", own)
+    assert cli.main(["policy", "test", "--policy", str(path), str(log)]) == 1
+    capsys.readouterr()
+    assert (
+        cli.main(["policy", "test", "--policy", str(path), "--trust-domain", "Bad TD", str(log)])
+        == 2
+    )
+    assert "--trust-domain" in capsys.readouterr().err

@@ -332,6 +332,53 @@ def try_exchange(port: int) -> bytes:
         return b""
 
 
+def test_federated_peers_under_a_policy_file(short_dir: Path, echo: TcpApp) -> None:
+    """A policy file's allowing default is our own trust domain's, as MTLS_ALLOW_PEERS's is:
+    a federated domain's peer (verified against its own roots) is refused on a route without
+    a rule, and let in once a rule names it."""
+    a, b = domain(A), domain(B)
+    sock = short_dir / "agent.sock"
+    api = WorkloadApi(sock, WorkloadState(f"spiffe://{A}/web", a.issuer, [a.root.cert]))
+    api.set_federated({B: [b.root.cert]})
+    api.start()
+    in_port = free_port()
+    policy = short_dir / "policy.yaml"
+    policy.write_text("default: allow\n")
+    sc = spiffe_sidecar(
+        sock, short_dir / "sidecar.log", in_port, echo, MTLS_POLICY_FILE=str(policy)
+    )
+    trust = [a.root.cert]
+    try:
+        sc.wait_ready()
+        a_peer = client(short_dir, "a", a.issuer, f"spiffe://{A}/client", trust)
+        b_peer = client(short_dir, "b", b.issuer, f"spiffe://{B}/partner", trust)
+        assert roundtrip(in_port, a_peer) == b"ping"
+        assert refused(in_port, b_peer) != ""
+        assert wait_for(
+            lambda: sc.metric("mtls_connections_rejected_total", reason="peer_not_allowed") == 1
+        ), sc.logs()
+        lines = [e for e in sc.log_events() if e.get("reason") == "peer_not_allowed"]
+        assert "policy rule default.trust_domain" in str(lines[0].get("msg")), lines
+
+        write_atomic(
+            policy,
+            (
+                f'default: allow\ninbound:\n  "{in_port}":\n'
+                f"    allow: [spiffe://{A}/**, spiffe://{B}/partner]\n"
+            ).encode(),
+        )
+        assert wait_for(lambda: sc.metric("mtls_policy_reloads_total", result="ok") >= 1, 15), (
+            sc.logs()
+        )
+        # The workers take the new policy from the master within a second.
+        assert wait_for(lambda: refused(in_port, b_peer) == "", 10), sc.logs()
+        assert roundtrip(in_port, a_peer) == b"ping"
+    finally:
+        sc.stop()
+        api.stop()
+    assert "Traceback" not in sc.logs(), sc.logs()
+
+
 def test_federated_bundle_file_outbound(short_dir: Path, echo: TcpApp) -> None:
     """A sidecar of domain B (files) dials one of domain A (Workload API) with A's bundle
     from a SPIFFE bundle file (JWKS, watched): A's chain verified against that file only,
