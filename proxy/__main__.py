@@ -101,6 +101,13 @@ def check(env: Mapping[str, str]) -> int:
         except PolicyFileError as exc:
             print(f"mtls-sidecar: MTLS_POLICY_FILE {exc}", file=sys.stderr)
             return 2
+        if settings.allow_peers:
+            # As `run` warns at start (event=allow_peers_ignored): valid, but not what it says.
+            print(
+                "mtls-sidecar: warning: both MTLS_POLICY_FILE and MTLS_ALLOW_PEERS are set: the "
+                "policy file decides who may connect inbound, MTLS_ALLOW_PEERS is ignored",
+                file=sys.stderr,
+            )
     print(json.dumps(out, indent=2, default=str))
     return 0
 

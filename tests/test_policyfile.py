@@ -219,9 +219,17 @@ def test_check_prints_the_effective_policy_or_one_error_line(
 
     path.write_text(POLICY)
     assert cli.main(["check"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     assert out["policy"] == parse_policy(POLICY).describe()
     assert out["config"]["MTLS_POLICY_FILE"] == str(path)
+    assert "MTLS_ALLOW_PEERS" not in captured.err
+
+    # Both set: valid (exit 0), with the warning run gives at start.
+    monkeypatch.setenv("MTLS_ALLOW_PEERS", f"{TD}/ns/shop/*")
+    assert cli.main(["check"]) == 0
+    assert "MTLS_ALLOW_PEERS is ignored" in capsys.readouterr().err
+    monkeypatch.delenv("MTLS_ALLOW_PEERS")
 
     path.write_text("default: deny\ninbound:\n  api: {allow: [spiffe://*/x]}\n")
     assert cli.main(["check"]) == 2
