@@ -129,20 +129,39 @@ def _signal_group(proc: Managed, sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 class PortAllocator:
-    """Hands out free loopback TCP ports, never the same one twice in a run."""
+    """Hands out free loopback TCP ports, never the same one twice in a run.
+
+    They come from below the kernel's ephemeral range: a port from bind(0) can be taken as
+    the local port of any outgoing connection (wrk opens thousands) between the moment it is
+    chosen and the moment the proxy binds it."""
 
     def __init__(self) -> None:
         self._given: set[int] = set()
+        low = _ephemeral_low()
+        self._low, self._high = (10000, low - 1) if low > 20000 else (61000, 65535)
+        self._next = self._low + (os.getpid() * 104729) % (self._high - self._low)
 
     def get(self) -> int:
-        for _ in range(100):
+        for _ in range(self._high - self._low):
+            port = self._next
+            self._next = self._low if port >= self._high else port + 1
+            if port in self._given:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = int(sock.getsockname()[1])
-            if port not in self._given:
-                self._given.add(port)
-                return port
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            self._given.add(port)
+            return port
         raise BenchError("no free loopback port found")
 
 
