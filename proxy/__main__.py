@@ -33,7 +33,7 @@ commands:
                       take out what `inject` added
   injector --listen ADDR --cert FILE --key FILE
                       the injector as a mutating admission webhook (POST /inject)
-  audit --listen ADDR [--workloads FILE]
+  audit --listen ADDR [--workloads FILE] [--kubernetes]
                       the wire auditor (node agent): classifies the connections it sees
   coverage --prometheus URL [--window 7d] [--format text|json|html] [--out FILE]
            [--min-coverage 99.9]

@@ -473,9 +473,12 @@ def test_ca_statefulset() -> None:
     assert args.k8s_audience == Options().token_audience, "the audience inject projects"
     assert pod["automountServiceAccountToken"] is True
     assert not any(m["mountPath"] == SA_DIR for c in (ca, keys) for m in c["volumeMounts"])
-    # ...and only the CA: every other pod in the manifests goes without an API token.
+    # ...and only the CA and the wire auditor (it watches pods: tests/test_audit_deploy.py
+    # checks its RBAC): every other pod in the manifests goes without an API token.
     for path, doc in _manifests():
         if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet") and doc is not sts:
+            if (doc["kind"], doc["metadata"]["name"]) == ("DaemonSet", "mtls-audit"):
+                continue
             where = f"{path.relative_to(REPO)}:{doc['metadata']['name']}"
             assert doc["spec"]["template"]["spec"]["automountServiceAccountToken"] is False, where
     sa = docs[("ServiceAccount", pod["serviceAccountName"])]

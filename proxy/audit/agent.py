@@ -35,8 +35,10 @@ from ..errors import StartupError
 from ..listen import bind_listener
 from ..logs import RateLimit
 from . import netlink as nl
+from .kube import REASONS, KubeSettings, PodWatcher
+from .pods import PodIndex
 from .tracker import Counted, Limits, Tracker
-from .workloads import UNKNOWN, LabelCap, Workload, counted_here, lookup
+from .workloads import UNKNOWN, LabelCap, Overlay, Workload, counted_here, lookup
 
 log = logging.getLogger("mtls.audit")
 
@@ -53,6 +55,9 @@ class AgentConfig:
     limits: Limits = field(default_factory=Limits)
     poll: float = 1.0
     workloads: Mapping[str, Workload] | None = None
+    """The static map (--workloads); with `kubernetes`, its entries win for their addresses."""
+    kubernetes: KubeSettings | None = None
+    """Keep the map from the Kubernetes API too (--kubernetes)."""
     max_edges: int = 200
     max_ports: int = 64
     install_rules: bool = True
@@ -162,6 +167,18 @@ class Metrics:
         self.tracked = Gauge(
             "mtls_audit_tracked_connections", "Connections in the auditor's table", registry=r
         )
+        self.workloads = Gauge(
+            "mtls_audit_workloads",
+            "Addresses the auditor can attribute to a workload, by source (file, kubernetes)",
+            ["source"],
+            registry=r,
+        )
+        self.kubernetes_errors = Counter(
+            "mtls_audit_kubernetes_errors_total",
+            "Failed exchanges with the Kubernetes API (the last good map is kept), by reason",
+            ["reason"],
+            registry=r,
+        )
 
 
 class Agent:
@@ -172,7 +189,22 @@ class Agent:
         self.clock = clock
         self.tracker = Tracker(config.limits)
         self.metrics = Metrics()
-        self.workloads: Mapping[str, Workload] = config.workloads or {}
+        static = config.workloads or {}
+        self.metrics.workloads.labels("file").set(len(static))
+        self.workloads: Mapping[str, Workload] = static
+        """Read on every connection counted; with --kubernetes an Overlay over the watcher's
+        index, which the watcher updates in place: a new pod is named from its first connection."""
+        self.watcher: PodWatcher | None = None
+        if config.kubernetes is not None:
+            index = PodIndex()
+            errors = self.metrics.kubernetes_errors
+            for reason in REASONS:  # every reason at 0, so rate() and alerts see the first one
+                errors.labels(reason)
+            self.watcher = PodWatcher(
+                config.kubernetes, index, on_error=lambda reason: errors.labels(reason).inc()
+            )
+            self.metrics.workloads.labels("kubernetes").set_function(lambda: len(index))
+            self.workloads = Overlay(static, index)
         self.edges = LabelCap(config.max_edges)
         self.ports = LabelCap(config.max_ports)
         self.groups = LabelCap(32)
@@ -402,6 +434,9 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         runner, port = await self.start_admin()
+        watching: asyncio.Task[None] | None = None
+        if self.watcher is not None:
+            watching = asyncio.create_task(self.watcher.run(), name="audit-kubernetes")
         try:
             # The socket first: packets logged before anyone listens are lost.
             self.sock = self.open_nflog()
@@ -412,7 +447,8 @@ class Agent:
             log.info(
                 "auditing",
                 extra={"fields": {"event": "audit_started", "admin_port": port,
-                                  "group": self.config.group, "workloads": len(self.workloads)}},
+                                  "group": self.config.group, "workloads": len(self.workloads),
+                                  "kubernetes": self.watcher is not None}},
             )  # fmt: skip
             while not stop.is_set():
                 await self.poll_once()
@@ -420,6 +456,10 @@ class Agent:
                     await asyncio.wait_for(stop.wait(), self.config.poll)
         finally:
             self.ready = False
+            if watching is not None:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
             if self.sock is not None:
                 loop.remove_reader(self.sock.fileno())
                 self.sock.close()

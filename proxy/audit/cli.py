@@ -11,6 +11,7 @@ from pathlib import Path
 from ..config.parse import parse_address, parse_duration
 from ..errors import ProxyError
 from .agent import AgentConfig
+from .kube import SA_DIR, KubeSettings, settings_from
 from .tracker import Limits
 from .workloads import MapError, parse_map
 
@@ -21,7 +22,34 @@ def _parser() -> argparse.ArgumentParser:
         description="The wire auditor: classify every TCP connection crossing this node.",
     )
     p.add_argument("--listen", required=True, help="admin address: /metrics /ready /connections")
-    p.add_argument("--workloads", type=Path, help="static IP -> workload map (YAML)")
+    p.add_argument(
+        "--workloads",
+        type=Path,
+        help="static IP -> workload map (YAML); with --kubernetes too, its entries win for "
+        "their addresses",
+    )
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="keep the IP -> workload map from the Kubernetes API (list and watch pods), as an "
+        "in-cluster client: $KUBERNETES_SERVICE_HOST/PORT, the pod's service-account token "
+        "and CA; needs get/list/watch on pods",
+    )
+    p.add_argument(
+        "--kubernetes-api", metavar="URL", help="the API server (default: in-cluster, https)"
+    )
+    p.add_argument(
+        "--kubernetes-token-file",
+        type=Path,
+        metavar="PATH",
+        help=f"bearer token, read again on every reconnect (default: {SA_DIR}/token)",
+    )
+    p.add_argument(
+        "--kubernetes-ca-file",
+        type=Path,
+        metavar="PATH",
+        help=f"CA the API server's certificate is verified with (default: {SA_DIR}/ca.crt)",
+    )
     p.add_argument(
         "--node",
         help="this node's name: with `node:` in the map, a connection between pods on two "
@@ -66,12 +94,28 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> AgentC
             workloads = parse_map(args.workloads.read_text())
         except (OSError, MapError) as exc:
             raise ValueError(f"--workloads {args.workloads}: {exc}") from None
+    kubernetes: KubeSettings | None = None
+    overrides = {
+        "--kubernetes-api": args.kubernetes_api,
+        "--kubernetes-token-file": args.kubernetes_token_file,
+        "--kubernetes-ca-file": args.kubernetes_ca_file,
+    }
+    if args.kubernetes:
+        kubernetes = settings_from(
+            env,
+            api=args.kubernetes_api,
+            token_file=args.kubernetes_token_file,
+            ca_file=args.kubernetes_ca_file,
+        )
+    elif given := [flag for flag, value in overrides.items() if value is not None]:
+        raise ValueError(f"{', '.join(given)} without --kubernetes")
     return AgentConfig(
         listen=listen,
         group=args.nflog_group,
         limits=Limits(budget=args.packets, head_bytes=args.head_bytes, hold=hold),
         poll=poll,
         workloads=workloads,
+        kubernetes=kubernetes,
         max_edges=args.max_edges,
         max_ports=args.max_ports,
         install_rules=not args.no_rules,

@@ -9,14 +9,15 @@ Pure (no I/O: the map file's text comes in). The map is a static file (YAML or J
         service_account: cart
         node: worker-1           # optional: see `counted_here`
 
-An address not in the map is `unknown`. Metric edge labels are `namespace/service_account`
-(stable while pods come and go); logs carry the pod too.
+With `--kubernetes` the map comes from the API too (`pods`, `kube`); `Overlay` puts this
+file's entries first. An address not in the map is `unknown`. Metric edge labels are
+`namespace/service_account` (stable while pods come and go); logs carry the pod too.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,32 @@ def parse_map(text: str) -> dict[str, Workload]:
     if problems:
         raise MapError("; ".join(problems))
     return out
+
+
+class Overlay(Mapping[str, Workload]):
+    """Two maps read as one, `first` winning for the addresses it has: the static file over
+    the map kept from the Kubernetes API (a hand-written entry is a deliberate correction,
+    e.g. a VM's address or a host-network process the API cannot name). Both are read live,
+    so changes to either show at once."""
+
+    def __init__(self, first: Mapping[str, Workload], second: Mapping[str, Workload]) -> None:
+        self.first = first
+        self.second = second
+
+    def __getitem__(self, addr: str) -> Workload:
+        wl = self.first.get(addr)
+        return wl if wl is not None else self.second[addr]
+
+    def get(self, addr: str, default: Any = None) -> Any:
+        wl = self.first.get(addr)
+        return wl if wl is not None else self.second.get(addr, default)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.first
+        yield from (a for a in self.second if a not in self.first)
+
+    def __len__(self) -> int:
+        return len(self.first) + sum(1 for a in self.second if a not in self.first)
 
 
 def lookup(workloads: Mapping[str, Workload], ip: str) -> Workload | None:
