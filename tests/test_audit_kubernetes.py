@@ -606,6 +606,37 @@ def test_api_failures_are_counted_and_the_map_kept(
     asyncio.run(main())
 
 
+def test_a_bug_in_the_watcher_is_logged_counted_and_survived(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected exception (a bug of ours) does not end the watcher in silence: it is
+    logged with its traceback, counted, and the watcher lists again."""
+    real_list = PodWatcher._list
+    calls = {"n": 0}
+
+    async def flaky_list(self: PodWatcher, *args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return await real_list(self, *args)
+
+    monkeypatch.setattr(PodWatcher, "_list", flaky_list)
+
+    async def main() -> None:
+        api = FakeApi("token-1")
+        api.seed(pod("a", "10.1.0.1"))
+        counts, on_error = _counter()
+        async with serving(api, tmp_path) as settings:
+            w = PodWatcher(settings, on_error=on_error, backoff=FAST)
+            async with watching(w):
+                await until("listed after the bug", lambda: "10.1.0.1" in w.index)
+        assert counts == {"bad_response": 1}
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(main())
+    assert any("RuntimeError: boom" in (r.exc_text or "") for r in caplog.records)
+
+
 def test_an_unreachable_api_backs_off(tmp_path: Path) -> None:
     async def main() -> None:
         api = FakeApi("token-1")

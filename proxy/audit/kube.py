@@ -175,6 +175,16 @@ class PodWatcher:
                 )
             except ApiFailure as exc:
                 self._fail(exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # A bug of ours must not stop the map from being kept up to date in silence:
+                # its traceback is logged, it is counted, and the watcher starts over.
+                log.exception(
+                    "pod watcher failed; listing again",
+                    extra={"fields": {"event": "audit_kubernetes_internal_error"}},
+                )
+                self._fail(ApiFailure("bad_response", f"internal error: {exc!r}"))
             self.state = "retrying"
             await asyncio.sleep(self._delay)
             self._delay = min(self._delay * 2, self.backoff[1])
