@@ -59,6 +59,21 @@ PEER_BYTES = Counter(
     "mtls_peer_connections_total) and flow (in: from the peer, out: to it).",
     ["direction", "peer_identity", "flow"],
 )
+PEER_KEY_EXCHANGE = Counter(
+    "mtls_peer_key_exchange",
+    "Accepted mTLS connections by peer SPIFFE ID (capped like mtls_peer_connections_total) "
+    "and the key-exchange group of their TLS connection (a stream on a pooled connection: "
+    "that connection's group; X25519MLKEM768 is post-quantum hybrid).",
+    ["direction", "peer_identity", "group"],
+)
+PEER_REJECTIONS = Counter(
+    "mtls_peer_rejections",
+    "Refusals of a peer whose verified certificate named a SPIFFE ID, by that ID (capped "
+    "like mtls_peer_connections_total) and reason (peer_not_allowed, policy_denied, "
+    "policy_changed, revoked, expired_cert, identity_mismatch); each is also counted in "
+    "mtls_connections_rejected_total, where refusals of unknown peers stay.",
+    ["direction", "peer_identity", "reason"],
+)
 UPSTREAM_FAILURES = Counter(
     "mtls_upstream_connect_failures",
     "Failures to reach the next hop (the local app inbound, the remote peer outbound).",
