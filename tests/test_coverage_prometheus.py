@@ -133,9 +133,10 @@ def world(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]
         ):
             assert sc.wait_metric(groups, n, peer_identity=peer, group=group) == n
             assert sc.metric(groups) == n
-        refused = {"peer_identity": f"{TD}/ns/other/sa/stranger", "reason": "peer_not_allowed"}
+        stranger = f"{TD}/ns/other/sa/stranger"
         by_peer = "mtls_peer_rejections_total"
-        assert in2.wait_metric(by_peer, 1, direction="inbound", **refused) == 1
+        assert in2.wait_metric(by_peer, 1, peer_identity=stranger, reason="peer_not_allowed") == 1
+        assert in2.metric(by_peer, direction="inbound") == 1
         assert in2.wait_metric("mtls_connections_rejected_total", 2) == 2
         # Prometheus has scraped the last of it once it shows the sidecars' own totals.
         for metric in (

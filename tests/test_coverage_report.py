@@ -200,7 +200,7 @@ def test_html_is_one_page_with_two_charts_and_the_tables() -> None:
     assert "<script" not in page and "<link" not in page
     assert "94.118%" in page and "FAIL" in page and f"{TD}/client" in page
     assert "unknown_ca" in page and "X25519MLKEM768" in page
-    assert "<th>PQ</th>" in page and "<th>wire</th>" in page and f"{TD}/server [api]" in page
+    assert ">PQ</th>" in page and "<th>wire</th>" in page and f"{TD}/server [api]" in page
 
 
 def edge_answers() -> dict[str, list[dict[str, Any]]]:

@@ -81,11 +81,12 @@ def test_refused_by_allow_peers_the_remote_says_so_with_an_alert(
         assert refused[0]["peer_identity"] == f"{TD}/ns/other/sa/stranger"
         # Each end counts the refusal under the other's identity: the inbound the identity
         # it refused, the outbound the remote that refused it.
-        by_peer = "mtls_peer_rejections_total"
-        stranger = {"peer_identity": f"{TD}/ns/other/sa/stranger", "reason": "peer_not_allowed"}
-        assert inbound.wait_metric(by_peer, 1, direction="inbound", **stranger) == 1
-        server = {"peer_identity": f"{TD}/server", "reason": "peer_not_allowed"}
-        assert outbound.wait_metric(by_peer, 1, direction="outbound", **server) == 1
+        by_peer, why = "mtls_peer_rejections_total", "peer_not_allowed"
+        stranger = f"{TD}/ns/other/sa/stranger"
+        assert inbound.wait_metric(by_peer, 1, peer_identity=stranger, reason=why) == 1
+        assert outbound.wait_metric(by_peer, 1, peer_identity=f"{TD}/server", reason=why) == 1
+        assert inbound.metric(by_peer, direction="inbound") == 1
+        assert outbound.metric(by_peer, direction="outbound") == 1
         assert inbound.metric(by_peer) == outbound.metric(by_peer) == 1
     finally:
         inbound.stop()

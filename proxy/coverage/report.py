@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 # Counters read over the window, each with the labels the report keeps.
 COUNTERS: dict[str, str] = {
@@ -38,6 +38,8 @@ WIRE_BYTES_RATIO = 1.25
 WIRE_BYTES_PER_CONNECTION = 65536
 
 _WORKLOAD = re.compile(r"/ns/([^/]+)/sa/([^/]+)$")
+
+K = TypeVar("K")
 
 Sample = Mapping[str, Any]
 """One element of a Prometheus instant-vector answer: {"metric": {...}, "value": [t, "v"]}."""
@@ -273,7 +275,7 @@ def _pct(part: float, whole: float) -> float | None:
     return None if whole <= 0 else 100.0 * part / whole
 
 
-def _add(counts: dict[str, float], key: str, value: float) -> None:
+def _add(counts: dict[K, float], key: K, value: float) -> None:
     counts[key] = counts.get(key, 0.0) + value
 
 
@@ -376,8 +378,8 @@ def build(answers: Mapping[str, Sequence[Sample]], end: float, window_seconds: i
     for m, v, _ in inc["rejected"]:
         route(m).refused += v
         _add(refusals, m.get("reason", ""), v)
-        k = (m.get("instance", ""), m.get("direction", ""), m.get("reason", ""))
-        _add(refused_by_route.setdefault(k, {}), m.get("route", ""), v)
+        where = (m.get("instance", ""), m.get("direction", ""), m.get("reason", ""))
+        _add(refused_by_route.setdefault(where, {}), m.get("route", ""), v)
 
     edges: dict[tuple[str, str, str], Edge] = {}
 
@@ -416,8 +418,7 @@ def build(answers: Mapping[str, Sequence[Sample]], end: float, window_seconds: i
         e, by_source = edge(m)
         reason = m.get("reason", "")
         _add(e.refused_by_source if by_source else e.refused_by_destination, reason, v)
-        k = (m.get("instance", ""), m.get("direction", ""), reason)
-        identified[k] = identified.get(k, 0.0) + v
+        _add(identified, (m.get("instance", ""), m.get("direction", ""), reason), v)
     for (inst, direction, reason), by_route in refused_by_route.items():
         rest = unidentified_refusals(by_route, identified.get((inst, direction, reason), 0.0))
         for name, v in rest.items():
