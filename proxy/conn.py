@@ -89,8 +89,15 @@ class ConnHost(Protocol):
 
     def forget(self, conn: Conn) -> None: ...
 
-    def count_peer(self, direction: str, identity: str | None) -> tuple[Counter, Counter]:
-        """Count one accepted mTLS connection of this peer; its (bytes in, bytes out) counters."""
+    def count_peer(
+        self, direction: str, identity: str | None, group: str | None
+    ) -> tuple[Counter, Counter]:
+        """Count one accepted mTLS connection of this peer, and its key-exchange `group`
+        (None: not known); its (bytes in, bytes out) counters."""
+        ...
+
+    def count_peer_rejection(self, direction: str, identity: str, reason: str) -> None:
+        """Count one refusal of this identified peer."""
         ...
 
     def peer_check(
@@ -497,7 +504,7 @@ class Conn:
 
     def _cut_by_policy(self, why: str) -> bool:
         if self.flow.state is f.State.OPEN:
-            self.route.metrics.rejected(f.Reason.POLICY_CHANGED).inc()
+            self._count_rejection(f.Reason.POLICY_CHANGED)
         self._run(f.PolicyChanged(f"{why} (the policy changed)"))
         return True
 
@@ -977,7 +984,7 @@ class Conn:
             case f.Reject(reason=reason, message=message):
                 if isinstance(self.net, _STREAMS):
                     self.net.reset_code = _RESET_FOR.get(reason, mux.RESET_CANCEL)
-                self.route.metrics.rejected(reason).inc()
+                self._count_rejection(reason)
                 held: int | None = 0
                 limit: RateLimit | None = None
                 if reason is f.Reason.TOO_MANY_CONNECTIONS:
@@ -1011,6 +1018,14 @@ class Conn:
                 )
             case f.Finish(outcome=outcome, abort=abort, logged=logged):
                 self._finish(outcome, abort=abort, logged=logged)
+
+    def _count_rejection(self, reason: f.Reason) -> None:
+        """One refusal on the route; also under the peer's identity when the refusal judged
+        a verified one (flow.IDENTIFIED), so the coverage report can show it on its edge."""
+        self.route.metrics.rejected(reason).inc()
+        sid = self.flow.peer_id
+        if sid is not None and reason in f.IDENTIFIED:
+            self.host.count_peer_rejection(self.route.direction, str(sid), reason)
 
     def _fields(self, event: str) -> dict[str, Any]:
         return {
@@ -1090,14 +1105,21 @@ class Conn:
         m.connections[security].inc()
         m.active.inc()
         if security is f.Security.MTLS and net is not None:
-            self.peer_bytes = self.host.count_peer(self.route.direction, self.peer_identity)
+            # A stream's TLS facts are its pooled connection's.
+            info = net.tls_info()
+            group = info[2] if info is not None else None
+            self.peer_bytes = self.host.count_peer(self.route.direction, self.peer_identity, group)
             if isinstance(net, NetLeg):  # a stream's handshake was its carrier's, counted then
-                self._count_handshake(net, self.hs_done - self.hs_started)
+                self._count_handshake(net, self.hs_done - self.hs_started, info)
 
-    def _count_handshake(self, leg: NetLeg, seconds: float) -> None:
-        """One real TLS handshake: its duration, key-exchange group and resumption."""
+    def _count_handshake(
+        self, leg: NetLeg, seconds: float, info: tuple[str, str, str] | None = None
+    ) -> None:
+        """One real TLS handshake: its duration, key-exchange group and resumption (`info`:
+        the leg's TLS facts when the caller has them already)."""
         self.route.metrics.handshake.observe(seconds)
-        info = leg.tls_info()
+        if info is None:
+            info = leg.tls_info()
         if info is not None:
             handshake_counter(self.route.direction, info[2], leg.resumed()).inc()
 

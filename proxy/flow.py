@@ -64,6 +64,22 @@ class Reason(StrEnum):
     OTHER = "other"
 
 
+# Refusals that judge who the peer is, after its certificate chain was verified: counted
+# per peer identity too (mtls_peer_rejections_total) when the SPIFFE ID was read. Not
+# unknown_ca: a federated domain's root vouching for an identity outside that domain is no
+# identity to count under.
+IDENTIFIED = frozenset(
+    {
+        Reason.PEER_NOT_ALLOWED,
+        Reason.POLICY_DENIED,
+        Reason.POLICY_CHANGED,
+        Reason.REVOKED,
+        Reason.EXPIRED_CERT,
+        Reason.IDENTITY_MISMATCH,
+    }
+)
+
+
 class Outcome(StrEnum):
     """How a connection ended: the first part of the `outcome` field of its log line."""
 

@@ -59,6 +59,21 @@ PEER_BYTES = Counter(
     "mtls_peer_connections_total) and flow (in: from the peer, out: to it).",
     ["direction", "peer_identity", "flow"],
 )
+PEER_KEY_EXCHANGE = Counter(
+    "mtls_peer_key_exchange",
+    "Accepted mTLS connections by peer SPIFFE ID (capped like mtls_peer_connections_total) "
+    "and the key-exchange group of their TLS connection (a stream on a pooled connection: "
+    "that connection's group; X25519MLKEM768 is post-quantum hybrid).",
+    ["direction", "peer_identity", "group"],
+)
+PEER_REJECTIONS = Counter(
+    "mtls_peer_rejections",
+    "Refusals of a peer whose verified certificate named a SPIFFE ID, by that ID (capped "
+    "like mtls_peer_connections_total) and reason (peer_not_allowed, policy_denied, "
+    "policy_changed, revoked, expired_cert, identity_mismatch); each is also counted in "
+    "mtls_connections_rejected_total, where refusals of unknown peers stay.",
+    ["direction", "peer_identity", "reason"],
+)
 UPSTREAM_FAILURES = Counter(
     "mtls_upstream_connect_failures",
     "Failures to reach the next hop (the local app inbound, the remote peer outbound).",
@@ -318,6 +333,53 @@ class PeerLabels:
             self._known.add(identity)
             return identity
         return "other"
+
+
+class PeerCounters:
+    """One worker's per-peer series (mtls_peer_*), under capped identity labels
+    (`PeerLabels`): the children are looked up once per label set, as the hot path wants."""
+
+    def __init__(self, cap: int) -> None:
+        self.labels = PeerLabels(cap)
+        # per (direction, peer label): connections, bytes in, bytes out
+        self._conns: dict[tuple[str, str], tuple[Counter, Counter, Counter]] = {}
+        # per (direction, peer label, group) and (direction, peer label, reason)
+        self._groups: dict[tuple[str, str, str], Counter] = {}
+        self._refusals: dict[tuple[str, str, str], Counter] = {}
+
+    def connection(
+        self, direction: str, identity: str | None, group: str | None
+    ) -> tuple[Counter, Counter]:
+        """Count one accepted mTLS connection of this peer, and its key-exchange `group`
+        (None: not known, nothing counted); its (bytes in, bytes out) counters."""
+        label = self.labels.label(identity)
+        key = (direction, label)
+        children = self._conns.get(key)
+        if children is None:
+            children = self._conns[key] = (
+                PEERS.labels(direction, label),
+                PEER_BYTES.labels(direction, label, "in"),
+                PEER_BYTES.labels(direction, label, "out"),
+            )
+        children[0].inc()
+        if group is not None:
+            gkey = (direction, label, group)
+            child = self._groups.get(gkey)
+            if child is None:
+                child = self._groups[gkey] = PEER_KEY_EXCHANGE.labels(
+                    direction, label, group or "unknown"
+                )
+            child.inc()
+        return children[1], children[2]
+
+    def rejection(self, direction: str, identity: str, reason: str) -> None:
+        """Count one refusal of this identified peer."""
+        label = self.labels.label(identity)
+        key = (direction, label, reason)
+        child = self._refusals.get(key)
+        if child is None:
+            child = self._refusals[key] = PEER_REJECTIONS.labels(direction, label, reason)
+        child.inc()
 
 
 def _registry() -> CollectorRegistry:

@@ -102,9 +102,7 @@ class Worker:
         self.authz: Policy | None = None
         self._decision_children: dict[tuple[str, str, str, bool], _Counter] = {}
         self.trust_domain = settings.effective_trust_domain
-        self.peer_labels = metrics.PeerLabels(settings.peer_identity_cap)
-        # per (direction, peer label): connections, bytes in, bytes out
-        self._peer_children: dict[tuple[str, str], tuple[_Counter, _Counter, _Counter]] = {}
+        self.peers = metrics.PeerCounters(settings.peer_identity_cap)
         self._expected: dict[str, SpiffeId] = {}
         self._plaintext_until: dict[tuple[str, int], float] = {}
         self.revocations: RevocationList | None = None
@@ -278,18 +276,13 @@ class Worker:
         if self.draining and not self.conns:
             self.drained.set()
 
-    def count_peer(self, direction: str, identity: str | None) -> tuple[_Counter, _Counter]:
-        label = self.peer_labels.label(identity)
-        key = (direction, label)
-        children = self._peer_children.get(key)
-        if children is None:
-            children = self._peer_children[key] = (
-                metrics.PEERS.labels(direction, label),
-                metrics.PEER_BYTES.labels(direction, label, "in"),
-                metrics.PEER_BYTES.labels(direction, label, "out"),
-            )
-        children[0].inc()
-        return children[1], children[2]
+    def count_peer(
+        self, direction: str, identity: str | None, group: str | None
+    ) -> tuple[_Counter, _Counter]:
+        return self.peers.connection(direction, identity, group)
+
+    def count_peer_rejection(self, direction: str, identity: str, reason: str) -> None:
+        self.peers.rejection(direction, identity, reason)
 
     def policy_route(self, route: Route, called: tuple[str, int] | None) -> str:
         """The name a policy file's `inbound` rules use for this connection's route: the

@@ -45,7 +45,13 @@ class World:
 
 
 def _pair(
-    d: Path, name: str, client: Identity, server: Identity, echo: TcpApp, inbound_mode: str
+    d: Path,
+    name: str,
+    client: Identity,
+    server: Identity,
+    echo: TcpApp,
+    inbound_env: dict[str, str],
+    outbound_env: dict[str, str],
 ) -> tuple[Sidecar, Sidecar, int, int]:
     in_port, out_port = free_port(), free_port()
     server_id = server.spiffe_id
@@ -53,7 +59,7 @@ def _pair(
         {
             **identity_env(server),
             "MTLS_INBOUND": f"api=127.0.0.1:{in_port}=127.0.0.1:{echo.port}",
-            "MTLS_INBOUND_MODE": inbound_mode,
+            **inbound_env,
         },
         d / f"{name}-in.log",
     )
@@ -63,16 +69,20 @@ def _pair(
             "MTLS_OUTBOUND": f"api=127.0.0.1:{out_port}=127.0.0.1:{in_port}@{server_id}",
             # one TLS connection per app connection, so both ends count the same connections
             "MTLS_CONNECTION_REUSE": "false",
+            **outbound_env,
         },
         d / f"{name}-out.log",
     )
     return inbound, outbound, in_port, out_port
 
 
-def _no_client_cert(port: int, bundle: Path) -> None:
+def _no_client_cert(port: int, bundle: Path, cert: Identity | None = None) -> None:
+    """A TLS client straight to an inbound port: without a certificate, or with `cert`."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.load_verify_locations(bundle)
+    if cert is not None:
+        ctx.load_cert_chain(cert.cert, cert.key)
     raw = socket.create_connection(("127.0.0.1", port), timeout=5)
     try:
         with ctx.wrap_socket(raw) as s:
@@ -90,8 +100,13 @@ def world(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]
     web = write_identity(d, "web", pki.inter, bundle, f"{TD}/web", not_after=soon)
     db = write_identity(d, "db", pki.inter, bundle, f"{TD}/db")
     echo = TcpApp("echo")
-    in1, out1, in_port1, out_port1 = _pair(d, "p1", pki.client, pki.server, echo, "permissive")
-    in2, out2, in_port2, out_port2 = _pair(d, "p2", web, db, echo, "strict")
+    permissive = {"MTLS_INBOUND_MODE": "permissive"}
+    in1, out1, in_port1, out_port1 = _pair(d, "p1", pki.client, pki.server, echo, permissive, {})
+    # pair 2: web offers X25519 only (a classical edge next to pair 1's post-quantum one), and
+    # db allows web only (the stranger is refused on an edge of its own)
+    strict = {"MTLS_INBOUND_MODE": "strict", "MTLS_ALLOW_PEERS": f"{TD}/web"}
+    classical = {"MTLS_TLS_GROUPS": "X25519"}
+    in2, out2, in_port2, out_port2 = _pair(d, "p2", web, db, echo, strict, classical)
     sidecars = [in1, out1, in2, out2]
     prom: Prometheus | None = None
     try:
@@ -107,18 +122,34 @@ def world(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]
         for n in PAIR1_PLAIN:
             assert exchange(in_port1, b"p" * n) == b"p" * n
         _no_client_cert(in_port2, web.bundle)
+        _no_client_cert(in_port2, web.bundle, pki.stranger)
+        # Each sidecar's own counts per peer identity and group, and per refused identity.
+        groups = "mtls_peer_key_exchange_total"
+        for sc, peer, group, n in (
+            (out1, f"{TD}/server", "X25519MLKEM768", len(PAIR1_MTLS)),
+            (in1, f"{TD}/client", "X25519MLKEM768", len(PAIR1_MTLS)),
+            (out2, f"{TD}/db", "X25519", len(PAIR2_MTLS)),
+            (in2, f"{TD}/web", "X25519", len(PAIR2_MTLS)),
+        ):
+            assert sc.wait_metric(groups, n, peer_identity=peer, group=group) == n
+            assert sc.metric(groups) == n
+        stranger = f"{TD}/ns/other/sa/stranger"
+        by_peer = "mtls_peer_rejections_total"
+        assert in2.wait_metric(by_peer, 1, peer_identity=stranger, reason="peer_not_allowed") == 1
+        assert in2.metric(by_peer, direction="inbound") == 1
+        assert in2.wait_metric("mtls_connections_rejected_total", 2) == 2
         # Prometheus has scraped the last of it once it shows the sidecars' own totals.
         for metric in (
             "mtls_bytes_total",
             "mtls_connections_total",
             "mtls_peer_connections_total",
             "mtls_peer_bytes_total",
+            groups,
+            "mtls_peer_rejections_total",
+            "mtls_connections_rejected_total",
         ):
             want = sum(sc.metric(metric) for sc in sidecars)
             assert prom.wait_value(f"sum({metric})", want) == want, metric
-        want = in2.metric("mtls_connections_rejected_total")
-        assert want == 1
-        assert prom.wait_value("sum(mtls_connections_rejected_total)", want) == want
         yield World(prom, f"http://127.0.0.1:{prom.port}", web, d, t0)
     finally:
         if prom is not None:
@@ -157,13 +188,24 @@ def test_numbers_equal_what_was_sent(world: World) -> None:
     assert doc["bytes"] == {"mtls": 4 * mtls_bytes, "plaintext": 2 * plain_bytes}
     want = 100 * 4 * mtls_bytes / (4 * mtls_bytes + 2 * plain_bytes)
     assert doc["coverage_percent"] == pytest.approx(want, rel=1e-12)
-    assert doc["refusals"] == {"no_client_cert": 1}
+    assert doc["refusals"] == {"no_client_cert": 1, "peer_not_allowed": 1}
     assert doc["handshakes"] == 2 * mtls_conns
+    # pair 2's outbound offered X25519 only: both of its ends count its handshakes so
+    assert doc["handshakes_by_group"] == {
+        "X25519": 2 * len(PAIR2_MTLS),
+        "X25519MLKEM768": 2 * len(PAIR1_MTLS),
+    }
     assert sum(doc["handshakes_by_group"].values()) == 2 * mtls_conns
     pq = sum(v for g, v in doc["handshakes_by_group"].items() if "MLKEM" in g)
     assert doc["post_quantum_handshakes"] == pq
     edges = {(e["source"], e["destination"]): e for e in doc["edges"]}
-    assert set(edges) == {(f"{TD}/client", f"{TD}/server"), (f"{TD}/web", f"{TD}/db")}
+    stranger = f"{TD}/ns/other/sa/stranger"
+    assert set(edges) == {
+        (f"{TD}/client", f"{TD}/server"),
+        (f"{TD}/web", f"{TD}/db"),
+        (stranger, f"{TD}/db"),
+        ("unidentified", f"{TD}/db"),
+    }
     e1 = edges[(f"{TD}/client", f"{TD}/server")]
     e2 = edges[(f"{TD}/web", f"{TD}/db")]
     assert (e1["seen_by_source"], e1["seen_by_destination"]) == (len(PAIR1_MTLS),) * 2
@@ -175,11 +217,27 @@ def test_numbers_equal_what_was_sent(world: World) -> None:
     assert (e2["bytes_seen_by_source"], e2["bytes_seen_by_destination"]) == (
         2 * sum(PAIR2_MTLS),
     ) * 2
+    # the post-quantum share per edge, from each end's count of its key-exchange groups
+    assert e1["groups_seen_by_source"] == e1["groups_seen_by_destination"]
+    assert e1["groups_seen_by_source"] == {"X25519MLKEM768": len(PAIR1_MTLS)}
+    assert e2["groups_seen_by_source"] == e2["groups_seen_by_destination"]
+    assert e2["groups_seen_by_source"] == {"X25519": len(PAIR2_MTLS)}
+    assert (e1["post_quantum_percent"], e2["post_quantum_percent"]) == (100.0, 0.0)
+    # refusals per edge: the identity db's allow list refused, and the client without a
+    # certificate, which stays on db's route as unidentified
+    refused = edges[(stranger, f"{TD}/db")]
+    assert (refused["seen_by_source"], refused["seen_by_destination"]) == (0, 0)
+    assert refused["refused_by_destination"] == {"peer_not_allowed": 1}
+    assert refused["refused_by_source"] == {} and refused["post_quantum_percent"] is None
+    unknown = edges[("unidentified", f"{TD}/db")]
+    assert (unknown["route"], unknown["refused_by_destination"]) == ("api", {"no_client_cert": 1})
+    assert e1["refused_by_destination"] == e2["refused_by_destination"] == {}
+    assert all(e["wire"] is None for e in doc["edges"])  # no auditor here
     routes = {(r["identity"], r["direction"]): r for r in doc["routes"]}
     server_in = routes[(f"{TD}/server", "inbound")]
     assert server_in["bytes"] == {"mtls": 2 * sum(PAIR1_MTLS), "plaintext": 2 * plain_bytes}
     assert server_in["connections"] == {"mtls": len(PAIR1_MTLS), "plaintext": len(PAIR1_PLAIN)}
-    assert routes[(f"{TD}/db", "inbound")]["refused"] == 1
+    assert routes[(f"{TD}/db", "inbound")]["refused"] == 2
     certs = {c["identity"]: c["expires_in_window"] for c in doc["certificates"]}
     assert certs == {
         f"{TD}/client": False,
@@ -199,6 +257,10 @@ def test_exit_status_is_the_gate(world: World) -> None:
     assert fail.returncode == 1, fail.stderr
     assert "FAIL" in fail.stdout and f"{measured:.3f}%" in fail.stdout
     assert f"{TD}/web" in fail.stdout and "no_client_cert: 1" in fail.stdout
+    row = next(x for x in fail.stdout.splitlines() if x.startswith(f"{TD}/ns/other/sa/stranger"))
+    assert row.split()[-5:] == ["-", "-", "peer_not_allowed", "1", "-"]
+    row = next(x for x in fail.stdout.splitlines() if x.startswith(f"{TD}/client "))
+    assert row.split()[-4:] == ["100.000%", "-", "-", "-"]
 
 
 def test_text_to_a_file(world: World) -> None:

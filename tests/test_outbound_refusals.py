@@ -55,6 +55,7 @@ def _pair(
 def _outbound_counted_nothing(sc: Sidecar) -> None:
     assert sc.metric("mtls_connections_total", direction="outbound") == 0
     assert sc.metric("mtls_peer_connections_total", direction="outbound") == 0
+    assert sc.metric("mtls_peer_key_exchange_total", direction="outbound") == 0
     assert sc.metric("mtls_bytes_total", direction="outbound", flow="out") == 0
     assert sc.metric("mtls_handshakes_total", direction="outbound") == 0
     assert sc.metric("mtls_connections_active", direction="outbound") == 0
@@ -78,6 +79,15 @@ def test_refused_by_allow_peers_the_remote_says_so_with_an_alert(
         # The refused peer is named in the inbound's line, from inside the handshake.
         refused = [e for e in inbound.log_events() if e.get("reason") == "peer_not_allowed"]
         assert refused[0]["peer_identity"] == f"{TD}/ns/other/sa/stranger"
+        # Each end counts the refusal under the other's identity: the inbound the identity
+        # it refused, the outbound the remote that refused it.
+        by_peer, why = "mtls_peer_rejections_total", "peer_not_allowed"
+        stranger = f"{TD}/ns/other/sa/stranger"
+        assert inbound.wait_metric(by_peer, 1, peer_identity=stranger, reason=why) == 1
+        assert outbound.wait_metric(by_peer, 1, peer_identity=f"{TD}/server", reason=why) == 1
+        assert inbound.metric(by_peer, direction="inbound") == 1
+        assert outbound.metric(by_peer, direction="outbound") == 1
+        assert inbound.metric(by_peer) == outbound.metric(by_peer) == 1
     finally:
         inbound.stop()
         outbound.stop()
@@ -96,6 +106,15 @@ def test_a_good_pair_still_counts_once(pki: Pki, tmp_path: Path, echo: TcpApp) -
             s.sendall(b"x")
             time.sleep(0.2)
         assert outbound.wait_metric(name, 2, direction="outbound") == 2
+        # Both connections under the remote's identity and the key-exchange group of the
+        # TLS connection that carried them (the second a stream on the pooled one).
+        groups = "mtls_peer_key_exchange_total"
+        pq = {"peer_identity": f"{TD}/server", "group": "X25519MLKEM768"}
+        assert outbound.metric(groups, direction="outbound", **pq) == 2
+        assert outbound.metric(groups) == 2
+        assert inbound.wait_metric(groups, 2, direction="inbound", group="X25519MLKEM768") == 2
+        assert inbound.metric(groups, peer_identity=f"{TD}/client") == 2
+        assert outbound.metric("mtls_peer_rejections_total") == 0
     finally:
         inbound.stop()
         outbound.stop()

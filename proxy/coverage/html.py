@@ -10,6 +10,7 @@ from html import escape
 from typing import Any
 
 from .report import (
+    EDGE_HEAD,
     ROUTE_HEAD,
     Report,
     certificate_rows,
@@ -94,6 +95,7 @@ def edge_chart(report: Report) -> str:
     rows: list[tuple[str, float, str]] = [
         (f"{e.source} -> {e.destination}", max(e.seen_by_source, e.seen_by_destination), "mtls")
         for e in report.edges
+        if e.route is None  # an unidentified edge holds refusals only
     ]
     rows += [
         (f"(plaintext) -> {r.identity} [{r.direction} {r.route}]", r.connections.plaintext, "pt")
@@ -178,18 +180,11 @@ def to_html(report: Report, min_coverage: float) -> str:
         f'<div class="chart" id="coverage-chart">{chart}</div>',
         "<h2>Edges</h2>",
         f'<div class="chart" id="edge-chart">{edge_chart(r)}</div>',
-        _table(
-            [
-                "source",
-                "destination",
-                "mTLS conn. (source)",
-                "(destination)",
-                "mTLS bytes (source)",
-                "(destination)",
-            ],
-            edge_rows(r),
-            {2, 3, 4, 5},
-        ),
+        _table(EDGE_HEAD, edge_rows(r), {2, 3, 4, 5, 6}),
+        '<p class="note">conn, bytes and refused: as the source (src) and destination (dst) '
+        "sidecar counted them; PQ: the share of the connections with a post-quantum key "
+        "exchange; wire: whether the wire auditor agrees (only TLS between the two workloads, "
+        "and no more bytes than the sidecars carried) or has not seen the edge.</p>",
         "<h2>Routes</h2>",
         _table(ROUTE_HEAD, route_rows(r), {3, 4, 5, 6, 7}),
         "<h2>Refusals and key exchange</h2>",

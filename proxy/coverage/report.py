@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 # Counters read over the window, each with the labels the report keeps.
 COUNTERS: dict[str, str] = {
@@ -14,12 +15,31 @@ COUNTERS: dict[str, str] = {
     "bytes": "mtls_bytes_total",
     "peers": "mtls_peer_connections_total",
     "peer_bytes": "mtls_peer_bytes_total",
+    "peer_key_exchange": "mtls_peer_key_exchange_total",
+    "peer_rejections": "mtls_peer_rejections_total",
     "rejected": "mtls_connections_rejected_total",
     "handshakes": "mtls_handshakes_total",
     "audit_connections": "mtls_audit_connections_total",
     "audit_bytes": "mtls_audit_bytes_total",
 }
 EXPIRY = "mtls_cert_expiry_timestamp_seconds"
+
+UNIDENTIFIED = "unidentified"
+"""The unknown end of an edge that holds refusals of peers without a known identity."""
+
+# The wire agrees with an edge's sidecars on bytes while it carried at most 1.25 x their
+# bytes plus 64 KiB per connection they counted on the edge (relayed or refused): the ratio
+# and allowance of the MtlsAuditDisagrees alert (deploy/prometheus/rules/mtls-audit.yml),
+# whose 64 KiB per second becomes 64 KiB per connection here: over a window, what TLS adds to
+# the app's bytes on the wire (handshakes, certificates, the reuse protocol's framing) grows
+# with connections, while a per-second allowance would hide a whole edge of traffic going
+# around the sidecars in a long window.
+WIRE_BYTES_RATIO = 1.25
+WIRE_BYTES_PER_CONNECTION = 65536
+
+_WORKLOAD = re.compile(r"/ns/([^/]+)/sa/([^/]+)$")
+
+K = TypeVar("K")
 
 Sample = Mapping[str, Any]
 """One element of a Prometheus instant-vector answer: {"metric": {...}, "value": [t, "v"]}."""
@@ -94,6 +114,33 @@ def _pq(group: str) -> bool:
     return "MLKEM" in group.upper()
 
 
+def workload_of(spiffe_id: str) -> str | None:
+    """The wire auditor's name (`namespace/service_account`) for a SPIFFE ID that follows the
+    Kubernetes convention spiffe://TRUST_DOMAIN/ns/NS/sa/SA; None for any other ID. Matched
+    on the path's suffix, so the trust domain need not be known."""
+    if not spiffe_id.startswith("spiffe://"):
+        return None
+    m = _WORKLOAD.search(spiffe_id[len("spiffe://") :])
+    return None if m is None else f"{m.group(1)}/{m.group(2)}"
+
+
+def unidentified_refusals(by_route: Mapping[str, float], identified: float) -> dict[str, float]:
+    """Of one sidecar's refusals of one direction and reason (`by_route`, from the route
+    counter, which counts them all), those of peers without a known identity, by route: the
+    route counter minus the `identified` ones (mtls_peer_rejections_total, which has no route
+    label). Exact per route when none were identified, or when one route refused them all;
+    otherwise the rest cannot be placed on a route and is given under route `*`."""
+    rest = sum(by_route.values()) - identified
+    if rest <= 0:
+        return {}
+    refusing = sorted(r for r, n in by_route.items() if n > 0)
+    if identified <= 0:
+        return {r: by_route[r] for r in refusing}
+    if len(refusing) == 1:
+        return {refusing[0]: rest}
+    return {"*": rest}
+
+
 @dataclass
 class Split:
     """A count split by how it crossed the network."""
@@ -122,9 +169,25 @@ class Route:
 
 
 @dataclass
+class EdgeWire:
+    """What the wire auditor saw between an edge's two workloads (its `src`/`dst` labels,
+    from the SPIFFE IDs by `workload_of`), and whether that agrees with the sidecars."""
+
+    source: str
+    destination: str
+    verdict: str  # agrees | disagrees | not_seen
+    reasons: list[str]  # when it disagrees: plaintext_on_wire, bytes_not_carried
+    connections: dict[str, float]  # by class
+    bytes: dict[str, float]  # by class
+    allowed_bytes: float  # the most the wire may carry and agree (WIRE_BYTES_RATIO ...)
+
+
+@dataclass
 class Edge:
-    """Source identity -> destination identity, as each end counted its mTLS connections
-    and their bytes (both flows)."""
+    """Source identity -> destination identity, as each end counted its mTLS connections,
+    their bytes (both flows), their key-exchange groups and its refusals; and the wire's
+    verdict on it. An edge with `route` holds refusals of peers without a known identity:
+    its other end is UNIDENTIFIED, and `route` is the refusing sidecar's route."""
 
     source: str
     destination: str
@@ -132,6 +195,13 @@ class Edge:
     seen_by_destination: float = 0.0
     bytes_seen_by_source: float = 0.0
     bytes_seen_by_destination: float = 0.0
+    route: str | None = None
+    groups_seen_by_source: dict[str, float] = field(default_factory=dict)
+    groups_seen_by_destination: dict[str, float] = field(default_factory=dict)
+    post_quantum_percent: float | None = None
+    refused_by_source: dict[str, float] = field(default_factory=dict)
+    refused_by_destination: dict[str, float] = field(default_factory=dict)
+    wire: EdgeWire | None = None
 
 
 @dataclass
@@ -205,6 +275,55 @@ def _pct(part: float, whole: float) -> float | None:
     return None if whole <= 0 else 100.0 * part / whole
 
 
+def _add(counts: dict[K, float], key: K, value: float) -> None:
+    counts[key] = counts.get(key, 0.0) + value
+
+
+def edge_post_quantum(e: Edge) -> float | None:
+    """Percent of the edge's connections with a known key-exchange group whose group is a
+    post-quantum hybrid, from both ends' counts (each end counts the same connections, so
+    the share is the same from either; one end's counts when the other is not scraped)."""
+    known = pq = 0.0
+    for groups in (e.groups_seen_by_source, e.groups_seen_by_destination):
+        for g, v in groups.items():
+            if g and g != "unknown":
+                known += v
+                if _pq(g):
+                    pq += v
+    return _pct(pq, known)
+
+
+def wire_verdict(
+    e: Edge, source: str, destination: str, seen: tuple[dict[str, float], dict[str, float]] | None
+) -> EdgeWire:
+    """The wire's verdict on a sidecar edge whose workloads are `source` -> `destination`:
+    `seen` is what the auditor counted between them (connections, bytes, by class), None
+    when it has no such edge. It agrees when it saw only TLS there (no plaintext connection
+    or byte) and no more bytes than the sidecars carried, within the tolerance."""
+    connections = max(e.seen_by_source, e.seen_by_destination) + max(
+        sum(e.refused_by_source.values()), sum(e.refused_by_destination.values())
+    )
+    carried = max(e.bytes_seen_by_source, e.bytes_seen_by_destination)
+    allowed = WIRE_BYTES_RATIO * carried + WIRE_BYTES_PER_CONNECTION * connections
+    if seen is None:
+        return EdgeWire(source, destination, "not_seen", [], {}, {}, allowed)
+    conns, byts = seen
+    reasons: list[str] = []
+    if conns.get("plaintext", 0.0) > 0 or byts.get("plaintext", 0.0) > 0:
+        reasons.append("plaintext_on_wire")
+    if sum(byts.values()) > allowed:
+        reasons.append("bytes_not_carried")
+    return EdgeWire(
+        source,
+        destination,
+        "disagrees" if reasons else "agrees",
+        reasons,
+        dict(sorted(conns.items())),
+        dict(sorted(byts.items())),
+        allowed,
+    )
+
+
 def build(answers: Mapping[str, Sequence[Sample]], end: float, window_seconds: int) -> Report:
     """The report from the answers to `queries(window_seconds)` evaluated at `end`."""
     inc: dict[str, list[tuple[dict[str, str], float, bool]]] = {}
@@ -254,17 +373,21 @@ def build(answers: Mapping[str, Sequence[Sample]], end: float, window_seconds: i
         route(m).bytes.add(m.get("security", ""), v)
         byts.add(m.get("security", ""), v)
     refusals: dict[str, float] = {}
+    # per (instance, direction, reason): refusals by route, for the unidentified ones
+    refused_by_route: dict[tuple[str, str, str], dict[str, float]] = {}
     for m, v, _ in inc["rejected"]:
         route(m).refused += v
-        refusals[m.get("reason", "")] = refusals.get(m.get("reason", ""), 0.0) + v
+        _add(refusals, m.get("reason", ""), v)
+        where = (m.get("instance", ""), m.get("direction", ""), m.get("reason", ""))
+        _add(refused_by_route.setdefault(where, {}), m.get("route", ""), v)
 
-    edges: dict[tuple[str, str], Edge] = {}
+    edges: dict[tuple[str, str, str], Edge] = {}
 
     def edge(m: Mapping[str, str]) -> tuple[Edge, bool]:
         me, peer = ident(m.get("instance", "")), m.get("peer_identity", "")
         if m.get("direction") == "inbound":
-            return edges.setdefault((peer, me), Edge(peer, me)), False
-        return edges.setdefault((me, peer), Edge(me, peer)), True
+            return edges.setdefault((peer, me, ""), Edge(peer, me)), False
+        return edges.setdefault((me, peer, ""), Edge(me, peer)), True
 
     for m, v, _ in inc["peers"]:
         e, by_source = edge(m)
@@ -278,6 +401,40 @@ def build(answers: Mapping[str, Sequence[Sample]], end: float, window_seconds: i
             e.bytes_seen_by_source += v
         else:
             e.bytes_seen_by_destination += v
+    # (a group or refusal series that did not grow in the window says nothing of it)
+    for m, v, _ in inc["peer_key_exchange"]:
+        if v <= 0:
+            continue
+        e, by_source = edge(m)
+        _add(
+            e.groups_seen_by_source if by_source else e.groups_seen_by_destination,
+            m.get("group", ""),
+            v,
+        )
+    identified: dict[tuple[str, str, str], float] = {}
+    for m, v, _ in inc["peer_rejections"]:
+        if v <= 0:
+            continue
+        e, by_source = edge(m)
+        reason = m.get("reason", "")
+        _add(e.refused_by_source if by_source else e.refused_by_destination, reason, v)
+        _add(identified, (m.get("instance", ""), m.get("direction", ""), reason), v)
+    for (inst, direction, reason), by_route in refused_by_route.items():
+        rest = unidentified_refusals(by_route, identified.get((inst, direction, reason), 0.0))
+        for name, v in rest.items():
+            me = ident(inst)
+            if direction == "inbound":
+                e = edges.setdefault((UNIDENTIFIED, me, name), Edge(UNIDENTIFIED, me, route=name))
+                _add(e.refused_by_destination, reason, v)
+            else:
+                e = edges.setdefault((me, UNIDENTIFIED, name), Edge(me, UNIDENTIFIED, route=name))
+                _add(e.refused_by_source, reason, v)
+    for e in edges.values():
+        e.post_quantum_percent = edge_post_quantum(e)
+        for counts in (e.refused_by_source, e.refused_by_destination):
+            ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+            counts.clear()
+            counts.update(ordered)
 
     groups: dict[str, float] = {}
     for m, v, _ in inc["handshakes"]:
@@ -290,15 +447,19 @@ def build(answers: Mapping[str, Sequence[Sample]], end: float, window_seconds: i
         wc: dict[str, float] = {}
         wb: dict[str, float] = {}
         wedges: dict[tuple[str, str, str, str], WireEdge] = {}
+        # per (src, dst) workload pair, all ports: (connections, bytes) by class
+        pairs: dict[tuple[str, str], tuple[dict[str, float], dict[str, float]]] = {}
         for m, v, _ in inc["audit_connections"]:
             c = m.get("class", "")
             wc[c] = wc.get(c, 0.0) + v
+            _add(pairs.setdefault((m.get("src", ""), m.get("dst", "")), ({}, {}))[0], c, v)
             if c == "plaintext":
                 k = (m.get("src", ""), m.get("dst", ""), m.get("dst_port", ""), c)
                 wedges.setdefault(k, WireEdge(*k)).connections += v
         for m, v, _ in inc["audit_bytes"]:
             c = m.get("class", "")
             wb[c] = wb.get(c, 0.0) + v
+            _add(pairs.setdefault((m.get("src", ""), m.get("dst", "")), ({}, {}))[1], c, v)
             if c == "plaintext":
                 k = (m.get("src", ""), m.get("dst", ""), m.get("dst_port", ""), c)
                 wedges.setdefault(k, WireEdge(*k)).bytes += v
@@ -315,6 +476,10 @@ def build(answers: Mapping[str, Sequence[Sample]], end: float, window_seconds: i
             # admit to having carried (permissive inbound, permissive outbound fallback).
             agrees=wc.get("plaintext", 0.0) <= connections.plaintext,
         )
+        for e in edges.values():
+            src, dst = workload_of(e.source), workload_of(e.destination)
+            if e.route is None and src is not None and dst is not None:
+                e.wire = wire_verdict(e, src, dst, pairs.get((src, dst)))
 
     return Report(
         start=_iso(end - window_seconds),
@@ -329,7 +494,7 @@ def build(answers: Mapping[str, Sequence[Sample]], end: float, window_seconds: i
         post_quantum_percent=_pct(pq, hs),
         handshakes_by_group=dict(sorted(groups.items())),
         routes=sorted(routes.values(), key=lambda r: (r.identity, r.direction, r.route)),
-        edges=sorted(edges.values(), key=lambda e: (e.source, e.destination)),
+        edges=sorted(edges.values(), key=lambda e: (e.source, e.destination, e.route or "")),
         certificates=certificates,
         wire=wire,
         exact=exact,
@@ -387,15 +552,56 @@ def route_rows(r: Report) -> list[list[str]]:
     ]
 
 
+def reasons_text(counts: Mapping[str, float]) -> str:
+    """Refusals by reason in one cell ("peer_not_allowed 2, revoked 1"), "-" for none."""
+    return ", ".join(f"{k} {_n(v)}" for k, v in counts.items()) or "-"
+
+
+def wire_text(w: EdgeWire | None) -> str:
+    """The wire's verdict on an edge in one cell; "-" without an auditor or a workload name."""
+    if w is None:
+        return "-"
+    if w.reasons:
+        return f"{w.verdict}: {', '.join(w.reasons)}"
+    return w.verdict
+
+
+def edge_ends(e: Edge) -> tuple[str, str]:
+    """An edge's two ends as the tables show them: the refusing sidecar's side of an
+    unidentified edge names its route."""
+    if e.route is None:
+        return e.source, e.destination
+    if e.source == UNIDENTIFIED:
+        return e.source, f"{e.destination} [{e.route}]"
+    return f"{e.source} [{e.route}]", e.destination
+
+
+EDGE_HEAD = [
+    "source",
+    "destination",
+    "conn (src)",
+    "conn (dst)",
+    "bytes (src)",
+    "bytes (dst)",
+    "PQ",
+    "refused (src)",
+    "refused (dst)",
+    "wire",
+]
+
+
 def edge_rows(r: Report) -> list[list[str]]:
     return [
         [
-            e.source,
-            e.destination,
+            *edge_ends(e),
             _n(e.seen_by_source),
             _n(e.seen_by_destination),
             _n(e.bytes_seen_by_source),
             _n(e.bytes_seen_by_destination),
+            "-" if e.post_quantum_percent is None else _p(e.post_quantum_percent),
+            reasons_text(e.refused_by_source),
+            reasons_text(e.refused_by_destination),
+            wire_text(e.wire),
         ]
         for e in r.edges
     ]
@@ -438,11 +644,11 @@ def to_text(report: Report, min_coverage: float) -> str:
     ]
     if not r.exact:
         lines.append("note: a sidecar restarted in the window; its counts are extrapolated")
-    lines += ["", "Edges (mTLS connections and bytes, as each end counted them)"]
-    lines += _table(
-        ["source", "destination", "conn (src)", "conn (dst)", "bytes (src)", "bytes (dst)"],
-        edge_rows(r),
-    )
+    lines += [
+        "",
+        "Edges (as each end counted them; PQ: post-quantum share; wire: the auditor's verdict)",
+    ]
+    lines += _table(EDGE_HEAD, edge_rows(r))
     lines += ["", "Routes"]
     lines += _table(ROUTE_HEAD, route_rows(r))
     lines += ["", "Certificates"]
