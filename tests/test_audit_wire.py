@@ -397,8 +397,20 @@ def test_coverage_report_shows_what_went_around_the_mesh(audited: Audited) -> No
     around = [e for e in wire["plaintext_edges"] if e["dst_port"] == str(EXCLUDED)]
     assert [(e["src"], e["dst"]) for e in around] == [("legacy/default", "proof/server")]
     assert around[0]["connections"] == want
-    # the sidecars' own edge A -> B is there too, by SPIFFE ID
-    assert any(e["seen_by_source"] >= 1 for e in doc["edges"]), doc["edges"]
+    # The sidecars' own edge A -> B is there too, by SPIFFE ID, and the wire agrees with it:
+    # its IDs name the map's workloads (/ns/proof/sa/client -> proof/client), and between
+    # those two the auditor saw only TLS, no more bytes than the sidecars carried.
+    ab = [
+        e
+        for e in doc["edges"]
+        if e["source"].endswith("/ns/proof/sa/client")
+        and e["destination"].endswith("/ns/proof/sa/server")
+    ]
+    assert len(ab) == 1 and ab[0]["seen_by_source"] >= 1, doc["edges"]
+    wire_ab = ab[0]["wire"]
+    assert wire_ab is not None, ab
+    assert (wire_ab["verdict"], wire_ab["reasons"]) == ("agrees", []), wire_ab
+    assert wire_ab["connections"].get("tls", 0) >= 1, wire_ab
 
 
 def test_foreign_tls_client(audited: Audited) -> None:
