@@ -59,12 +59,14 @@ def test_a_bug_resets_its_connection_and_nothing_else(pki: Pki, tmp_path: Path) 
             inbound.wait_ready()
             outbound.wait_ready()
             started = time.monotonic()
-            with socket.create_connection(("127.0.0.1", boom_port), timeout=10) as s:
-                s.sendall(b"hello")
-                try:
+            # The reset can come so fast that connect() itself reports it (the first
+            # action runs as the connection is accepted), or the send, or the read.
+            try:
+                with socket.create_connection(("127.0.0.1", boom_port), timeout=10) as s:
+                    s.sendall(b"hello")
                     got = s.recv(100)
-                except ConnectionResetError:
-                    got = b""
+            except (ConnectionResetError, BrokenPipeError):
+                got = b""
             assert got == b"", "the broken connection relayed something"
             # Cut at once: without the guard it hung until the drain at shutdown.
             assert time.monotonic() - started < 5
