@@ -24,7 +24,6 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -130,8 +129,9 @@ def settings_from(
     return settings
 
 
-def _parse(data: bytes) -> Any:
-    return json.loads(data)
+def _reason(status: int) -> str:
+    """The metric label of a refusal by HTTP status (or a watch ERROR event's code)."""
+    return {401: "unauthorized", 403: "forbidden"}.get(status, "http_error")
 
 
 class PodWatcher:
@@ -255,9 +255,10 @@ class PodWatcher:
         status = f"HTTP {resp.status} {resp.reason or ''}".rstrip()
         if resp.status == 410:
             raise Expired(f"{what}: {status} {message}".rstrip())
-        reason = {401: "unauthorized", 403: "forbidden"}.get(resp.status, "http_error")
         raise ApiFailure(
-            reason, f"{what} pods: {status}{': ' + message if message else ''}", key=status
+            _reason(resp.status),
+            f"{what} pods: {status}{': ' + message if message else ''}",
+            key=status,
         )
 
     async def _list(self, session: aiohttp.ClientSession, ctx: ssl.SSLContext) -> None:
@@ -282,7 +283,7 @@ class PodWatcher:
                     ) from None
             try:
                 # A page of 500 pods is megabytes of JSON: parsed off the event loop.
-                page = await asyncio.to_thread(_parse, data)
+                page = await asyncio.to_thread(json.loads, data)
                 items, token, rv = list_items(page)
             except ValueError as exc:  # not JSON, or BadObject: not a PodList
                 raise ApiFailure(
@@ -359,8 +360,9 @@ class PodWatcher:
                 "bad_response", f"watch pods: {exc}", key="bad_response: watch"
             ) from None
         except WatchError as exc:
-            reason = {401: "unauthorized", 403: "forbidden"}.get(exc.code, "http_error")
-            raise ApiFailure(reason, f"watch pods: {exc}", key=f"watch {exc.code}") from None
+            raise ApiFailure(
+                _reason(exc.code), f"watch pods: {exc}", key=f"watch {exc.code}"
+            ) from None
         if rv is not None:
             self.resource_version = rv
 

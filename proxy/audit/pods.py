@@ -13,10 +13,10 @@ it) and `spec.nodeName` (so `workloads.counted_here` counts a cross-node connect
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from ..addresses import ip_of
 from .workloads import Workload
 
 PodKey = tuple[str, str]
@@ -73,14 +73,9 @@ def _addresses(status: Mapping[str, Any]) -> list[str]:
         raw = [status.get("podIP")]
     out: list[str] = []
     for ip in raw:
-        if not isinstance(ip, str):
-            continue
-        try:
-            addr = str(ipaddress.ip_address(ip))
-        except ValueError:
-            continue
-        if addr not in out:
-            out.append(addr)
+        addr = ip_of(ip) if isinstance(ip, str) else None
+        if addr is not None and str(addr) not in out:
+            out.append(str(addr))
     return out
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from ..addresses import ip_of
+
 UNKNOWN = "unknown"
 OTHER = "other"
 
@@ -117,14 +119,10 @@ class Overlay(Mapping[str, Workload]):
 
 
 def lookup(workloads: Mapping[str, Workload], ip: str) -> Workload | None:
-    """The workload at `ip` (IPv4-mapped IPv6 addresses as their IPv4 form)."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return workloads.get(str(addr))
+    """The workload at `ip` (normalised as `addresses.ip_of` does: IPv4-mapped IPv6
+    addresses as their IPv4 form)."""
+    addr = ip_of(ip)
+    return None if addr is None else workloads.get(str(addr))
 
 
 def counted_here(src: Workload | None, dst: Workload | None, node: str | None) -> bool:

@@ -438,7 +438,7 @@ def build(answers: Mapping[str, Sequence[Sample]], end: float, window_seconds: i
 
     groups: dict[str, float] = {}
     for m, v, _ in inc["handshakes"]:
-        groups[m.get("group", "")] = groups.get(m.get("group", ""), 0.0) + v
+        _add(groups, m.get("group", ""), v)
     hs = sum(groups.values())
     pq = sum(v for g, v in groups.items() if _pq(g))
 
@@ -451,14 +451,14 @@ def build(answers: Mapping[str, Sequence[Sample]], end: float, window_seconds: i
         pairs: dict[tuple[str, str], tuple[dict[str, float], dict[str, float]]] = {}
         for m, v, _ in inc["audit_connections"]:
             c = m.get("class", "")
-            wc[c] = wc.get(c, 0.0) + v
+            _add(wc, c, v)
             _add(pairs.setdefault((m.get("src", ""), m.get("dst", "")), ({}, {}))[0], c, v)
             if c == "plaintext":
                 k = (m.get("src", ""), m.get("dst", ""), m.get("dst_port", ""), c)
                 wedges.setdefault(k, WireEdge(*k)).connections += v
         for m, v, _ in inc["audit_bytes"]:
             c = m.get("class", "")
-            wb[c] = wb.get(c, 0.0) + v
+            _add(wb, c, v)
             _add(pairs.setdefault((m.get("src", ""), m.get("dst", "")), ({}, {}))[1], c, v)
             if c == "plaintext":
                 k = (m.get("src", ""), m.get("dst", ""), m.get("dst_port", ""), c)
