@@ -129,11 +129,14 @@ def _signal_group(proc: Managed, sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _ephemeral_low() -> int:
+def server_port_range() -> tuple[int, int]:
+    """Ports for servers started by the benchmark and the tests: below the kernel's
+    ephemeral range when there is room there (10000 up to it), else above it."""
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        return 32768
+        low = 32768
+    return (10000, low - 1) if low > 20000 else (61000, 65535)
 
 
 class PortAllocator:
@@ -145,8 +148,7 @@ class PortAllocator:
 
     def __init__(self) -> None:
         self._given: set[int] = set()
-        low = _ephemeral_low()
-        self._low, self._high = (10000, low - 1) if low > 20000 else (61000, 65535)
+        self._low, self._high = server_port_range()
         self._next = self._low + (os.getpid() * 104729) % (self._high - self._low)
 
     def get(self) -> int:

@@ -20,26 +20,18 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.procs import server_port_range
+
 from .pki import Identity
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
 
 
 # Ports for servers a test starts come from below the kernel's ephemeral range:
 # a port the kernel hands out with bind(0) can be taken as the local port of any
 # outgoing connection between the moment a test chooses it and the moment the
 # process under test binds it (seen in CI as "Address already in use").
-_EPHEMERAL_LOW, _EPHEMERAL_HIGH = _ephemeral_range()
-_POOL_LOW = 10000 if _EPHEMERAL_LOW > 20000 else 61000
-_POOL_HIGH = _EPHEMERAL_LOW - 1 if _EPHEMERAL_LOW > 20000 else 65535
+_POOL_LOW, _POOL_HIGH = server_port_range()
 _next_port = _POOL_LOW + (os.getpid() * 7919) % (_POOL_HIGH - _POOL_LOW)
 _port_lock = threading.Lock()
 
