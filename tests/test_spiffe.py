@@ -115,6 +115,17 @@ def spiffe_sidecar(sock: Path, log: Path, in_port: int, app: TcpApp, **env: str)
     )
 
 
+def federated_agent(short_dir: Path) -> tuple[Domain, Domain, Path, WorkloadApi]:
+    """Domains A (ours: the SVID spiffe://A/web) and B (federated: its bundle sent with the
+    SVID), and the started Workload API serving them on `short_dir/agent.sock`."""
+    a, b = domain(A), domain(B)
+    sock = short_dir / "agent.sock"
+    api = WorkloadApi(sock, WorkloadState(f"spiffe://{A}/web", a.issuer, [a.root.cert]))
+    api.set_federated({B: [b.root.cert]})
+    api.start()
+    return a, b, sock, api
+
+
 def test_identity_from_the_workload_api(short_dir: Path, echo: TcpApp) -> None:
     """Not ready until the first SVID; SVIDs pushed by the agent are used at once without
     dropping open connections; a restarted agent is found again; every call carries the
@@ -216,11 +227,7 @@ def test_identity_from_the_workload_api(short_dir: Path, echo: TcpApp) -> None:
 def test_federated_trust_domains(short_dir: Path, echo: TcpApp) -> None:
     """Two trust domains with separate roots: each peer verified only against the roots of
     its own trust domain; one domain's bundle rotating leaves the other alone."""
-    a, b = domain(A), domain(B)
-    sock = short_dir / "agent.sock"
-    api = WorkloadApi(sock, WorkloadState(f"spiffe://{A}/web", a.issuer, [a.root.cert]))
-    api.set_federated({B: [b.root.cert]})
-    api.start()
+    a, b, sock, api = federated_agent(short_dir)
     in_port = free_port()
     sc = spiffe_sidecar(
         sock,
@@ -336,11 +343,7 @@ def test_federated_peers_under_a_policy_file(short_dir: Path, echo: TcpApp) -> N
     """A policy file's allowing default is our own trust domain's, as MTLS_ALLOW_PEERS's is:
     a federated domain's peer (verified against its own roots) is refused on a route without
     a rule, and let in once a rule names it."""
-    a, b = domain(A), domain(B)
-    sock = short_dir / "agent.sock"
-    api = WorkloadApi(sock, WorkloadState(f"spiffe://{A}/web", a.issuer, [a.root.cert]))
-    api.set_federated({B: [b.root.cert]})
-    api.start()
+    a, b, sock, api = federated_agent(short_dir)
     in_port = free_port()
     policy = short_dir / "policy.yaml"
     policy.write_text("default: allow\n")
@@ -383,11 +386,7 @@ def test_federated_bundle_file_outbound(short_dir: Path, echo: TcpApp) -> None:
     """A sidecar of domain B (files) dials one of domain A (Workload API) with A's bundle
     from a SPIFFE bundle file (JWKS, watched): A's chain verified against that file only,
     on the outbound side; a bad file keeps the last good bundle."""
-    a, b = domain(A), domain(B)
-    sock = short_dir / "agent.sock"
-    api = WorkloadApi(sock, WorkloadState(f"spiffe://{A}/web", a.issuer, [a.root.cert]))
-    api.set_federated({B: [b.root.cert]})
-    api.start()
+    a, b, sock, api = federated_agent(short_dir)
     in_port, out_port = free_port(), free_port()
     sa = spiffe_sidecar(
         sock, short_dir / "a.log", in_port, echo, MTLS_ALLOW_PEERS=f"spiffe://{B}/partner"
