@@ -437,6 +437,19 @@ def _counter() -> tuple[dict[str, int], Callable[[str], None]]:
     return counts, on_error
 
 
+@asynccontextmanager
+async def watched(
+    api: FakeApi, tmp: Path, **options: Any
+) -> AsyncIterator[tuple[PodWatcher, dict[str, int]]]:
+    """The fake API served and a watcher running against it (FAST backoff unless `options`
+    say otherwise), with the watcher's failures counted by reason."""
+    counts, on_error = _counter()
+    async with serving(api, tmp) as settings:
+        w = PodWatcher(settings, on_error=on_error, **{"backoff": FAST, **options})
+        async with watching(w):
+            yield w, counts
+
+
 # --- the watcher against the fake API ---------------------------------------------------------
 
 
@@ -448,43 +461,40 @@ def test_list_then_watch_every_kind_of_event(tmp_path: Path) -> None:
             pod("kube-proxy", "192.168.1.10", host_network=True),
             pod("job", "10.1.0.4", phase="Succeeded"),
         )  # fmt: skip
-        counts, on_error = _counter()
-        async with serving(api, tmp_path) as settings:
-            w = PodWatcher(settings, on_error=on_error, page_size=2, backoff=FAST)
-            async with watching(w):
-                await until("the first watch", lambda: w.state == "watching")
-                # Three pages of two: one snapshot, resumed from the list's resourceVersion.
-                assert [r.get("continue") for r in api.lists()] == [None, "2", "4"]
-                assert {r["limit"] for r in api.lists()} == {"2"}
-                (first,) = api.watches()
-                assert first["resourceVersion"] == "100"
-                assert first["allowWatchBookmarks"] == "true"
-                assert w.synced and dict(w.index) == {
-                    "10.1.0.1": wl("a"), "10.1.0.2": wl("b"), "fd00::2": wl("b"),
-                    "10.1.0.3": wl("c"),
-                }  # fmt: skip
+        async with watched(api, tmp_path, page_size=2) as (w, counts):
+            await until("the first watch", lambda: w.state == "watching")
+            # Three pages of two: one snapshot, resumed from the list's resourceVersion.
+            assert [r.get("continue") for r in api.lists()] == [None, "2", "4"]
+            assert {r["limit"] for r in api.lists()} == {"2"}
+            (first,) = api.watches()
+            assert first["resourceVersion"] == "100"
+            assert first["allowWatchBookmarks"] == "true"
+            assert w.synced and dict(w.index) == {
+                "10.1.0.1": wl("a"), "10.1.0.2": wl("b"), "fd00::2": wl("b"),
+                "10.1.0.3": wl("c"),
+            }  # fmt: skip
 
-                api.push("ADDED", pod("d", "10.1.0.9", ns="pay", sa="ledger", node="worker-2"))
-                await until("ADDED", lambda: "10.1.0.9" in w.index)
-                assert w.index["10.1.0.9"] == wl("d", ns="pay", sa="ledger", node="worker-2")
+            api.push("ADDED", pod("d", "10.1.0.9", ns="pay", sa="ledger", node="worker-2"))
+            await until("ADDED", lambda: "10.1.0.9" in w.index)
+            assert w.index["10.1.0.9"] == wl("d", ns="pay", sa="ledger", node="worker-2")
 
-                api.push("MODIFIED", pod("a", "10.1.0.11"))
-                await until("MODIFIED", lambda: "10.1.0.11" in w.index)
-                assert "10.1.0.1" not in w.index
+            api.push("MODIFIED", pod("a", "10.1.0.11"))
+            await until("MODIFIED", lambda: "10.1.0.11" in w.index)
+            assert "10.1.0.1" not in w.index
 
-                api.push("DELETED", pod("b", "10.1.0.2", "fd00::2"))
-                await until("DELETED", lambda: "fd00::2" not in w.index)
-                assert "10.1.0.2" not in w.index
+            api.push("DELETED", pod("b", "10.1.0.2", "fd00::2"))
+            await until("DELETED", lambda: "fd00::2" not in w.index)
+            assert "10.1.0.2" not in w.index
 
-                api.push("MODIFIED", pod("c", "10.1.0.3", phase="Failed"))
-                api.push("ADDED", pod("hn", "192.168.1.11", host_network=True))
-                rv = api.bookmark()
-                await until("the bookmark", lambda: w.resource_version == str(rv))
-                assert dict(w.index) == {"10.1.0.11": wl("a"),
-                                         "10.1.0.9": wl("d", ns="pay", sa="ledger",
-                                                        node="worker-2")}  # fmt: skip
-                assert len(api.watches()) == 1 and counts == {}
-                assert w.state == "watching" and w.index.pods == 2
+            api.push("MODIFIED", pod("c", "10.1.0.3", phase="Failed"))
+            api.push("ADDED", pod("hn", "192.168.1.11", host_network=True))
+            rv = api.bookmark()
+            await until("the bookmark", lambda: w.resource_version == str(rv))
+            assert dict(w.index) == {"10.1.0.11": wl("a"),
+                                     "10.1.0.9": wl("d", ns="pay", sa="ledger",
+                                                    node="worker-2")}  # fmt: skip
+            assert len(api.watches()) == 1 and counts == {}
+            assert w.state == "watching" and w.index.pods == 2
 
     asyncio.run(main())
 
@@ -493,33 +503,30 @@ def test_410_lists_again_and_a_dropped_stream_is_resumed(tmp_path: Path) -> None
     async def main() -> None:
         api = FakeApi("token-1")
         api.seed(pod("a", "10.1.0.1"))
-        counts, on_error = _counter()
-        async with serving(api, tmp_path) as settings:
-            w = PodWatcher(settings, on_error=on_error, backoff=FAST)
-            async with watching(w):
-                await until("the first watch", lambda: api.watching == 1)
-                rv = api.push("ADDED", pod("b", "10.1.0.2"))
-                await until("ADDED", lambda: "10.1.0.2" in w.index)
+        async with watched(api, tmp_path) as (w, counts):
+            await until("the first watch", lambda: api.watching == 1)
+            rv = api.push("ADDED", pod("b", "10.1.0.2"))
+            await until("ADDED", lambda: "10.1.0.2" in w.index)
 
-                # Cut mid-stream; what happens meanwhile is sent to the resumed watch (the
-                # stream is cut before it could send the DELETED pushed right after).
-                api.drop()
-                api.push("DELETED", pod("a", "10.1.0.1"))
-                await until("the second watch", lambda: len(api.watches()) == 2)
-                assert api.watches()[1]["resourceVersion"] == str(rv)
-                await until("DELETED after the drop", lambda: "10.1.0.1" not in w.index)
-                assert len(api.lists()) == 1 and counts == {}
+            # Cut mid-stream; what happens meanwhile is sent to the resumed watch (the
+            # stream is cut before it could send the DELETED pushed right after).
+            api.drop()
+            api.push("DELETED", pod("a", "10.1.0.1"))
+            await until("the second watch", lambda: len(api.watches()) == 2)
+            assert api.watches()[1]["resourceVersion"] == str(rv)
+            await until("DELETED after the drop", lambda: "10.1.0.1" not in w.index)
+            assert len(api.lists()) == 1 and counts == {}
 
-                # The watched version is compacted away: ERROR 410, then a fresh LIST (which
-                # also finds what happened while nobody watched).
-                api.pods[("shop", "c")] = pod("c", "10.1.0.3")
-                api.rv += 1
-                api.compact()
-                await until("the second list", lambda: len(api.lists()) == 2)
-                await until("the third watch", lambda: len(api.watches()) == 3)
-                assert api.watches()[2]["resourceVersion"] == str(api.rv)
-                assert dict(w.index) == {"10.1.0.2": wl("b"), "10.1.0.3": wl("c")}
-                assert counts == {}, "a 410 is routine, not an error"
+            # The watched version is compacted away: ERROR 410, then a fresh LIST (which
+            # also finds what happened while nobody watched).
+            api.pods[("shop", "c")] = pod("c", "10.1.0.3")
+            api.rv += 1
+            api.compact()
+            await until("the second list", lambda: len(api.lists()) == 2)
+            await until("the third watch", lambda: len(api.watches()) == 3)
+            assert api.watches()[2]["resourceVersion"] == str(api.rv)
+            assert dict(w.index) == {"10.1.0.2": wl("b"), "10.1.0.3": wl("c")}
+            assert counts == {}, "a 410 is routine, not an error"
 
     asyncio.run(main())
 
@@ -528,24 +535,21 @@ def test_token_is_read_again_on_every_reconnect(tmp_path: Path) -> None:
     async def main(caplog_records: list[logging.LogRecord]) -> None:
         api = FakeApi("token-1")
         api.seed(pod("a", "10.1.0.1"))
-        counts, on_error = _counter()
-        async with serving(api, tmp_path) as settings:
-            w = PodWatcher(settings, on_error=on_error, backoff=FAST)
-            async with watching(w):
-                await until("the first watch", lambda: api.watching == 1)
-                # The token rotates on the server first: reconnecting with the old one fails,
-                # again and again (logged once), the map kept.
-                api.token = "token-2"
-                api.drop()
-                await until("several refusals", lambda: counts.get("unauthorized", 0) >= 3)
-                assert dict(w.index) == {"10.1.0.1": wl("a")} and w.state != "watching"
-                assert "401" in (w.last_error or "")
-                # kubelet writes the new token: the next attempt reads it.
-                settings.token_file.write_text("token-2\n")
-                await until("the watch again", lambda: w.state == "watching")
-                assert api.watching == 1 and w.last_error is None
-                api.push("ADDED", pod("b", "10.1.0.2"))
-                await until("an event with the new token", lambda: "10.1.0.2" in w.index)
+        async with watched(api, tmp_path) as (w, counts):
+            await until("the first watch", lambda: api.watching == 1)
+            # The token rotates on the server first: reconnecting with the old one fails,
+            # again and again (logged once), the map kept.
+            api.token = "token-2"
+            api.drop()
+            await until("several refusals", lambda: counts.get("unauthorized", 0) >= 3)
+            assert dict(w.index) == {"10.1.0.1": wl("a")} and w.state != "watching"
+            assert "401" in (w.last_error or "")
+            # kubelet writes the new token: the next attempt reads it.
+            w.settings.token_file.write_text("token-2\n")
+            await until("the watch again", lambda: w.state == "watching")
+            assert api.watching == 1 and w.last_error is None
+            api.push("ADDED", pod("b", "10.1.0.2"))
+            await until("an event with the new token", lambda: "10.1.0.2" in w.index)
         assert set(counts) == {"unauthorized"}
         warned = [r for r in caplog_records if r.levelno == logging.WARNING]
         assert len(warned) == 1 and "401" in warned[0].getMessage(), warned
@@ -585,23 +589,20 @@ def test_api_failures_are_counted_and_the_map_kept(
     async def main() -> None:
         api = FakeApi("token-1")
         api.seed(pod("a", "10.1.0.1"))
-        counts, on_error = _counter()
-        async with serving(api, tmp_path) as settings:
-            w = PodWatcher(settings, on_error=on_error, backoff=FAST)
-            async with watching(w):
-                await until("the first watch", lambda: api.watching == 1)
-                api.fail = (status, body)
-                api.compact()  # the watch ends: LIST again, which now fails
-                await until("two failures", lambda: counts.get(reason, 0) >= 2)
-                assert set(counts) == {reason}
-                assert dict(w.index) == {"10.1.0.1": wl("a")}, "the last good map is kept"
-                assert w.state != "watching" and w.last_error
-                if status == 403:
-                    assert "403" in w.last_error and "forbidden" in w.last_error
-                api.fail = None
-                api.seed(pod("b", "10.1.0.2"))
-                await until("recovered", lambda: "10.1.0.2" in w.index)
-                assert w.last_error is None
+        async with watched(api, tmp_path) as (w, counts):
+            await until("the first watch", lambda: api.watching == 1)
+            api.fail = (status, body)
+            api.compact()  # the watch ends: LIST again, which now fails
+            await until("two failures", lambda: counts.get(reason, 0) >= 2)
+            assert set(counts) == {reason}
+            assert dict(w.index) == {"10.1.0.1": wl("a")}, "the last good map is kept"
+            assert w.state != "watching" and w.last_error
+            if status == 403:
+                assert "403" in w.last_error and "forbidden" in w.last_error
+            api.fail = None
+            api.seed(pod("b", "10.1.0.2"))
+            await until("recovered", lambda: "10.1.0.2" in w.index)
+            assert w.last_error is None
 
     asyncio.run(main())
 
@@ -625,11 +626,8 @@ def test_a_bug_in_the_watcher_is_logged_counted_and_survived(
     async def main() -> None:
         api = FakeApi("token-1")
         api.seed(pod("a", "10.1.0.1"))
-        counts, on_error = _counter()
-        async with serving(api, tmp_path) as settings:
-            w = PodWatcher(settings, on_error=on_error, backoff=FAST)
-            async with watching(w):
-                await until("listed after the bug", lambda: "10.1.0.1" in w.index)
+        async with watched(api, tmp_path) as (w, counts):
+            await until("listed after the bug", lambda: "10.1.0.1" in w.index)
         assert counts == {"bad_response": 1}
 
     with caplog.at_level("ERROR"):
